@@ -1,0 +1,229 @@
+"""The engine interface both backends implement (torch and trtllm).
+
+The server talks only to `Engine`: it tokenizes, builds a `GenerationRequest`, iterates the async
+stream of `GenerationOutput` that `generate()` yields, and detokenizes. Stop *strings* are the
+server's job (they need text); stop *token ids*, EOS, max_tokens and the context limit are the
+engine's.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+
+
+class EngineError(RuntimeError):
+    """Base class of errors the engine reports to callers."""
+
+
+class EngineDeadError(EngineError):
+    """The step loop has died; no request can be served any more."""
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings, with vLLM's meaning for each field.
+
+    temperature 0 is greedy. top_k 0 or -1 disables top-k. logprobs None returns none; an int k
+    returns the chosen token's logprob plus the k most likely alternatives (k <= 20). Logprobs are
+    those of the model's raw distribution (before penalties, bias and temperature), like vLLM's.
+    A seed makes the request's samples reproducible whatever else shares the batch.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError with one readable sentence for the first invalid field."""
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}.")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {value}.")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}."
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.")
+        for token_id, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= token_id < vocab_size:
+                raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}.")
+        for token_id in self.stop_token_ids:
+            if vocab_size is not None and not 0 <= token_id < vocab_size:
+                raise ValueError(f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's logprob and the top alternatives (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    """One choice's progress since the previous `GenerationOutput` (a delta) plus its totals."""
+
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None
+    num_generated: int
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+
+
+@dataclass
+class RequestTimings:
+    """Monotonic timestamps (time.monotonic) of a request's life, for latency metrics."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """What one engine step produced for one request: a delta per choice that advanced."""
+
+    request_id: str
+    outputs: list[CompletionOutput]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finished: bool
+    timings: RequestTimings
+
+
+@dataclass
+class EngineStats:
+    """Point-in-time gauges and monotonically increasing counters for /metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
+class EngineInfo:
+    """Static facts about a loaded engine, for /v1/models and /v1/metadata."""
+
+    model_name: str
+    backend: str
+    dtype: str
+    kv_cache_dtype: str
+    device: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    block_size: int
+    num_kv_blocks: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_size * self.num_kv_blocks
+
+
+class Engine(abc.ABC):
+    """Contract of a kiln backend.
+
+    - `start()` loads nothing new; it starts the step loop. `shutdown()` aborts what is left.
+    - `generate()` yields `GenerationOutput` deltas until one has `finished=True`. Breaking out of
+      the iteration (or cancelling the task) aborts the request and frees its KV blocks.
+    - `abort()` of an unknown or finished request is a no-op.
+    - Raises `ValueError` for invalid requests (before anything is queued),
+      `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` once the loop died.
+    """
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self): ...
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @property
+    @abc.abstractmethod
+    def is_alive(self) -> bool: ...

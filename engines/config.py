@@ -1,0 +1,39 @@
+"""Settings of an engine instance, shared by the CLI, the server and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class EngineConfig:
+    # A Hugging Face model folder, a .gguf file, a hub id, or None for the embedded default model.
+    model: str | None = None
+    served_model_name: str | None = None
+    dtype: DType = "auto"  # auto: bfloat16 (CPU with avx512_bf16 or CUDA), else float32
+    device: str = "auto"  # auto: cuda when visible, else cpu
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU, 90% of free on CUDA
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    max_num_waiting: int = 1024  # beyond this, generate() raises EngineOverloadedError
+    num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}.")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")

@@ -1,0 +1,109 @@
+"""Paged attention on top of a block-structured KV cache (CPU path; any device runs it).
+
+The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
+A step's tokens arrive flattened: first one token per decoding sequence, then the chunks of the
+sequences being prefilled. New keys/values are written into their slots first, then:
+- decode: the sequences' blocks are gathered, the query heads sharing a KV head are folded into
+  one batched matmul, and softmax runs in float32 (bf16 SDPA with one query token is the slow
+  path measured in PERF-NOTES.md);
+- prefill: SDPA per sequence, with a lower-right causal mask when the chunk is shorter than the
+  context (chunked prefill, prefix-cache hit). SDPA's is_causal=True would mask top-left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk inside the flat batch: queries [q_start, q_start + q_len) attend to
+    the first ctx_len tokens of the sequence (its cached prefix plus this chunk)."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor  # [num_blocks_of_seq] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per new token
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
+    decode_max_context: int
+    prefills: list[PrefillSpan]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    # k, v: [T, kv_heads, head_dim]; the caches viewed as [slots, kv_heads, head_dim]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, heads, head_dim]
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+    for span in meta.prefills:
+        rows = slice(span.q_start, span.q_start + span.q_len)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    # cache[block_tables]: [..., blocks, block_size, kv_heads, head_dim] -> [..., tokens, kv_heads, head_dim]
+    gathered = cache[block_tables]
+    return gathered.flatten(-4, -3)[..., :length, :, :]
+
+
+def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    b, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    length = meta.decode_max_context
+    keys = _gather(k_cache, meta.decode_block_tables, length).permute(0, 2, 3, 1)  # [b, kvh, hd, L]
+    values = _gather(v_cache, meta.decode_block_tables, length).transpose(1, 2)  # [b, kvh, L, hd]
+    qg = q.view(b, kv_heads, group, head_dim)
+    scores = torch.matmul(qg, keys).float() * scale  # [b, kvh, group, L]
+    if b > 1:
+        pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(b, heads, head_dim)
+
+
+def _prefill(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+    if span.ctx_len == span.q_len:  # no cached prefix: the chunk's own keys are the whole context
+        keys, values, mask, causal = k, v, None, True
+    else:
+        keys = _gather(k_cache, span.block_table, span.ctx_len)
+        values = _gather(v_cache, span.block_table, span.ctx_len)
+        offset = span.ctx_len - span.q_len
+        rows = torch.arange(span.q_len, device=q.device)[:, None] + offset
+        mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # lower-right causal
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, heads, q_len, hd]
+        keys.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, ctx, hd]
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,169 @@
+"""`AsyncTorchEngine`: the `Engine` interface over `LLMEngine`, with the step loop in its own thread
+so a long forward pass never stalls the event loop. Requests and aborts cross into the loop through
+a thread-safe inbox; outputs come back through each request's asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+import torch
+
+from engines.base import (
+    Engine,
+    EngineDeadError,
+    EngineInfo,
+    EngineOverloadedError,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+)
+from engines.config import EngineConfig
+from engines.torch.llm_engine import LLMEngine
+from engines.torch.loader import LoadedModel, build_core, load_model
+
+log = logging.getLogger("kiln.engine")
+
+
+class AsyncTorchEngine(Engine):
+    def __init__(self, core: LLMEngine, loaded: LoadedModel, config: EngineConfig):
+        self.core = core
+        self.loaded = loaded
+        self.config = config
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = core.stats()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        args = loaded.model.args
+        self._info = EngineInfo(
+            model_name=loaded.name,
+            backend="torch",
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            max_model_len=core.max_model_len,
+            vocab_size=args.vocab_size,
+            eos_token_ids=core.eos_token_ids,
+            block_size=core.bm.block_size,
+            num_kv_blocks=core.bm.num_blocks,
+            extra={
+                "architecture": loaded.hf_config.model_type,
+                "model_source": str(config.model or "embedded default"),
+                "prefix_caching": config.enable_prefix_caching,
+                "max_num_seqs": config.max_num_seqs,
+                "max_num_batched_tokens": config.max_num_batched_tokens,
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> "AsyncTorchEngine":
+        loaded = loaded or load_model(config)
+        return cls(build_core(config, loaded), loaded, config)
+
+    # ---- Engine interface -----------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kiln-step-loop", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError("The engine is not running.")
+        self.core.check_request(request)
+        if self._stats.num_waiting + self._inbox.qsize() >= self.config.max_num_waiting:
+            raise EngineOverloadedError(
+                f"The server is busy: {self.config.max_num_waiting} requests are already waiting. Retry later."
+            )
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request.request_id))
+
+    # ---- the step loop (its own thread) ---------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _handle(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            request = command[1]
+            try:
+                self.core.add_request(request)
+            except ValueError as exc:
+                self._deliver(request.request_id, exc)
+        elif kind == "abort":
+            out = self.core.abort_request(command[1])
+            if out is not None:
+                self._deliver(command[1], out)
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    if not self.core.has_work():
+                        self._handle(self._inbox.get())
+                    while True:
+                        try:
+                            self._handle(self._inbox.get_nowait())
+                        except queue.Empty:
+                            break
+                    if self.core.has_work():
+                        for out in self.core.step():
+                            self._deliver(out.request_id, out)
+                    self._stats = self.core.stats()
+        except BaseException as exc:  # the loop must never die silently: every waiter learns why
+            log.exception("engine step loop died")
+            self._dead = exc
+        finally:
+            for request_id in list(self.core.requests):
+                self.core.abort_request(request_id)
+            self._stats = self.core.stats()
+            error = EngineDeadError(f"The engine stopped: {self._dead!r}" if self._dead else "The engine shut down.")
+            for request_id in list(self._streams):
+                self._deliver(request_id, error)

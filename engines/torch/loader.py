@@ -1,0 +1,115 @@
+"""Load a model for the torch engine and size its KV cache from the memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engines.config import EngineConfig
+from engines.model_source import model_display_name, resolve_model
+from engines.torch.block_manager import BlockManager
+from engines.torch.llm_engine import LLMEngine
+from engines.torch.model_runner import KVCache, ModelRunner
+from engines.torch.models.llama import LlamaForCausalLM, load_llama
+from engines.torch.scheduler import Scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    hf_config: object
+    tokenizer: object
+    name: str
+    folder: Path
+    dtype: torch.dtype
+    device: torch.device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU.")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPUs without native bf16 (no avx512_bf16/amx) emulate it slowly; float32 is faster there.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = resolve_model(config.model)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    hf_config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_llama(folder, hf_config, dtype, device)
+    name = config.served_model_name or model_display_name(config.model)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device)
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    ids = getattr(loaded.hf_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    tok_eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in ids:
+        ids.append(tok_eos)
+    return ids
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return DEFAULT_CPU_KV_BYTES
+
+
+def build_core(config: EngineConfig, loaded: LoadedModel) -> LLMEngine:
+    """Allocate the KV pool for `loaded` and wire scheduler, block manager and runner together."""
+    config.validate()
+    args = loaded.model.args
+    per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype)
+    num_blocks = kv_budget_bytes(config, loaded.device) // per_block
+    if num_blocks < 2:
+        raise ValueError(
+            f"kv_cache_memory of {kv_budget_bytes(config, loaded.device)} bytes holds fewer than 2 KV blocks "
+            f"({per_block} bytes each); raise it."
+        )
+    capacity = num_blocks * config.block_size
+    model_limit = args.max_position_embeddings
+    if args.sliding_window:
+        model_limit = min(model_limit, args.sliding_window)  # kiln does not implement windowed attention
+    if config.max_model_len is not None:
+        if config.max_model_len > model_limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {model_limit} tokens.")
+        if config.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} needs more KV cache than the pool holds ({capacity} tokens); "
+                "raise kv_cache_memory or lower max_model_len."
+            )
+        max_model_len = config.max_model_len
+    else:
+        max_model_len = min(model_limit, capacity)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    loaded.model.init_rope(max_model_len, loaded.dtype, loaded.device)
+    kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype, loaded.device)
+    bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens)
+    runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device)
+    return LLMEngine(runner, bm, scheduler, eos_token_ids(loaded), args.vocab_size, max_model_len)

@@ -1,0 +1,87 @@
+"""Turns a scheduled step into tensors (input ids, positions, slot_mapping, block tables), runs the
+model over the KV cache, and returns float32 logits for the sequences that sample this step."""
+
+from __future__ import annotations
+
+import torch
+
+from engines.torch.attention import AttentionMetadata, PrefillSpan
+from engines.torch.models.llama import LlamaForCausalLM
+from engines.torch.scheduler import ScheduledChunk
+
+
+class KVCache:
+    """Per layer, a key and a value tensor [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.layers = [(self.data[0, i], self.data[1, i]) for i in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.data[:, :, dst] = self.data[:, :, src]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run one step. Returns ([S, vocab] float32 logits, the S chunks that sample, in row order)."""
+        bs = self.block_size
+        # Decodes first (batched attention), then prefill chunks (one SDPA each).
+        decodes = [c for c in chunks if c.num_tokens == 1 and c.seq.num_computed_tokens > 0]
+        prefills = [c for c in chunks if not (c.num_tokens == 1 and c.seq.num_computed_tokens > 0)]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for c in ordered:
+            seq = c.seq
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + c.num_tokens])
+            for pos in range(start, start + c.num_tokens):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+
+        to_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        decode_tables = decode_lens = None
+        max_ctx = 0
+        if decodes:
+            max_ctx = max(c.seq.num_computed_tokens + 1 for c in decodes)
+            width = -(-max_ctx // bs)
+            decode_tables = to_tensor([c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width])) for c in decodes])
+            decode_lens = to_tensor([c.seq.num_computed_tokens + 1 for c in decodes])
+        spans = []
+        q_start = len(decodes)
+        for c in prefills:
+            ctx = c.seq.num_computed_tokens + c.num_tokens
+            table = to_tensor(c.seq.block_table[: -(-ctx // bs)])
+            spans.append(PrefillSpan(q_start, c.num_tokens, ctx, table))
+            q_start += c.num_tokens
+        meta = AttentionMetadata(
+            slot_mapping=to_tensor(slots),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_max_context=max_ctx,
+            prefills=spans,
+        )
+        hidden = self.model(to_tensor(input_ids), to_tensor(positions), meta, self.kv_cache.layers)
+
+        sampling = [c for c in ordered if c.completes]
+        rows, end = [], 0
+        for c in ordered:
+            end += c.num_tokens
+            if c.completes:
+                rows.append(end - 1)
+        logits = self.model.compute_logits(hidden[to_tensor(rows)]) if rows else hidden.new_empty((0, 0))
+        return logits, sampling

@@ -1,0 +1,103 @@
+"""In-flight batching: each step packs running sequences' decodes and (chunked) prefills, then admits
+waiting sequences, under a token budget and a sequence cap. When blocks run out, the newest running
+sequence is preempted (its blocks freed; it is recomputed later from its tokens)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engines.torch.block_manager import BlockManager
+from engines.torch.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed for this sequence in this step (1 for a decode)
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so the step samples for it."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.bm.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(seq, n))
+                scheduled.append(seq)
+                budget -= n
+                i += 1
+                continue
+            break  # `seq` preempted itself: it was the newest, nothing after it remains
+
+        # Admit waiting sequences only when nothing had to be preempted this step.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            hits = self.bm.match_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
+            if not self.bm.allocate_with_prefix(seq, hits, n):
+                break
+            self.waiting.popleft()
+            if seq.index == 0 and seq.request.timings.first_scheduled is None:  # first admission only
+                self.bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+                seq.request.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            seq.request.mark_scheduled()
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return out
