@@ -139,6 +139,7 @@ class AsyncTorchEngine(Engine):
                 self._deliver(request.request_id, exc)
         elif kind == "abort":
             out = self.core.abort_request(command[1])
+            self._stats = self.core.stats()
             if out is not None:
                 self._deliver(command[1], out)
 
@@ -153,10 +154,10 @@ class AsyncTorchEngine(Engine):
                             self._handle(self._inbox.get_nowait())
                         except queue.Empty:
                             break
-                    if self.core.has_work():
-                        for out in self.core.step():
-                            self._deliver(out.request_id, out)
-                    self._stats = self.core.stats()
+                    outputs = self.core.step() if self.core.has_work() else []
+                    self._stats = self.core.stats()  # before delivery: a finished stream sees its effect
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
         except BaseException as exc:  # the loop must never die silently: every waiter learns why
             log.exception("engine step loop died")
             self._dead = exc

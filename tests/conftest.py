@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random models built in-process, the real default model (loaded once), an
+engine factory whose engines get their block accounting checked after every test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.base import GenerationRequest, SamplingParams
+from engines.config import EngineConfig
+from engines.torch.llm_engine import LLMEngine
+from engines.torch.loader import LoadedModel, build_core, load_model
+from engines.torch.models.llama import load_llama
+
+DATA = Path(__file__).parent / "data"
+
+TINY_CONFIGS = {
+    # initializer_range 0.2 makes random logits peaked, so greedy argmax has no near-ties.
+    "llama-gqa": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "llama-mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3-rope": dict(
+        model_type="llama",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    ),
+    "qwen2-gqa": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2-mha": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+}
+
+
+def make_tiny_hf_model(name: str, folder: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(TINY_CONFIGS[name])
+    model_type = spec.pop("model_type")
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if model_type == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2, **spec,
+    )
+    torch.manual_seed(1234)
+    model = model_cls(config).eval()
+    if model_type == "qwen2":  # random init leaves qkv biases at zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> (kiln LoadedModel in float32, HF reference model)"""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            from transformers import AutoConfig
+
+            folder = tmp_path_factory.mktemp(name)
+            hf = make_tiny_hf_model(name, folder)
+            cfg = AutoConfig.from_pretrained(folder)
+            model = load_llama(folder, cfg, torch.float32, torch.device("cpu"))
+            cache[name] = (LoadedModel(model, cfg, None, name, folder, torch.float32, torch.device("cpu")), hf)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct in float32 for kiln, loaded once per session."""
+    return load_model(EngineConfig(dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def default_hf_model(default_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(default_model) -> list[list[int]]:
+    tok = default_model.tokenizer
+    convs = json.loads((DATA / "chat_prompts.json").read_text())
+    return [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in convs]
+
+
+@pytest.fixture
+def make_engine():
+    """Build LLMEngine cores; after the test, every block is accounted for and none leaked."""
+    made: list[LLMEngine] = []
+
+    def make(loaded: LoadedModel, **overrides) -> LLMEngine:
+        settings = dict(kv_cache_memory=64 << 20, block_size=16)
+        settings.update(overrides)
+        core = build_core(EngineConfig(**settings), loaded)
+        made.append(core)
+        return core
+
+    yield make
+    for core in made:
+        live = core.live_sequences()
+        core.bm.check_invariants(live)
+        if not live:
+            assert core.bm.num_used == 0, "blocks leaked after all requests ended"
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def run_to_completion(core: LLMEngine, requests: list[GenerationRequest], arrivals: dict[str, int] | None = None):
+    """Drive `core` step by step; a request with arrivals[id] = k is added before step k.
+    Returns request id -> {choice index -> token ids}."""
+    arrivals = arrivals or {}
+    pending = sorted(requests, key=lambda r: arrivals.get(r.request_id, 0))
+    tokens: dict[str, dict[int, list[int]]] = {r.request_id: {} for r in requests}
+    step = 0
+    while pending or core.has_work():
+        while pending and arrivals.get(pending[0].request_id, 0) <= step:
+            core.add_request(pending.pop(0))
+        for out in core.step():
+            for choice in out.outputs:
+                tokens[out.request_id].setdefault(choice.index, []).extend(choice.new_token_ids)
+        step += 1
+    return tokens

@@ -1,0 +1,50 @@
+"""Greedy float32 output equals Hugging Face transformers `generate(do_sample=False)` token for token."""
+
+import pytest
+import torch
+
+from engines.base import GenerationRequest
+from tests.conftest import TINY_CONFIGS, greedy, run_to_completion
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: bool) -> list[int]:
+    kwargs = {} if eos else {"eos_token_id": None, "min_new_tokens": max_new_tokens}
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_tiny_models_match_transformers(name, tiny_models, make_engine):
+    loaded, hf = tiny_models(name)
+    core = make_engine(loaded, block_size=4)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 5, 16, 37, 90)]
+    requests = [GenerationRequest(str(i), p, greedy(24, ignore_eos=True)) for i, p in enumerate(prompts)]
+    got = run_to_completion(core, requests)
+    for i, p in enumerate(prompts):
+        assert got[str(i)][0] == hf_greedy(hf, p, 24, eos=False), f"prompt {i} ({len(p)} tokens) diverged"
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(default_model, default_hf_model, chat_prompts, make_engine):
+    assert len(chat_prompts) >= 8 and min(map(len, chat_prompts)) >= 20 and max(map(len, chat_prompts)) <= 600
+    core = make_engine(default_model, kv_cache_memory=256 << 20)
+    requests = [GenerationRequest(str(i), p, greedy(64, ignore_eos=True)) for i, p in enumerate(chat_prompts)]
+    got = run_to_completion(core, requests)
+    for i, p in enumerate(chat_prompts):
+        expected = hf_greedy(default_hf_model, p, 64, eos=False)
+        assert got[str(i)][0] == expected, f"chat prompt {i} ({len(p)} tokens) diverged"
+
+
+@pytest.mark.slow
+def test_default_model_stops_at_eos_like_transformers(default_model, default_hf_model, chat_prompts, make_engine):
+    core = make_engine(default_model, kv_cache_memory=256 << 20)
+    prompt = chat_prompts[1]
+    got = run_to_completion(core, [GenerationRequest("eos", prompt, greedy(96))])["eos"][0]
+    expected = hf_greedy(default_hf_model, prompt, 96, eos=True)
+    assert got == expected
+    assert got[-1] in core.eos_token_ids and len(got) < 96, "the answer should end with EOS before the limit"
