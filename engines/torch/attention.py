@@ -1,6 +1,7 @@
 """Paged attention on top of a block-structured KV cache (CPU path; any device runs it).
 
-The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
+The KV cache of one layer is one tensor [2 (key, value), num_blocks, block_size, num_kv_heads, head_dim],
+so one gather fetches both.
 A step's tokens arrive flattened: first one token per decoding sequence, then the chunks of the
 sequences being prefilled. New keys/values are written into their slots first, then:
 - decode: the sequences' blocks are gathered, the query heads sharing a KV head are folded into
@@ -39,60 +40,63 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    # k, v: [T, kv_heads, head_dim]; the caches viewed as [slots, kv_heads, head_dim]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    # k, v: [T, kv_heads, head_dim]; each half of the cache viewed as [slots, kv_heads, head_dim]
+    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     k: torch.Tensor,  # [T, kv_heads, head_dim]
     v: torch.Tensor,  # [T, kv_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, heads, head_dim]
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
+    write_kv(kv_cache, k, v, meta.slot_mapping)
     nd = meta.num_decode_tokens
+    if nd and not meta.prefills:
+        return _decode(q, kv_cache, meta, scale)
+    out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = _decode(q[:nd], kv_cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, span, scale)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], kv_cache, span, scale)
     return out
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    # cache[block_tables]: [..., blocks, block_size, kv_heads, head_dim] -> [..., tokens, kv_heads, head_dim]
-    gathered = cache[block_tables]
+def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    # [2, blocks, block_size, kvh, hd] indexed by [..., n] -> [2, ..., n * block_size, kvh, hd], cut to length
+    gathered = kv_cache[:, block_tables]
     return gathered.flatten(-4, -3)[..., :length, :, :]
 
 
-def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     b, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = kv_cache.shape[3]
     group = heads // kv_heads
     length = meta.decode_max_context
-    keys = _gather(k_cache, meta.decode_block_tables, length).permute(0, 2, 3, 1)  # [b, kvh, hd, L]
-    values = _gather(v_cache, meta.decode_block_tables, length).transpose(1, 2)  # [b, kvh, L, hd]
-    qg = q.view(b, kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys).float() * scale  # [b, kvh, group, L]
+    # float32 throughout: small bf16 batched matmuls are far slower than the casts on CPU
+    kv = _gather(kv_cache, meta.decode_block_tables, length).float()  # [2, b, L, kvh, hd]
+    keys = kv[0].permute(0, 2, 3, 1)  # [b, kvh, hd, L]
+    values = kv[1].transpose(1, 2)  # [b, kvh, L, hd]
+    qg = q.view(b, kv_heads, group, head_dim).float()
+    scores = torch.matmul(qg, keys).mul_(scale)  # [b, kvh, group, L]
     if b > 1:
         pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
         scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(b, heads, head_dim)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, values).view(b, heads, head_dim).to(q.dtype)
 
 
-def _prefill(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
     if span.ctx_len == span.q_len:  # no cached prefix: the chunk's own keys are the whole context
         keys, values, mask, causal = k, v, None, True
     else:
-        keys = _gather(k_cache, span.block_table, span.ctx_len)
-        values = _gather(v_cache, span.block_table, span.ctx_len)
+        keys, values = _gather(kv_cache, span.block_table, span.ctx_len)
         offset = span.ctx_len - span.q_len
         rows = torch.arange(span.q_len, device=q.device)[:, None] + offset
         mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # lower-right causal

@@ -11,12 +11,12 @@ from engines.torch.scheduler import ScheduledChunk
 
 
 class KVCache:
-    """Per layer, a key and a value tensor [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per layer, one tensor [2 (key, value), num_blocks, block_size, kv_heads, head_dim]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = [(self.data[0, i], self.data[1, i]) for i in range(num_layers)]
+        self.layers = list(self.data.unbind(0))
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:

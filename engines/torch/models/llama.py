@@ -111,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.scale = args.head_dim**-0.5
         self.cos: torch.Tensor | None = None  # [max_positions, head_dim], built by init_rope
-        self.sin: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None  # sign-folded, see init_rope
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -125,29 +125,33 @@ class LlamaForCausalLM(nn.Module):
         freqs = pos[:, None] * self.args.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * self.args.rope_scaling).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * self.args.rope_scaling).to(device=device, dtype=dtype)
+        sin = (emb.sin() * self.args.rope_scaling).to(device=device, dtype=dtype)
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: the sign lives in the table
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[torch.Tensor],  # per layer [2, blocks, block_size, kv_heads, head_dim]
     ) -> torch.Tensor:  # [T, hidden]
         a = self.args
         eps = a.rms_norm_eps
         t = input_ids.shape[0]
+        heads, kv_heads = a.num_heads, a.num_kv_heads
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
         sin = self.sin[positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches):
             h = _rms_norm(x, layer.input_norm, eps)
             qkv = F.linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)
-            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = _rotate(q.view(t, a.num_heads, a.head_dim), cos, sin)
-            k = _rotate(k.view(t, a.num_kv_heads, a.head_dim), cos, sin)
-            v = v.view(t, a.num_kv_heads, a.head_dim)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            # q and k rotate together: one RoPE for both
+            qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
+            attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
             x = x + F.linear(attn.reshape(t, layer.q_size), layer.o_proj.weight)
             h = _rms_norm(x, layer.post_norm, eps)
             gate, up = F.linear(h, layer.gate_up_proj.weight).chunk(2, dim=-1)
@@ -165,10 +169,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * xf.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 def load_llama(folder: Path, config, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
