@@ -48,3 +48,12 @@ def test_default_model_stops_at_eos_like_transformers(default_model, default_hf_
     expected = hf_greedy(default_hf_model, prompt, 96, eos=True)
     assert got == expected
     assert got[-1] in core.eos_token_ids and len(got) < 96, "the answer should end with EOS before the limit"
+
+
+@pytest.mark.slow
+def test_default_model_holds_one_copy_of_its_weights(default_model):
+    model = default_model.model
+    assert model.lm_head_weight.data_ptr() == model.embed_tokens.weight.data_ptr(), "tied embeddings are shared"
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    n_params = 134_515_008  # SmolLM2-135M with tied embeddings
+    assert sum(storages.values()) == n_params * 4

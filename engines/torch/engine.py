@@ -61,6 +61,12 @@ class AsyncTorchEngine(Engine):
             },
         )
 
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens of capacity (%s, %.0f MiB); max_model_len %d",
+            core.bm.num_blocks, core.bm.block_size, self._info.kv_capacity_tokens, self._info.kv_cache_dtype,
+            runner_bytes(core) / 2**20, core.max_model_len,
+        )
+
     @classmethod
     def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> "AsyncTorchEngine":
         loaded = loaded or load_model(config)
@@ -168,3 +174,8 @@ class AsyncTorchEngine(Engine):
             error = EngineDeadError(f"The engine stopped: {self._dead!r}" if self._dead else "The engine shut down.")
             for request_id in list(self._streams):
                 self._deliver(request_id, error)
+
+
+def runner_bytes(core: LLMEngine) -> int:
+    data = core.runner.kv_cache.data
+    return data.numel() * data.element_size()
