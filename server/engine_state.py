@@ -1,0 +1,112 @@
+"""The server's hold on its engine: loaded in a background thread, ready once started, dead if its loop dies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Callable
+
+from engines.base import Engine
+from engines.config import EngineConfig
+from server.errors import APIError, model_not_found, not_ready
+from server.logprobs import TokenStrings
+
+logger = logging.getLogger("kiln.server")
+
+
+class EngineHolder:
+    def __init__(self, served_model_name: str | None = None, engine: Engine | None = None):
+        self._served_model_name = served_model_name
+        self.engine = engine
+        self.loading = False
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.token_strings = TokenStrings(engine.tokenizer) if engine is not None else None
+        self._load_task: asyncio.Task | None = None
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive
+
+    def status(self) -> tuple[str, str]:
+        """(status, message) for the health endpoints."""
+        if self.ready:
+            return "ready", "The model is loaded and serving requests."
+        if self.engine is not None:
+            return "dead", "The engine has stopped; no request can be served. Restart the server."
+        if self.error is not None:
+            return "failed", f"The model failed to load: {self.error}"
+        return "loading", "The model is loading; retry when GET /v1/health/ready returns 200."
+
+    def get(self) -> Engine:
+        """The engine, or a 503 error while it loads or after it died."""
+        if self.ready:
+            return self.engine
+        status, message = self.status()
+        if status == "dead":
+            raise APIError(503, message, "service_unavailable_error", code="engine_dead")
+        raise not_ready(message)
+
+    @property
+    def served_model_name(self) -> str:
+        return self._served_model_name or self.get().info.model_name
+
+    def check_model(self, requested: str | None) -> str:
+        """The served model name; 404 when the request names another model."""
+        served = self.served_model_name
+        if requested is not None and requested != served:
+            raise model_not_found(requested)
+        return served
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start_loading(self, config: EngineConfig, on_failure: Callable[[], None] | None = None) -> None:
+        self.loading = True
+        self._load_task = asyncio.get_running_loop().create_task(self._load(config, on_failure))
+
+    async def _load(self, config: EngineConfig, on_failure: Callable[[], None] | None) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(setter, value) -> None:
+            if not future.done():
+                setter(value)
+
+        def load() -> None:
+            # A daemon thread rather than asyncio.to_thread: a SIGTERM during a long load must not
+            # wait for it at interpreter exit.
+            from engines import create_engine
+
+            try:
+                result = create_engine(config)
+            except BaseException as exc:  # noqa: BLE001 - reported to the event loop
+                loop.call_soon_threadsafe(settle, future.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(settle, future.set_result, result)
+
+        started = time.monotonic()
+        logger.info("Loading model %s", config.model or "(embedded default SmolLM2-135M-Instruct)")
+        threading.Thread(target=load, name="kiln-engine-load", daemon=True).start()
+        try:
+            engine = await future
+            await engine.start()
+        except Exception as exc:
+            self.error = str(exc) or type(exc).__name__
+            self.loading = False
+            logger.error("The model failed to load: %s", self.error)
+            if on_failure is not None:
+                on_failure()
+            return
+        self.token_strings = TokenStrings(engine.tokenizer)
+        self.engine = engine
+        self.loading = False
+        logger.info("Model %s ready in %.1f s (%s, %s on %s)", engine.info.model_name,
+                    time.monotonic() - started, engine.info.backend, engine.info.dtype, engine.info.device)
+
+    async def shutdown(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            await self.engine.shutdown()

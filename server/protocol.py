@@ -1,0 +1,293 @@
+"""Pydantic models of every request and response body, shaped like OpenAI's API.
+
+Requests ignore fields they do not know (as vLLM does) but reject, with a 400, values they cannot
+honour. Responses are built explicitly so that `null` fields appear where OpenAI shows them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _check_stop(value: str | list[str] | None) -> list[str]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if any(stop == "" for stop in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    for key in value or {}:
+        try:
+            int(key)
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+    return value
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+# ---- shared sampling fields ---------------------------------------------------------------------
+class SamplingFields(_Request):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _validate_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        _check_stop(value)
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _validate_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_logit_bias(value)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return _check_stop(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"only text content parts are supported, got a {part.type!r} part")
+            texts.append(part.text)
+        return "".join(texts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# ---- completions --------------------------------------------------------------------------------
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> PromptInput:
+        shape = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(shape if not isinstance(value, list) else "prompt must not be an empty list")
+        if all(isinstance(item, str) for item in value):
+            return value
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return value
+        if all(isinstance(item, list) for item in value):
+            for item in value:
+                if not item or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                    raise ValueError("each token-id list in prompt must be a non-empty list of integers")
+            return value
+        raise ValueError(shape)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request, one per engine request."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+
+
+# ---- models, health, metadata -------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kiln"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    object: Literal["health.response"] = "health.response"
+    status: Literal["live", "ready", "loading", "failed", "dead"]
+    message: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class MetadataResponse(BaseModel):
+    model: str
+    source_model: str
+    backend: str
+    precision: str
+    kv_cache_dtype: str
+    hardware: str
+    profile: str | None
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_kv_blocks: int
+    kv_capacity_tokens: int
+    versions: dict[str, str]
+    extra: dict[str, Any]

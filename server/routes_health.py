@@ -1,0 +1,31 @@
+"""Liveness, readiness and Prometheus metrics; open even when an API key is set."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.protocol import HealthResponse
+
+router = APIRouter()
+
+
+@router.get("/v1/health/live", response_model=HealthResponse)
+async def live() -> HealthResponse:
+    """200 as soon as the process answers HTTP, model loaded or not."""
+    return HealthResponse(status="live", message="The server is up.")
+
+
+@router.get("/v1/health/ready", response_model=HealthResponse)
+@router.get("/health", response_model=HealthResponse)
+async def ready(request: Request):
+    """200 once the engine is loaded and its step loop runs; 503 while loading, after a failed load or a crash."""
+    status, message = request.app.state.engine_holder.status()
+    body = HealthResponse(status=status, message=message)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,54 @@
+"""GET /v1/metadata (the engine's manifest) and GET /v1/version."""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Depends, Request
+
+from server import __version__
+from server.auth import require_api_key
+from server.protocol import MetadataResponse, VersionResponse
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+_PACKAGES = ("torch", "transformers", "fastapi", "uvicorn")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"kiln": __version__, "python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+@router.get("/v1/metadata", response_model=MetadataResponse)
+async def metadata(request: Request) -> MetadataResponse:
+    holder = request.app.state.engine_holder
+    info = holder.get().info
+    extra = dict(info.extra)
+    return MetadataResponse(
+        model=holder.served_model_name,
+        source_model=info.model_name,
+        backend=info.backend,
+        precision=str(extra.get("precision", info.dtype)),
+        kv_cache_dtype=info.kv_cache_dtype,
+        hardware=str(extra.get("hardware", info.device)),
+        profile=extra.get("profile"),
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        block_size=info.block_size,
+        num_kv_blocks=info.num_kv_blocks,
+        kv_capacity_tokens=info.kv_capacity_tokens,
+        versions={**_versions(), **{str(k): str(v) for k, v in dict(extra.get("versions", {})).items()}},
+        extra=extra,
+    )
+
+
+@router.get("/v1/version", response_model=VersionResponse)
+async def server_version() -> VersionResponse:
+    return VersionResponse(version=__version__)

@@ -1,0 +1,89 @@
+"""Server settings from CLI flags and `KILN_*` environment variables (flags win), via pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engines.config import EngineConfig
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", protected_namespaces=())
+
+    # What to serve. --engine-dir is a model folder until `kiln build` writes engine directories.
+    model: str | None = None
+    engine_dir: str | None = None
+    served_model_name: str | None = None
+
+    # HTTP
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+    graceful_shutdown_timeout: float = Field(30.0, ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # Engine (defaults are EngineConfig's)
+    max_model_len: int | None = None
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    max_num_waiting: int = Field(EngineConfig.max_num_waiting, ge=1)
+    kv_cache_memory: ByteSize | None = None
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = EngineConfig.dtype
+    block_size: int = EngineConfig.block_size
+    device: str = EngineConfig.device
+
+    @field_validator("api_key", "served_model_name", "model", "engine_dir")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServerSettings":
+        if self.model and self.engine_dir:
+            raise ValueError("give --model or --engine-dir, not both")
+        if self.engine_dir and not Path(self.engine_dir).expanduser().is_dir():
+            raise ValueError(f"--engine-dir {self.engine_dir} is not a directory")
+        if self.model and not _plausible_model_source(self.model):
+            raise ValueError(
+                f"--model {self.model} does not exist (give a model folder, a .gguf file or a Hugging Face id)"
+            )
+        self.engine_config().validate()
+        return self
+
+    @property
+    def stream_grace_period(self) -> float:
+        """How long a stream may run on after SIGTERM: a little less than uvicorn's own grace period."""
+        return max(0.0, self.graceful_shutdown_timeout - 1.0)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.engine_dir or self.model,
+            served_model_name=self.served_model_name,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            kv_cache_memory=int(self.kv_cache_memory) if self.kv_cache_memory is not None else None,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_waiting=self.max_num_waiting,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+
+def _plausible_model_source(source: str) -> bool:
+    """A path that exists, or something shaped like a hub id ("org/name")."""
+    if Path(source).expanduser().exists():
+        return True
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
