@@ -39,6 +39,8 @@ class AsyncTorchEngine(Engine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
+        self._pending_adds = 0  # requests in the inbox not yet seen by the loop (aborts don't count)
+        self._pending_lock = threading.Lock()
         args = loaded.model.args
         self._info = EngineInfo(
             model_name=loaded.name,
@@ -106,12 +108,14 @@ class AsyncTorchEngine(Engine):
         if self._dead is not None or self._stopping:
             raise EngineDeadError("The engine is not running.")
         self.core.check_request(request)
-        if self._stats.num_waiting + self._inbox.qsize() >= self.config.max_num_waiting:
+        if self._stats.num_waiting + self._pending_adds >= self.config.max_num_waiting:
             raise EngineOverloadedError(
                 f"The server is busy: {self.config.max_num_waiting} requests are already waiting. Retry later."
             )
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        with self._pending_lock:
+            self._pending_adds += 1
         self._inbox.put(("add", request))
         finished = False
         try:
@@ -143,6 +147,10 @@ class AsyncTorchEngine(Engine):
                 self.core.add_request(request)
             except ValueError as exc:
                 self._deliver(request.request_id, exc)
+            finally:
+                with self._pending_lock:
+                    self._pending_adds -= 1
+            self._stats = self.core.stats()
         elif kind == "abort":
             out = self.core.abort_request(command[1])
             self._stats = self.core.stats()
