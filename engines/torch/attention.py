@@ -1,7 +1,8 @@
 """Paged attention on top of a block-structured KV cache (CPU path; any device runs it).
 
-The KV cache of one layer is one tensor [2 (key, value), num_blocks, block_size, num_kv_heads, head_dim],
-so one gather fetches both.
+The KV cache of one layer is one tensor [2 (key, value), kv_heads, num_blocks, block_size, head_dim]:
+one gather fetches keys and values of every head, already in the [kv_heads, tokens, head_dim]
+order the matmuls want, so a decode step copies the context once (the gather) and not again.
 A step's tokens arrive flattened: first one token per decoding sequence, then the chunks of the
 sequences being prefilled. New keys/values are written into their slots first, then:
 - decode: the sequences' blocks are gathered, the query heads sharing a KV head are folded into
@@ -41,10 +42,10 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    # k, v: [T, kv_heads, head_dim]; each half of the cache viewed as [slots, kv_heads, head_dim]
-    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
-    flat[0].index_copy_(0, slots, k)
-    flat[1].index_copy_(0, slots, v)
+    # k, v: [T, kv_heads, head_dim]; each half of the cache viewed as [kv_heads, slots, head_dim]
+    flat = kv_cache.flatten(2, 3)
+    flat[0].index_copy_(1, slots, k.transpose(0, 1))
+    flat[1].index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -69,42 +70,42 @@ def paged_attention(
 
 
 def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    # [2, blocks, block_size, kvh, hd] indexed by [..., n] -> [2, ..., n * block_size, kvh, hd], cut to length
-    gathered = kv_cache[:, block_tables]
-    return gathered.flatten(-4, -3)[..., :length, :, :]
+    # [2, kvh, blocks, block_size, hd] indexed by block_tables [..., n] -> [2, kvh, ..., n * block_size, hd]
+    gathered = kv_cache.index_select(2, block_tables.flatten())  # index_select: ~2x faster than [] indexing
+    gathered = gathered.view(*kv_cache.shape[:2], *block_tables.shape, *kv_cache.shape[3:])
+    return gathered.flatten(-3, -2)[..., :length, :]
 
 
 def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     b, heads, head_dim = q.shape
-    kv_heads = kv_cache.shape[3]
+    kv_heads = kv_cache.shape[1]
     group = heads // kv_heads
     length = meta.decode_max_context
     # float32 throughout: small bf16 batched matmuls are far slower than the casts on CPU
-    kv = _gather(kv_cache, meta.decode_block_tables, length).float()  # [2, b, L, kvh, hd]
-    keys = kv[0].permute(0, 2, 3, 1)  # [b, kvh, hd, L]
-    values = kv[1].transpose(1, 2)  # [b, kvh, L, hd]
-    qg = q.view(b, kv_heads, group, head_dim).float()
-    scores = torch.matmul(qg, keys).mul_(scale)  # [b, kvh, group, L]
+    keys, values = _gather(kv_cache, meta.decode_block_tables, length).float()  # each [kvh, b, L, hd]
+    qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1).float()  # [kvh, b, group, hd]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # [kvh, b, group, L]
     if b > 1:
         pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        scores.masked_fill_(pad[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, values).view(b, heads, head_dim).to(q.dtype)
+    out = torch.matmul(probs, values)  # [kvh, b, group, hd]
+    return out.transpose(0, 1).reshape(b, heads, head_dim).to(q.dtype)
 
 
 def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
     if span.ctx_len == span.q_len:  # no cached prefix: the chunk's own keys are the whole context
-        keys, values, mask, causal = k, v, None, True
+        keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
     else:
-        keys, values = _gather(kv_cache, span.block_table, span.ctx_len)
+        keys, values = _gather(kv_cache, span.block_table, span.ctx_len)  # each [kvh, ctx, hd]
         offset = span.ctx_len - span.q_len
         rows = torch.arange(span.q_len, device=q.device)[:, None] + offset
         mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # lower-right causal
         causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # [1, heads, q_len, hd]
-        keys.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, ctx, hd]
-        values.transpose(0, 1).unsqueeze(0),
+        keys.unsqueeze(0),  # [1, kv_heads, ctx, hd]
+        values.unsqueeze(0),
         attn_mask=mask,
         is_causal=causal,
         scale=scale,

@@ -11,10 +11,10 @@ from engines.torch.scheduler import ScheduledChunk
 
 
 class KVCache:
-    """Per layer, one tensor [2 (key, value), num_blocks, block_size, kv_heads, head_dim]."""
+    """Per layer, one tensor [2 (key, value), kv_heads, num_blocks, block_size, head_dim]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_layers, 2, kv_heads, num_blocks, block_size, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.layers = list(self.data.unbind(0))
 
@@ -23,7 +23,7 @@ class KVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def copy_block(self, src: int, dst: int) -> None:
-        self.data[:, :, dst] = self.data[:, :, src]
+        self.data[:, :, :, dst] = self.data[:, :, :, src]
 
 
 class ModelRunner:

@@ -1,14 +1,18 @@
-"""bf16 x bf16 -> bf16 linear for decode-sized batches (M = 1..SMALL_M_MAX), fp32 accumulation.
+"""bf16 linear for decode-sized batches (M = 1..SMALL_M_MAX rows): bf16 in, bf16 out, fp32 accumulation.
 
-At small M a linear layer is bound by reading its weight from memory; F.linear's bf16 path streams
-weights well below the machine's read bandwidth. The C++ kernel beside this file (bf16_gemv.cpp)
-reads each weight once per call with AVX-512 BF16 dot products (vdpbf16ps) over all M rows of x.
-Weights stay in their usual [N, K] layout: no pre-packing.
+At small M a linear layer is bound by reading its weight from memory, and F.linear's bf16 path
+streams weights at well under half the machine's read bandwidth. The C++ kernel beside this file
+(bf16_gemv.cpp) reads each weight once per call with AVX-512 BF16 dot products (vdpbf16ps),
+applying all M rows of x to each weight line it loads. Weights keep their usual [N, K] layout:
+no pre-packing, so the same tensor still serves F.linear for prefill.
 
-The extension is compiled on first use with torch.utils.cpp_extension.load (needs g++ and ninja on
-PATH; ~30 s once, then cached in torch's extension directory and loaded in about a second).
-`available()` is False when the CPU lacks avx512_bf16 or the build fails (one log line, no raise);
-`bf16_linear` then falls back to F.linear, so callers may call it unconditionally.
+The extension is compiled on first use by torch.utils.cpp_extension.load (needs g++ and ninja on
+PATH -- `pip install ninja` if there is no system ninja; ~30-40 s once), then cached in torch's
+extension directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and loaded in about
+a second by later processes. `available()` is False when the CPU lacks avx512_bf16 or the build
+fails (one warning, never raises); `bf16_linear` then falls back to F.linear, so callers may call
+it unconditionally. Results are deterministic and batch-invariant (row i of the output does not
+depend on the other rows of x nor on the thread count).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import torch.nn.functional as F
 
 log = logging.getLogger("kiln.kernels")
 
-# Largest M for which bf16_linear beats F.linear (bench/kernel_bf16_linear.py); above it use F.linear.
+# Largest number of rows of x for which bf16_linear beats F.linear on cold (streamed) weights
+# (bench/kernel_bf16_linear.py); callers use F.linear above it.
 SMALL_M_MAX = 8
 
 _SOURCE = Path(__file__).with_name("bf16_gemv.cpp")
+# Explicit ISA flags rather than -march=native: the cached binary stays valid on any CPU with
+# avx512_bf16 (Zen4, Sapphire Rapids, ...), and available() checks for it before loading.
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 _lock = threading.Lock()
 _ext = None
 _tried = False
@@ -44,40 +52,33 @@ def _cpu_has_avx512_bf16() -> bool:
 
 def _load():
     global _ext, _tried
-    if _tried:
-        return _ext
     with _lock:
-        if _tried:
-            return _ext
-        try:
-            if not _cpu_has_avx512_bf16():
-                raise RuntimeError("CPU lacks avx512_bf16")
-            from torch.utils.cpp_extension import load
+        if not _tried:
+            try:
+                if not _cpu_has_avx512_bf16():
+                    raise RuntimeError("the CPU lacks avx512_bf16")
+                from torch.utils.cpp_extension import load
 
-            # Explicit ISA flags, not -march=native: the cached binary stays valid on any avx512_bf16 CPU.
-            _ext = load(
-                name="kiln_bf16_gemv",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as e:  # no compiler, no ninja, unsupported CPU...: fall back to F.linear
-            log.warning("bf16_linear kernel unavailable, using F.linear: %s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-            _ext = None
-        _tried = True
-        return _ext
+                _ext = load(name="kiln_bf16_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                            extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no ninja, unsupported CPU...
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log.warning("bf16_linear kernel unavailable, F.linear is used instead: %s", first)
+                _ext = None
+            _tried = True
+    return _ext
 
 
 def available() -> bool:
-    """True when the compiled kernel can be used (builds it on first call)."""
-    return _load() is not None
+    """True when the compiled kernel can be used (compiles or loads it on the first call)."""
+    return (_ext if _tried else _load()) is not None
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for bf16 x [..., K] and contiguous bf16 weight [N, K], bf16 result,
-    fp32 accumulation, rounded once. Meant for x with at most SMALL_M_MAX rows."""
+    """F.linear(x, weight, bias) for bf16 x [..., K], weight [N, K] (contiguous, else copied per call)
+    and bias [N]: bf16 result of an fp32 accumulation, rounded once. Fast for at most SMALL_M_MAX
+    rows of x; correct for any. Releases the GIL while it computes."""
     ext = _ext if _tried else _load()
-    if ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+    if ext is None:
         return F.linear(x, weight, bias)
     return ext.bf16_linear(x, weight, bias)

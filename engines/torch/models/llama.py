@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, paged_attention
+from engines.torch.layers.linear import LinearDispatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -110,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.scale = args.head_dim**-0.5
+        self.linear = LinearDispatch(torch.float32, torch.device("cpu"))  # replaced by load_llama
         self.cos: torch.Tensor | None = None  # [max_positions, head_dim], built by init_rope
         self.sin: torch.Tensor | None = None  # sign-folded, see init_rope
 
@@ -143,23 +145,24 @@ class LlamaForCausalLM(nn.Module):
         heads, kv_heads = a.num_heads, a.num_kv_heads
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
         sin = self.sin[positions].unsqueeze(1)
+        linear = self.linear.for_rows(t)
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = _rms_norm(x, layer.input_norm, eps)
-            qkv = F.linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)
+            qkv = linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)
             # q and k rotate together: one RoPE for both
             qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
             attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-            x = x + F.linear(attn.reshape(t, layer.q_size), layer.o_proj.weight)
+            x = x + linear(attn.reshape(t, layer.q_size), layer.o_proj.weight, None)
             h = _rms_norm(x, layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up_proj.weight).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_proj.weight)
+            gate, up = linear(h, layer.gate_up_proj.weight, None).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down_proj.weight, None)
         return _rms_norm(x, self.norm, eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        return F.linear(hidden, self.lm_head_weight).float()
+        return self.linear.for_rows(hidden.shape[0])(hidden, self.lm_head_weight, None).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -212,6 +215,7 @@ def load_llama(folder: Path, config, dtype: torch.dtype, device: torch.device) -
         layer.gate_up_proj.weight = param(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
         layer.down_proj.weight = param(take(p + "mlp.down_proj.weight"))
         del qkv
+    model.linear = LinearDispatch(dtype, device)
     leftovers = [n for n in tensors if "rotary_emb" not in n]
     if leftovers:
         raise ValueError(f"Checkpoint has tensors kiln does not know how to use: {leftovers[:5]}")

@@ -1,0 +1,101 @@
+"""Cold-weight decode matmuls: F.linear vs engines/torch/kernels/bf16_linear, bf16, small M.
+
+One "stack" is every weight matmul of a SmolLM2-135M decode step as distinct tensors: 30 layers x
+(qkv [960x576], o_proj [576x576], gate_up [3072x576], down [576x1536]) + lm_head [49152x576],
+269 MB of bf16 -- more than the caches hold, so each pass streams the weights from memory, as decode
+does. For each M the variants run interleaved, stack after stack, so machine noise (the machine is
+shared) hits them alike; the table reports medians. A read-only pass over the same tensors
+(`torch.sum` of their bytes seen as float32) is timed alongside as the memory-read reference.
+
+    .venv/bin/python bench/kernel_bf16_linear.py                  # M = 1 2 4 8 16
+    .venv/bin/python bench/kernel_bf16_linear.py --ms 8 10 12 16 --reps 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.torch.kernels import bf16_linear as kernel  # noqa: E402
+
+MEM_BANDWIDTH = 33e9  # bytes/s, fp32 sum, measured on this machine kind (PERF-NOTES.md)
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down
+LM_HEAD = (49152, 576)
+
+
+def make_stack(layers: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [s for _ in range(layers) for s in LAYER_SHAPES] + [LM_HEAD]
+    return [(torch.randn(s, generator=gen) * 0.02).bfloat16() for s in shapes]
+
+
+def time_stack(fn, stack, xs) -> float:
+    t = time.perf_counter()
+    for w in stack:
+        fn(xs[w.shape[1]], w)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--reps", type=int, default=11, help="timed stacks per variant and M (median reported)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if not kernel.available():
+        sys.exit("bf16_linear kernel unavailable (see the warning above)")
+    print(f"kernel ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+
+    stack = make_stack(args.layers)
+    nbytes = sum(w.numel() * w.element_size() for w in stack)
+    as_f32 = [w.view(torch.float32) for w in stack]
+    variants = {"F.linear": F.linear, "bf16_linear": kernel.bf16_linear}
+
+    rows, reads = [], []
+    for m in args.ms:
+        xs = {k: torch.randn(m, k).bfloat16() for k in {s[1] for s in LAYER_SHAPES + [LM_HEAD]}}
+        for fn in variants.values():  # warm-up: first calls, thread pool, page faults
+            time_stack(fn, stack, xs)
+        times = {name: [] for name in variants}
+        for _ in range(args.reps):
+            for name, fn in variants.items():
+                times[name].append(time_stack(fn, stack, xs))
+            t = time.perf_counter()
+            for w in as_f32:
+                w.sum()
+            reads.append(time.perf_counter() - t)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        rows.append((m, med))
+
+    def gbs(t: float) -> str:
+        return f"{nbytes / t / 1e9:.1f} ({nbytes / t / MEM_BANDWIDTH:.0%})"
+
+    print(f"\n{args.layers} layers x 4 + lm_head = {len(stack)} bf16 weights, {nbytes / 1e6:.0f} MB per stack; "
+          f"median of {args.reps} stacks; {torch.get_num_threads()} threads; GB/s (% of {MEM_BANDWIDTH / 1e9:.0f} GB/s)\n")
+    print("| M | F.linear ms | F.linear GB/s | bf16_linear ms | bf16_linear GB/s | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for m, med in rows:
+        f, k = med["F.linear"], med["bf16_linear"]
+        print(f"| {m} | {f * 1e3:.1f} | {gbs(f)} | {k * 1e3:.1f} | {gbs(k)} | {f / k:.2f}x |")
+    r = statistics.median(reads)
+    print(f"\nread-only reference (torch.sum over the same weights, same run): {r * 1e3:.1f} ms, {gbs(r)} GB/s")
+    faster = [m for m, med in rows if med["bf16_linear"] < med["F.linear"]]
+    print(f"bf16_linear faster for M in {faster}; kernels.bf16_linear.SMALL_M_MAX = {kernel.SMALL_M_MAX}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""engines/torch/kernels/bf16_linear: agreement with an fp32 reference within bf16 rounding, for the
+SmolLM2 decode shapes and K tails, M = 1..SMALL_M_MAX (and beyond, where it must still be right);
+determinism, batch and thread invariance, GIL release, and the F.linear fallback.
+
+Skipped when the kernel is unavailable (no avx512_bf16, no compiler or ninja). The first run
+compiles the extension (~40 s), later runs load it from torch's extension cache."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.torch.kernels import bf16_linear as kmod
+from engines.torch.kernels.bf16_linear import SMALL_M_MAX, available, bf16_linear
+
+SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
+TAIL_SHAPES = [(100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]  # K % 32 != 0, N % 16 != 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if not available():
+        pytest.skip("bf16_linear kernel unavailable (no avx512_bf16, compiler or ninja)")
+
+
+def _inputs(m: int, n: int, k: int, seed: int, bias: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    return x, w, b
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # The brief's tolerance: rtol 1e-2 and atol 1e-2 of the outputs' typical magnitude.
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().mean().item() + 1e-6)
+    # Tighter: one rounding to bf16 (<= 2^-8 relative) plus fp32 accumulation-order error, which is
+    # bounded by a small multiple of 2^-24 * K * sum|x*w| -- 1e-5 * sum|x*w| is generous for K <= 1536.
+    bound = 2.0**-8 * ref.abs() + 1e-5 * F.linear(x.float().abs(), w.float().abs()) + 1e-30
+    excess = ((y.float() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds one bf16 rounding by {excess}"
+
+
+@pytest.mark.parametrize("n,k", SMOLLM2_SHAPES + TAIL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_fp32_reference(n, k, bias):
+    for m in list(range(1, SMALL_M_MAX + 1)) + [SMALL_M_MAX + 1, 16, 21]:  # beyond SMALL_M_MAX: slower, still right
+        x, w, b = _inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
+        _check(bf16_linear(x, w, b), x, w, b)
+
+
+def test_lm_head_shape():
+    for m in (1, 3, SMALL_M_MAX):
+        x, w, _ = _inputs(m, 49152, 576, seed=m, bias=False)
+        _check(bf16_linear(x, w), x, w, None)
+
+
+def test_leading_dims_noncontiguous_x_and_degenerate_shapes():
+    x, w, b = _inputs(6, 96, 64, seed=1, bias=True)
+    y = bf16_linear(x.view(2, 3, 64), w, b)
+    assert y.shape == (2, 3, 96) and torch.equal(y.view(6, 96), bf16_linear(x, w, b))
+    wide = torch.randn(4, 128).bfloat16()
+    _check(bf16_linear(wide[:, ::2], w, b), wide[:, ::2], w, b)  # strided x is copied, still right
+    assert bf16_linear(torch.empty(0, 64, dtype=torch.bfloat16), w).shape == (0, 96)
+    empty_k = bf16_linear(torch.empty(3, 0, dtype=torch.bfloat16), torch.empty(5, 0, dtype=torch.bfloat16))
+    assert empty_k.shape == (3, 5) and not empty_k.any()
+
+
+def test_deterministic_batch_and_thread_invariant():
+    x, w, b = _inputs(SMALL_M_MAX, 3072, 576, seed=7, bias=True)
+    y = bf16_linear(x, w, b)
+    for _ in range(3):
+        assert torch.equal(bf16_linear(x, w, b), y)
+    for i in range(x.shape[0]):  # each output row is one fixed-order sum: independent of the batch
+        assert torch.equal(bf16_linear(x[i : i + 1], w, b), y[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(bf16_linear(x, w, b), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_releases_the_gil():
+    # A Python thread ticks (sleeping briefly between ticks, so it hands the GIL back freely) while
+    # the main thread makes three kernel calls of ~10 ms each. Had the calls held the GIL, it could
+    # not tick inside them: a thread waiting for the GIL forces a switch only after the switch
+    # interval (set to 2 s), and Python code between the calls does not block.
+    x, w, _ = _inputs(SMALL_M_MAX, 49152, 1536, seed=3, bias=False)  # ~150 MB of weight: long calls
+    bf16_linear(x, w)
+    ticks, stop, ready = [], threading.Event(), threading.Event()
+
+    def tick():
+        ready.set()
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)
+    try:
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        ready.wait()
+        windows = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            bf16_linear(x, w)
+            windows.append((t0, time.perf_counter()))
+    finally:
+        stop.set()
+        ticker.join()
+        sys.setswitchinterval(interval)
+    inside = sum(any(t0 < t < t1 for t0, t1 in windows) for t in ticks)
+    assert inside >= 5, f"another Python thread ran {inside} times during the kernel calls"
+
+
+def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
+    x, w, b = _inputs(2, 64, 96, seed=5, bias=True)
+    monkeypatch.setattr(kmod, "_ext", None)
+    monkeypatch.setattr(kmod, "_tried", False)
+    monkeypatch.setattr(kmod, "_cpu_has_avx512_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="kiln.kernels"):
+        assert kmod.available() is False
+    assert len(caplog.records) == 1 and "avx512_bf16" in caplog.records[0].getMessage()
+    assert torch.equal(bf16_linear(x, w, b), F.linear(x, w, b))
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setattr(kmod, "_tried", False)
+    monkeypatch.setattr(kmod, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
+    assert kmod.available() is False
+    assert torch.equal(bf16_linear(x, w, b), F.linear(x, w, b))
