@@ -120,9 +120,12 @@ def main() -> None:
             prompts = make_prompts(c if c > 1 else args.requests_at_1, args.prompt_len, vocab, seed=c)
             r = run_kiln(loaded, c, prompts, args.new_tokens)
             # every decode step streams all weights once; at batch c the step makes c tokens
-            bw = (r["decode_tok_s"] or r["tok_s"]) / c * wbytes
+            decode = r["decode_tok_s"] or r["tok_s"]
+            bw = decode / c * wbytes
+            flops = decode * 2 * wbytes / loaded.model.embed_tokens.weight.element_size()  # 2 FLOPs per weight per token
             rows.append({"engine": "kiln", "dtype": dtype_name, "concurrency": c, **r,
-                         "weight_bytes": wbytes, "decode_weight_GBs": bw / 1e9, "pct_of_mem_bw": 100 * bw / MEM_BANDWIDTH})
+                         "weight_bytes": wbytes, "decode_weight_GBs": bw / 1e9, "pct_of_mem_bw": 100 * bw / MEM_BANDWIDTH,
+                         "decode_GFLOPs": flops / 1e9, "pct_of_bf16_flops": 100 * flops / BF16_FLOPS})
             print(f"kiln {dtype_name} c={c}: {r['tok_s']:.1f} tok/s (decode {r['decode_tok_s'] or 0:.1f})", flush=True)
         if not args.no_hf:
             hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=loaded.dtype).eval()
@@ -146,14 +149,16 @@ def main() -> None:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| engine | dtype | concurrency | output tok/s | decode tok/s | TTFT s | weights GB/s in decode (% of 33 GB/s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| engine | dtype | concurrency | output tok/s | decode tok/s | TTFT s | weights GB/s in decode (% of 33 GB/s) "
+        "| matmul GFLOP/s in decode (% of 130) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         dec = f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "–"
         ttft = f"{r['ttft_s']:.3f}" if "ttft_s" in r else "–"
         bw = f"{r['decode_weight_GBs']:.1f} ({r['pct_of_mem_bw']:.0f}%)" if "decode_weight_GBs" in r else "–"
-        lines.append(f"| {r['engine']} | {r['dtype']} | {r['concurrency']} | {r['tok_s']:.1f} | {dec} | {ttft} | {bw} |")
+        fl = f"{r['decode_GFLOPs']:.0f} ({r['pct_of_bf16_flops']:.0f}%)" if "decode_GFLOPs" in r else "–"
+        lines.append(f"| {r['engine']} | {r['dtype']} | {r['concurrency']} | {r['tok_s']:.1f} | {dec} | {ttft} | {bw} | {fl} |")
     return "\n".join(lines)
 
 
