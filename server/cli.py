@@ -1,4 +1,4 @@
-"""The `kiln` command. Subcommands: `serve` (more, like `build`, `plan` and `profiles`, come later).
+"""The `kiln` command. Subcommands: `serve`, `profiles` and `plan` (`build` comes later).
 
 Bad input ends with one readable sentence on stderr and exit status 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -50,11 +51,45 @@ def _add_serve(subparsers) -> None:
     serve.set_defaults(handler=serve_command)
 
 
+def _add_profiles(subparsers) -> None:
+    profiles = subparsers.add_parser(
+        "profiles",
+        help="list the build profiles and which this machine supports",
+        description="List the build profiles in build/profiles, whether this machine supports each, and the one "
+        "`--precision auto` picks here.",
+    )
+    profiles.set_defaults(handler=profiles_command)
+
+
+def _add_plan(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan",
+        help="estimate the memory a model needs per precision and whether it fits",
+        description="Estimate weights, KV cache and headroom per precision (bf16, fp8, int8, int4) for a model, "
+        "say whether it fits the named GPUs (or this machine) and which profile to build. A model that is not "
+        "downloaded can be planned from --params, --layers, --kv-heads and --head-dim.",
+    )
+    add = plan.add_argument
+    add("--model", help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    add("--gpu", help="plan for this GPU, e.g. H100, H200, A100-40GB, A100-80GB, L40S, L4, A10G, RTX-4090 "
+        "(default: this machine)")
+    add("--gpus", type=int, default=1, help="number of such GPUs, the model split across them (default: 1)")
+    add("--max-model-len", type=int, help="context length per sequence (default: the model's)")
+    add("--batch", type=int, default=1, help="sequences held in the KV cache at once (default: 1)")
+    add("--params", help="parameter count, e.g. 70e9 or 70B (overrides the config)")
+    add("--layers", type=int, help="transformer layers (overrides the config)")
+    add("--kv-heads", type=int, help="key/value heads (overrides the config)")
+    add("--head-dim", type=int, help="dimension of one attention head (overrides the config)")
+    plan.set_defaults(handler=plan_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kiln", description="kiln: an OpenAI-compatible LLM inference microservice.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _add_serve(subparsers)
+    _add_profiles(subparsers)
+    _add_plan(subparsers)
     return parser
 
 
@@ -101,6 +136,66 @@ def serve_command(args: argparse.Namespace) -> int:
     if app.state.engine_holder.error is not None:
         return 1
     return 0 if server.started else 1
+
+
+def profiles_command(args: argparse.Namespace) -> int:
+    from engines.hardware import detect
+    from engines.plan import format_table
+    from engines.profiles import ProfileError, load_profiles, pick, supported_on
+
+    try:
+        profiles = load_profiles()
+    except ProfileError as exc:
+        print(f"kiln profiles: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    hardware = detect()
+    rows = [("name", "precision", "KV cache", "backend", "requires", "this machine")]
+    for profile in sorted(profiles, key=lambda p: (p.requires.device != "cuda", -p.priority, p.name)):
+        ok, reason = supported_on(profile, hardware)
+        rows.append((profile.name, profile.precision, profile.kv_cache_dtype, ",".join(profile.backend),
+                     profile.requires_text(), "yes" if ok else f"no: {reason}"))
+    print(f"This machine: {hardware.describe()}\n")
+    print("\n".join(format_table(rows)))
+    try:
+        auto = pick(hardware, 0, hardware.total_memory_bytes, profiles)
+    except ProfileError as exc:
+        print(f"\n--precision auto: {exc}")
+        return 0
+    print(f"\n--precision auto picks {auto.name} here ({auto.description}); `kiln plan` shows the choice for a "
+          "given model, which can differ when the model is large for this machine's memory.")
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from engines.hardware import detect
+    from engines.plan import ModelShape, PlanError, format_plan, gpu_hardware, load_shape, make_plan, parse_count
+    from engines.profiles import ProfileError
+
+    overrides = {"params": args.params, "layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
+    try:
+        for flag in ("gpus", "layers", "kv_heads", "head_dim", "max_model_len", "batch"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise PlanError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
+        if args.gpus != 1 and args.gpu is None:
+            raise PlanError("--gpus needs --gpu to say which GPU.")
+        if overrides["params"] is not None:
+            overrides["params"] = parse_count(overrides["params"])
+        target = gpu_hardware(args.gpu, args.gpus) if args.gpu is not None else detect()
+        given = {key: value for key, value in overrides.items() if value is not None}
+        model_is_local = args.model is not None and Path(args.model).expanduser().exists()
+        if len(given) == len(overrides) and not model_is_local:
+            shape = ModelShape(name=args.model or "custom", **given)
+        else:
+            shape = dataclasses.replace(load_shape(args.model), **given)
+        plan = make_plan(shape, target, batch=args.batch, max_model_len=args.max_model_len)
+    except (PlanError, ProfileError) as exc:
+        print(f"kiln plan: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_plan(plan))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

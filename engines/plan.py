@@ -1,0 +1,244 @@
+"""Capacity planning: how much memory a model needs per precision, and whether it fits a GPU or CPU.
+
+For each precision (bf16, fp8, int8, int4) the plan adds up
+- weights: parameters x bytes per parameter (int4 adds an fp16 scale and a 4-bit zero per group of 128),
+- KV cache: batch x max_model_len tokens x 2 (K and V) x layers x kv_heads x head_dim x bytes per
+  element of the KV dtype that precision's profiles use (bf16 with bf16, fp8 with fp8, int8 otherwise),
+- headroom: 10% of the two for activations, workspace and the runtime,
+and compares the total with the memory of the target (named GPUs, or this machine). Sizes are in
+GB = 10^9 bytes, as model sizes are usually quoted (a 70B model is ~140 GB in bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.hardware import Hardware
+from engines.profiles import Profile, bytes_per_param, load_profiles, pick, supported_on
+
+HEADROOM = 0.10
+GB = 1e9
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int  # what the driver reports as total
+    sm: int
+    aliases: tuple[str, ...] = ()
+
+
+GPUS = (
+    GpuSpec("H100", 81559 * MiB, 90, ("H100-80GB", "H100-SXM", "H100-PCIE")),
+    GpuSpec("H200", 143771 * MiB, 90, ("H200-141GB",)),
+    GpuSpec("A100-40GB", 40960 * MiB, 80, ("A100-40",)),
+    GpuSpec("A100-80GB", 81920 * MiB, 80, ("A100-80",)),
+    GpuSpec("L40S", 46068 * MiB, 89, ("L40S-48GB",)),
+    GpuSpec("L4", 23034 * MiB, 89, ("L4-24GB",)),
+    GpuSpec("A10G", 23028 * MiB, 86, ("A10G-24GB",)),
+    GpuSpec("RTX-4090", 24564 * MiB, 89, ("4090", "RTX4090", "GeForce-RTX-4090")),
+)
+
+# precision row -> (profile precision for weight bytes, KV dtype name, KV bytes per element)
+PRECISIONS = {
+    "bf16": ("bf16", "bf16", 2),
+    "fp8": ("fp8", "fp8", 1),
+    "int8": ("int8-wo", "int8", 1),
+    "int4": ("int4-awq", "int8", 1),
+}
+
+
+class PlanError(ValueError):
+    """Bad planning input: an unknown GPU, a config without the needed fields, a bad number."""
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    wanted = _normalize(name)
+    for spec in GPUS:
+        if wanted in {_normalize(spec.name), *map(_normalize, spec.aliases)}:
+            return spec
+    known = ", ".join(spec.name for spec in GPUS)
+    raise PlanError(f"Unknown GPU {name!r}; known GPUs are {known}.")
+
+
+def gpu_hardware(name: str, count: int = 1) -> Hardware:
+    spec = gpu_spec(name)
+    return Hardware(device="cuda", name=spec.name, memory_bytes=spec.memory_bytes, count=count, sm=spec.sm)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    params: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_position_embeddings: int | None = None
+
+    def kv_bytes_per_token(self, bytes_per_element: float) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_element
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """Parameter count and KV geometry of a decoder-only transformer from its Hugging Face config.json."""
+    try:
+        hidden = config["hidden_size"]
+        layers = config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        intermediate = config["intermediate_size"]
+        vocab = config["vocab_size"]
+    except KeyError as exc:
+        raise PlanError(f"The model's config.json has no {exc.args[0]!r}; plan it with --params, --layers, "
+                        "--kv-heads and --head-dim instead.") from None
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
+    if config.get("attention_bias") or config.get("model_type") == "qwen2":  # qwen2 has qkv biases
+        attention += (heads + 2 * kv_heads) * head_dim
+    experts = config.get("num_local_experts") or config.get("num_experts") or 1
+    mlp = 3 * hidden * intermediate * experts  # gate, up, down (per expert for MoE)
+    if experts > 1:
+        mlp += hidden * experts  # router
+    per_layer = attention + mlp + 2 * hidden  # two RMSNorms
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    params = layers * per_layer + embeddings + hidden  # final norm
+    return ModelShape(name, float(params), layers, kv_heads, head_dim, config.get("max_position_embeddings"))
+
+
+def load_shape(model: str | None) -> ModelShape:
+    """The shape of a local model folder, a .gguf file, or (None) the embedded default model."""
+    from engines.model_source import ModelNotFoundError, model_display_name, resolve_model
+
+    if model is not None and not Path(model).expanduser().exists():
+        raise PlanError(f"--model {model!r} is not a local model folder or .gguf file; to plan a model that is not "
+                        "downloaded, give --params, --layers, --kv-heads and --head-dim.")
+    try:
+        folder = resolve_model(model)
+    except ModelNotFoundError as exc:
+        raise PlanError(str(exc)) from None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"Cannot read {folder / 'config.json'}: {exc}.") from None
+    config = config.get("text_config", config)  # multimodal configs nest the language model
+    return shape_from_config(config, model_display_name(model))
+
+
+def parse_count(text: str) -> float:
+    """'70e9', '70B', '8b', '135M' or '7000000000' as a number."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", text.lower())
+    if not match:
+        raise PlanError(f"{text!r} is not a number such as 70e9, 70B or 135M.")
+    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    precision: str
+    weight_bytes: float
+    kv_dtype: str
+    kv_bytes: float
+    headroom_bytes: float
+    total_bytes: float
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    target: Hardware
+    target_memory_bytes: float
+    batch: int
+    max_model_len: int
+    rows: tuple[PlanRow, ...]
+    recommended: Profile | None
+    recommended_fits: bool
+    profile_by_precision: dict[str, str]  # row precision -> the supported profile that builds it, if any
+
+
+def make_plan(shape: ModelShape, target: Hardware, batch: int = 1, max_model_len: int | None = None,
+              profiles: list[Profile] | None = None) -> Plan:
+    if batch < 1:
+        raise PlanError(f"--batch must be at least 1, got {batch}.")
+    max_model_len = max_model_len or shape.max_position_embeddings or 4096
+    if max_model_len < 1:
+        raise PlanError(f"--max-model-len must be at least 1, got {max_model_len}.")
+    memory = target.total_memory_bytes
+    tokens = batch * max_model_len
+    rows = []
+    for row_name, (precision, kv_dtype, kv_bytes_per_element) in PRECISIONS.items():
+        weights = shape.params * bytes_per_param(precision)
+        kv = tokens * shape.kv_bytes_per_token(kv_bytes_per_element)
+        headroom = HEADROOM * (weights + kv)
+        total = weights + kv + headroom
+        rows.append(PlanRow(row_name, weights, kv_dtype, kv, headroom, total, total <= memory))
+
+    recommended = pick(target, shape.params * 2, memory, profiles)
+    recommended_fits = next((r.fits for r in rows if r.precision == _row_precision(recommended.precision)), False)
+    if recommended.precision == "fp32":
+        recommended_fits = shape.params * 4 * (1 + HEADROOM) <= memory
+    profile_by_precision = {}
+    for profile in load_profiles() if profiles is None else profiles:
+        row_name = _row_precision(profile.precision)
+        if row_name in PRECISIONS and row_name not in profile_by_precision and supported_on(profile, target)[0]:
+            profile_by_precision[row_name] = profile.name  # profiles come highest priority first
+    return Plan(shape, target, memory, batch, max_model_len, tuple(rows), recommended, recommended_fits,
+                profile_by_precision)
+
+
+def _row_precision(precision: str) -> str:
+    return precision.split("-")[0]
+
+
+def _gb(value: float) -> str:
+    """Three significant digits: 141 GB, 35.9 GB, 1.23 GB, 270 MB."""
+    if value < GB:
+        return f"{value / 1e6:.3g} MB" if value >= 1e6 else f"{value / 1e6:.2f} MB"
+    digits = 0 if value >= 100 * GB else 1 if value >= 10 * GB else 2
+    return f"{value / GB:,.{digits}f} GB"
+
+
+def format_plan(plan: Plan) -> str:
+    shape, target = plan.shape, plan.target
+    if target.device == "cuda":
+        where = (f"{target.count} x {target.name} (SM {target.sm}, {_gb(target.memory_bytes)} each, "
+                 f"{_gb(plan.target_memory_bytes)} in all)")
+    else:
+        where = f"this machine's RAM, {_gb(plan.target_memory_bytes)} ({target.name})"
+    lines = [
+        f"Model:    {shape.name}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, "
+        f"{shape.kv_heads} KV heads x {shape.head_dim} head dim",
+        f"Target:   {where}",
+        f"KV cache: batch {plan.batch} x {plan.max_model_len} tokens; headroom {HEADROOM:.0%} for activations "
+        "and runtime; GB = 10^9 bytes",
+        "",
+    ]
+    header = ("precision", "weights", "KV dtype", "KV cache", "headroom", "total", "fits", "profile here")
+    table = [header] + [
+        (r.precision, _gb(r.weight_bytes), r.kv_dtype, _gb(r.kv_bytes), _gb(r.headroom_bytes), _gb(r.total_bytes),
+         "yes" if r.fits else "no", plan.profile_by_precision.get(r.precision, "- (not supported)"))
+        for r in plan.rows
+    ]
+    lines += format_table(table, right_align={1, 3, 4, 5})
+    lines.append("")
+    rec = plan.recommended
+    verdict = "" if plan.recommended_fits else "; it does not fit even so: add GPUs or shorten the context"
+    lines.append(f"Recommended profile: {rec.name} ({rec.precision} weights, {rec.kv_cache_dtype} KV cache){verdict}")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[tuple[str, ...]], right_align: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in right_align else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
