@@ -22,6 +22,7 @@ from engines.base import (
     GenerationRequest,
 )
 from engines.config import EngineConfig
+from engines.hardware import detect as detect_hardware
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.loader import LoadedModel, build_core, load_model
 
@@ -54,6 +55,7 @@ class AsyncTorchEngine(Engine):
             block_size=core.bm.block_size,
             num_kv_blocks=core.bm.num_blocks,
             extra={
+                "hardware": detect_hardware().describe(),
                 "architecture": loaded.hf_config.model_type,
                 "model_source": str(config.model or "embedded default"),
                 "prefix_caching": config.enable_prefix_caching,
