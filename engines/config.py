@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+KV_CACHE_DTYPES = ("model", "int8", "fp8")
 
 
 @dataclass
 class EngineConfig:
     # A Hugging Face model folder, a .gguf file, a hub id, or None for the embedded default model.
     model: str | None = None
+    # An engine directory written by `kiln build` (quantized weights, KV dtype and scales); not with model.
+    engine_dir: str | None = None
     served_model_name: str | None = None
     dtype: DType = "auto"  # auto: bfloat16 (CPU with avx512_bf16 or CUDA), else float32
     device: str = "auto"  # auto: cuda when visible, else cpu
@@ -23,6 +29,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_waiting: int = 1024  # beyond this, generate() raises EngineOverloadedError
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
+    kv_cache_dtype: str = "model"  # model: the model's dtype; int8 or fp8 (E4M3): half of bf16's bytes per token
+    # static float32 [num_layers, 2 (k, v), num_kv_heads] from the build step's calibration (amax / 127 for int8,
+    # amax / 448 for fp8); int8 needs them, fp8 without them uses 1.0
+    kv_cache_scales: torch.Tensor | None = None
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -37,3 +47,5 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be model, int8 or fp8, got {self.kv_cache_dtype!r}.")

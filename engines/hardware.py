@@ -65,11 +65,12 @@ class Hardware:
         return data
 
 
-def detect() -> Hardware:
-    """The hardware of this machine: the visible CUDA GPUs when torch sees any, else the CPU."""
+def detect(device: str | None = None) -> Hardware:
+    """The hardware of this machine: the visible CUDA GPUs when torch sees any, else the CPU;
+    device="cpu" or "cuda" asks for that one (an engine served on the CPU of a GPU machine)."""
     import torch
 
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         return _detect_cuda(torch)
     return _detect_cpu()
 

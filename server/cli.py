@@ -1,4 +1,4 @@
-"""The `kiln` command. Subcommands: `serve`, `profiles` and `plan` (`build` comes later).
+"""The `kiln` command. Subcommands: `serve`, `build`, `profiles` and `plan`.
 
 Bad input ends with one readable sentence on stderr and exit status 2.
 """
@@ -32,7 +32,7 @@ def _add_serve(subparsers) -> None:
     )
     add = serve.add_argument
     add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    add("--engine-dir", help="engine directory to serve (for now: a Hugging Face model folder)")
+    add("--engine-dir", help="engine directory written by `kiln build` (quantized weights, KV-cache dtype); not with --model")
     add("--served-model-name", help="model name clients send and /v1/models lists (default: the model's name)")
     add("--host", help="address to bind (default: 0.0.0.0)")
     add("--port", help="port to bind (default: 8000)")
@@ -49,6 +49,62 @@ def _add_serve(subparsers) -> None:
     add("--graceful-shutdown-timeout", help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     add("--log-level", help="critical, error, warning, info or debug (default: info)")
     serve.set_defaults(handler=serve_command)
+
+
+def _add_build(subparsers) -> None:
+    from engines.calibration import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES
+    from engines.profiles import PRECISIONS
+
+    build = subparsers.add_parser(
+        "build",
+        help="compile a model into an engine directory (quantized weights, KV-cache dtype, build report)",
+        description="Calibrate, quantize and evaluate a model for this machine and write an engine directory that "
+        "`kiln serve --engine-dir` loads. Re-running with the same inputs reuses the engine.",
+    )
+    add = build.add_argument
+    add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add("--output", required=True, help="engine directory to write (created; replaced when it holds an older engine)")
+    add("--precision", default="auto", help=f"auto or one of {', '.join(PRECISIONS)} (default: auto, the profile "
+        "`kiln profiles` names for this machine)")
+    add("--kv-cache-dtype", default="auto", help="auto (the profile's), model, int8 or fp8 (default: auto)")
+    add("--calib", help="JSONL of chat requests ({\"messages\": [...]} per line) to calibrate with (default: kiln's "
+        "calibration set)")
+    add("--calib-samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration requests to use, {MIN_SAMPLES}.."
+        f"{MAX_SAMPLES} (default: {DEFAULT_SAMPLES})")
+    add("--calibrator", default="minmax", help="range calibrator for static scales (the KV cache): minmax, percentile "
+        "(99.99) or entropy (default: minmax)")
+    add("--group-size", type=int, default=128, help="int4 group size; halved for inputs it does not divide (default: 128)")
+    add("--backend", default="torch", help="torch or trtllm (default: torch)")
+    add("--max-accuracy-loss", type=float, help="with --precision auto: build the most aggressive profile whose mean "
+        "KL divergence on the held-out set stays within this budget (e.g. 0.05)")
+    add("--eval-samples", type=int, default=128, help="held-out prompts the accuracy is measured on (default: 128)")
+    add("--eval-tokens", type=int, default=32, help="answer tokens per held-out prompt (default: 32)")
+    add("--bench", action=argparse.BooleanOptionalAction, default=True, help="measure decode tok/s at concurrency 1 "
+        "and 32 for the report (default: on)")
+    add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add("--force", action="store_true", help="rebuild even when the engine in --output is up to date")
+    build.set_defaults(handler=build_command)
+
+
+def build_command(args: argparse.Namespace) -> int:
+    from engines.build.builder import BuildError, BuildOptions, build
+    from engines.calibration import CalibrationDataError
+    from engines.model_source import ModelNotFoundError
+    from engines.profiles import ProfileError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = BuildOptions(**{key: value for key, value in vars(args).items() if key != "handler"})
+    try:
+        result = build(options)
+    except (BuildError, CalibrationDataError, ModelNotFoundError, ProfileError) as exc:
+        print(f"kiln build: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    m = result.manifest
+    verb = "is up to date" if result.reused else "was built"
+    print(f"Engine {result.output} {verb}: {m['precision']} weights, {m['kv_cache_dtype']} KV cache, for "
+          f"{m['target']['description']}. Serve it with `kiln serve --engine-dir {result.output}`; the report is in "
+          f"{result.output / 'build-report.md'}.")
+    return 0
 
 
 def _add_profiles(subparsers) -> None:
@@ -88,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _add_serve(subparsers)
+    _add_build(subparsers)
     _add_profiles(subparsers)
     _add_plan(subparsers)
     return parser

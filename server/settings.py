@@ -8,13 +8,14 @@ from typing import Literal
 from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engines.build.manifest import is_engine_dir
 from engines.config import EngineConfig
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", protected_namespaces=())
 
-    # What to serve. --engine-dir is a model folder until `kiln build` writes engine directories.
+    # What to serve: a model (folder, .gguf, hub id; default: the embedded model) or a built engine directory.
     model: str | None = None
     engine_dir: str | None = None
     served_model_name: str | None = None
@@ -53,6 +54,9 @@ class ServerSettings(BaseSettings):
             raise ValueError("give --model or --engine-dir, not both")
         if self.engine_dir and not Path(self.engine_dir).expanduser().is_dir():
             raise ValueError(f"--engine-dir {self.engine_dir} is not a directory")
+        if self.engine_dir and not is_engine_dir(self.engine_dir):
+            raise ValueError(f"--engine-dir {self.engine_dir} is not a kiln engine directory (it has no engine.json); "
+                             "build one with `kiln build`, or serve a model folder with --model")
         if self.model and not _plausible_model_source(self.model):
             raise ValueError(
                 f"--model {self.model} does not exist (give a model folder, a .gguf file or a Hugging Face id)"
@@ -67,7 +71,8 @@ class ServerSettings(BaseSettings):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.engine_dir or self.model,
+            model=self.model,
+            engine_dir=self.engine_dir,
             served_model_name=self.served_model_name,
             dtype=self.dtype,
             device=self.device,

@@ -10,6 +10,12 @@ sequences being prefilled. New keys/values are written into their slots first, t
   path measured in PERF-NOTES.md);
 - prefill: SDPA per sequence, with a lower-right causal mask when the chunk is shorter than the
   context (chunked prefill, prefix-cache hit). SDPA's is_causal=True would mask top-left.
+
+A quantized cache layer (KVLayer: int8 or float8_e4m3fn codes, static float32 scales per KV head)
+quantizes on write and dequantizes after the gather. Decode folds the key scale into the query and
+the value scale into the output (a [kv_heads] multiply instead of one over the whole context).
+Prefill attends to the dequantized codes of its own chunk too, never the raw keys/values, so its
+output does not depend on whether a prefix came from the cache or on how the prompt was chunked.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
+from engines.torch.layers.quantized import fp8_e4m3_to_scaled
 
 
 @dataclass
@@ -41,6 +50,42 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
 
 
+@dataclass
+class KVLayer:
+    """One layer of a quantized KV cache: value = code * scale, with a static scale per KV head."""
+
+    data: torch.Tensor  # [2 (key, value), kv_heads, num_blocks, block_size, head_dim] int8 or float8_e4m3fn
+    k_scale: torch.Tensor  # [kv_heads] float32
+    v_scale: torch.Tensor  # [kv_heads] float32
+    kind: str  # "int8" | "fp8"
+
+    def __post_init__(self):
+        # index_copy_ has no float8 CPU kernel: writes and gathers go through an int8 view of the bytes
+        self.codes = self.data.view(torch.int8)
+        self.scales = torch.stack((self.k_scale, self.v_scale)).float()  # [2, kvh]
+        # widen(fp8 codes) is code * 2**-8 (the bit trick); the 2**8 is folded in here, exactly
+        self.unit_scales = self.scales * (256.0 if self.kind == "fp8" else 1.0)
+
+    def widen(self, codes: torch.Tensor) -> torch.Tensor:
+        """int8 codes (of either kind) -> float32 code * unit, where unit_scales turns it into the value."""
+        return codes.float() if self.kind == "int8" else fp8_e4m3_to_scaled(codes, torch.float32)
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # codes [2, kvh, ..., hd] -> values in dtype
+        scales = self.unit_scales.view(*self.unit_scales.shape, *[1] * (codes.dim() - 2))
+        return self.widen(codes).mul_(scales).to(dtype)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Quantize k, v [T, kv_heads, head_dim] into their slots; returns their codes [2, kvh, T, hd]."""
+        x = torch.stack((k, v)).transpose(1, 2).float() / self.scales[:, :, None, None]  # [2, kvh, T, hd]
+        if self.kind == "int8":
+            codes = x.round_().clamp_(-127, 127).to(torch.int8)
+        else:  # clamp first: e4m3fn has no inf, values past 448 would become NaN
+            codes = x.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.int8)
+        self.codes.flatten(2, 3).index_copy_(2, slots, codes)
+        return codes
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     # k, v: [T, kv_heads, head_dim]; each half of the cache viewed as [kv_heads, slots, head_dim]
     flat = kv_cache.flatten(2, 3)
@@ -52,11 +97,16 @@ def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     k: torch.Tensor,  # [T, kv_heads, head_dim]
     v: torch.Tensor,  # [T, kv_heads, head_dim]
-    kv_cache: torch.Tensor,
+    kv_cache: torch.Tensor | KVLayer,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, heads, head_dim]
-    write_kv(kv_cache, k, v, meta.slot_mapping)
+    if isinstance(kv_cache, KVLayer):
+        codes = kv_cache.write(k, v, meta.slot_mapping)
+        if meta.prefills:  # prefill attends to what the cache holds for its own chunk
+            k, v = kv_cache.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
+    else:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
     nd = meta.num_decode_tokens
     if nd and not meta.prefills:
         return _decode(q, kv_cache, meta, scale)
@@ -78,18 +128,25 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
 
 def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     b, heads, head_dim = q.shape
-    kv_heads = kv_cache.shape[1]
+    quant = kv_cache if isinstance(kv_cache, KVLayer) else None
+    kv_heads = (quant.codes if quant else kv_cache).shape[1]
     group = heads // kv_heads
     length = meta.decode_max_context
     # float32 throughout: small bf16 batched matmuls are far slower than the casts on CPU
-    keys, values = _gather(kv_cache, meta.decode_block_tables, length).float()  # each [kvh, b, L, hd]
     qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1).float()  # [kvh, b, group, hd]
+    if quant:
+        keys, values = quant.widen(_gather(quant.codes, meta.decode_block_tables, length))  # each [kvh, b, L, hd]
+        qg = qg * quant.unit_scales[0].view(kv_heads, 1, 1, 1)  # q . (k * s) == (q * s) . k
+    else:
+        keys, values = _gather(kv_cache, meta.decode_block_tables, length).float()  # each [kvh, b, L, hd]
     scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # [kvh, b, group, L]
     if b > 1:
         pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
         scores.masked_fill_(pad[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [kvh, b, group, hd]
+    if quant:
+        out.mul_(quant.unit_scales[1].view(kv_heads, 1, 1, 1))
     return out.transpose(0, 1).reshape(b, heads, head_dim).to(q.dtype)
 
 
@@ -97,7 +154,10 @@ def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor
     if span.ctx_len == span.q_len:  # no cached prefix: the chunk's own keys are the whole context
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
     else:
-        keys, values = _gather(kv_cache, span.block_table, span.ctx_len)  # each [kvh, ctx, hd]
+        if isinstance(kv_cache, KVLayer):
+            keys, values = kv_cache.dequantize(_gather(kv_cache.codes, span.block_table, span.ctx_len), q.dtype)
+        else:
+            keys, values = _gather(kv_cache, span.block_table, span.ctx_len)  # each [kvh, ctx, hd]
         offset = span.ctx_len - span.q_len
         rows = torch.arange(span.q_len, device=q.device)[:, None] + offset
         mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # lower-right causal

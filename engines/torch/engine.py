@@ -29,6 +29,14 @@ from engines.torch.loader import LoadedModel, build_core, load_model
 log = logging.getLogger("kiln.engine")
 
 
+def _engine_summary(manifest: dict | None) -> dict | None:
+    """What /v1/metadata says about a built engine (None when serving a plain model folder)."""
+    if manifest is None:
+        return None
+    keys = ("precision", "profile", "weight_formats", "kv_cache_dtype", "build_hash", "created", "kiln_version")
+    return {key: manifest.get(key) for key in keys} | {"built_for": manifest.get("target", {}).get("description")}
+
+
 class AsyncTorchEngine(Engine):
     def __init__(self, core: LLMEngine, loaded: LoadedModel, config: EngineConfig):
         self.core = core
@@ -47,7 +55,7 @@ class AsyncTorchEngine(Engine):
             model_name=loaded.name,
             backend="torch",
             dtype=str(loaded.dtype).removeprefix("torch."),
-            kv_cache_dtype=str(loaded.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(core.runner.kv_cache.data.dtype).removeprefix("torch."),  # int8, float8_e4m3fn
             device=str(loaded.device),
             max_model_len=core.max_model_len,
             vocab_size=args.vocab_size,
@@ -57,11 +65,12 @@ class AsyncTorchEngine(Engine):
             extra={
                 "hardware": detect_hardware().describe(),
                 "architecture": loaded.hf_config.model_type,
-                "model_source": str(config.model or "embedded default"),
+                "model_source": str(config.engine_dir or config.model or "embedded default"),
                 "prefix_caching": config.enable_prefix_caching,
                 "max_num_seqs": config.max_num_seqs,
                 "max_num_batched_tokens": config.max_num_batched_tokens,
                 "torch_threads": torch.get_num_threads(),
+                "engine": _engine_summary(loaded.manifest),
             },
         )
 

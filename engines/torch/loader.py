@@ -12,7 +12,7 @@ from engines.model_source import model_display_name, resolve_model
 from engines.torch.block_manager import BlockManager
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.model_runner import KVCache, ModelRunner
-from engines.torch.models.llama import LlamaForCausalLM, load_llama
+from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, assemble, load_llama
 from engines.torch.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,6 +28,7 @@ class LoadedModel:
     folder: Path
     dtype: torch.dtype
     device: torch.device
+    manifest: dict | None = None  # engine.json when loaded from an engine directory
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,6 +50,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    """A model folder (config.model) as dense weights, or a built engine (config.engine_dir)."""
+    if config.engine_dir is not None:
+        return load_engine_dir(config)
     from transformers import AutoConfig, AutoTokenizer
 
     folder = resolve_model(config.model)
@@ -59,6 +63,45 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model = load_llama(folder, hf_config, dtype, device)
     name = config.served_model_name or model_display_name(config.model)
     return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device)
+
+
+def load_engine_dir(config: EngineConfig) -> LoadedModel:
+    """An engine directory written by `kiln build`: its manifest is checked (schema, checksums, hardware)
+    before anything loads, the stored (already quantized) weights become their runtime modules, and the
+    engine's KV-cache dtype and calibrated scales are put into `config` for build_core."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engines.build import manifest as mf
+    from engines.hardware import detect
+
+    folder = Path(config.engine_dir).expanduser()
+    manifest = mf.load_manifest(folder)
+    if manifest.get("backend", "torch") != "torch":
+        raise mf.EngineDirError(f"{folder} holds a {manifest['backend']} engine; kiln's torch backend cannot run it.")
+    device = pick_device(config.device)
+    mf.check_hardware(manifest, detect(device.type))
+    dtype = torch.float32 if manifest.get("dtype") == "float32" else pick_dtype(config.dtype, device)
+    hf_config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # safetensors hands out views at arbitrary byte offsets; torch's int8 CPU kernel crashes on an
+    # unaligned weight (seen on torch 2.13), so every tensor gets its own 64-byte-aligned copy.
+    tensors = {name: _aligned(t) for name, t in load_file(str(folder / mf.WEIGHTS), device=str(device)).items()}
+    scales = tensors.pop("kv_cache.scales", None)
+    model = assemble(LlamaArgs.from_hf_config(hf_config), tensors, manifest["weight_formats"], dtype, device)
+    config.kv_cache_dtype = manifest.get("kv_cache_dtype", "model")
+    config.kv_cache_scales = scales
+    name = config.served_model_name or manifest.get("served_model_name") or _engine_model_name(manifest, folder)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def _engine_model_name(manifest: dict, folder: Path) -> str:
+    source = manifest.get("model", {}).get("source", "")
+    return model_display_name(None if source.startswith("embedded:") else source) if source else folder.name
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
@@ -83,7 +126,16 @@ def build_core(config: EngineConfig, loaded: LoadedModel) -> LLMEngine:
     """Allocate the KV pool for `loaded` and wire scheduler, block manager and runner together."""
     config.validate()
     args = loaded.model.args
-    per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype)
+    kv_scales = config.kv_cache_scales if config.kv_cache_dtype != "model" else None
+    if config.kv_cache_dtype == "int8" and kv_scales is None:
+        raise ValueError(KVCache.INT8_NEEDS_SCALES)
+    if kv_scales is not None and tuple(kv_scales.shape) != (args.num_layers, 2, args.num_kv_heads):
+        raise ValueError(
+            f"kv_cache_scales has shape {list(kv_scales.shape)} but this model needs "
+            f"[{args.num_layers}, 2, {args.num_kv_heads}] (layers, key/value, KV heads)."
+        )
+    kv_dtype = KVCache.storage_dtype(config.kv_cache_dtype, loaded.dtype)
+    per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, args.num_kv_heads, args.head_dim, kv_dtype)
     num_blocks = kv_budget_bytes(config, loaded.device) // per_block
     if num_blocks < 2:
         raise ValueError(
@@ -108,7 +160,8 @@ def build_core(config: EngineConfig, loaded: LoadedModel) -> LLMEngine:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded.model.init_rope(max_model_len, loaded.dtype, loaded.device)
-    kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype, loaded.device)
+    kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype,
+                       loaded.device, config.kv_cache_dtype, kv_scales)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens)
     runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device)

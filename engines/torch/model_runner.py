@@ -5,25 +5,49 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.attention import AttentionMetadata, PrefillSpan
+from engines.quant.fp8 import FP8_DTYPE
+from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan
 from engines.torch.models.llama import LlamaForCausalLM
 from engines.torch.scheduler import ScheduledChunk
 
 
 class KVCache:
-    """Per layer, one tensor [2 (key, value), kv_heads, num_blocks, block_size, head_dim]."""
+    """Per layer, one tensor [2 (key, value), kv_heads, num_blocks, block_size, head_dim].
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
+    kv_cache_dtype "model" stores the model's dtype and `layers` holds plain tensors; "int8" and "fp8"
+    store int8 / float8_e4m3fn codes and `layers` holds KVLayers carrying the static float32 scales
+    (scales [num_layers, 2 (k, v), kv_heads]; fp8 without scales uses 1.0, vLLM's default).
+    """
+
+    INT8_NEEDS_SCALES = "an INT8 KV cache needs calibrated scales: build an engine with `kiln build --kv-cache-dtype int8`."
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device,
+                 kv_cache_dtype: str = "model", scales: torch.Tensor | None = None):
         shape = (num_layers, 2, kv_heads, num_blocks, block_size, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = list(self.data.unbind(0))
+        self.kv_cache_dtype = kv_cache_dtype
+        self.data = torch.zeros(shape, dtype=self.storage_dtype(kv_cache_dtype, dtype), device=device)
+        if kv_cache_dtype == "model":
+            self.layers = list(self.data.unbind(0))
+            return
+        if scales is None:
+            if kv_cache_dtype == "int8":
+                raise ValueError(self.INT8_NEEDS_SCALES)
+            scales = torch.ones(num_layers, 2, kv_heads)
+        self.scales = scales.to(device=device, dtype=torch.float32).clamp(min=1e-12)  # a zero amax must not divide by 0
+        self.layers = [KVLayer(d, s[0], s[1], kv_cache_dtype) for d, s in zip(self.data.unbind(0), self.scales)]
+
+    @staticmethod
+    def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+        return {"model": model_dtype, "int8": torch.int8, "fp8": FP8_DTYPE}[kv_cache_dtype]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:
+        """dtype: the storage dtype (static scales cost no per-token bytes)."""
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def copy_block(self, src: int, dst: int) -> None:
-        self.data[:, :, :, dst] = self.data[:, :, :, src]
+        data = self.data if self.kv_cache_dtype == "model" else self.data.view(torch.int8)
+        data[:, :, :, dst] = data[:, :, :, src]
 
 
 class ModelRunner:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from server.cli import main
 from server.settings import ServerSettings
@@ -61,8 +62,12 @@ def test_flags_override_environment(monkeypatch):
     assert config.enable_prefix_caching is False
 
 
-def test_engine_dir_is_the_model_folder(tmp_path):
-    assert ServerSettings(engine_dir=str(tmp_path)).engine_config().model == str(tmp_path)
+def test_engine_dir_must_hold_an_engine(tmp_path):
+    with pytest.raises(ValidationError, match="is not a kiln engine directory \\(it has no engine.json\\)"):
+        ServerSettings(engine_dir=str(tmp_path))
+    (tmp_path / "engine.json").write_text("{}")
+    config = ServerSettings(engine_dir=str(tmp_path)).engine_config()
+    assert config.engine_dir == str(tmp_path) and config.model is None
 
 
 def test_console_entry_point_runs():

@@ -1,4 +1,4 @@
-"""Which matmul a dense linear layer runs, by weight dtype, device and rows per step.
+"""Dense (unquantized) linear layers, and which matmul they run by weight dtype, device and rows per step.
 
 bf16 weights on a CPU with avx512_bf16: decode-sized steps (at most SMALL_M_MAX rows) use kiln's
 weight-streaming kernel, which reads weights at ~2x F.linear's rate (bench/kernel_bf16_linear.py);
@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -28,3 +29,22 @@ class LinearDispatch:
 
     def for_rows(self, rows: int) -> LinearFn:
         return self.small if rows <= self.small_m_max else F.linear
+
+
+class DenseLinear(nn.Module):
+    """y = x W^T (+ b) for x [T, K] with W [N, K] in the model's dtype; the matmul is picked per call
+    by the number of rows (LinearDispatch). The weight may be shared (tied LM head = embeddings)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dispatch: LinearDispatch):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dispatch = dispatch
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dispatch.for_rows(x.shape[0])(x, self.weight, self.bias)

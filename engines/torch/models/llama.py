@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, paged_attention
-from engines.torch.layers.linear import LinearDispatch
+from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -89,16 +89,20 @@ def _rope_parameters(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class DecoderLayer(nn.Module):
+    """Two norm weights and four projections. A projection is any module mapping [T, K] -> [T, N]:
+    DenseLinear for a Hugging Face checkpoint, a quantized layer for an engine built by `kiln build`
+    (engines/torch/layers/formats.py); the loader assigns them."""
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.input_norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.post_norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # [T, hidden] -> [T, q_size + 2 * kv_size]
+        self.o_proj: nn.Module | None = None  # [T, q_size] -> [T, hidden]
+        self.gate_up_proj: nn.Module | None = None  # [T, hidden] -> [T, 2 * intermediate]
+        self.down_proj: nn.Module | None = None  # [T, intermediate] -> [T, hidden]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -108,16 +112,15 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
+        self.lm_head: nn.Module | None = None  # [N, hidden] -> [N, vocab]; assigned by the loader
         self.scale = args.head_dim**-0.5
-        self.linear = LinearDispatch(torch.float32, torch.device("cpu"))  # replaced by load_llama
         self.cos: torch.Tensor | None = None  # [max_positions, head_dim], built by init_rope
         self.sin: torch.Tensor | None = None  # sign-folded, see init_rope
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head
+    def lm_head_weight(self) -> torch.Tensor | None:
+        """The dense LM head weight (the embeddings themselves when tied); None when quantized."""
+        return getattr(self.lm_head, "weight", None)
 
     def init_rope(self, max_positions: int, dtype: torch.dtype, device) -> None:
         if self.cos is not None and self.cos.shape[0] >= max_positions and self.cos.dtype == dtype:
@@ -145,24 +148,23 @@ class LlamaForCausalLM(nn.Module):
         heads, kv_heads = a.num_heads, a.num_kv_heads
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
         sin = self.sin[positions].unsqueeze(1)
-        linear = self.linear.for_rows(t)
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = _rms_norm(x, layer.input_norm, eps)
-            qkv = linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)
+            qkv = layer.qkv_proj(h)
             # q and k rotate together: one RoPE for both
             qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
             attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-            x = x + linear(attn.reshape(t, layer.q_size), layer.o_proj.weight, None)
+            x = x + layer.o_proj(attn.reshape(t, layer.q_size))
             h = _rms_norm(x, layer.post_norm, eps)
-            gate, up = linear(h, layer.gate_up_proj.weight, None).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.down_proj.weight, None)
+            gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)
+            x = x + layer.down_proj(F.silu(gate) * up)
         return _rms_norm(x, self.norm, eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        return self.linear.for_rows(hidden.shape[0])(hidden, self.lm_head_weight, None).float()
+        return self.lm_head(hidden).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -176,47 +178,89 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + swapped * signed_sin
 
 
-def load_llama(folder: Path, config, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Build the model on the meta device and move each checkpoint tensor into place once, so the
-    weights exist in memory a single time (the fused projections are concatenated layer by layer)."""
-    args = LlamaArgs.from_hf_config(config)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+def read_hf_checkpoint(folder: Path, args: LlamaArgs, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
+    with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors weights.")
-    tensors: dict[str, torch.Tensor] = {}
+    hf: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise KeyError(f"Checkpoint in {folder} lacks tensor {name!r}.")
+        return hf.pop(name)
+
+    out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if not args.tie_word_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    hf.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    for i in range(args.num_layers):
+        p, k = f"model.layers.{i}.", f"layers.{i}."
+        out[k + "input_norm.weight"] = take(p + "input_layernorm.weight")
+        out[k + "post_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        out[k + "qkv_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if args.qkv_bias:
+            out[k + "qkv_proj.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        out[k + "o_proj.weight"] = take(p + "self_attn.o_proj.weight")
+        out[k + "gate_up_proj.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[k + "down_proj.weight"] = take(p + "mlp.down_proj.weight")
+    leftovers = [n for n in hf if "rotary_emb" not in n]
+    if leftovers:
+        raise ValueError(f"Checkpoint has tensors kiln does not know how to use: {leftovers[:5]}")
+    return out
+
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[str, str],
+             dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Build the model on the meta device and move `tensors` (kiln names, consumed) into place.
+
+    formats maps each projection kind (PROJECTIONS and "lm_head") to its stored weight format
+    (engines/torch/layers/formats.py); missing kinds are dense. A tied LM head in dense format
+    shares the embedding tensor.
+    """
+    from engines.torch.layers.formats import make_linear
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    dispatch = LinearDispatch(dtype, device)
 
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise KeyError(f"Checkpoint in {folder} lacks tensor {name!r}.")
+            raise KeyError(f"Weights lack tensor {name!r}.")
         return tensors.pop(name)
 
     def param(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t, requires_grad=False)
+        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
 
-    model.embed_tokens.weight = param(take("model.embed_tokens.weight"))
-    model.norm = param(take("model.norm.weight"))
-    if not args.tie_word_embeddings:
-        model.lm_head = param(take("lm_head.weight"))
-    tensors.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    model.embed_tokens.weight = param(take("embed_tokens.weight"))
+    model.norm = param(take("norm.weight"))
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        layer.input_norm = param(take(p + "input_layernorm.weight"))
-        layer.post_norm = param(take(p + "post_attention_layernorm.weight"))
-        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        layer.qkv_proj.weight = param(torch.cat(qkv))
-        layer.qkv_proj.bias = param(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])) if args.qkv_bias else None
-        layer.o_proj.weight = param(take(p + "self_attn.o_proj.weight"))
-        layer.gate_up_proj.weight = param(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-        layer.down_proj.weight = param(take(p + "mlp.down_proj.weight"))
-        del qkv
-    model.linear = LinearDispatch(dtype, device)
-    leftovers = [n for n in tensors if "rotary_emb" not in n]
-    if leftovers:
-        raise ValueError(f"Checkpoint has tensors kiln does not know how to use: {leftovers[:5]}")
+        p = f"layers.{i}."
+        layer.input_norm = param(take(p + "input_norm.weight"))
+        layer.post_norm = param(take(p + "post_norm.weight"))
+        for kind in PROJECTIONS:
+            setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
+    head_format = formats.get("lm_head", "dense")
+    if args.tie_word_embeddings and head_format == "dense":
+        model.lm_head = DenseLinear(model.embed_tokens.weight, None, dispatch)
+    else:
+        if args.tie_word_embeddings and head_format != "dense" and "lm_head.weight" in tensors:
+            raise ValueError("A tied LM head is stored quantized, not as lm_head.weight.")
+        model.lm_head = make_linear(head_format, tensors, "lm_head", dispatch, dtype, device)
+    if tensors:
+        raise ValueError(f"Weights have tensors kiln does not know how to use: {sorted(tensors)[:5]}")
     return model.eval()
+
+
+def load_llama(folder: Path, config, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """A Hugging Face checkpoint folder as a dense model (every weight exists in memory once)."""
+    args = LlamaArgs.from_hf_config(config)
+    return assemble(args, read_hf_checkpoint(folder, args, dtype, device), {}, dtype, device)

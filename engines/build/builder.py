@@ -1,0 +1,393 @@
+"""`kiln build`: model folder -> engine directory (DESIGN.md, "Engine directory").
+
+Phases, each with a progress bar: load the float model, calibrate (only when the precision or the
+KV cache needs statistics), quantize layer by layer, evaluate against the float model on the
+held-out prompts, measure decode speed, write. The directory is written beside the target and
+renamed into place at the end, so a failed build never leaves half an engine.
+
+Re-running with the same inputs reuses the engine: the build hash covers the model files, every
+option that changes the result, the calibration data and the target hardware; when the existing
+engine.json carries the same hash and its files verify, nothing is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from engines import calibration
+from engines.build import manifest as mf
+from engines.build.calibrate import calibrate
+from engines.build.evaluate import Accuracy, compare, greedy_answers
+from engines.build.quantize import QuantizedModel, needs_for, quantize_model
+from engines.build.report import write_report
+from engines.build.speed import decode_speed
+from engines.hardware import Hardware, detect
+from engines.model_source import cache_dir, model_display_name, resolve_model
+from engines.profiles import DEFAULT_GROUP_SIZE, PRECISIONS, Profile, load_profiles, pick, supported_on
+
+log = logging.getLogger("kiln.build")
+
+CALIBRATORS = ("minmax", "percentile", "entropy")
+KV_CHOICES = ("auto", "model", "int8", "fp8")
+CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
+KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+class BuildError(ValueError):
+    """A build that cannot go ahead, with the one-sentence reason."""
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None
+    output: str = "engine"
+    precision: str = "auto"
+    kv_cache_dtype: str = "auto"
+    calib: str | None = None
+    calib_samples: int = calibration.DEFAULT_SAMPLES
+    calibrator: str = "minmax"
+    group_size: int = DEFAULT_GROUP_SIZE
+    backend: str = "torch"
+    max_accuracy_loss: float | None = None  # mean KL (nats) budget on the held-out set
+    eval_samples: int = 128
+    eval_tokens: int = 32
+    bench: bool = True
+    device: str = "auto"
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise BuildError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.kv_cache_dtype not in KV_CHOICES:
+            raise BuildError(f"--kv-cache-dtype must be one of {', '.join(KV_CHOICES)}, got {self.kv_cache_dtype!r}.")
+        if self.calibrator not in CALIBRATORS:
+            raise BuildError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got {self.calibrator!r}.")
+        if not calibration.MIN_SAMPLES <= self.calib_samples <= calibration.MAX_SAMPLES:
+            raise BuildError(f"--calib-samples must be between {calibration.MIN_SAMPLES} and "
+                             f"{calibration.MAX_SAMPLES}, got {self.calib_samples}.")
+        if self.group_size < 32 or self.group_size & (self.group_size - 1):
+            raise BuildError(f"--group-size must be a power of two of at least 32, got {self.group_size}.")
+        if self.backend not in ("torch", "trtllm"):
+            raise BuildError(f"--backend must be torch or trtllm, got {self.backend!r}.")
+        if self.max_accuracy_loss is not None and self.max_accuracy_loss <= 0:
+            raise BuildError(f"--max-accuracy-loss must be a positive KL divergence, got {self.max_accuracy_loss}.")
+        if self.eval_samples < 1 or self.eval_tokens < 1:
+            raise BuildError("--eval-samples and --eval-tokens must be at least 1.")
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    reused: bool
+    manifest: dict
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Candidate:
+    precision: str
+    kv_cache_dtype: str
+    profile: str | None
+    quantized: QuantizedModel | None = None
+    kv_scales: torch.Tensor | None = None
+    accuracy: Accuracy | None = None
+    quantize_seconds: float = 0.0
+
+
+def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
+    options.validate()
+    if options.backend == "trtllm":
+        raise BuildError("--backend trtllm is not available in this kiln yet; build with --backend torch.")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engines.torch.loader import pick_device, pick_dtype
+    from engines.torch.models.llama import LlamaArgs
+
+    started = time.perf_counter()
+    hardware = hardware or detect()
+    device = pick_device(options.device)
+    folder = resolve_model(options.model)
+    hf_config = AutoConfig.from_pretrained(folder)
+    args = LlamaArgs.from_hf_config(hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    output = Path(options.output).expanduser()
+    if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
+        raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
+
+    candidates = _candidates(options, hardware, args, hf_config)
+    calib_requests = calibration.select_samples(
+        calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples)
+    eval_requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
+    build_hash = _build_hash(options, folder, candidates, hardware, calib_requests, eval_requests)
+    if not options.force and mf.is_engine_dir(output):
+        try:
+            existing = mf.load_manifest(output)
+        except mf.EngineDirError:
+            existing = None
+        if existing and existing.get("build_hash") == build_hash:
+            log.info("Engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
+            return BuildResult(output, True, existing)
+
+    fp32 = torch.float32
+    runtime_dtype = pick_dtype("auto", device)
+    from engines.torch.models.llama import assemble, read_hf_checkpoint
+
+    log.info("Loading %s (float32) on %s", folder, device)
+    float_tensors = read_hf_checkpoint(folder, args, fp32, device)
+    reference = assemble(args, dict(float_tensors), {}, fp32, device)
+
+    needs = [needs_for(c.precision, c.kv_cache_dtype) for c in candidates]
+    joint = type(needs[0])(**{k: any(getattr(n, k) for n in needs) for k in asdict(needs[0])})
+    calib_prompts = calibration.render_prompts(calib_requests, tokenizer, CALIB_MAX_TOKENS)
+    calib = None
+    calib_seconds = 0.0
+    if joint.anything:
+        t0 = time.perf_counter()
+        calib = calibrate(reference, calib_prompts, joint, fp32, device, progress=options.progress)
+        calib_seconds = time.perf_counter() - t0
+
+    eval_prompts = calibration.render_prompts(eval_requests, tokenizer, CALIB_MAX_TOKENS)
+    answers = _reference_answers(reference, hf_config, tokenizer, folder, device, eval_prompts, options)
+
+    from engines.torch.sequence_runner import SequenceRunner
+
+    longest = max(len(p) + len(a) for p, a in zip(eval_prompts, answers))
+    ref_runner = SequenceRunner(reference, fp32, device, longest)
+    chosen = None
+    for cand in candidates:
+        t0 = time.perf_counter()
+        cand.quantized = quantize_model(float_tensors, args, cand.precision, calib, options.group_size,
+                                        progress=options.progress)
+        if cand.kv_cache_dtype in ("int8", "fp8"):
+            cand.kv_scales = _kv_scales(calib, options.calibrator, cand.kv_cache_dtype)
+        cand.quantize_seconds = time.perf_counter() - t0
+        test_dtype = fp32 if cand.precision == "fp32" else runtime_dtype
+        model = assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
+        runner = SequenceRunner(model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype,
+                                kv_cache_scales=cand.kv_scales)
+        cand.accuracy = compare(ref_runner, runner, eval_prompts, answers, progress=options.progress,
+                                desc=f"evaluate {cand.precision}")
+        log.info("%s (KV %s): mean KL %.4f, top-1 %.1f%%, perplexity %.3f (reference %.3f)", cand.precision,
+                 cand.kv_cache_dtype, cand.accuracy.kl_mean, 100 * cand.accuracy.top1_agreement,
+                 cand.accuracy.perplexity, cand.accuracy.reference_perplexity)
+        del runner, model
+        if options.max_accuracy_loss is None or cand.accuracy.kl_mean <= options.max_accuracy_loss:
+            chosen = cand
+            break
+        cand.quantized = None  # free it: only the chosen candidate is written
+    if chosen is None:
+        tried = ", ".join(f"{c.precision} {c.accuracy.kl_mean:.4f}" for c in candidates)
+        raise BuildError(f"No precision stays within --max-accuracy-loss {options.max_accuracy_loss} "
+                         f"(mean KL measured: {tried}); raise the budget or pick a precision.")
+
+    speeds = []
+    if options.bench:
+        speeds = _measure_speed(args, chosen, hf_config, tokenizer, folder, device,
+                                fp32 if chosen.precision == "fp32" else runtime_dtype)
+
+    manifest = _write_engine(output, folder, options, hardware, args, hf_config, chosen, candidates, build_hash,
+                             calib, calib_requests, calib_seconds, speeds, started)
+    return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
+
+
+def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[_Candidate]:
+    """What to try, most aggressive first when --max-accuracy-loss chooses among several."""
+    params = _param_count(args)
+    if options.precision != "auto":
+        req = mf.requirements(options.precision, hardware.device)
+        try:
+            mf.check_hardware({"precision": options.precision, "target": {"requires": req}}, hardware)
+        except mf.EngineDirError as exc:
+            raise BuildError(f"--precision {options.precision} is not supported on this machine: {_sm_reason(req, hardware)}.") from exc
+        kv = _auto_kv(hardware) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
+        return [_Candidate(options.precision, kv, None)]
+    profiles = [p for p in load_profiles() if supported_on(p, hardware)[0] and "torch" in p.backend]
+    if not profiles:
+        raise BuildError(f"No build profile supports this machine ({hardware.describe()}).")
+    if options.max_accuracy_loss is None:
+        chosen: list[Profile] = [pick(hardware, params * 2, hardware.total_memory_bytes, profiles)]
+    else:  # smallest weights first; among equals, the higher-priority profile
+        chosen = sorted(profiles, key=lambda p: (p.weight_bytes(params * 2), -p.priority))
+    return [_Candidate(p.precision, p.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype,
+                       p.name) for p in chosen]
+
+
+def _sm_reason(req: dict, hardware: Hardware) -> str:
+    if req["device"] == "cuda" and req.get("min_sm"):
+        return f"it needs a GPU with SM >= {req['min_sm']} and {hardware.name} is SM {hardware.sm}"
+    return f"it needs {req['device']}"
+
+
+def _auto_kv(hardware: Hardware) -> str:
+    if hardware.device == "cuda":
+        return "fp8" if (hardware.sm or 0) >= 89 else "int8" if (hardware.sm or 0) >= 80 else "model"
+    return "int8"
+
+
+def _param_count(args) -> int:
+    per_layer = (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+                 + args.num_heads * args.head_dim * args.hidden_size + 3 * args.hidden_size * args.intermediate_size)
+    head = 0 if args.tie_word_embeddings else args.vocab_size * args.hidden_size
+    return args.num_layers * per_layer + args.vocab_size * args.hidden_size + head
+
+
+def _model_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt")):
+            digest.update(path.name.encode())
+            digest.update(mf.sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _build_hash(options: BuildOptions, folder: Path, candidates: list[_Candidate], hardware: Hardware,
+                calib_requests, eval_requests) -> str:
+    from server import __version__
+
+    key = {
+        "schema": mf.SCHEMA_VERSION, "kiln": __version__, "model": _model_fingerprint(folder),
+        "candidates": [(c.precision, c.kv_cache_dtype, c.profile) for c in candidates],
+        "group_size": options.group_size, "calibrator": options.calibrator, "backend": options.backend,
+        "max_accuracy_loss": options.max_accuracy_loss, "eval": [options.eval_samples, options.eval_tokens],
+        "bench": options.bench, "calib": calibration.fingerprint(calib_requests),
+        "eval_set": calibration.fingerprint(eval_requests),
+        "target": [hardware.device, hardware.sm, sorted(hardware.cpu_flags)],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _kv_scales(calib, calibrator: str, kv_dtype: str) -> torch.Tensor:
+    amax = calib.kv_range(calibrator).clamp(min=1e-6)  # [layers, 2, kv_heads]
+    return (amax / (127.0 if kv_dtype == "int8" else 448.0)).float()
+
+
+def _loaded(model, hf_config, tokenizer, folder: Path, dtype, device):
+    from engines.torch.loader import LoadedModel
+
+    return LoadedModel(model, hf_config, tokenizer, model_display_name(str(folder)), folder, dtype, device)
+
+
+def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, prompts, options) -> list[list[int]]:
+    """The float32 model's greedy answers to the held-out prompts, cached by model and prompts."""
+    from engines.config import EngineConfig
+    from engines.torch.loader import build_core
+
+    key = hashlib.sha256(json.dumps([_model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[:24]
+    path = cache_dir() / "eval" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    log.info("Reference answers for %d held-out prompts (float32, greedy, up to %d tokens)", len(prompts),
+             options.eval_tokens)
+    config = EngineConfig(max_num_seqs=32, kv_cache_memory=256 << 20, enable_prefix_caching=False)
+    core = build_core(config, _loaded(reference, hf_config, tokenizer, folder, torch.float32, device))
+    answers = greedy_answers(core, prompts, options.eval_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(answers))
+    tmp.rename(path)
+    return answers
+
+
+def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device, dtype) -> list[dict]:
+    from engines.config import EngineConfig
+    from engines.torch.loader import build_core
+    from engines.torch.models.llama import assemble
+
+    model = assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, dtype, device)
+    results = []
+    for concurrency in (1, 32):
+        config = EngineConfig(max_num_seqs=64, enable_prefix_caching=False, kv_cache_dtype=cand.kv_cache_dtype,
+                              kv_cache_scales=cand.kv_scales)
+        core = build_core(config, _loaded(model, hf_config, tokenizer, folder, dtype, device))
+        decode_speed(core, 1, args.vocab_size, new_tokens=8)  # warm-up: kernels, allocator
+        results.append(decode_speed(core, concurrency, args.vocab_size))
+        log.info("decode at concurrency %d: %s tok/s", concurrency, results[-1]["decode_tok_s"])
+    return results
+
+
+def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: Hardware, args, hf_config,
+                  chosen: _Candidate, candidates: list[_Candidate], build_hash: str, calib, calib_requests,
+                  calib_seconds: float, speeds: list[dict], started: float) -> dict:
+    from safetensors.torch import save_file
+
+    from server import __version__
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.contiguous().cpu() for k, v in chosen.quantized.tensors.items()}
+    if chosen.kv_scales is not None:
+        tensors["kv_cache.scales"] = chosen.kv_scales.contiguous().cpu()
+    save_file(tensors, tmp / mf.WEIGHTS, metadata={"format": "pt", "producer": f"kiln {__version__}"})
+    copied = ["config.json"] + [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    for name in copied:
+        shutil.copy2(folder / name, tmp / name)
+
+    weight_bytes = (tmp / mf.WEIGHTS).stat().st_size
+    bf16_bytes = _param_count(args) * 2
+    kv_elem = {"model": 2 if chosen.precision != "fp32" else 4, "int8": 1, "fp8": 1}[chosen.kv_cache_dtype]
+    kv_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * kv_elem
+    report = {
+        "model": model_display_name(options.model) if options.model else "SmolLM2-135M-Instruct",
+        "precision": chosen.precision,
+        "kv_cache_dtype": chosen.kv_cache_dtype,
+        "profile": chosen.profile,
+        "weight_bytes": weight_bytes,
+        "weight_ratio_to_bf16": round(weight_bytes / bf16_bytes, 3),
+        "kv_bytes_per_token": kv_per_token,
+        "kv_tokens_per_gib": KV_REPORT_POOL // kv_per_token,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "calibration_seconds": round(calib_seconds, 1),
+        "quantize_seconds": round(chosen.quantize_seconds, 1),
+        "accuracy": chosen.accuracy.to_dict(),
+        "speed": speeds,
+        "candidates": [{"precision": c.precision, "kv_cache_dtype": c.kv_cache_dtype, "profile": c.profile,
+                        "kl_mean": c.accuracy.kl_mean if c.accuracy else None} for c in candidates],
+        "hardware": hardware.describe(),
+        "details": chosen.quantized.details,
+    }
+    (tmp / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(tmp / "build-report.md", report, options.max_accuracy_loss)
+    files = [mf.WEIGHTS, "build-report.json", "build-report.md"] + copied
+    manifest = {
+        "schema_version": mf.SCHEMA_VERSION,
+        "kiln_version": __version__,
+        "build_hash": build_hash,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": "torch",
+        "model": {"source": options.model or "embedded:SmolLM2-135M-Instruct", "architecture": hf_config.architectures[0]
+                  if getattr(hf_config, "architectures", None) else None, "model_type": hf_config.model_type,
+                  "fingerprint": _model_fingerprint(folder)},
+        "precision": chosen.precision,
+        "profile": chosen.profile,
+        "weight_formats": chosen.quantized.formats,
+        "group_sizes": chosen.quantized.group_sizes,
+        "kv_cache_dtype": chosen.kv_cache_dtype,
+        "dtype": "float32" if chosen.precision == "fp32" else "auto",
+        "target": {"device": hardware.device, "description": hardware.describe(), "sm": hardware.sm,
+                   "cpu_flags": sorted(hardware.cpu_flags), "requires": mf.requirements(chosen.precision, hardware.device)},
+        "calibration": None if calib is None else {
+            "source": options.calib or "kiln:build/calibration/calib.jsonl", "samples": len(calib_requests),
+            "tokens": calib.num_tokens, "calibrator": options.calibrator,
+            "fingerprint": calibration.fingerprint(calib_requests)},
+        "files": mf.checksums(tmp, files),
+    }
+    mf.write_manifest(tmp, manifest)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return manifest
