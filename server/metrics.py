@@ -45,6 +45,13 @@ class EngineStatsCollector(Collector):
         yield gauge("num_requests_running", "Requests in the engine's running batch.", stats.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
+        info = engine.info
+        yield gauge("kv_cache_capacity_tokens", "Tokens the KV-cache pool holds.", info.kv_capacity_tokens)
+        # vLLM's cache_config_info: a constant 1 whose labels carry the configuration
+        config = GaugeMetricFamily("kiln:cache_config_info", "KV-cache configuration (labels; value is 1).",
+                                   labels=["model_name", "cache_dtype", "block_size", "num_blocks"])
+        config.add_metric(labels + [info.kv_cache_dtype, str(info.block_size), str(info.num_kv_blocks)], 1)
+        yield config
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.",

@@ -71,7 +71,8 @@ class AsyncTorchEngine(Engine):
                 "max_num_batched_tokens": config.max_num_batched_tokens,
                 "torch_threads": torch.get_num_threads(),
                 "engine": _engine_summary(loaded.manifest),
-            },
+            } | ({"precision": loaded.manifest["precision"], "profile": loaded.manifest.get("profile")}
+                 if loaded.manifest else {}),
         )
 
         log.info(

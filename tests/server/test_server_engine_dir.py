@@ -4,7 +4,6 @@ refused at start with one sentence."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -68,9 +67,14 @@ def test_metadata_reports_the_engine_and_its_quantized_kv_cache(engine_server):
     import httpx
 
     meta = httpx.get(f"{engine_server.base_url}/v1/metadata", timeout=30).json()
-    text = json.dumps(meta)
-    assert '"int8"' in text  # the KV cache dtype
-    assert "int4-rtn" in text  # the engine's precision
+    assert meta["kv_cache_dtype"] == "int8" and meta["precision"] == "int4-rtn"
+    assert meta["extra"]["engine"]["weight_formats"]["qkv_proj"] == "int4"
+    metrics = httpx.get(f"{engine_server.base_url}/metrics", timeout=30).text
+    assert 'cache_dtype="int8"' in metrics
+    capacity = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("kiln:kv_cache_capacity_tokens{"))
+    # the default 1 GiB pool: 46,592 tokens in bf16 for this model; int8 holds twice as many
+    assert capacity >= 2 * 46592
 
 
 def test_tampered_engine_is_refused_with_one_sentence(engine_dir, tmp_path):
