@@ -29,14 +29,18 @@ class AWQResult:
     clip_ratios: list[torch.Tensor]  # per weight, [N, K // group_size] (or [N, 1]) chosen shrink factors
 
 
-def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return float(((x @ (w - w_hat).t()) ** 2).sum())
+def _output_error(gram: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||X (W - W_hat)^T||^2 computed as sum((D X^T X) * D): with the Gram matrix [K, K] built once,
+    each candidate costs N*K*K instead of n*N*K (n samples) and no [n, N] product is materialised."""
+    d = w - w_hat  # [N, K]
+    return float(((d @ gram) * d).sum())
 
 
 def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                  n_grid: int = 20) -> tuple[torch.Tensor, float]:
     """Best s [K] and alpha for x [n, K], w [N_total, K] (all linears stacked along N)."""
     s_x = x.abs().mean(0)  # [K]
+    gram = x.t() @ x  # [K, K]
     best_err, best_s, best_alpha = float("inf"), None, 0.0
     for i in range(n_grid):
         alpha = i / n_grid
@@ -44,7 +48,7 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | 
         s = s / (s.max() * s.min()).sqrt()
         # (x / s) Q(w s)^T == x (Q(w s) / s)^T: compare effective weights in the original basis
         w_hat = fake_quantize(w * s, bits, group_size, symmetric) / s
-        err = _output_error(x, w, w_hat)
+        err = _output_error(gram, w, w_hat)
         if err < best_err:
             best_err, best_s, best_alpha = err, s, alpha
     return best_s, best_alpha
@@ -56,15 +60,17 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | N
     wg = _grouped(w, group_size)  # [N, G, g]
     n_rows, n_groups, g = wg.shape
     xg = x.reshape(x.shape[0], n_groups, g)  # [n, G, g]
+    # sum_samples (x_g . d_g)^2 = d_g^T (X_g^T X_g) d_g: one Gram matrix per group, built once
+    gram = torch.einsum("nGg,nGh->Ggh", xg, xg)  # [G, g, g]
     ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid) + 1)]
     best_ratio = torch.ones(n_rows, n_groups, device=w.device)
     best_err = torch.full((n_rows, n_groups), float("inf"), device=w.device)
-    rows_per_chunk = max(1, max_chunk_elems // max(1, x.shape[0] * n_groups))
+    rows_per_chunk = max(1, max_chunk_elems // max(1, n_groups * g))
     for r in ratios:
         w_hat = fake_quantize(w, bits, group_size, symmetric, clip_ratio=r).reshape(wg.shape)
         for r0 in range(0, n_rows, rows_per_chunk):
             d = (wg[r0:r0 + rows_per_chunk] - w_hat[r0:r0 + rows_per_chunk])  # [rows, G, g]
-            err = torch.einsum("sGg,NGg->sNG", xg, d).pow(2).sum(0)  # [rows, G]
+            err = (torch.einsum("NGg,Ggh->NGh", d, gram) * d).sum(-1)  # [rows, G]
             better = err < best_err[r0:r0 + rows_per_chunk]
             best_err[r0:r0 + rows_per_chunk] = torch.where(better, err, best_err[r0:r0 + rows_per_chunk])
             best_ratio[r0:r0 + rows_per_chunk] = torch.where(better, r, best_ratio[r0:r0 + rows_per_chunk])
