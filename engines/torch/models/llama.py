@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, paged_attention
+from engines.torch.kernels.rms_norm import rms_norm
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -168,8 +169,9 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # One fused op instead of eight; in float32 it equals transformers' LlamaRMSNorm bit for bit.
-    return F.rms_norm(x, weight.shape, weight, eps)
+    # float32: F.rms_norm, one op that equals transformers' LlamaRMSNorm bit for bit; bf16 on CPU:
+    # kiln's one-pass kernel with the same rounding (F.rms_norm costs ~10 ops there).
+    return rms_norm(x, weight, eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
