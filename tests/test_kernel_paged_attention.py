@@ -1,0 +1,132 @@
+"""The C++ paged decode attention kernel against attention._decode_reference (the torch path).
+
+fp32: both sides compute in fp32 and differ only in summation order (MKL's bmm vs the kernel's
+16-lane dot products, softmax normaliser), a few ulps of O(1) values, far below 1e-5 absolute.
+bf16: both compute in fp32 and round once to bf16, so they may differ by one bf16 ulp where the fp32
+results straddle a rounding boundary; the kernel must also be within half an ulp of the fp32 result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.quant.fp8 import FP8_DTYPE
+from engines.torch.attention import AttentionMetadata, KVLayer, _decode, _decode_reference
+from engines.torch.kernels import paged_attention
+
+pytestmark = pytest.mark.skipif(not paged_attention.available(), reason="paged_attention kernel unavailable")
+
+BS = 16
+LENS = [1, 15, 16, 17, 300]
+
+
+def _tables(lens, num_blocks, pad, gen):
+    """Block tables over shuffled (non-contiguous) block ids, rows padded with `pad` zeros."""
+    need = [(n + BS - 1) // BS for n in lens]
+    ids = torch.randperm(num_blocks, generator=gen)[: sum(need)]
+    width = max(need) + pad
+    rows, at = [], 0
+    for n in need:
+        rows.append(ids[at : at + n].tolist() + [0] * (width - n))
+        at += n
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _meta(tables, lens):
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    return AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), num_decode_tokens=len(lens),
+                             decode_block_tables=tables, decode_context_lens=lens_t,
+                             decode_max_context=max(lens), prefills=[])
+
+
+def _case(kind, dtype, heads, kv_heads, head_dim, lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    shape = (2, kv_heads, num_blocks, BS, head_dim)
+    if kind == "model":
+        cache = torch.randn(shape, generator=gen).to(dtype)
+    else:
+        k_scale = torch.rand(kv_heads, generator=gen) * 0.05 + 0.01
+        v_scale = torch.rand(kv_heads, generator=gen) * 0.05 + 0.01
+        if kind == "int8":
+            data = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        else:  # realistic e4m3 codes, subnormals and zeros included
+            x = torch.randn(shape, generator=gen) * 3
+            x[..., :4] *= 1e-3
+            data = x.to(FP8_DTYPE)
+        cache = KVLayer(data, k_scale, v_scale, kind)
+    tables = _tables(lens, num_blocks, pad=2, gen=gen)
+    return q, cache, _meta(tables, lens)
+
+
+def _kernel(q, cache, meta, scale):
+    if isinstance(cache, KVLayer):
+        return paged_attention.decode_attention(q, cache.codes, meta.decode_block_tables, meta.decode_context_lens,
+                                                scale, cache.k_scale, cache.v_scale, cache.kind)
+    return paged_attention.decode_attention(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+
+
+def _check(out, q, cache, meta, scale):
+    ref = _decode_reference(q, cache, meta, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out.float()).all()
+    if q.dtype == torch.float32:
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5, err
+    else:
+        ref32 = _decode_reference(q.float(), cache if isinstance(cache, KVLayer) else cache.float(), meta, scale)
+        mag = ref32.abs()
+        # within half a bf16 ulp (2**-8 relative) of the fp32 result, and one ulp of the bf16 reference
+        assert ((out.float() - ref32).abs() <= mag * 2**-8 + 1e-5).all()
+        assert ((out.float() - ref.float()).abs() <= mag * 2**-7 + 1e-5).all()
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["model", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2)])
+@pytest.mark.parametrize("lens", [[300], [1], LENS], ids=["b1-300", "b1-1", "b5"])
+def test_matches_reference(kind, dtype, heads, kv_heads, lens):
+    head_dim = 64
+    q, cache, meta = _case(kind, dtype, heads, kv_heads, head_dim, lens)
+    scale = head_dim**-0.5
+    _check(_kernel(q, cache, meta, scale), q, cache, meta, scale)
+
+
+@pytest.mark.parametrize("kind", ["model", "fp8"])
+def test_head_dim_not_multiple_of_16(kind):
+    q, cache, meta = _case(kind, torch.float32, 6, 2, 40, LENS, seed=1)
+    _check(_kernel(q, cache, meta, 40**-0.5), q, cache, meta, 40**-0.5)
+
+
+def test_decode_dispatches_to_kernel():
+    for kind in ("model", "int8"):
+        q, cache, meta = _case(kind, torch.bfloat16, 9, 3, 64, LENS, seed=2)
+        assert torch.equal(_decode(q, cache, meta, 0.125), _kernel(q, cache, meta, 0.125))
+
+
+@pytest.mark.parametrize("kind", ["model", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(kind, dtype):
+    q, cache, meta = _case(kind, dtype, 9, 3, 64, LENS, seed=3)
+    batched = _kernel(q, cache, meta, 0.125)
+    for i, n in enumerate(LENS):
+        width = (n + BS - 1) // BS
+        alone = _kernel(q[i : i + 1], cache, _meta(meta.decode_block_tables[i : i + 1, :width], [n]), 0.125)
+        assert torch.equal(alone[0], batched[i]), (kind, dtype, n)
+
+
+def test_fp8_table_matches_torch():
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8).view(torch.int8)
+    expect = codes.view(FP8_DTYPE).float()
+    # one KV head, one token per code: q = one-hot picks element d, value = code * 1.0
+    d = codes.numel()
+    cache = torch.zeros(2, 1, 1, 1, d, dtype=torch.int8)
+    cache[1, 0, 0, 0] = codes
+    one = torch.ones(1)
+    q = torch.zeros(1, 1, d)
+    out = paged_attention.decode_attention(q, cache, torch.zeros(1, 1, dtype=torch.int64),
+                                           torch.ones(1, dtype=torch.int64), 1.0, one, one, "fp8")
+    assert torch.equal(out[0, 0], expect)
