@@ -6,6 +6,10 @@ streams the whole stack from memory (no cache reuse), like one decode step. Repo
 (median) and effective GB/s = weight bytes read / time, as a Markdown table.
 
     python bench/quantized_linear.py [--reps 7] [--ms 1,8,32] [--threads N]
+
+The int8 / int4 rows measure the layers as the engine runs them: kiln's AVX-512 kernels
+(engines/torch/kernels/int_linear) for M <= SMALL_M_MAX_INT8/INT4 where available, torch's kernels or
+dequantize + F.linear above. bench/kernel_int_linear.py compares the kernels with torch's directly.
 """
 
 from __future__ import annotations

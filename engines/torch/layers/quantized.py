@@ -6,8 +6,10 @@ applies and falls back to a portable dequantize + F.linear (or reference) path o
 are module-level functions so tests can call them directly.
 
 Layers (all take x [..., K] in bf16/fp32 and return [..., N] in x's dtype):
-- Int8WeightOnlyLinear  (W8A16)  torch._weight_int8pack_mm
-- Int4WeightOnlyLinear  (W4A16)  aten._weight_int4pack_mm_for_cpu (group-wise)
+- Int8WeightOnlyLinear  (W8A16)  kiln's AVX-512 kernel at decode sizes (engines/torch/kernels/int_linear),
+                                 torch._weight_int8pack_mm above them
+- Int4WeightOnlyLinear  (W4A16)  kiln's AVX-512 kernel at decode sizes, dequantize + F.linear above them;
+                                 aten._weight_int4pack_mm_for_cpu (group-wise) where kiln's kernel is unavailable
 - W8A8Int8Linear        (SmoothQuant runtime) per-token dynamic int8 x per-channel int8, torch._int_mm
 - Fp8Linear             float8_e4m3fn weights; CPU upcasts, CUDA SM>=89 uses torch._scaled_mm
 """
@@ -22,8 +24,10 @@ from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
 from engines.quant.rtn import dequantize, qrange, unpack_int4
 from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
+from engines.torch.kernels import int_linear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # x dtypes of kiln's int8/int4 kernels
 
 
 def _has_op(name: str) -> bool:
@@ -53,11 +57,14 @@ def int8_weight_only_fallback(x: torch.Tensor, qweight: torch.Tensor, scales: to
 class Int8WeightOnlyLinear(nn.Module):
     """W8A16: int8 weights (per output channel, symmetric), activations stay bf16/fp32.
 
-    Why: halves the weight bytes streamed per decode step vs bf16. On CPU
-    torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) dequantizes in-register and needs
-    scales in exactly x's dtype (bf16 x -> bf16 scales, fp32 -> fp32, fp16 -> fp16; checked on torch
-    2.13), so both a float32 and a bf16 copy of the N scales are kept (negligible bytes). Other devices
-    or dtypes fall back to int8_weight_only_fallback.
+    Why: halves the weight bytes streamed per decode step vs bf16. On CPU with kiln's AVX-512 kernel
+    (int_linear; `small_m_max` = int_linear.SMALL_M_MAX_INT8, 0 when it is unavailable), bf16/fp32 x
+    with at most small_m_max rows runs int_linear.int8_linear (fp32 accumulation, x exact, bias added
+    in fp32; 1.7-2x torch's speed at M = 1..16), and larger steps (prefill) dequantize the weight once
+    and run F.linear (~2.4x torch._weight_int8pack_mm at M = 64; bench/kernel_int_linear.py). Without
+    kiln's kernel, torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) runs; it needs scales
+    in exactly x's dtype (checked on torch 2.13), so a float32, bf16 and fp16 copy of the N scales are
+    kept (negligible bytes). Other devices fall back to int8_weight_only_fallback.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
@@ -72,7 +79,10 @@ class Int8WeightOnlyLinear(nn.Module):
         self._scales_by_dtype = {torch.float32: s, torch.bfloat16: s.to(torch.bfloat16),
                                  torch.float16: s.to(torch.float16)}
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.use_kernel = _has_op("_weight_int8pack_mm")
+        self._int8pack_mm = _has_op("_weight_int8pack_mm")
+        self.small_m_max = (int_linear.SMALL_M_MAX_INT8
+                            if self.qweight.device.type == "cpu" and int_linear.available() else 0)
+        self.use_kernel = self._int8pack_mm or self.small_m_max > 0  # False: always the fallback
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
@@ -85,9 +95,24 @@ class Int8WeightOnlyLinear(nn.Module):
     def weight_bytes(self) -> int:
         return self.qweight.numel() + self.scales.numel() * 4
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] weight q * s computed in fp32 (= engines.quant.rtn.dequantize), cast to `dtype`: for
+        large-M steps, dequantize once and F.linear. Vectorised kernel on CPU (~memory speed). `out`:
+        optional destination (contiguous [N, K] of `dtype`, e.g. a scratch buffer reused across layers)."""
+        return int_linear.int8_dequantize(self.qweight, self.scales, dtype, out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode-sized steps first, with the cheapest checks (this runs ~120 times per decode step):
+        # numel <= small_m_max * K is M <= small_m_max
+        if (x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features and x.dtype in _INT_KERNEL_DTYPES
+                and self.use_kernel):
+            return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
         x2, lead = _flatten(x)  # x2: [M, K]
-        if self.use_kernel and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
+        if self.small_m_max and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
+            # prefill-sized: dequantize once, one GEMM (~2.4x torch._weight_int8pack_mm at M = 64)
+            w = self.dequantized_weight(x2.dtype)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(w.dtype))  # [M, N]
+        elif self.use_kernel and self._int8pack_mm and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
             y = torch._weight_int8pack_mm(x2, self.qweight, self._scales_by_dtype[x2.dtype])  # [M, N]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
@@ -136,14 +161,23 @@ class Int4WeightOnlyLinear(nn.Module):
     """W4A16: group-wise int4 weights (symmetric or asymmetric), activations stay bf16/fp32.
 
     Why: a quarter of bf16's weight bytes; decode is bandwidth bound so this is the fastest single-stream
-    path (PERF-NOTES). At load the portable codes are repacked once with
-    aten._convert_weight_to_int4pack_for_cpu (wants int32 [N, K] unsigned 0..15, returns uint8 [N, K/2]
-    in its own nibble order) and scales_and_zeros [K/g, N, 2] is built per activation dtype (the kernel
-    requires it to match x's dtype). Columns quantized out of order (GPTQ act_order g_idx) are handled
-    by permuting K at load so groups are contiguous and gathering x's columns the same way per call.
-    Without the op, or when built from a non-CPU QuantizedWeight, it dequantizes on the fly
-    (int4_weight_only_fallback). The packed form and scales are plain attributes (not buffers), so a
-    kernel-path layer stays on CPU; .to(cuda) on it is not supported.
+    path (PERF-NOTES). Two CPU backends, chosen at load:
+    - kiln's AVX-512 kernel (engines/torch/kernels/int_linear), when it is available and the group size
+      is 16, 32 or a multiple of 64: the codes are repacked once into the kernel's layout
+      (int_linear.pack_int4; rows padded to a multiple of 64 columns) and kept with fp32 scales and int8
+      zero points -- the only copy of the weight. bf16/fp32 x with at most `small_m_max` rows
+      (int_linear.SMALL_M_MAX_INT4) runs the kernel (fp32 accumulation, bit-exact dequantized weights;
+      ~1.15x torch's int4 kernel at M = 1, 1.3-1.4x at M = 4..16); larger steps (prefill) dequantize the
+      weight once per call (dequantized_weight, ~memory speed) and run F.linear, ~1.8x torch's int4
+      matmul at M = 64.
+    - otherwise torch's kernel: the portable codes are repacked with aten._convert_weight_to_int4pack_for_cpu
+      (wants int32 [N, K] unsigned 0..15, returns uint8 [N, K/2] in its own nibble order) and
+      scales_and_zeros [K/g, N, 2] is built per activation dtype (the kernel requires it to match x's dtype).
+    Columns quantized out of order (GPTQ act_order g_idx) are handled by permuting K at load so groups are
+    contiguous and gathering x's columns the same way per call. Without either kernel, or when built from
+    a non-CPU QuantizedWeight, it dequantizes on the fly (int4_weight_only_fallback). The packed forms and
+    scales are plain attributes (not buffers), so a kernel-path layer stays on CPU; .to(cuda) on it is not
+    supported.
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
@@ -169,10 +203,20 @@ class Int4WeightOnlyLinear(nn.Module):
             else:
                 qw = QuantizedWeight(qw.qweight, qw.scales, qw.zeros, 4, g, qw.symmetric)
         self.qw = qw  # contiguous-group view, kept for the fallback path (int8 codes)
-        self.use_kernel = (_has_op("_convert_weight_to_int4pack_for_cpu")
-                           and _has_op("_weight_int4pack_mm_for_cpu") and qw.qweight.device.type == "cpu")
+        on_cpu = qw.qweight.device.type == "cpu"
+        self.small_m_max = 0
+        self.use_kernel = False
         self._sz: dict[torch.dtype, torch.Tensor] = {}
-        if self.use_kernel:
+        if on_cpu and int_linear.int4_group_ok(g, k) and int_linear.available():
+            self.small_m_max = int_linear.SMALL_M_MAX_INT4
+            self.use_kernel = True
+            self.kpacked = int_linear.pack_int4(qw.qweight)  # uint8 [N, Kp/2], kiln's layout
+            self.kscales = qw.scales.float().contiguous()  # [N, G]
+            self.kzeros = None if qw.zeros is None else qw.zeros.to(torch.int8).contiguous()  # [N, G]
+            self.qw = None  # the packed form holds everything; drop the unpacked int8 codes
+        elif (on_cpu and g in (32, 64, 128, 256) and n % 16 == 0  # what torch's int4 kernel accepts
+              and _has_op("_convert_weight_to_int4pack_for_cpu") and _has_op("_weight_int4pack_mm_for_cpu")):
+            self.use_kernel = True
             u, sz = int4_to_torch_cpu_format(qw, torch.float32)
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)  # uint8 [N, K/2]
             self._sz = {torch.float32: sz, torch.bfloat16: sz.to(torch.bfloat16),
@@ -193,20 +237,56 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
+        if self.small_m_max:  # kiln's layout (rows padded to 64 columns) + fp32 scales + int8 zeros
+            z = 0 if self.kzeros is None else self.kzeros.numel()
+            return self.kpacked.numel() + self.kscales.numel() * 4 + z
         if self.use_kernel:
             return self.packed.numel() + self._sz[torch.bfloat16].numel() * 2  # bf16 scales+zeros
         n, k = self.out_features, self.in_features
         extra = self.qw.scales.numel() * 4 + (0 if self.qw.zeros is None else self.qw.zeros.numel())
         return n * k // 2 + extra  # as stored packed on disk
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] weight (q - z) * s computed in fp32 (= engines.quant.rtn.dequantize), cast to `dtype`,
+        in the layer's column order (permuted by g_idx when there is one, like the input the layer
+        feeds its matmul). For large-M steps: dequantize once, then F.linear (x gathered by `perm`).
+        Exact with kiln's kernel (the usual case; a vectorised kernel, ~memory speed) or without any
+        kernel; with torch's int4 form only (no AVX-512), within an fp32 rounding of it. `out`: as
+        Int8WeightOnlyLinear.dequantized_weight."""
+        k = self.in_features
+        if self.small_m_max:
+            return int_linear.int4_dequantize(self.kpacked, self.kscales, self.kzeros, self.group_size, k, dtype,
+                                              out)
+        if self.use_kernel:
+            # torch's packed form: its own op on an identity input (M = K) returns w^T computed as
+            # (u - 8) * scale + zero with zero = -z * s rounded to fp32 (one more rounding than ours)
+            eye = torch.eye(k, dtype=torch.float32)
+            w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
+                                                             self._sz[torch.float32])  # [K, N]
+            w = w_t.t().to(dtype)
+        else:
+            w = dequantize(self.qw).to(dtype)
+        return w.contiguous() if out is None else out.copy_(w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.small_m_max and x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features
+                and x.dtype in _INT_KERNEL_DTYPES and self.perm is None):  # decode-sized: cheapest checks
+            return int_linear.int4_linear(x, self.kpacked, self.kscales, self.kzeros, self.group_size,
+                                          self.bias)  # [..., N], leading dims kept
         x2, lead = _flatten(x)  # x2: [M, K]
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm.to(x2.device))  # [M, K] in grouped column order
-        if self.use_kernel:
-            if x2.device.type != "cpu":
-                raise RuntimeError("Int4WeightOnlyLinear was packed for torch's CPU int4 kernel; "
-                                   "build it from the QuantizedWeight on the target device instead")
+        if self.use_kernel and x2.device.type != "cpu":
+            raise RuntimeError("Int4WeightOnlyLinear was packed for a CPU kernel; "
+                               "build it from the QuantizedWeight on the target device instead")
+        if self.small_m_max:
+            if x2.shape[0] <= self.small_m_max and x2.dtype in _INT_KERNEL_DTYPES:
+                y = int_linear.int4_linear(x2, self.kpacked, self.kscales, self.kzeros, self.group_size,
+                                           self.bias)  # [M, N]
+            else:  # prefill-sized: dequantize once, one GEMM (faster than per-row kernels here)
+                w = self.dequantized_weight(x2.dtype if x2.dtype in _INT_KERNEL_DTYPES else torch.float32)
+                y = F.linear(x2.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x2.dtype)
+        elif self.use_kernel:
             xk = x2 if x2.dtype in self._sz else x2.float()  # other dtypes run the kernel in fp32
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group_size,
                                                            self._sz[xk.dtype]).to(x2.dtype)  # [M, N]

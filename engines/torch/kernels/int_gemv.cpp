@@ -1,0 +1,647 @@
+// Weight-only INT8 and INT4 skinny GEMM for decode: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias),
+// M small (1..32), x bf16 or fp32 (kept exact: W8A16 / W4A16), fp32 accumulation. Plus the matching
+// dequantizers (large-M prefill: dequantize once, then F.linear).
+//
+// Why: decode is bound by streaming weights; torch's int8pack / int4pack CPU kernels reach ~9-10 GB/s
+// of (quantized) weight at M = 1 and get much slower at M = 4..8. These kernels read each weight byte
+// once per call, in address order, and apply all M rows of x to it while it is in registers.
+//
+// How (shared with bf16_gemv.cpp: tiles, hsum16, row ranges per thread, software prefetch):
+//  - x is converted once per call to fp32 (exact for bf16), zero padded to the kernel's K step, in a
+//    64-byte aligned per-thread scratch buffer. Weights are widened to fp32 in registers and
+//    multiplied with vfmadd231ps. Measured on this CPU: a 512-bit FMA issues twice per cycle
+//    (32 MAC/cycle) whereas vdpbf16ps takes ~1.5-2 cycles (16-21 MAC/cycle) and also occupies the
+//    shuffle port the int4 decode needs; a bf16 (vpermw + vdpbf16ps) int4 loop was no faster than the
+//    fp32 one at M = 1 and converting int8 to bf16 costs more than to fp32 -- so the fp32 route, which
+//    is also exact for fp32 x.
+//  - int8 [N, K] (natural layout): per 16 weights vpmovsxbd + vcvtdq2ps, then one FMA per row of x.
+//    The per-channel scale is applied to the fp32 sum: y = s[n] * sum_k x[k] q[n, k] (+ bias).
+//  - int4: a layout chosen for the kernel (int_linear.pack_int4): each row is padded to a multiple of
+//    64 columns and stored as chunks of 32 bytes = 16 little-endian uint16 words; word j of a chunk
+//    holds column 16 r + j of that chunk in its nibble r (r = 0..3), as unsigned u = q + 8. One
+//    vpmovzxwd widens a chunk to 16 dwords; (dword >> 4 r) indexes, through vpermps (which reads only
+//    the low 4 bits of each index), a 16-entry fp32 table holding (u - 8 - z) * s for the current
+//    group: the result is 16 consecutive dequantized weights, bit-identical to
+//    engines.quant.rtn.dequantize's fp32 (q - z) * s, ready for the FMAs. The table costs one vector
+//    multiply per row and chunk (the exact (q - z) row for each zero point z comes from a 1 KB
+//    constant): group sizes 16, 32 and multiples of 64 are supported (a group is whole vectors of 16
+//    columns).
+//  - A tile is R rows of W x MB rows of x: MB * R <= 16 fp32 accumulators reduced together by hsum16.
+//    For MB <= 2 each weight row is consumed as it is decoded (few live registers); for MB >= 3 the
+//    decoded vectors of all R rows are kept so that each x vector load serves R FMAs. M > 8 runs in
+//    passes of 8 rows over ~16 KB blocks of W (L1-resident after the first pass).
+//  - Each output element is one accumulator summed in a fixed order (k ascending per lane, then the
+//    fixed hsum16 tree, then the scale multiply and the bias add as vector ops), whatever M, the tile
+//    slot or the thread count: deterministic and batch-invariant.
+//  - The GIL is released by the bindings.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxMB = 8;             // rows of x per pass over a block of W rows
+constexpr int64_t kPrefetch = 16384;  // bytes ahead in each row of a tile (as bf16_gemv)
+constexpr int64_t kChunk = 64;        // int4: columns per 32-byte chunk
+
+// Fully unrolled register-tile loops: without it GCC re-rolled the 16-row loop of the M = 1 tiles
+// into a loop over an in-memory accumulator array.
+#define KILN_UNROLL _Pragma("GCC unroll 16")
+#define KILN_INLINE inline __attribute__((always_inline))
+
+// Lane i of the result = sum of the 16 lanes of v[i] (see bf16_gemv.cpp).
+static KILN_INLINE __m512 hsum16(const __m512 v[16]) {
+  constexpr int P[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 a[8], b[4], c[2];
+  KILN_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const __m512 x = v[P[i]], y = v[P[i + 8]];
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  KILN_UNROLL
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+  KILN_UNROLL
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44), _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+// 16 fp32 -> bf16 bits in the low half of each dword: round to nearest even, NaN -> 0x7FC0, as
+// at::BFloat16(float) and torch's .to(bfloat16).
+static KILN_INLINE __m512i f32_to_bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// Output: fp32 or bf16 [M, N] with row stride ld (elements), p at element (m0, n0).
+struct Out {
+  void* p;
+  bool bf16;
+  int64_t ld;
+  inline Out at(int64_t m0, int64_t n0) const {
+    const int64_t off = m0 * ld + n0;
+    return {bf16 ? (void*)(static_cast<at::BFloat16*>(p) + off) : (void*)(static_cast<float*>(p) + off), bf16, ld};
+  }
+};
+
+// Tile epilogue. Lane m * R + r of `sum` is the dot product of x row m with weight row r:
+// y[m, r] = sum * sc[r] (when sc) + bias[r] (when bias), one fp32 multiply and one add (the same
+// vector ops for every tile shape), then one rounding to bf16 when y is bf16.
+template <int MB, int R>
+static KILN_INLINE void epilogue(__m512 sum, const float* sc, const float* bias, const Out& y) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i ridx = _mm512_setr_epi32(0 % R, 1 % R, 2 % R, 3 % R, 4 % R, 5 % R, 6 % R, 7 % R, 8 % R, 9 % R,
+                                         10 % R, 11 % R, 12 % R, 13 % R, 14 % R, 15 % R);
+  const __mmask16 rm = (__mmask16)((1u << R) - 1);
+  if (sc) sum = _mm512_mul_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, sc)));
+  if (bias) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, bias)));
+  const __m512i bits = y.bf16 ? f32_to_bf16_bits(sum) : _mm512_castps_si512(sum);
+  KILN_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    const __m512i v = m ? _mm512_permutexvar_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(m * R)), bits) : bits;
+    if (y.bf16)
+      _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(y.p) + m * y.ld, rm, v);
+    else
+      _mm512_mask_storeu_epi32(static_cast<float*>(y.p) + m * y.ld, rm, v);
+  }
+}
+
+// x [M, K] (bf16 or fp32, contiguous) -> fp32, zero padded to Kp columns, in the tiles' interleaved
+// layout: the rows go in passes of up to kMaxMB (= the kernels' passes), pass p = rows m0 .. m0 + mb - 1
+// at offset m0 * Kp, holding for each 16 columns k .. k + 15 the mb rows' 16 values in turn:
+// x[m0 + m, k + j] at m0 * Kp + k * mb + 16 m + j. A tile then reaches all its rows of x from one
+// pointer with constant offsets (one x row pointer each had spilled GCC's general registers).
+// Decode-sized x goes to a per-thread scratch reused across calls (a call only uses it while it
+// runs); larger x to `big`.
+static const float* x_to_f32(const at::Tensor& x, int64_t M, int64_t K, int64_t Kp, at::Tensor& big) {
+  constexpr int64_t kScratch = 64 * 1024;  // floats: 256 KB per calling thread at most
+  static thread_local std::vector<float> buf;
+  float* base;
+  if (M * Kp + 16 <= kScratch) {
+    if ((int64_t)buf.size() < M * Kp + 16) buf.resize(M * Kp + 16);
+    base = buf.data();
+  } else {
+    big = at::empty({M * Kp + 16}, x.options().dtype(at::kFloat));
+    base = big.data_ptr<float>();
+  }
+  // 64-byte aligned vectors (Kp is a multiple of 16): a misaligned 64-byte load spans two cache lines,
+  // which halved the kernels' speed at M = 6..8, where x loads are a large share of the work.
+  float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+    const int64_t mb = std::min<int64_t>(kMaxMB, M - m0);
+    float* pass = out + m0 * Kp;
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t k = 0; k < Kp; k += 16) {
+        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, K - k));
+        const __mmask16 mask = (__mmask16)((1u << left) - 1);
+        const int64_t src = (m0 + m) * K + k;
+        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, xb + src)), 16))
+                              : _mm512_maskz_loadu_ps(mask, xf + src);
+        _mm512_store_ps(pass + k * mb + 16 * m, v);
+      }
+  }
+  return out;
+}
+
+static inline int pick_threads(int64_t N, int64_t bytes) {
+  // Tiny problems are not worth waking a second thread.
+  return (bytes < 16384 || N < 32) ? 1 : std::max(1, at::get_num_threads());
+}
+
+// ------------------------------------------------------------------------------------------------
+// int8
+// ------------------------------------------------------------------------------------------------
+
+static KILN_INLINE __m512 i8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static KILN_INLINE __m512 i8x16(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// Accumulates 16 columns of R weight rows (k .. k + 15) against MB rows of x.
+template <int MB, int R, bool FULL>
+static KILN_INLINE void i8_step(__m512 (&acc)[16], const int8_t* __restrict w, int64_t K, const float* __restrict x,
+                           int64_t k, __mmask16 mask) {
+  if constexpr (MB <= 2) {  // few rows of x: consume each weight vector at once (few live registers)
+    KILN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = FULL ? i8x16(w + r * K + k) : i8x16(w + r * K + k, mask);
+      KILN_UNROLL
+      for (int m = 0; m < MB; ++m)
+        acc[m * R + r] = _mm512_fmadd_ps(_mm512_load_ps(x + k * MB + m * 16), wv, acc[m * R + r]);
+    }
+  } else {  // keep the R weight vectors so that each x load serves R FMAs
+    __m512 wv[R];
+    KILN_UNROLL
+    for (int r = 0; r < R; ++r) wv[r] = FULL ? i8x16(w + r * K + k) : i8x16(w + r * K + k, mask);
+    KILN_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_load_ps(x + k * MB + m * 16);
+      KILN_UNROLL
+      for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_fmadd_ps(xv, wv[r], acc[m * R + r]);
+    }
+  }
+}
+
+// y[m, r] = s[r] * dot(x[m, :], q[r, :]) + bias[r] for r < R, m < MB. x: this pass of x_to_f32's
+// layout (Kp = round_up(K, 16) columns, zero past K).
+template <int MB, int R>
+static inline void i8_tile(const int8_t* __restrict w, int64_t K, const float* __restrict x,
+                           const char* pf_end, const float* __restrict sc, const float* __restrict bias,
+                           const Out& y) {
+  static_assert(MB * R <= 16, "one hsum16 per tile");
+  __m512 acc[16];
+  KILN_UNROLL
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    KILN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const char* pf = (const char*)(w + r * K + k) + kPrefetch;
+      if (pf < pf_end) _mm_prefetch(pf, _MM_HINT_T0);
+    }
+    i8_step<MB, R, true>(acc, w, K, x, k, 0xFFFF);
+    i8_step<MB, R, true>(acc, w, K, x, k + 16, 0xFFFF);
+    i8_step<MB, R, true>(acc, w, K, x, k + 32, 0xFFFF);
+    i8_step<MB, R, true>(acc, w, K, x, k + 48, 0xFFFF);
+  }
+  for (; k < K; k += 16)  // tail: masked weight loads (zeros), x is zero padded
+    i8_step<MB, R, false>(acc, w, K, x, k, K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1));
+  epilogue<MB, R>(hsum16(acc), sc, bias, y);
+}
+
+template <int MB>
+static void i8_rows(const int8_t* w, int64_t K, const float* x, int64_t n0, int64_t n1,
+                    const char* pf_end, const float* sc, const float* bias, const Out& y) {
+  constexpr int R = 16 / MB;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    i8_tile<MB, R>(w + n * K, K, x, pf_end, sc + n, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n < n1; ++n) i8_tile<MB, 1>(w + n * K, K, x, pf_end, sc + n, bias ? bias + n : nullptr, y.at(0, n));
+}
+
+// ------------------------------------------------------------------------------------------------
+// int4
+// ------------------------------------------------------------------------------------------------
+
+struct I4Params {
+  const uint8_t* w;   // packed rows, ldw bytes each (kernel layout)
+  int64_t ldw;        // = Kp / 2
+  int64_t chunks;     // = Kp / 64
+  const float* sc;    // [N, G]
+  const int8_t* zp;   // [N, G] or null
+  int64_t G, gsize;
+};
+
+// kZTab.v[8 + z][u] = u - 8 - z: the exact (q - z) of every code u = q + 8, per zero point z.
+struct ZTab {
+  alignas(64) float v[16][16];
+  constexpr ZTab() : v() {
+    for (int zz = 0; zz < 16; ++zz)
+      for (int u = 0; u < 16; ++u) v[zz][u] = float(u - zz);
+  }
+};
+static constexpr ZTab kZTab{};
+
+// 16-entry table (u - 8 - z) * s for u = 0..15, as rtn.dequantize computes it in fp32. One vector
+// multiply with or without zero points (the exact (q - z) row comes from kZTab, in L1).
+template <bool ASYM>
+static KILN_INLINE __m512 i4_table(const float* sc, const int8_t* zp, int64_t i) {
+  const __m512 s = _mm512_set1_ps(sc[i]);
+  if constexpr (ASYM) {
+    return _mm512_mul_ps(_mm512_load_ps(kZTab.v[(8 + int(zp[i])) & 15]), s);  // z in [-8, 7]; & 15: never out of bounds
+  } else {
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm512_mul_ps(q, s);
+  }
+}
+
+// Group of vector v (0..3) of chunk c. VPG = vectors of 16 columns per group within a chunk:
+// 1 (g = 16), 2 (g = 32) or 4 (g % 64 == 0, where gc = the chunk's group is passed in).
+template <int VPG>
+static KILN_INLINE int64_t i4_group(int64_t c, int v, int64_t gc, int64_t G) {
+  if constexpr (VPG == 4) return gc;
+  return std::min<int64_t>(c * (4 / VPG) + v / VPG, G - 1);  // clamp: padded columns past K
+}
+
+template <int MB, int R, int VPG, bool ASYM>
+static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict x,
+                           const char* pf_end, const float* __restrict bias, const Out& y) {
+  static_assert(MB * R <= 16, "one hsum16 per tile");
+  __m512 acc[16];
+  KILN_UNROLL
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* w = P.w + n * P.ldw;
+  const float* sc = P.sc + n * P.G;
+  const int8_t* zp = ASYM ? P.zp + n * P.G : nullptr;
+  const int64_t G = P.G, ldw = P.ldw;
+  const int64_t cpg = VPG == 4 ? P.gsize / kChunk : 1;  // chunks per group
+  int64_t gc = 0, cc = 0;                               // group of the current chunk (VPG == 4)
+
+  for (int64_t c = 0; c < P.chunks; ++c) {
+    if ((c & 1) == 0)
+      KILN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const char* pf = (const char*)(w + r * ldw + c * 32) + kPrefetch;
+        if (pf < pf_end) _mm_prefetch(pf, _MM_HINT_T0);
+      }
+    const float* xc = x + c * kChunk * MB;
+    if constexpr (MB <= 2) {
+      KILN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m512i wd = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + r * ldw + c * 32)));
+        __m512 tab;
+        KILN_UNROLL
+        for (int v = 0; v < 4; ++v) {
+          if (v % VPG == 0) tab = i4_table<ASYM>(sc + r * G, ASYM ? zp + r * G : nullptr, i4_group<VPG>(c, v, gc, G));
+          const __m512 wv = _mm512_permutexvar_ps(v ? _mm512_srli_epi32(wd, 4 * v) : wd, tab);
+          KILN_UNROLL
+          for (int m = 0; m < MB; ++m)
+            acc[m * R + r] = _mm512_fmadd_ps(_mm512_load_ps(xc + 16 * v * MB + m * 16), wv, acc[m * R + r]);
+        }
+      }
+    } else {
+      __m512i wd[R];
+      __m512 tab[R];
+      KILN_UNROLL
+      for (int r = 0; r < R; ++r)
+        wd[r] = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + r * ldw + c * 32)));
+      KILN_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        __m512 wv[R];
+        KILN_UNROLL
+        for (int r = 0; r < R; ++r) {
+          if (v % VPG == 0)
+            tab[r] = i4_table<ASYM>(sc + r * G, ASYM ? zp + r * G : nullptr, i4_group<VPG>(c, v, gc, G));
+          wv[r] = _mm512_permutexvar_ps(v ? _mm512_srli_epi32(wd[r], 4 * v) : wd[r], tab[r]);
+        }
+        KILN_UNROLL
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_load_ps(xc + 16 * v * MB + m * 16);
+          KILN_UNROLL
+          for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_fmadd_ps(xv, wv[r], acc[m * R + r]);
+        }
+      }
+    }
+    if constexpr (VPG == 4)
+      if (++cc == cpg) cc = 0, ++gc;
+  }
+
+  epilogue<MB, R>(hsum16(acc), nullptr, bias, y);
+}
+
+template <int MB, int VPG, bool ASYM>
+static void i4_rows(const I4Params& P, const float* x, int64_t n0, int64_t n1, const char* pf_end,
+                    const float* bias, const Out& y) {
+  constexpr int R = 16 / MB;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) i4_tile<MB, R, VPG, ASYM>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n < n1; ++n) i4_tile<MB, 1, VPG, ASYM>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+}
+
+template <int VPG, bool ASYM>
+static void i4_rows_mb(int mb, const I4Params& P, const float* x, int64_t n0, int64_t n1,
+                       const char* pf_end, const float* bias, const Out& y) {
+  switch (mb) {
+    case 1: i4_rows<1, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 2: i4_rows<2, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 3: i4_rows<3, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 4: i4_rows<4, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 5: i4_rows<5, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 6: i4_rows<6, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 7: i4_rows<7, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    default: i4_rows<8, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared driver: rows [n0, n1) of W against all M rows of x in passes of up to kMaxMB rows. For
+// M > 8 the rows go in blocks of ~16 KB so that the passes after the first find them in L1.
+// ------------------------------------------------------------------------------------------------
+
+template <class RowsFn>
+static void rows_any_m(RowsFn&& rows, int64_t M, int64_t row_bytes, int64_t n0, int64_t n1) {
+  const int64_t step =
+      M <= kMaxMB ? (n1 - n0) : std::max<int64_t>(16, 16384 / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+  for (int64_t b0 = n0; b0 < n1; b0 += step) {
+    const int64_t b1 = std::min(n1, b0 + step);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) rows((int)std::min<int64_t>(kMaxMB, M - m0), m0, b0, b1);
+  }
+}
+
+// Contiguous row ranges per thread, boundaries on multiples of 16 rows (whole tiles for any MB).
+#define KILN_PARALLEL_ROWS(N, nt, BODY)                                 \
+  _Pragma("omp parallel num_threads(nt)") {                             \
+    const int t_ = omp_get_thread_num(), T_ = omp_get_num_threads();    \
+    const int64_t per_ = ((N) / T_) / 16 * 16;                          \
+    const int64_t n0 = t_ * per_, n1 = (t_ == T_ - 1) ? (N) : n0 + per_; \
+    BODY;                                                               \
+  }
+
+struct Prep {
+  at::Tensor x;  // [M, K] contiguous
+  int64_t M, K;
+  bool flat;
+};
+
+static Prep prep_x(const at::Tensor& x_in, int64_t K, const char* name) {
+  TORCH_CHECK(x_in.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, name,
+              ": x must be bfloat16 or float32");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, name, ": x must be [..., K] with K = ", K);
+  const bool flat = x_in.dim() == 2;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) M *= x_in.size(d);
+  return {flat ? x_in.contiguous() : x_in.reshape({M, K}).contiguous(), M, K, flat};
+}
+
+static at::Tensor finish(const at::Tensor& y, const at::Tensor& x_in, bool flat, int64_t N) {
+  if (flat) return y;
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  return y.view(sizes);
+}
+
+static at::Tensor bias_f32(const c10::optional<at::Tensor>& b, int64_t N, const char* name) {
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  TORCH_CHECK(b->device().is_cpu() && b->numel() == N && at::isFloatingType(b->scalar_type()), name,
+              ": bias must be a float CPU tensor with N elements");
+  return b->scalar_type() == at::kFloat ? b->contiguous() : b->to(at::kFloat).contiguous();
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight_in, const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(qweight_in.device().is_cpu() && qweight_in.scalar_type() == at::kChar && qweight_in.dim() == 2,
+              "int8_linear: qweight must be int8 [N, K] on CPU");
+  const int64_t N = qweight_in.size(0), K = qweight_in.size(1);
+  TORCH_CHECK(scales_in.device().is_cpu() && scales_in.scalar_type() == at::kFloat && scales_in.numel() == N,
+              "int8_linear: scales must be float32 [N]");
+  Prep p = prep_x(x_in, K, "int8_linear");
+  const at::Tensor qweight = qweight_in.contiguous(), scales = scales_in.contiguous();
+  const at::Tensor bias = bias_f32(bias_in, N, "int8_linear");
+  const int64_t M = p.M;
+  at::Tensor y = at::empty({M, N}, p.x.options());
+  if (M > 0 && N > 0) {
+    if (K == 0) {
+      bias.defined() ? y.copy_(bias.view({1, N}).expand({M, N})) : y.zero_();
+    } else {
+      const int64_t Kp = (K + 15) / 16 * 16;
+      at::Tensor xbig;
+      const float* x = x_to_f32(p.x, M, K, Kp, xbig);
+      const int8_t* w = qweight.data_ptr<int8_t>();
+      const float* sc = scales.data_ptr<float>();
+      const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+      const Out out{y.data_ptr(), y.scalar_type() == at::kBFloat16, N};
+      const int nt = pick_threads(N, N * K);
+      KILN_PARALLEL_ROWS(N, nt, {
+        const char* pf_end = (const char*)(w + n1 * K);
+        rows_any_m(
+            [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
+              const float* xm = x + m0 * Kp;
+              const Out ym = out.at(m0, 0);
+              switch (mb) {
+                case 1: i8_rows<1>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 2: i8_rows<2>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 3: i8_rows<3>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 4: i8_rows<4>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 5: i8_rows<5>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 6: i8_rows<6>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                case 7: i8_rows<7>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+                default: i8_rows<8>(w, K, xm, b0, b1, pf_end, sc, bp, ym); break;
+              }
+            },
+            M, K, n0, n1);
+      });
+    }
+  }
+  return finish(y, x_in, p.flat, N);
+}
+
+static int vpg_of(int64_t g) { return g == 16 ? 1 : g == 32 ? 2 : (g > 0 && g % 64 == 0) ? 4 : 0; }
+
+static I4Params check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::optional<at::Tensor>& zeros,
+                         int64_t group_size, int64_t K, const char* name, at::Tensor& scales, at::Tensor& zeros_keep) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.is_contiguous(),
+              name, ": packed must be contiguous uint8 [N, Kp/2] on CPU (int_linear.pack_int4)");
+  const int64_t N = packed.size(0), Kp = packed.size(1) * 2;
+  TORCH_CHECK(Kp % kChunk == 0 && K <= Kp && Kp - K < kChunk, name, ": packed rows hold ", Kp,
+              " columns, which is not K = ", K, " rounded up to a multiple of 64");
+  TORCH_CHECK(vpg_of(group_size) != 0 && K % group_size == 0, name, ": group_size must be 16, 32 or a multiple of 64 "
+              "dividing K, got ", group_size, " for K = ", K);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales_in.device().is_cpu() && scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 &&
+                  scales_in.size(0) == N && scales_in.size(1) == G,
+              name, ": scales must be float32 [N, K / group_size]");
+  scales = scales_in.contiguous();
+  const int8_t* zp = nullptr;
+  if (zeros.has_value() && zeros->defined()) {
+    TORCH_CHECK(zeros->device().is_cpu() && zeros->scalar_type() == at::kChar && zeros->dim() == 2 &&
+                    zeros->size(0) == N && zeros->size(1) == G,
+                name, ": zeros must be int8 [N, K / group_size]");
+    zeros_keep = zeros->contiguous();
+    zp = zeros_keep.data_ptr<int8_t>();
+  }
+  return {packed.data_ptr<uint8_t>(), Kp / 2, Kp / kChunk, scales.data_ptr<float>(), zp, G, group_size};
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
+  const int64_t K = x_in.size(-1);
+  at::Tensor skeep, zkeep;
+  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_linear", skeep, zkeep);
+  const int64_t N = packed.size(0), Kp = P.chunks * kChunk;
+  Prep p = prep_x(x_in, K, "int4_linear");
+  const at::Tensor bias = bias_f32(bias_in, N, "int4_linear");
+  const int64_t M = p.M;
+  at::Tensor y = at::empty({M, N}, p.x.options());
+  if (M > 0 && N > 0) {
+    if (K == 0) {
+      bias.defined() ? y.copy_(bias.view({1, N}).expand({M, N})) : y.zero_();
+    } else {
+      at::Tensor xbig;
+      const float* x = x_to_f32(p.x, M, K, Kp, xbig);
+      const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+      const Out out{y.data_ptr(), y.scalar_type() == at::kBFloat16, N};
+      const int vpg = vpg_of(group_size);
+      const bool asym = P.zp != nullptr;
+      const int nt = pick_threads(N, N * P.ldw);
+      KILN_PARALLEL_ROWS(N, nt, {
+        const char* pf_end = (const char*)(P.w + n1 * P.ldw);
+        rows_any_m(
+            [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
+              const float* xm = x + m0 * Kp;
+              const Out ym = out.at(m0, 0);
+              if (asym) {
+                if (vpg == 4) i4_rows_mb<4, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
+                else if (vpg == 2) i4_rows_mb<2, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
+                else i4_rows_mb<1, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
+              } else {
+                if (vpg == 4) i4_rows_mb<4, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
+                else if (vpg == 2) i4_rows_mb<2, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
+                else i4_rows_mb<1, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
+              }
+            },
+            M, P.ldw, n0, n1);
+      });
+    }
+  }
+  return finish(y, x_in, p.flat, N);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dequantization to [N, K] fp32 / bf16 (large-M prefill: dequantize once, then F.linear).
+// ------------------------------------------------------------------------------------------------
+
+static inline void store16(void* out, bool bf16, int64_t off, __m512 v, __mmask16 mask) {
+  if (bf16)
+    _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(out) + off, mask, f32_to_bf16_bits(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + off, mask, v);
+}
+
+// `out`, when given, must be a contiguous [N, K] tensor of `dtype` (a caller's reusable buffer).
+static at::Tensor dequant_out(const c10::optional<at::Tensor>& out, int64_t N, int64_t K, at::ScalarType dtype,
+                              const at::TensorOptions& opts, const char* name) {
+  if (!out.has_value() || !out->defined()) return at::empty({N, K}, opts.dtype(dtype));
+  TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == dtype && out->is_contiguous() && out->dim() == 2 &&
+                  out->size(0) == N && out->size(1) == K,
+              name, ": out must be a contiguous CPU tensor [N, K] of the requested dtype");
+  return *out;
+}
+
+at::Tensor int8_dequantize(const at::Tensor& qweight_in, const at::Tensor& scales_in, at::ScalarType dtype,
+                           const c10::optional<at::Tensor>& out_in) {
+  TORCH_CHECK(qweight_in.device().is_cpu() && qweight_in.scalar_type() == at::kChar && qweight_in.dim() == 2,
+              "int8_dequantize: qweight must be int8 [N, K] on CPU");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_dequantize: dtype must be float32 or bfloat16");
+  const int64_t N = qweight_in.size(0), K = qweight_in.size(1);
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.numel() == N,
+              "int8_dequantize: scales must be float32 [N]");
+  const at::Tensor q = qweight_in.contiguous(), scales = scales_in.contiguous();
+  at::Tensor out = dequant_out(out_in, N, K, dtype, q.options(), "int8_dequantize");
+  const int8_t* w = q.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  void* o = out.data_ptr();
+  const bool bf16 = dtype == at::kBFloat16;
+  const int nt = pick_threads(N, N * K);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 s = _mm512_set1_ps(sc[n]);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      store16(o, bf16, n * K + k, _mm512_mul_ps(i8x16(w + n * K + k, mask), s), mask);
+    }
+  }
+  return out;
+}
+
+template <bool ASYM>
+static void i4_dequant_row(const I4Params& P, int64_t n, int64_t K, void* o, bool bf16) {
+  const uint8_t* w = P.w + n * P.ldw;
+  const float* sc = P.sc + n * P.G;
+  const int8_t* zp = ASYM ? P.zp + n * P.G : nullptr;
+  for (int64_t c = 0; c < P.chunks; ++c) {
+    const __m512i wd = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + c * 32)));
+    KILN_UNROLL
+    for (int v = 0; v < 4; ++v) {
+      const int64_t k = c * kChunk + 16 * v;
+      if (k >= K) break;
+      const __m512 tab = i4_table<ASYM>(sc, zp, k / P.gsize);
+      const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(wd, 4 * v), tab);
+      const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      store16(o, bf16, n * K + k, wv, mask);
+    }
+  }
+}
+
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                           int64_t group_size, int64_t K, at::ScalarType dtype,
+                           const c10::optional<at::Tensor>& out_in) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequantize: dtype must be float32 or bfloat16");
+  at::Tensor skeep, zkeep;
+  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
+  const int64_t N = packed.size(0);
+  at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), "int4_dequantize");
+  void* o = out.data_ptr();
+  const bool bf16 = dtype == at::kBFloat16;
+  const int nt = pick_threads(N, N * P.ldw);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    if (P.zp) i4_dequant_row<true>(P, n, K, o, bf16);
+    else i4_dequant_row<false>(P, n, K, o, bf16);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "y = x @ (q * s[:, None])^T (+ bias): W8A16, fp32 accumulation", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(W4)^T (+ bias): W4A16 group-wise, fp32 accumulation",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("int8_dequantize", &int8_dequantize, "q * s[:, None] as [N, K] float32/bfloat16", py::arg("qweight"),
+        py::arg("scales"), py::arg("dtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("K"), py::arg("dtype"),
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+}

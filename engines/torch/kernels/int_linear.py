@@ -1,0 +1,191 @@
+"""Weight-only INT8 / INT4 linear for decode-sized batches (M = 1..SMALL_M_MAX_* rows), CPU, AVX-512.
+
+W8A16 / W4A16: x stays bf16 or fp32 (converted to fp32 exactly), the weights are dequantized in registers
+and every product is accumulated in fp32. At small M a linear layer is bound by reading its weights, and
+torch's int8pack / int4pack CPU kernels stream them at well under half the machine's read bandwidth. The
+C++ kernels beside this file (int_gemv.cpp) read each weight byte once per call and apply all M rows of x
+to it while it is in registers.
+
+- int8: qweight int8 [N, K] in its natural layout, per-channel fp32 scales [N].
+- int4: group-wise, in a layout made for the kernel by `pack_int4` at load time (rows padded to a
+  multiple of 64 columns; see int_gemv.cpp), fp32 scales [N, K/g], optional int8 zero points [N, K/g]
+  in kiln's shifted convention (w = (q - z) * s, q and z in [-8, 7]); group sizes 16, 32 and
+  multiples of 64 (`int4_group_ok`).
+
+Measured (bench/kernel_int_linear.py, SmolLM2-135M-shaped stack of 121 cold layers, 2 threads, a
+shared and noisy machine): M = 1 int8 7.1-8.7 ms per stack (~16-19 GB/s; torch 13-15 ms), int4 5.3-6.6 ms
+(~11-14 GB/s; torch 6.1-7.4 ms), bf16_linear 11.4-13.2 ms; M = 8 int8 ~18 ms, int4 ~17 ms, bf16_linear
+~21.5 ms. int4 at M = 1 is bound by its decode (vpermps per 16 weights, ~11 GB/s per core even with
+the weights in L2), not by memory.
+
+The extension is compiled on first use by torch.utils.cpp_extension.load (g++ and ninja on PATH; ~1 min
+once), then cached in torch's extension directory and loaded in about a second by later processes.
+`available()` is False when the CPU lacks AVX-512 F/BW/VL or the build fails (one warning, never
+raises); every function then falls back to portable torch code with the same results up to fp32
+rounding, so callers may call them unconditionally. Results are deterministic and batch-invariant
+(row i of the output does not depend on the other rows of x nor on the thread count). The GIL is
+released while the kernels run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("kiln.kernels")
+
+# Largest number of rows of x for which the kernels are the fastest path on cold (streamed) weights
+# (bench/kernel_int_linear.py, SmolLM2-135M-shaped stack): they beat torch's int8pack / int4pack
+# kernels at every M measured (1..64), and "dequantize once + F.linear" from M ~ 32-40 on; callers use
+# their large-M path above these.
+SMALL_M_MAX_INT8 = 32
+SMALL_M_MAX_INT4 = 32
+
+INT4_CHUNK = 64  # int4 rows are padded to a multiple of this many columns (32 bytes)
+
+_SOURCE = Path(__file__).with_name("int_gemv.cpp")
+# Explicit ISA flags rather than -march=native (the cached binary stays valid on any AVX-512 CPU;
+# available() checks the flags first). -ffp-contract=off: GCC may otherwise fuse the epilogue's
+# multiply and add (scale, bias) into one FMA in some inlined tile shapes and not others.
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+_lock = threading.Lock()
+_ext = None
+_tried = False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _load():
+    global _ext, _tried
+    with _lock:
+        if not _tried:
+            try:
+                missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
+                if missing:
+                    raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
+                from torch.utils.cpp_extension import load
+
+                _ext = load(name="kiln_int_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                            extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no ninja, unsupported CPU...
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log.warning("int8/int4 linear kernels unavailable, torch code is used instead: %s", first)
+                _ext = None
+            _tried = True
+    return _ext
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used (compiles or loads them on the first call)."""
+    return (_ext if _tried else _load()) is not None
+
+
+# ------------------------------------------------------------------------------------------------------
+# int8
+# ------------------------------------------------------------------------------------------------------
+
+def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """q * s[:, None] as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
+
+    `out` (contiguous [N, K] of `dtype`), when given, is filled and returned instead of a new tensor.
+    ~12 ms for a 49152x576 weight to bf16 on 2 threads (torch ops: ~230 ms)."""
+    ext = _ext if _tried else _load()
+    if ext is not None and qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        return ext.int8_dequantize(qweight, scales.reshape(-1).float(), dtype, out)
+    w = (qweight.float() * scales.reshape(-1, 1).float()).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 / fp32) @ (q * s[:, None])^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation.
+
+    qweight int8 [N, K], scales fp32 [N], bias [N] (any float dtype; added in fp32). Fast for at most
+    SMALL_M_MAX_INT8 rows of x; correct for any."""
+    ext = _ext if _tried else _load()
+    if ext is None:
+        w = int8_dequantize(qweight, scales, torch.float32)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return ext.int8_linear(x, qweight, scales, bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# int4
+# ------------------------------------------------------------------------------------------------------
+
+def int4_group_ok(group_size: int, k: int) -> bool:
+    """Group sizes the int4 kernel handles: 16, 32 or a multiple of 64, dividing K."""
+    return (group_size in (16, 32) or (group_size > 0 and group_size % 64 == 0)) and k % group_size == 0
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes int8 [N, K] in [-8, 7] -> the kernel's layout, uint8 [N, Kp / 2] with
+    Kp = K rounded up to a multiple of 64 (padding columns hold q = 0).
+
+    Per row, chunk c of 64 columns is 32 bytes = 16 little-endian uint16 words; word j holds column
+    64 c + 16 r + j in bits 4 r .. 4 r + 3 (r = 0..3), as the unsigned code u = q + 8."""
+    if q.dim() != 2:
+        raise ValueError("pack_int4 expects int codes [N, K]")
+    n, k = q.shape
+    kp = -(-k // INT4_CHUNK) * INT4_CHUNK
+    u = torch.full((n, kp), 8, dtype=torch.int32, device=q.device)
+    u[:, :k] = q.to(torch.int32) + 8
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+        raise ValueError("int4 codes must lie in [-8, 7]")
+    u = u.view(n, kp // INT4_CHUNK, 4, 16)  # [N, chunk, nibble r, word j]
+    words = u[:, :, 0] | (u[:, :, 1] << 4) | (u[:, :, 2] << 8) | (u[:, :, 3] << 12)  # [N, chunk, 16]
+    return torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n, kp // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, Kp / 2] -> signed codes int8 [N, K]."""
+    n = packed.shape[0]
+    b = packed.to(torch.int32).view(n, -1, 16, 2)
+    words = b[..., 0] | (b[..., 1] << 8)  # [N, chunk, 16]
+    u = torch.stack([(words >> (4 * r)) & 0xF for r in range(4)], dim=2)  # [N, chunk, 4, 16]
+    return (u.reshape(n, -1)[:, :k] - 8).to(torch.int8)
+
+
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                    k: int, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - z) * s as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
+    `out`: as int8_dequantize."""
+    ext = _ext if _tried else _load()
+    if (ext is not None and packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and int4_group_ok(group_size, k)):
+        return ext.int4_dequantize(packed, scales, zeros, group_size, k, dtype, out)
+    n = packed.shape[0]
+    q = unpack_int4(packed, k).float().view(n, k // group_size, group_size)
+    if zeros is not None:
+        q = q - zeros.float().unsqueeze(-1)
+    w = (q * scales.float().unsqueeze(-1)).view(n, k).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 / fp32) @ dequant(W)^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation.
+
+    packed: pack_int4 of the signed codes; scales fp32 [N, K / g]; zeros int8 [N, K / g] in [-8, 7]
+    or None (symmetric); bias [N] (any float dtype; added in fp32). Fast for at most SMALL_M_MAX_INT4
+    rows of x; correct for any."""
+    ext = _ext if _tried else _load()
+    if ext is None or not int4_group_ok(group_size, x.shape[-1]):
+        w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], torch.float32)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return ext.int4_linear(x, packed, scales, zeros, group_size, bias)
