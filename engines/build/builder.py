@@ -12,6 +12,7 @@ engine.json carries the same hash and its files verify, nothing is rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -245,11 +246,18 @@ def _param_count(args) -> int:
 
 
 def _model_fingerprint(folder: Path) -> str:
+    """sha256 over the model's files; hashed once per build (the key includes sizes and mtimes)."""
+    files = sorted(path for path in folder.iterdir()
+                   if path.is_file() and path.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt"))
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt")):
-            digest.update(path.name.encode())
-            digest.update(mf.sha256_file(path).encode())
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        digest.update(mf.sha256_file(Path(name)).encode())
     return digest.hexdigest()
 
 
