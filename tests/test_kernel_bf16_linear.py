@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import bf16_linear as kmod
+from engines.torch.kernels import extension
 from engines.torch.kernels.bf16_linear import SMALL_M_MAX, available, bf16_linear
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
@@ -124,9 +125,9 @@ def test_releases_the_gil():
 
 def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     x, w, b = _inputs(2, 64, 96, seed=5, bias=True)
-    monkeypatch.setattr(kmod, "_ext", None)
-    monkeypatch.setattr(kmod, "_tried", False)
-    monkeypatch.setattr(kmod, "_cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(kmod._EXT, "module", None)
+    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f"})
     with caplog.at_level("WARNING", logger="kiln.kernels"):
         assert kmod.available() is False
     assert len(caplog.records) == 1 and "avx512_bf16" in caplog.records[0].getMessage()
@@ -135,8 +136,8 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     def broken_load(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    monkeypatch.setattr(kmod, "_tried", False)
-    monkeypatch.setattr(kmod, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
     assert kmod.available() is False
     assert torch.equal(bf16_linear(x, w, b), F.linear(x, w, b))

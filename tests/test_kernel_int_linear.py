@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from engines.quant.rtn import dequantize, quantize_rtn
 from engines.quant.types import QuantizedWeight
+from engines.torch.kernels import extension
 from engines.torch.kernels import int_linear as kmod
 from engines.torch.kernels.int_linear import (
     SMALL_M_MAX_INT4,
@@ -293,9 +294,9 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     p4 = pack_int4(q4.qweight)
     x, b = _x(2, 96, torch.bfloat16, seed=17), torch.randn(64)
     y8, y4 = int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), int4_linear(x, p4, q4.scales, q4.zeros, 32, b)
-    monkeypatch.setattr(kmod, "_ext", None)
-    monkeypatch.setattr(kmod, "_tried", False)
-    monkeypatch.setattr(kmod, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(kmod._EXT, "module", None)
+    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f"})
     with caplog.at_level("WARNING", logger="kiln.kernels"):
         assert kmod.available() is False
     assert len(caplog.records) == 1 and "avx512bw" in caplog.records[0].getMessage()
@@ -314,8 +315,8 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     def broken_load(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    monkeypatch.setattr(kmod, "_tried", False)
-    monkeypatch.setattr(kmod, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})
+    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
     assert kmod.available() is False
     _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), x, dequantize(q8), b)

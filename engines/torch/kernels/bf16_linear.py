@@ -17,14 +17,12 @@ depend on the other rows of x nor on the thread count).
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("kiln.kernels")
+from engines.torch.kernels.extension import LazyExtension
 
 # Largest number of rows of x for which bf16_linear beats F.linear on cold (streamed) weights
 # (bench/kernel_bf16_linear.py); callers use F.linear above it.
@@ -34,51 +32,20 @@ _SOURCE = Path(__file__).with_name("bf16_gemv.cpp")
 # Explicit ISA flags rather than -march=native: the cached binary stays valid on any CPU with
 # avx512_bf16 (Zen4, Sapphire Rapids, ...), and available() checks for it before loading.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-_lock = threading.Lock()
-_ext = None
-_tried = False
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def _load():
-    global _ext, _tried
-    with _lock:
-        if not _tried:
-            try:
-                if not _cpu_has_avx512_bf16():
-                    raise RuntimeError("the CPU lacks avx512_bf16")
-                from torch.utils.cpp_extension import load
-
-                _ext = load(name="kiln_bf16_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                            extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler, no ninja, unsupported CPU...
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                log.warning("bf16_linear kernel unavailable, F.linear is used instead: %s", first)
-                _ext = None
-            _tried = True
-    return _ext
+_EXT = LazyExtension("kiln_bf16_gemv", _SOURCE, _CFLAGS, required_cpu_flags=("avx512_bf16",),
+                     ldflags=["-fopenmp"], fallback="F.linear")
 
 
 def available() -> bool:
     """True when the compiled kernel can be used (compiles or loads it on the first call)."""
-    return (_ext if _tried else _load()) is not None
+    return _EXT.available()
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 x [..., K], weight [N, K] (contiguous, else copied per call)
     and bias [N]: bf16 result of an fp32 accumulation, rounded once. Fast for at most SMALL_M_MAX
     rows of x; correct for any. Releases the GIL while it computes."""
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if ext is None:
         return F.linear(x, weight, bias)
     return ext.bf16_linear(x, weight, bias)

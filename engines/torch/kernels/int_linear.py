@@ -29,14 +29,12 @@ released while the kernels run.
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("kiln.kernels")
+from engines.torch.kernels.extension import LazyExtension
 
 # Largest number of rows of x for which the kernels are the fastest path on cold (streamed) weights
 # (bench/kernel_int_linear.py, SmolLM2-135M-shaped stack): they beat torch's int8pack / int4pack
@@ -52,46 +50,13 @@ _SOURCE = Path(__file__).with_name("int_gemv.cpp")
 # available() checks the flags first). -ffp-contract=off: GCC may otherwise fuse the epilogue's
 # multiply and add (scale, bias) into one FMA in some inlined tile shapes and not others.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
-_lock = threading.Lock()
-_ext = None
-_tried = False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _load():
-    global _ext, _tried
-    with _lock:
-        if not _tried:
-            try:
-                missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-                if missing:
-                    raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
-                from torch.utils.cpp_extension import load
-
-                _ext = load(name="kiln_int_gemv", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                            extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler, no ninja, unsupported CPU...
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                log.warning("int8/int4 linear kernels unavailable, torch code is used instead: %s", first)
-                _ext = None
-            _tried = True
-    return _ext
+_EXT = LazyExtension("kiln_int_gemv", _SOURCE, _CFLAGS, required_cpu_flags=("avx512f", "avx512bw", "avx512vl"),
+                     ldflags=["-fopenmp"], fallback="torch code")
 
 
 def available() -> bool:
     """True when the compiled kernels can be used (compiles or loads them on the first call)."""
-    return (_ext if _tried else _load()) is not None
+    return _EXT.available()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -104,7 +69,7 @@ def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
     `out` (contiguous [N, K] of `dtype`), when given, is filled and returned instead of a new tensor.
     ~12 ms for a 49152x576 weight to bf16 on 2 threads (torch ops: ~230 ms)."""
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if ext is not None and qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         return ext.int8_dequantize(qweight, scales.reshape(-1).float(), dtype, out)
     w = (qweight.float() * scales.reshape(-1, 1).float()).to(dtype)
@@ -117,7 +82,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
     qweight int8 [N, K], scales fp32 [N], bias [N] (any float dtype; added in fp32). Fast for at most
     SMALL_M_MAX_INT8 rows of x; correct for any."""
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if ext is None:
         w = int8_dequantize(qweight, scales, torch.float32)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
@@ -165,7 +130,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                     k: int, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """(q - z) * s as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
     `out`: as int8_dequantize."""
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if (ext is not None and packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and int4_group_ok(group_size, k)):
         return ext.int4_dequantize(packed, scales, zeros, group_size, k, dtype, out)
@@ -184,7 +149,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     packed: pack_int4 of the signed codes; scales fp32 [N, K / g]; zeros int8 [N, K / g] in [-8, 7]
     or None (symmetric); bias [N] (any float dtype; added in fp32). Fast for at most SMALL_M_MAX_INT4
     rows of x; correct for any."""
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if ext is None or not int4_group_ok(group_size, x.shape[-1]):
         w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], torch.float32)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)

@@ -11,54 +11,21 @@ callers then keep the torch path.
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("kiln.kernels")
+from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-std=c++17"]
-_lock = threading.Lock()
-_ext = None
-_tried = False
-
-
-def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512f" in flags and "avx512bw" in flags
-    except OSError:
-        pass
-    return False
-
-
-def _load():
-    global _ext, _tried
-    with _lock:
-        if not _tried:
-            try:
-                if not _cpu_has_avx512():
-                    raise RuntimeError("the CPU lacks avx512f/avx512bw")
-                from torch.utils.cpp_extension import load
-
-                _ext = load(name="kiln_paged_attention", sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
-            except Exception as e:  # no compiler, no ninja, unsupported CPU...
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                log.warning("paged_attention kernel unavailable, the torch decode path is used instead: %s", first)
-                _ext = None
-            _tried = True
-    return _ext
+_EXT = LazyExtension("kiln_paged_attention", _SOURCE, _CFLAGS, required_cpu_flags=("avx512f", "avx512bw"),
+                     fallback="the torch decode path")
 
 
 def available() -> bool:
     """True when the compiled kernel can be used (compiles or loads it on the first call)."""
-    return (_ext if _tried else _load()) is not None
+    return _EXT.available()
 
 
 def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -83,7 +50,7 @@ def decode_attention(
     v_scale: torch.Tensor | None = None,
     kind: str = "model",  # "model" | "int8" | "fp8"
 ) -> torch.Tensor:  # [B, H, D] in q's dtype
-    ext = _ext if _tried else _load()
+    ext = _EXT.get()
     if ext is None:
         raise RuntimeError("the paged_attention kernel is unavailable")
     return ext.decode_attention(q.contiguous(), cache, block_tables, context_lens, float(scale), k_scale, v_scale, kind)
