@@ -103,6 +103,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    speculative: bool = True  # False opts this request out of speculative decoding (when the engine has it)
 
 
 @dataclass
@@ -163,6 +164,19 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_steps: int = 0
+    # speculative decoding: verification steps that had drafts, draft tokens proposed, of which accepted
+    spec_num_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Draft tokens accepted per verification step (each step also emits one token of the target's own)."""
+        return self.spec_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
+SPECULATIVE_METHODS = ("draft", "ngram")
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
@@ -33,6 +35,13 @@ class EngineConfig:
     # static float32 [num_layers, 2 (k, v), num_kv_heads] from the build step's calibration (amax / 127 for int8,
     # amax / 448 for fp8); int8 needs them, fp8 without them uses 1.0
     kv_cache_scales: torch.Tensor | None = None
+    # Speculative decoding: None (off), "draft" (a smaller or quantized engine of the same tokenizer proposes)
+    # or "ngram" (prompt lookup: the continuation of the latest earlier match of the last tokens proposes).
+    speculative_method: str | None = None
+    speculative_draft: str | None = None  # the draft: an engine directory or a model folder (method "draft")
+    num_speculative_tokens: int = 4  # tokens proposed per step; the target verifies k + 1 positions at once
+    ngram_min: int = 2  # n-gram match window: the longest suffix of ngram_max .. ngram_min tokens is looked up
+    ngram_max: int = 4
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -49,3 +58,19 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be model, int8 or fp8, got {self.kv_cache_dtype!r}.")
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        method = self.speculative_method
+        if method is None:
+            if self.speculative_draft is not None:
+                raise ValueError("speculative_draft is set but speculative_method is not; use speculative_method draft.")
+            return
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be draft or ngram, got {method!r}.")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {self.num_speculative_tokens}.")
+        if method == "ngram" and not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"the n-gram window needs 1 <= ngram_min <= ngram_max, got {self.ngram_min} and "
+                             f"{self.ngram_max}.")

@@ -104,19 +104,31 @@ def make_engine():
     """Build LLMEngine cores; after the test, every block is accounted for and none leaked."""
     made: list[LLMEngine] = []
 
-    def make(loaded: LoadedModel, **overrides) -> LLMEngine:
+    def make(loaded: LoadedModel, draft: LoadedModel | None = None, **overrides) -> LLMEngine:
         settings = dict(kv_cache_memory=64 << 20, block_size=16)
         settings.update(overrides)
-        core = build_core(EngineConfig(**settings), loaded)
+        core = build_core(EngineConfig(**settings), loaded, draft)
         made.append(core)
         return core
 
     yield make
     for core in made:
-        live = core.live_sequences()
-        core.bm.check_invariants(live)
-        if not live:
-            assert core.bm.num_used == 0, "blocks leaked after all requests ended"
+        check_block_accounting(core)
+
+
+def check_block_accounting(core: LLMEngine) -> None:
+    """The target's pool (and a draft model's) accounts for every block; between steps a sequence holds
+    exactly the blocks its computed tokens fill (rejected speculative tokens' blocks were given back);
+    nothing stays used once idle."""
+    pools = [(core.bm, core.live_sequences())]
+    if getattr(core.proposer, "bm", None) is not None:
+        pools.append((core.proposer.bm, core.proposer.live_states()))
+    for bm, live in pools:
+        bm.check_invariants(live)
+        for seq in live:
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // bm.block_size), "blocks held past the computed tokens"
+        if not core.live_sequences():
+            assert bm.num_used == 0, "blocks leaked after all requests ended"
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:

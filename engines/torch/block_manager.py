@@ -108,6 +108,15 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
+    def trim(self, seq) -> None:
+        """Free the blocks past `seq.num_computed_tokens` (KV of rejected speculative tokens). They were
+        never registered in the prefix cache, so they go straight back to the free list."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._unref(block_id)
+        del seq.block_table[keep:]
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, keep)
+
     # ---- prefix caching -----------------------------------------------------------------------
     def _full_block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
         bs = self.block_size

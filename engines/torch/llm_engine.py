@@ -15,6 +15,7 @@ from engines.torch.model_runner import ModelRunner
 from engines.torch.sampler import SampleRow, sample
 from engines.torch.scheduler import Scheduler
 from engines.torch.sequence import RequestState, Sequence, SequenceStatus
+from engines.torch.spec.verify import verify
 
 
 class LLMEngine:
@@ -26,6 +27,8 @@ class LLMEngine:
         eos_token_ids: list[int],
         vocab_size: int,
         max_model_len: int,
+        proposer=None,
+        num_speculative_tokens: int = 0,
     ):
         self.runner = runner
         self.bm = block_manager
@@ -37,6 +40,12 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
+        # speculative decoding (None: off): NgramProposer or DraftModelProposer
+        self.proposer = proposer
+        self.num_speculative_tokens = num_speculative_tokens
+        self.spec_num_drafts = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -86,7 +95,11 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
+        for victim in sched.preempted:
+            self._release_draft(victim)
         if not sched.chunks:
             return []
         logits, sampling = self.runner.execute(sched.chunks)
@@ -95,31 +108,77 @@ class LLMEngine:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.bm.register_full_blocks(chunk.seq)
 
-        seqs, rows, row_of = [], [], []
-        for r, chunk in enumerate(sampling):
+        seqs, rows, row_of, speculative = [], [], [], []
+        r = 0
+        for chunk in sampling:
             seq = chunk.seq
-            state = seq.request
+            if chunk.draft_token_ids:
+                speculative.append((seq, r, seq.proposal))
+                r += 1 + len(chunk.draft_token_ids)
+                continue
             group = [seq]
-            if not state.forked:  # the prompt is done: the other n-1 choices start from here
+            if not seq.request.forked:  # the prompt is done: the other n-1 choices start from here
                 group += self._fork(seq)
             for s in group:
                 seqs.append(s)
                 row_of.append(r)
                 rows.append(self._sample_row(s))
+            r += 1
+        for chunk in sched.chunks:
+            chunk.seq.proposal = None
         touched: dict[str, list[Sequence]] = {}
         if seqs:
             result = sample(logits[torch.tensor(row_of, device=logits.device)], rows)
-            now = time.monotonic()
             for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
-                seq.token_ids.append(token)
-                if lp is not None:
-                    seq.pending_logprobs.append(lp)
-                self.generation_tokens_total += 1
-                if seq.request.timings.first_token is None:
-                    seq.request.timings.first_token = now
-                self._check_stop(seq, token)
-                touched.setdefault(seq.request.request_id, []).append(seq)
+                self._append(seq, [token], [lp], touched)
+        if speculative:
+            for (seq, _, prop), verified in zip(speculative, verify(logits, speculative, self._sample_row)):
+                self.spec_num_drafts += 1
+                self.spec_draft_tokens += len(prop)
+                self.spec_accepted_tokens += verified.num_accepted
+                self._append(seq, verified.token_ids, verified.logprobs, touched)
+                if not seq.is_finished:  # accepted drafts' KV stays; the rejected ones' slots are given back
+                    seq.num_computed_tokens += verified.num_accepted
+                    self.bm.trim(seq)
+                    self.bm.register_full_blocks(seq)
         return self._collect(touched)
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, touched: dict[str, list[Sequence]]) -> None:
+        """Give `seq` its new tokens in order, stopping at the first that finishes it."""
+        now = time.monotonic()
+        for token, lp in zip(tokens, logprobs):
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+            self.generation_tokens_total += 1
+            if seq.request.timings.first_token is None:
+                seq.request.timings.first_token = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                break
+        touched.setdefault(seq.request.request_id, []).append(seq)
+
+    # ---- speculative decoding -----------------------------------------------------------------
+    def _propose(self) -> None:
+        """Ask the proposer for drafts for every running sequence that is decoding and speculates."""
+        seqs, ks = [], []
+        for seq in self.scheduler.running:
+            if seq.num_uncomputed != 1 or seq.num_computed_tokens == 0 or not seq.request.speculative:
+                continue
+            # the step may emit k + 1 tokens; none past max_tokens or the context length
+            k = min(self.num_speculative_tokens, seq.params.max_tokens - seq.num_generated - 1,
+                    self.max_model_len - seq.num_tokens)
+            if k > 0:
+                seqs.append(seq)
+                ks.append(k)
+        if seqs:
+            for seq, proposal in zip(seqs, self.proposer.propose(seqs, ks, self._sample_row)):
+                seq.proposal = proposal
+
+    def _release_draft(self, seq: Sequence) -> None:
+        seq.proposal = None
+        if self.proposer is not None:
+            self.proposer.release(seq)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         children = parent.request.fork(parent)
@@ -134,16 +193,17 @@ class LLMEngine:
             self.scheduler.running.append(child)
         return children
 
-    def _sample_row(self, seq: Sequence) -> SampleRow:
+    def _sample_row(self, seq: Sequence, extra: list[int] = ()) -> SampleRow:
+        """How `seq` samples its next token; `extra`: tokens (drafts) taken as already generated before it."""
         p = seq.params
         blocked = []
-        if seq.num_generated < p.min_tokens:
+        if seq.num_generated + len(extra) < p.min_tokens:
             blocked = self.eos_token_ids + list(p.stop_token_ids)
         needs_history = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
         return SampleRow(
             params=p,
             prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_history else [],
-            output_ids=seq.output_token_ids if needs_history else [],
+            output_ids=seq.output_token_ids + list(extra) if needs_history else [],
             generator=seq.generator,
             blocked_ids=blocked,
         )
@@ -163,6 +223,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._release_draft(seq)
 
     def _finish_and_free(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq)
@@ -221,6 +282,9 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             num_steps=self.num_steps,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def live_sequences(self) -> list[Sequence]:

@@ -29,6 +29,9 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     manifest: dict | None = None  # engine.json when loaded from an engine directory
+    # the KV-cache dtype and scales its engine directory asks for (used when it serves as a draft)
+    kv_cache_dtype: str = "model"
+    kv_cache_scales: torch.Tensor | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,7 +95,7 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
     config.kv_cache_dtype = manifest.get("kv_cache_dtype", "model")
     config.kv_cache_scales = scales
     name = config.served_model_name or manifest.get("served_model_name") or _engine_model_name(manifest, folder)
-    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest, config.kv_cache_dtype, scales)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -122,8 +125,9 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
-def build_core(config: EngineConfig, loaded: LoadedModel) -> LLMEngine:
-    """Allocate the KV pool for `loaded` and wire scheduler, block manager and runner together."""
+def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None = None) -> LLMEngine:
+    """Allocate the KV pool for `loaded` and wire scheduler, block manager and runner together (and the
+    speculative proposer: `draft` is the draft model, loaded from config.speculative_draft when None)."""
     config.validate()
     args = loaded.model.args
     kv_scales = config.kv_cache_scales if config.kv_cache_dtype != "model" else None
@@ -165,4 +169,56 @@ def build_core(config: EngineConfig, loaded: LoadedModel) -> LLMEngine:
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens)
     runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device)
-    return LLMEngine(runner, bm, scheduler, eos_token_ids(loaded), args.vocab_size, max_model_len)
+    proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
+    return LLMEngine(runner, bm, scheduler, eos_token_ids(loaded), args.vocab_size, max_model_len,
+                     proposer, config.num_speculative_tokens if proposer else 0)
+
+
+def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int,
+                  max_model_len: int):
+    """None, an NgramProposer, or a DraftModelProposer whose own KV pool has as many blocks as the target's
+    (a draft never holds more tokens than its target sequences, plus k)."""
+    if config.speculative_method == "ngram":
+        from engines.torch.spec.ngram import NgramProposer
+
+        return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculative_method != "draft":
+        return None
+    from engines.torch.spec.draft_model import DraftModelProposer
+
+    if draft is None:
+        if config.speculative_draft is None:
+            raise ValueError("speculative decoding with a draft model needs the draft: give --speculative-draft "
+                             "an engine directory (e.g. one built with `kiln build --draft-of`) or a model folder.")
+        draft = load_draft(config)
+    check_draft(loaded, draft)
+    dargs = draft.model.args
+    draft.model.init_rope(max_model_len, draft.dtype, draft.device)
+    kv = KVCache(dargs.num_layers, num_blocks, config.block_size, dargs.num_kv_heads, dargs.head_dim, draft.dtype,
+                 draft.device, draft.kv_cache_dtype, draft.kv_cache_scales)
+    runner = ModelRunner(draft.model, kv, config.block_size, draft.device)
+    return DraftModelProposer(runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False),
+                              draft.name)
+
+
+def load_draft(config: EngineConfig) -> LoadedModel:
+    from engines.build.manifest import is_engine_dir
+
+    source = config.speculative_draft
+    as_engine = is_engine_dir(source)
+    draft_config = EngineConfig(model=None if as_engine else source, engine_dir=source if as_engine else None,
+                                dtype=config.dtype, device=config.device)
+    return load_model(draft_config)
+
+
+def check_draft(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must speak the target's vocabulary: its token ids are fed to the target as they are."""
+    if draft.device != target.device:
+        raise ValueError(f"the draft model is on {draft.device} but the target on {target.device}.")
+    same = draft.model.args.vocab_size == target.model.args.vocab_size
+    if same and draft.tokenizer is not None and target.tokenizer is not None:
+        same = draft.tokenizer.get_vocab() == target.tokenizer.get_vocab()
+    if not same:
+        raise ValueError(f"the draft model {draft.name} does not share the target's tokenizer "
+                         f"({draft.model.args.vocab_size} vs {target.model.args.vocab_size} tokens); a draft must use "
+                         "the same vocabulary.")

@@ -59,11 +59,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Run one step. Returns ([S, vocab] float32 logits, the S chunks that sample, in row order)."""
+        """Run one step. Returns (float32 logits, the chunks that sample, in row order). A sampling chunk
+        owns 1 + len(draft_token_ids) consecutive rows: its last token's, then one per speculative token."""
         bs = self.block_size
-        # Decodes first (batched attention), then prefill chunks (one SDPA each).
-        decodes = [c for c in chunks if c.num_tokens == 1 and c.seq.num_computed_tokens > 0]
-        prefills = [c for c in chunks if not (c.num_tokens == 1 and c.seq.num_computed_tokens > 0)]
+        # Decodes first (batched attention), then prefill chunks and speculative verifications (one SDPA each).
+        is_decode = [c.num_query_tokens == 1 and c.seq.num_computed_tokens > 0 for c in chunks]
+        decodes = [c for c, d in zip(chunks, is_decode) if d]
+        prefills = [c for c, d in zip(chunks, is_decode) if not d]
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
@@ -72,9 +74,11 @@ class ModelRunner:
             seq = c.seq
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + c.num_tokens])
-            for pos in range(start, start + c.num_tokens):
+            input_ids.extend(c.draft_token_ids)
+            table = seq.block_table
+            for pos in range(start, start + c.num_query_tokens):
                 positions.append(pos)
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+                slots.append(table[pos // bs] * bs + pos % bs)
 
         to_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         decode_tables = decode_lens = None
@@ -87,10 +91,10 @@ class ModelRunner:
         spans = []
         q_start = len(decodes)
         for c in prefills:
-            ctx = c.seq.num_computed_tokens + c.num_tokens
+            ctx = c.seq.num_computed_tokens + c.num_query_tokens
             table = to_tensor(c.seq.block_table[: -(-ctx // bs)])
-            spans.append(PrefillSpan(q_start, c.num_tokens, ctx, table))
-            q_start += c.num_tokens
+            spans.append(PrefillSpan(q_start, c.num_query_tokens, ctx, table))
+            q_start += c.num_query_tokens
         meta = AttentionMetadata(
             slot_mapping=to_tensor(slots),
             num_decode_tokens=len(decodes),
@@ -104,8 +108,8 @@ class ModelRunner:
         sampling = [c for c in ordered if c.completes]
         rows, end = [], 0
         for c in ordered:
-            end += c.num_tokens
+            end += c.num_query_tokens
             if c.completes:
-                rows.append(end - 1)
+                rows.extend(range(end - 1 - len(c.draft_token_ids), end))
         logits = self.model.compute_logits(hidden[to_tensor(rows)]) if rows else hidden.new_empty((0, 0))
         return logits, sampling

@@ -32,34 +32,44 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     """logits: [R, vocab] float32, one row per entry of `rows`."""
-    r, vocab = logits.shape
-    device = logits.device
-    raw = logits
+    x = process_logits(logits, rows)
+    tokens = x.argmax(dim=-1)
+    greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
+    if not bool(greedy.all()):
+        tokens = torch.where(greedy, tokens, race(probabilities(x, rows), rows))
+    token_list = tokens.tolist()
+    return SampleResult(token_list, token_logprobs(logits, token_list, rows))
+
+
+def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """A copy of `logits` with penalties, logit bias and min_tokens blocking applied (greedy takes its argmax)."""
     x = logits.clone()
     _apply_penalties(x, rows)
     for i, row in enumerate(rows):
         if row.params.logit_bias:
-            ids = torch.tensor(list(row.params.logit_bias.keys()), device=device)
-            x[i, ids] += torch.tensor(list(row.params.logit_bias.values()), device=device, dtype=x.dtype)
+            ids = torch.tensor(list(row.params.logit_bias.keys()), device=x.device)
+            x[i, ids] += torch.tensor(list(row.params.logit_bias.values()), device=x.device, dtype=x.dtype)
         if row.blocked_ids:
             x[i, row.blocked_ids] = float("-inf")
+    return x
 
-    greedy = torch.tensor([row.params.greedy for row in rows], device=device)
-    tokens = x.argmax(dim=-1)
-    if not bool(greedy.all()):
-        temps = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)
-        probs = torch.softmax(x / temps[:, None], dim=-1)
-        probs = _truncate(probs, rows)
-        noise = torch.empty_like(probs)
-        noise.exponential_()
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                noise[i] = torch.empty(vocab).exponential_(generator=row.generator).to(device)
-        sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(greedy, tokens, sampled)
 
-    token_list = tokens.tolist()
-    return SampleResult(token_list, _logprobs(raw, token_list, rows))
+def probabilities(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax(x / temperature) cut to top-k, top-p and min-p
+    (not renormalised: `race` and speculative verification only need ratios)."""
+    temps = torch.tensor([row.params.temperature or 1.0 for row in rows], device=x.device)
+    return _truncate(torch.softmax(x / temps[:, None], dim=-1), rows)
+
+
+def race(weights: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """One draw per row from the (unnormalised) weights: argmax of w / E with E ~ Exp(1); a row with a
+    generator takes its noise from it."""
+    noise = torch.empty_like(weights)
+    noise.exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            noise[i] = torch.empty(weights.shape[1]).exponential_(generator=row.generator).to(weights.device)
+    return (weights / noise).argmax(dim=-1)
 
 
 def _apply_penalties(x: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -112,7 +122,7 @@ def _truncate(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
 
-def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SampleRow]) -> list[TokenLogprob | None]:
+def token_logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SampleRow]) -> list[TokenLogprob | None]:
     wanted = [row.params.logprobs for row in rows]
     if all(w is None for w in wanted):
         return [None] * len(rows)

@@ -15,6 +15,11 @@ from engines.torch.sequence import Sequence, SequenceStatus
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed for this sequence in this step (1 for a decode)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens scored after them
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.num_tokens + len(self.draft_token_ids)
 
     @property
     def completes(self) -> bool:
@@ -29,7 +34,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_query_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -58,6 +63,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
+        seq.proposal = None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -70,16 +76,22 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
-            while not self.bm.allocate(seq, n):
+            if seq.proposal is not None:  # speculative tokens ride along while the budget allows
+                seq.proposal = seq.proposal.truncated(budget - n) if n == seq.num_uncomputed else None
+            while not self.bm.allocate(seq, n + len(seq.proposal or ())):
+                if seq.proposal is not None:  # short of blocks: drop the drafts before preempting anyone
+                    seq.proposal = None
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.chunks.append(ScheduledChunk(seq, n))
+                drafts = seq.proposal.token_ids if seq.proposal is not None else []
+                out.chunks.append(ScheduledChunk(seq, n, drafts))
                 scheduled.append(seq)
-                budget -= n
+                budget -= n + len(drafts)
                 i += 1
                 continue
             break  # `seq` preempted itself: it was the newest, nothing after it remains

@@ -9,6 +9,7 @@ import time
 import torch
 
 from engines.base import FinishReason, GenerationRequest, RequestTimings, SamplingParams, TokenLogprob
+from engines.torch.spec.proposal import Proposal
 
 _seq_ids = itertools.count()
 
@@ -38,6 +39,7 @@ class Sequence:
         self.generator = generator
         self.num_emitted = 0  # generated tokens already handed to the caller
         self.pending_logprobs: list[TokenLogprob] = []
+        self.proposal: Proposal | None = None  # speculative tokens to verify in the next step
 
     @property
     def params(self) -> SamplingParams:
@@ -71,6 +73,7 @@ class RequestState:
     def __init__(self, request: GenerationRequest):
         self.request_id = request.request_id
         self.params = request.sampling_params
+        self.speculative = request.speculative
         self.prompt_token_ids = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.timings = RequestTimings(arrival=request.arrival_time)
