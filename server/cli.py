@@ -46,6 +46,13 @@ def _add_serve(subparsers) -> None:
     add("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
     add("--block-size", help="tokens per KV-cache block, a power of two (default: 16)")
     add("--device", help="auto, cpu or cuda (default: auto)")
+    add("--speculative-method", help="speculative decoding: draft (a draft model proposes) or ngram (prompt lookup "
+        "proposes; no model needed) (default: off)")
+    add("--speculative-draft", help="the draft: an engine directory built with `kiln build --draft-of`, or a model "
+        "folder with the same tokenizer (implies --speculative-method draft)")
+    add("--num-speculative-tokens", help="tokens proposed per step, verified together by the model (default: 4)")
+    add("--ngram-min", help="shortest suffix the n-gram proposer looks up (default: 2)")
+    add("--ngram-max", help="longest suffix the n-gram proposer looks up (default: 4)")
     add("--graceful-shutdown-timeout", help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     add("--log-level", help="critical, error, warning, info or debug (default: info)")
     serve.set_defaults(handler=serve_command)
@@ -83,6 +90,9 @@ def _add_build(subparsers) -> None:
         "and 32 for the report (default: on)")
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     add("--force", action="store_true", help="rebuild even when the engine in --output is up to date")
+    add("--draft-of", metavar="ENGINE_DIR", help="build a speculative-decoding draft for this engine: its model "
+        "(unless --model) at int4-awq (unless --precision); serve with `kiln serve --engine-dir ENGINE_DIR "
+        "--speculative-draft OUTPUT`")
     build.set_defaults(handler=build_command)
 
 
@@ -101,8 +111,11 @@ def build_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     m = result.manifest
     verb = "is up to date" if result.reused else "was built"
+    serve = f"kiln serve --engine-dir {result.output}"
+    if options.draft_of:
+        serve = f"kiln serve --engine-dir {options.draft_of} --speculative-draft {result.output}"
     print(f"Engine {result.output} {verb}: {m['precision']} weights, {m['kv_cache_dtype']} KV cache, for "
-          f"{m['target']['description']}. Serve it with `kiln serve --engine-dir {result.output}`; the report is in "
+          f"{m['target']['description']}. Serve it with `{serve}`; the report is in "
           f"{result.output / 'build-report.md'}.")
     return 0
 

@@ -95,12 +95,14 @@ class Generation:
         request_id: str,
         prompts: list[tuple[list[int], SamplingParams]],
         stop: list[str],
+        speculative: bool = True,
     ):
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
         self.requests = [
-            GenerationRequest(f"{request_id}-{i}", token_ids, params) for i, (token_ids, params) in enumerate(prompts)
+            GenerationRequest(f"{request_id}-{i}", token_ids, params, speculative=speculative)
+            for i, (token_ids, params) in enumerate(prompts)
         ]
         self.choices: list[ChoiceState] = []
         self._choices_of: list[list[ChoiceState]] = []

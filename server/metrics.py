@@ -58,6 +58,15 @@ class EngineStatsCollector(Collector):
                       stats.num_preemptions)
         yield counter("prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", stats.generation_tokens)
+        if info.extra.get("speculative"):  # vLLM's spec_decode_* family, when speculation is on
+            yield counter("spec_decode_num_drafts", "Verification steps that checked draft tokens.",
+                          stats.spec_num_drafts)
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", stats.spec_draft_tokens)
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)
+            yield gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start.",
+                        stats.spec_acceptance_rate)
+            yield gauge("spec_decode_mean_accepted_length", "Draft tokens accepted per verification step since start "
+                        "(tokens per step = this + 1).", stats.spec_mean_accepted_length)
 
 
 class ServerMetrics:

@@ -58,6 +58,8 @@ class SamplingFields(_Request):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # kiln's extension: false opts this request out of speculative decoding (when the server runs it)
+    speculative: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -289,5 +291,6 @@ class MetadataResponse(BaseModel):
     block_size: int
     num_kv_blocks: int
     kv_capacity_tokens: int
+    speculative: dict[str, Any] | None  # configuration and counters; None when speculative decoding is off
     versions: dict[str, str]
     extra: dict[str, Any]

@@ -50,7 +50,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt_ids = render_chat(engine.tokenizer, body.messages)
     params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(engine, state.metrics, model, response_id, [(prompt_ids, params)], body.stop_strings)
+    generation = Generation(engine, state.metrics, model, response_id, [(prompt_ids, params)], body.stop_strings,
+                            body.speculative)
     strings = state.engine_holder.token_strings
 
     def logprobs_of(entries) -> ChatChoiceLogprobs | None:

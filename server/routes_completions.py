@@ -48,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         token_ids = tokenize_prompt(engine.tokenizer, prompt, info.vocab_size, i)
         prompts.append((token_ids, build_sampling_params(body, body.max_tokens, body.logprobs, len(token_ids), info)))
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(engine, state.metrics, model, response_id, prompts, body.stop_strings)
+    generation = Generation(engine, state.metrics, model, response_id, prompts, body.stop_strings, body.speculative)
     strings = state.engine_holder.token_strings
     top_k = body.logprobs or 0
 

@@ -29,8 +29,19 @@ def _versions() -> dict[str, str]:
 @router.get("/v1/metadata", response_model=MetadataResponse)
 async def metadata(request: Request) -> MetadataResponse:
     holder = request.app.state.engine_holder
-    info = holder.get().info
+    engine = holder.get()
+    info = engine.info
     extra = dict(info.extra)
+    speculative = extra.pop("speculative", None)
+    if speculative:
+        stats = engine.stats()
+        speculative = speculative | {
+            "num_drafts": stats.spec_num_drafts,
+            "draft_tokens": stats.spec_draft_tokens,
+            "accepted_tokens": stats.spec_accepted_tokens,
+            "acceptance_rate": stats.spec_acceptance_rate,
+            "mean_accepted_length": stats.spec_mean_accepted_length,
+        }
     return MetadataResponse(
         model=holder.served_model_name,
         source_model=info.model_name,
@@ -44,6 +55,7 @@ async def metadata(request: Request) -> MetadataResponse:
         block_size=info.block_size,
         num_kv_blocks=info.num_kv_blocks,
         kv_capacity_tokens=info.kv_capacity_tokens,
+        speculative=speculative,
         versions={**_versions(), **{str(k): str(v) for k, v in dict(extra.get("versions", {})).items()}},
         extra=extra,
     )

@@ -9,7 +9,7 @@ from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engines.build.manifest import is_engine_dir
-from engines.config import EngineConfig
+from engines.config import MAX_SPECULATIVE_TOKENS, EngineConfig
 
 
 class ServerSettings(BaseSettings):
@@ -38,7 +38,15 @@ class ServerSettings(BaseSettings):
     block_size: int = EngineConfig.block_size
     device: str = EngineConfig.device
 
-    @field_validator("api_key", "served_model_name", "model", "engine_dir")
+    # Speculative decoding (off unless a method is given)
+    speculative_method: Literal["draft", "ngram"] | None = None
+    speculative_draft: str | None = None
+    num_speculative_tokens: int = Field(EngineConfig.num_speculative_tokens, ge=1, le=MAX_SPECULATIVE_TOKENS)
+    ngram_min: int = Field(EngineConfig.ngram_min, ge=1)
+    ngram_max: int = Field(EngineConfig.ngram_max, ge=1)
+
+    @field_validator("api_key", "served_model_name", "model", "engine_dir", "speculative_method", "speculative_draft",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
@@ -61,6 +69,14 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 f"--model {self.model} does not exist (give a model folder, a .gguf file or a Hugging Face id)"
             )
+        if self.speculative_draft and not Path(self.speculative_draft).expanduser().exists():
+            raise ValueError(f"--speculative-draft {self.speculative_draft} does not exist (give an engine directory "
+                             "built with `kiln build --draft-of`, or a model folder)")
+        if self.speculative_draft and self.speculative_method is None:
+            self.speculative_method = "draft"  # a draft given is a draft to use
+        if self.speculative_method == "draft" and not self.speculative_draft:
+            raise ValueError("--speculative-method draft needs --speculative-draft (an engine directory built with "
+                             "`kiln build --draft-of`, or a model folder)")
         self.engine_config().validate()
         return self
 
@@ -83,6 +99,11 @@ class ServerSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_waiting=self.max_num_waiting,
             enable_prefix_caching=self.enable_prefix_caching,
+            speculative_method=self.speculative_method,
+            speculative_draft=self.speculative_draft,
+            num_speculative_tokens=self.num_speculative_tokens,
+            ngram_min=self.ngram_min,
+            ngram_max=self.ngram_max,
         )
 
 

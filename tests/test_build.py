@@ -42,8 +42,8 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     return folder
 
 
-def options(model: Path, output: Path, **kw) -> BuildOptions:
-    base = dict(model=str(model), output=str(output), kv_cache_dtype="model", calib_samples=16, eval_samples=4,
+def options(model: Path | None, output: Path, **kw) -> BuildOptions:
+    base = dict(model=str(model) if model else None, output=str(output), kv_cache_dtype="model", calib_samples=16, eval_samples=4,
                 eval_tokens=8, bench=False, progress=False)
     base.update(kw)
     return BuildOptions(**base)
@@ -210,3 +210,38 @@ def test_cli_build_reports_errors_in_one_line(tmp_path, capsys):
     assert err == "kiln build: --calib-samples must be between 16 and 4096, got 3."
     assert main(["build", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "e")]) == 2
     assert "kiln build:" in capsys.readouterr().err
+
+
+def test_draft_of_builds_the_targets_model_at_int4_and_serves_as_its_draft(tiny_chat_model, built_engine, tmp_path):
+    """`--draft-of ENGINE` takes the model from the engine's manifest and builds it at int4-awq; the target
+    served with that draft gives the same greedy tokens as without it."""
+    target = mf.load_manifest(built_engine)
+    draft_dir = tmp_path / "draft"
+    result = build(options(None, draft_dir, draft_of=str(built_engine)))
+    m = result.manifest
+    assert m["precision"] == "int4-awq" and m["model"]["source"] == target["model"]["source"]
+    assert m["draft_of"] == {"engine": str(built_engine.resolve()), "build_hash": target["build_hash"],
+                             "model": target["model"]["source"]}
+
+    plain = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20)
+    spec = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20, speculative_method="draft",
+                        speculative_draft=str(draft_dir))
+    want = greedy_tokens(load_engine_dir(plain), plain, PROMPTS)
+    core = build_core(spec, load_engine_dir(spec))
+    requests = [GenerationRequest(f"r{i}", p, greedy(12, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    assert run_to_completion(core, requests) == want
+    assert core.stats().spec_draft_tokens > 0
+
+
+def test_draft_of_needs_an_engine_and_the_same_vocabulary(tiny_chat_model, built_engine, tmp_path):
+    with pytest.raises(BuildError, match="is not a kiln engine directory"):
+        build(options(tiny_chat_model, tmp_path / "d1", draft_of=str(tmp_path)))
+    # the same model with two token ids swapped in its tokenizer: a different vocabulary
+    other = shutil.copytree(tiny_chat_model, tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[1000:1002]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(BuildError, match="does not share the tokenizer"):
+        build(options(other, tmp_path / "d2", draft_of=str(built_engine), precision="int8-wo"))

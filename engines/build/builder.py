@@ -41,6 +41,7 @@ log = logging.getLogger("kiln.build")
 CALIBRATORS = ("minmax", "percentile", "entropy")
 KV_CHOICES = ("auto", "model", "int8", "fp8")
 CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
+DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
@@ -68,6 +69,7 @@ class BuildOptions:
     device: str = "auto"
     force: bool = False
     progress: bool = True
+    draft_of: str | None = None  # build a speculative-decoding draft for this engine directory
 
     def validate(self) -> None:
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -110,6 +112,7 @@ class _Candidate:
 
 def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
     options.validate()
+    target = _resolve_draft_of(options) if options.draft_of else None
     if options.backend == "trtllm":
         raise BuildError("--backend trtllm is not available in this kiln yet; build with --backend torch.")
     from transformers import AutoConfig, AutoTokenizer
@@ -125,6 +128,8 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     args = LlamaArgs.from_hf_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     output = Path(options.output).expanduser()
+    if target is not None:
+        _check_same_vocabulary(tokenizer, target)
     if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
         raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
 
@@ -200,8 +205,34 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
                                 fp32 if chosen.precision == "fp32" else runtime_dtype)
 
     manifest = _write_engine(output, folder, options, hardware, args, hf_config, chosen, candidates, build_hash,
-                             calib, calib_requests, calib_seconds, speeds, started)
+                             calib, calib_requests, calib_seconds, speeds, started, target)
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
+
+
+def _resolve_draft_of(options: BuildOptions) -> dict:
+    """--draft-of ENGINE: the draft is, unless --model says otherwise, the target's own model, and unless
+    --precision says otherwise its INT4 (AWQ) build: the smallest weights that still agree often."""
+    if not mf.is_engine_dir(options.draft_of):
+        raise BuildError(f"--draft-of {options.draft_of} is not a kiln engine directory (it has no engine.json).")
+    try:
+        target = mf.load_manifest(options.draft_of, verify=False)
+    except mf.EngineDirError as exc:
+        raise BuildError(f"--draft-of {options.draft_of}: {exc}") from exc
+    if options.model is None:
+        source = target.get("model", {}).get("source", "")
+        options.model = None if source.startswith("embedded:") else source
+    if options.precision == "auto":
+        options.precision = DRAFT_PRECISION
+    return target | {"path": str(Path(options.draft_of).expanduser().resolve())}
+
+
+def _check_same_vocabulary(tokenizer, target: dict) -> None:
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(target["path"])
+    if tokenizer.get_vocab() != theirs.get_vocab():
+        raise BuildError(f"the draft model does not share the tokenizer of the engine in {target['path']}; a draft "
+                         "must use the target's vocabulary.")
 
 
 def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[_Candidate]:
@@ -328,7 +359,7 @@ def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device,
 
 def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: Hardware, args, hf_config,
                   chosen: _Candidate, candidates: list[_Candidate], build_hash: str, calib, calib_requests,
-                  calib_seconds: float, speeds: list[dict], started: float) -> dict:
+                  calib_seconds: float, speeds: list[dict], started: float, target: dict | None) -> dict:
     from safetensors.torch import save_file
 
     from server import __version__
@@ -394,6 +425,9 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
             "fingerprint": calibration.fingerprint(calib_requests)},
         "files": mf.checksums(tmp, files),
     }
+    if target is not None:
+        manifest["draft_of"] = {"engine": target["path"], "build_hash": target.get("build_hash"),
+                                "model": target.get("model", {}).get("source")}
     mf.write_manifest(tmp, manifest)
     if output.exists():
         shutil.rmtree(output)

@@ -71,6 +71,8 @@ class AsyncTorchEngine(Engine):
                 "max_num_batched_tokens": config.max_num_batched_tokens,
                 "torch_threads": torch.get_num_threads(),
                 "engine": _engine_summary(loaded.manifest),
+                "speculative": (core.proposer.describe() | {"num_speculative_tokens": core.num_speculative_tokens}
+                                if core.proposer else None),
             } | ({"precision": loaded.manifest["precision"], "profile": loaded.manifest.get("profile")}
                  if loaded.manifest else {}),
         )

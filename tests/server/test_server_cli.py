@@ -26,6 +26,11 @@ from .conftest import REPO, free_port
         (["serve", "--model", "m", "--engine-dir", "."], "not both"),
         (["serve", "--max-num-seqs", "0"], "max_num_seqs"),
         (["serve", "--frobnicate"], "unrecognized arguments"),
+        (["serve", "--speculative-method", "medusa"], "--speculative-method"),
+        (["serve", "--speculative-method", "draft"], "needs --speculative-draft"),
+        (["serve", "--speculative-draft", "/no/such/draft"], "does not exist"),
+        (["serve", "--speculative-method", "ngram", "--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+        (["serve", "--speculative-method", "ngram", "--ngram-min", "5", "--ngram-max", "3"], "ngram_min <= ngram_max"),
         ([], "usage"),
     ],
 )
