@@ -168,10 +168,20 @@ class EngineStats:
     spec_num_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # per draft position 0, 1, ...: drafts checked there (all drafts before them accepted), of which accepted
+    spec_checked_per_position: list[int] = field(default_factory=list)
+    spec_accepted_per_position: list[int] = field(default_factory=list)
 
     @property
     def spec_acceptance_rate(self) -> float:
         return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_alpha(self) -> float:
+        """Per-token acceptance probability α estimated as accepted / checked draft positions: the maximum-
+        likelihood estimate when each draft is accepted with probability α until the first rejection."""
+        checked = sum(self.spec_checked_per_position)
+        return sum(self.spec_accepted_per_position) / checked if checked else 0.0
 
     @property
     def spec_mean_accepted_length(self) -> float:

@@ -41,6 +41,9 @@ async def metadata(request: Request) -> MetadataResponse:
             "accepted_tokens": stats.spec_accepted_tokens,
             "acceptance_rate": stats.spec_acceptance_rate,
             "mean_accepted_length": stats.spec_mean_accepted_length,
+            "alpha": stats.spec_alpha,
+            "accepted_per_position": stats.spec_accepted_per_position,
+            "checked_per_position": stats.spec_checked_per_position,
         }
     return MetadataResponse(
         model=holder.served_model_name,

@@ -231,6 +231,10 @@ def test_draft_of_builds_the_targets_model_at_int4_and_serves_as_its_draft(tiny_
     requests = [GenerationRequest(f"r{i}", p, greedy(12, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     assert run_to_completion(core, requests) == want
     assert core.stats().spec_draft_tokens > 0
+    described = core.proposer.describe()
+    assert (described["method"], described["draft_source"], described["draft_precision"]) == \
+        ("draft", str(draft_dir), "int4-awq")
+    assert described["draft_kv_blocks"] == core.bm.num_blocks
 
 
 def test_draft_of_needs_an_engine_and_the_same_vocabulary(tiny_chat_model, built_engine, tmp_path):

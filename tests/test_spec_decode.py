@@ -251,3 +251,16 @@ def test_draft_with_another_vocabulary_is_refused(tmp_path, target, make_engine)
 def test_bad_speculative_settings_are_one_sentence(target, make_engine, settings, message):
     with pytest.raises(ValueError, match=message):
         make_engine(target, **settings)
+
+
+def test_per_position_counts_and_alpha(spec_engine):
+    core = spec_engine("draft-int8")
+    run_to_completion(core, _requests(PROMPTS))
+    stats = core.stats()
+    checked, accepted = stats.spec_checked_per_position, stats.spec_accepted_per_position
+    assert len(checked) == len(accepted) == 4
+    assert sum(accepted) == stats.spec_accepted_tokens
+    assert checked[0] == stats.spec_num_drafts  # the first draft of every verification is checked
+    # a position is checked only when the one before it was accepted
+    assert all(c <= a for c, a in zip(checked[1:], accepted[:-1]))
+    assert stats.spec_alpha == sum(accepted) / sum(checked)

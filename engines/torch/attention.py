@@ -44,7 +44,7 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per new token
-    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    num_decode_tokens: int  # the first num_decode_tokens tokens are decode rows, row i attending to decode_context_lens[i] tokens
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
     decode_max_context: int

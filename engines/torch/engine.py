@@ -82,6 +82,8 @@ class AsyncTorchEngine(Engine):
             core.bm.num_blocks, core.bm.block_size, self._info.kv_capacity_tokens, self._info.kv_cache_dtype,
             runner_bytes(core) / 2**20, core.max_model_len,
         )
+        if core.proposer is not None:
+            log.info("Speculative decoding: %s", self._info.extra["speculative"])
 
     @classmethod
     def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> "AsyncTorchEngine":

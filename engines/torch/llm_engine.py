@@ -46,6 +46,9 @@ class LLMEngine:
         self.spec_num_drafts = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
+        # per draft position: how often a draft there was checked (every draft before it accepted), and accepted
+        self.spec_checked_per_position = [0] * num_speculative_tokens
+        self.spec_accepted_per_position = [0] * num_speculative_tokens
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -136,6 +139,9 @@ class LLMEngine:
                 self.spec_num_drafts += 1
                 self.spec_draft_tokens += len(prop)
                 self.spec_accepted_tokens += verified.num_accepted
+                for position in range(min(len(prop), verified.num_accepted + 1)):
+                    self.spec_checked_per_position[position] += 1
+                    self.spec_accepted_per_position[position] += position < verified.num_accepted
                 self._append(seq, verified.token_ids, verified.logprobs, touched)
                 if not seq.is_finished:  # accepted drafts' KV stays; the rejected ones' slots are given back
                     seq.num_computed_tokens += verified.num_accepted
@@ -285,6 +291,8 @@ class LLMEngine:
             spec_num_drafts=self.spec_num_drafts,
             spec_draft_tokens=self.spec_draft_tokens,
             spec_accepted_tokens=self.spec_accepted_tokens,
+            spec_accepted_per_position=list(self.spec_accepted_per_position),
+            spec_checked_per_position=list(self.spec_checked_per_position),
         )
 
     def live_sequences(self) -> list[Sequence]:

@@ -197,8 +197,10 @@ def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel 
     kv = KVCache(dargs.num_layers, num_blocks, config.block_size, dargs.num_kv_heads, dargs.head_dim, draft.dtype,
                  draft.device, draft.kv_cache_dtype, draft.kv_cache_scales)
     runner = ModelRunner(draft.model, kv, config.block_size, draft.device)
+    description = {"draft_model": draft.name, "draft_source": str(config.speculative_draft or draft.folder),
+                   "draft_precision": draft.manifest["precision"] if draft.manifest else str(draft.dtype).removeprefix("torch.")}
     return DraftModelProposer(runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False),
-                              draft.name)
+                              description)
 
 
 def load_draft(config: EngineConfig) -> LoadedModel:

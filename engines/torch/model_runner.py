@@ -50,6 +50,13 @@ class KVCache:
         data[:, :, :, dst] = data[:, :, :, src]
 
 
+# A chunk that continues a sequence with at most this many query tokens (a decode, a speculative
+# verification of k + 1 tokens, a draft model catching up) runs as that many decode rows, row j
+# attending to the first start + j + 1 tokens: one paged-attention op for the whole batch instead of a
+# gather and an SDPA per sequence. Longer chunks (prefills) take the SDPA path.
+MAX_DECODE_ROWS = 17
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device):
         self.model = model
@@ -62,8 +69,8 @@ class ModelRunner:
         """Run one step. Returns (float32 logits, the chunks that sample, in row order). A sampling chunk
         owns 1 + len(draft_token_ids) consecutive rows: its last token's, then one per speculative token."""
         bs = self.block_size
-        # Decodes first (batched attention), then prefill chunks and speculative verifications (one SDPA each).
-        is_decode = [c.num_query_tokens == 1 and c.seq.num_computed_tokens > 0 for c in chunks]
+        # Decode rows first (batched attention), then prefill chunks (one SDPA each).
+        is_decode = [c.seq.num_computed_tokens > 0 and c.num_query_tokens <= MAX_DECODE_ROWS for c in chunks]
         decodes = [c for c, d in zip(chunks, is_decode) if d]
         prefills = [c for c, d in zip(chunks, is_decode) if not d]
         ordered = decodes + prefills
@@ -83,13 +90,22 @@ class ModelRunner:
         to_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         decode_tables = decode_lens = None
         max_ctx = 0
+        num_decode_rows = sum(c.num_query_tokens for c in decodes)
         if decodes:
-            max_ctx = max(c.seq.num_computed_tokens + 1 for c in decodes)
+            max_ctx = max(c.seq.num_computed_tokens + c.num_query_tokens for c in decodes)
             width = -(-max_ctx // bs)
-            decode_tables = to_tensor([c.seq.block_table[:width] + [0] * (width - len(c.seq.block_table[:width])) for c in decodes])
-            decode_lens = to_tensor([c.seq.num_computed_tokens + 1 for c in decodes])
+            tables, lens = [], []
+            for c in decodes:
+                table = c.seq.block_table[:width]
+                table = table + [0] * (width - len(table))
+                start = c.seq.num_computed_tokens
+                for j in range(c.num_query_tokens):
+                    tables.append(table)
+                    lens.append(start + j + 1)
+            decode_tables = to_tensor(tables)
+            decode_lens = to_tensor(lens)
         spans = []
-        q_start = len(decodes)
+        q_start = num_decode_rows
         for c in prefills:
             ctx = c.seq.num_computed_tokens + c.num_query_tokens
             table = to_tensor(c.seq.block_table[: -(-ctx // bs)])
@@ -97,7 +113,7 @@ class ModelRunner:
             q_start += c.num_query_tokens
         meta = AttentionMetadata(
             slot_mapping=to_tensor(slots),
-            num_decode_tokens=len(decodes),
+            num_decode_tokens=num_decode_rows,
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,
             decode_max_context=max_ctx,

@@ -42,10 +42,10 @@ class DraftState:
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, name: str):
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, description: dict):
         self.runner = runner
         self.bm = block_manager
-        self.name = name
+        self.description = description  # what /v1/metadata says about the draft: name, source, precision
         self.states: dict[int, DraftState] = {}
 
     def propose(self, seqs, ks: list[int], make_row: Callable[[object, list[int]], SampleRow]) -> list[Proposal | None]:
@@ -119,4 +119,4 @@ class DraftModelProposer:
         return list(self.states.values())
 
     def describe(self) -> dict:
-        return {"method": "draft", "draft_model": self.name, "draft_kv_blocks": self.bm.num_blocks}
+        return {"method": "draft", **self.description, "draft_kv_blocks": self.bm.num_blocks}
