@@ -264,3 +264,19 @@ def test_per_position_counts_and_alpha(spec_engine):
     # a position is checked only when the one before it was accepted
     assert all(c <= a for c, a in zip(checked[1:], accepted[:-1]))
     assert stats.spec_alpha == sum(accepted) / sum(checked)
+
+
+def test_which_chunks_run_as_decode_rows():
+    """Decodes, verifications and a draft's catch-up use the decode kernel; prompt chunks (also the rest of
+    a prompt after a prefix-cache hit) keep SDPA, so a cache hit computes exactly what a cold prefill does."""
+    from types import SimpleNamespace
+
+    from engines.torch.scheduler import MAX_DECODE_ROWS, ScheduledChunk
+
+    fresh, started = SimpleNamespace(num_computed_tokens=0), SimpleNamespace(num_computed_tokens=32)
+    assert ScheduledChunk(started, 1).runs_as_decode_rows
+    assert ScheduledChunk(started, 1, [5, 6, 7]).runs_as_decode_rows
+    assert ScheduledChunk(started, 3, catch_up=True).runs_as_decode_rows
+    assert not ScheduledChunk(started, 3).runs_as_decode_rows  # a prompt's rest after a prefix hit
+    assert not ScheduledChunk(fresh, 1).runs_as_decode_rows  # a one-token prompt
+    assert not ScheduledChunk(started, MAX_DECODE_ROWS + 1, catch_up=True).runs_as_decode_rows

@@ -50,13 +50,6 @@ class KVCache:
         data[:, :, :, dst] = data[:, :, :, src]
 
 
-# A chunk that continues a sequence with at most this many query tokens (a decode, a speculative
-# verification of k + 1 tokens, a draft model catching up) runs as that many decode rows, row j
-# attending to the first start + j + 1 tokens: one paged-attention op for the whole batch instead of a
-# gather and an SDPA per sequence. Longer chunks (prefills) take the SDPA path.
-MAX_DECODE_ROWS = 17
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device):
         self.model = model
@@ -70,7 +63,7 @@ class ModelRunner:
         owns 1 + len(draft_token_ids) consecutive rows: its last token's, then one per speculative token."""
         bs = self.block_size
         # Decode rows first (batched attention), then prefill chunks (one SDPA each).
-        is_decode = [c.seq.num_computed_tokens > 0 and c.num_query_tokens <= MAX_DECODE_ROWS for c in chunks]
+        is_decode = [c.runs_as_decode_rows for c in chunks]
         decodes = [c for c, d in zip(chunks, is_decode) if d]
         prefills = [c for c, d in zip(chunks, is_decode) if not d]
         ordered = decodes + prefills

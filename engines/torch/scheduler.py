@@ -7,8 +7,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engines.config import MAX_SPECULATIVE_TOKENS
 from engines.torch.block_manager import BlockManager
 from engines.torch.sequence import Sequence, SequenceStatus
+
+
+MAX_DECODE_ROWS = MAX_SPECULATIVE_TOKENS + 1  # a verification: k drafts after the last accepted token
 
 
 @dataclass
@@ -16,10 +20,22 @@ class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed for this sequence in this step (1 for a decode)
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens scored after them
+    catch_up: bool = False  # a draft model feeding the few tokens its target accepted since its last step
 
     @property
     def num_query_tokens(self) -> int:
         return self.num_tokens + len(self.draft_token_ids)
+
+    @property
+    def runs_as_decode_rows(self) -> bool:
+        """Decodes, verifications of k + 1 tokens and a draft's catch-up run as one decode row per token
+        (row j attends to the first start + j + 1 tokens): one paged-attention op for the whole batch and
+        the numerics of a plain decode. Prompt chunks keep SDPA, so a prefix-cache hit computes the rest
+        of a prompt exactly as a full prefill does."""
+        if self.seq.num_computed_tokens == 0:
+            return False
+        return self.num_query_tokens == 1 or (
+            (bool(self.draft_token_ids) or self.catch_up) and self.num_query_tokens <= MAX_DECODE_ROWS)
 
     @property
     def completes(self) -> bool:

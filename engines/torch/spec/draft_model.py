@@ -64,7 +64,7 @@ class DraftModelProposer:
             active = [entry for entry, ok in zip(active, fits) if ok]
             if not active:
                 break
-            chunks = [ScheduledChunk(state, state.num_uncomputed) for _, state, _ in active]
+            chunks = [ScheduledChunk(state, state.num_uncomputed, catch_up=True) for _, state, _ in active]
             logits, _ = self.runner.execute(chunks)  # every chunk reaches its state's last token
             for chunk in chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
