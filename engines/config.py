@@ -10,7 +10,9 @@ if TYPE_CHECKING:
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
-SPECULATIVE_METHODS = ("draft", "ngram")
+SPECULATIVE_METHODS = ("draft", "ngram", "eagle")  # eagle: the trtllm backend only
+BACKENDS = ("auto", "torch", "trtllm")
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -18,6 +20,8 @@ MAX_SPECULATIVE_TOKENS = 16
 class EngineConfig:
     # A Hugging Face model folder, a .gguf file, a hub id, or None for the embedded default model.
     model: str | None = None
+    # auto: trtllm when the engine directory holds a TensorRT-LLM engine, else torch
+    backend: str = "auto"
     # An engine directory written by `kiln build` (quantized weights, KV dtype and scales); not with model.
     engine_dir: str | None = None
     served_model_name: str | None = None
@@ -42,6 +46,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # tokens proposed per step; the target verifies k + 1 positions at once
     ngram_min: int = 2  # n-gram match window: the longest suffix of ngram_max .. ngram_min tokens is looked up
     ngram_max: int = 4
+    # trtllm backend only: KvCacheConfig.free_gpu_memory_fraction and the in-flight batching scheduler policy
+    gpu_memory_fraction: float = 0.9
+    scheduler_policy: str = "guaranteed_no_evict"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -58,6 +65,13 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be model, int8 or fp8, got {self.kv_cache_dtype!r}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be auto, torch or trtllm, got {self.backend!r}.")
+        if self.scheduler_policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"scheduler_policy must be guaranteed_no_evict or max_utilization, got "
+                             f"{self.scheduler_policy!r}.")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}.")
         self._validate_speculative()
 
     def _validate_speculative(self) -> None:
@@ -67,7 +81,7 @@ class EngineConfig:
                 raise ValueError("speculative_draft is set but speculative_method is not; use speculative_method draft.")
             return
         if method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_method must be draft or ngram, got {method!r}.")
+            raise ValueError(f"speculative_method must be draft, ngram or eagle, got {method!r}.")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "
                              f"got {self.num_speculative_tokens}.")

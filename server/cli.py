@@ -33,6 +33,7 @@ def _add_serve(subparsers) -> None:
     add = serve.add_argument
     add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     add("--engine-dir", help="engine directory written by `kiln build` (quantized weights, KV-cache dtype); not with --model")
+    add("--backend", help="auto (the engine directory's: trtllm for TensorRT-LLM engines), torch or trtllm (default: auto)")
     add("--served-model-name", help="model name clients send and /v1/models lists (default: the model's name)")
     add("--host", help="address to bind (default: 0.0.0.0)")
     add("--port", help="port to bind (default: 8000)")
@@ -47,12 +48,14 @@ def _add_serve(subparsers) -> None:
     add("--block-size", help="tokens per KV-cache block, a power of two (default: 16)")
     add("--device", help="auto, cpu or cuda (default: auto)")
     add("--speculative-method", help="speculative decoding: draft (a draft model proposes) or ngram (prompt lookup "
-        "proposes; no model needed) (default: off)")
+        "proposes; no model needed); eagle on the trtllm backend (default: off)")
     add("--speculative-draft", help="the draft: an engine directory built with `kiln build --draft-of`, or a model "
         "folder with the same tokenizer (implies --speculative-method draft)")
     add("--num-speculative-tokens", help="tokens proposed per step, verified together by the model (default: 4)")
     add("--ngram-min", help="shortest suffix the n-gram proposer looks up (default: 2)")
     add("--ngram-max", help="longest suffix the n-gram proposer looks up (default: 4)")
+    add("--gpu-memory-fraction", help="trtllm: fraction of free GPU memory for the KV cache (default: 0.9)")
+    add("--scheduler-policy", help="trtllm: guaranteed_no_evict or max_utilization (default: guaranteed_no_evict)")
     add("--graceful-shutdown-timeout", help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     add("--log-level", help="critical, error, warning, info or debug (default: info)")
     serve.set_defaults(handler=serve_command)

@@ -17,6 +17,7 @@ class ServerSettings(BaseSettings):
 
     # What to serve: a model (folder, .gguf, hub id; default: the embedded model) or a built engine directory.
     model: str | None = None
+    backend: Literal["auto", "torch", "trtllm"] = "auto"
     engine_dir: str | None = None
     served_model_name: str | None = None
 
@@ -39,11 +40,15 @@ class ServerSettings(BaseSettings):
     device: str = EngineConfig.device
 
     # Speculative decoding (off unless a method is given)
-    speculative_method: Literal["draft", "ngram"] | None = None
+    speculative_method: Literal["draft", "ngram", "eagle"] | None = None
     speculative_draft: str | None = None
     num_speculative_tokens: int = Field(EngineConfig.num_speculative_tokens, ge=1, le=MAX_SPECULATIVE_TOKENS)
     ngram_min: int = Field(EngineConfig.ngram_min, ge=1)
     ngram_max: int = Field(EngineConfig.ngram_max, ge=1)
+
+    # trtllm backend
+    gpu_memory_fraction: float = Field(EngineConfig.gpu_memory_fraction, gt=0, le=1)
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = EngineConfig.scheduler_policy
 
     @field_validator("api_key", "served_model_name", "model", "engine_dir", "speculative_method", "speculative_draft",
                      mode="before")
@@ -74,6 +79,9 @@ class ServerSettings(BaseSettings):
                              "built with `kiln build --draft-of`, or a model folder)")
         if self.speculative_draft and self.speculative_method is None:
             self.speculative_method = "draft"  # a draft given is a draft to use
+        if self.backend == "trtllm" and not self.engine_dir:
+            raise ValueError("--backend trtllm serves an engine directory built with `kiln build --backend trtllm`; "
+                             "give --engine-dir")
         if self.speculative_method == "draft" and not self.speculative_draft:
             raise ValueError("--speculative-method draft needs --speculative-draft (an engine directory built with "
                              "`kiln build --draft-of`, or a model folder)")
@@ -88,6 +96,7 @@ class ServerSettings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model,
+            backend=self.backend,
             engine_dir=self.engine_dir,
             served_model_name=self.served_model_name,
             dtype=self.dtype,
@@ -104,6 +113,8 @@ class ServerSettings(BaseSettings):
             num_speculative_tokens=self.num_speculative_tokens,
             ngram_min=self.ngram_min,
             ngram_max=self.ngram_max,
+            gpu_memory_fraction=self.gpu_memory_fraction,
+            scheduler_policy=self.scheduler_policy,
         )
 
 

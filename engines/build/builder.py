@@ -114,7 +114,9 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     options.validate()
     target = _resolve_draft_of(options) if options.draft_of else None
     if options.backend == "trtllm":
-        raise BuildError("--backend trtllm is not available in this kiln yet; build with --backend torch.")
+        from engines.trtllm.build import build_trtllm
+
+        return build_trtllm(options, hardware or detect())
     from transformers import AutoConfig, AutoTokenizer
 
     from engines.torch.loader import pick_device, pick_dtype

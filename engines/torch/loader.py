@@ -182,6 +182,8 @@ def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel 
         from engines.torch.spec.ngram import NgramProposer
 
         return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculative_method == "eagle":
+        raise ValueError("EAGLE speculation runs on the trtllm backend only; the torch backend offers ngram and draft.")
     if config.speculative_method != "draft":
         return None
     from engines.torch.spec.draft_model import DraftModelProposer

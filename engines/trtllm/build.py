@@ -1,0 +1,153 @@
+"""`kiln build --backend trtllm`: compile a Hugging Face model into a TensorRT engine with TensorRT-LLM's
+LLM API and write it as a kiln engine directory:
+
+    DIR/engine.json   kiln's manifest ("backend": "trtllm", precision, KV dtype, target GPU and what it
+                      requires, the QuantConfig/BuildConfig used, sha256 of every file)
+    DIR/trtllm/       what `LLM.save()` writes (the TensorRT engine and its config.json)
+    DIR/ tokenizer files and chat template, read by kiln's server
+
+Calibration (FP8, SmoothQuant, AWQ, GPTQ, INT8/FP8 KV cache) runs inside TensorRT-LLM on kiln's calibration
+set (or --calib), rendered through the model's chat template into a local dataset folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from engines import calibration
+from engines.build import manifest as mf
+from engines.hardware import Hardware
+from engines.model_source import resolve_model
+from engines.trtllm import api as trt
+from engines.trtllm import configs
+
+log = logging.getLogger("kiln.build.trtllm")
+
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "generation_config.json")
+CALIB_MAX_SEQ_LEN = 512
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_NUM_TOKENS = 8192
+
+
+def auto_precision(hardware: Hardware) -> tuple[str, str]:
+    """FP8 weights and KV on Ada/Hopper and later; SmoothQuant INT8 with an INT8 KV cache on Ampere."""
+    sm = hardware.sm or 0
+    if sm >= 89:
+        return "fp8", "fp8"
+    if sm >= 80:
+        return "int8-sq", "int8"
+    raise trt.TrtllmUnsupported(f"TensorRT-LLM's quantized engines need a GPU with SM >= 80 and {hardware.name} is "
+                                f"SM {hardware.sm}; use --backend torch.")
+
+
+def build_trtllm(options, hardware: Hardware):
+    """options: engines.build.builder.BuildOptions. Returns a BuildResult."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engines.build.builder import BuildError, BuildResult
+
+    try:
+        api = trt.load()
+        if hardware.device != "cuda":
+            raise trt.TrtllmUnavailable("--backend trtllm builds on an NVIDIA GPU and torch sees none; build with "
+                                        "--backend torch here.")
+        precision, kv = auto_precision(hardware) if options.precision == "auto" else (options.precision, None)
+        if options.kv_cache_dtype != "auto":
+            kv = options.kv_cache_dtype
+        kv = kv or ("fp8" if (hardware.sm or 0) >= 89 else "int8")
+        trt.check_gpu(precision, kv, hardware.sm, hardware.name)
+        quant = configs.quant_config(api, precision, kv, options.group_size)
+    except (trt.TrtllmUnavailable, trt.TrtllmUnsupported) as exc:
+        raise BuildError(str(exc)) from exc
+
+    started = time.perf_counter()
+    folder = resolve_model(options.model)
+    hf_config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    output = Path(options.output).expanduser()
+    if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
+        raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
+    max_seq_len = int(getattr(hf_config, "max_position_embeddings", 4096))
+    build = configs.build_config(api, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, max_seq_len)
+
+    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        kwargs = dict(model=str(folder), tokenizer=str(folder), quant_config=quant, build_config=build)
+        calib_source = None
+        if configs.needs_calibration(precision, kv):
+            requests = calibration.select_samples(
+                calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
+                options.calib_samples)
+            dataset = _write_calibration_dataset(tmp / "calibration", requests, tokenizer)
+            kwargs["calib_config"] = configs.calib_config(api, str(dataset), len(requests), CALIB_MAX_SEQ_LEN)
+            calib_source = {"source": options.calib or "kiln:build/calibration/calib.jsonl", "samples": len(requests),
+                            "fingerprint": calibration.fingerprint(requests)}
+        log.info("Building a %s TensorRT engine (KV %s) of %s with TensorRT-LLM %s", precision, kv, folder, api.version)
+        llm = api.llm_class(**kwargs)
+        try:
+            llm.save(str(tmp / "trtllm"))
+        finally:
+            llm.shutdown()
+        shutil.rmtree(tmp / "calibration", ignore_errors=True)
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = _manifest(options, hardware, precision, kv, quant, build, api.version, calib_source, hf_config,
+                             folder, max_seq_len, files, tmp, time.perf_counter() - started)
+        mf.write_manifest(tmp, manifest)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(output, False, manifest)
+
+
+def _write_calibration_dataset(folder: Path, requests, tokenizer) -> Path:
+    folder.mkdir(parents=True)
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
+        for messages in requests:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            f.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def _describe(obj) -> dict:
+    """The fields kiln set on a TensorRT-LLM config object, for the manifest (enums by name)."""
+    fields = getattr(obj, "model_dump", None)
+    values = fields(exclude_unset=True) if fields else dict(vars(obj))
+    return {k: getattr(v, "name", v) if not isinstance(v, (int, float, str, bool, type(None))) else v
+            for k, v in values.items() if not k.startswith("_")}
+
+
+def _manifest(options, hardware, precision, kv, quant, build, version, calib_source, hf_config, folder, max_seq_len,
+              files, tmp, seconds) -> dict:
+    from server import __version__
+
+    return {
+        "schema_version": mf.SCHEMA_VERSION,
+        "kiln_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": "trtllm",
+        "model": {"source": options.model or "embedded:SmolLM2-135M-Instruct", "model_type": hf_config.model_type},
+        "precision": precision,
+        "kv_cache_dtype": kv,
+        "max_model_len": max_seq_len,
+        "target": {"device": "cuda", "description": hardware.describe(), "sm": hardware.sm,
+                   "requires": {"device": "cuda", "min_sm": max(trt.MIN_SM[precision], trt.KV_MIN_SM[kv])}},
+        "trtllm": {"version": version, "engine_dir": "trtllm", "quant_config": _describe(quant),
+                   "build_config": _describe(build), "build_seconds": round(seconds, 1)},
+        "calibration": calib_source,
+        "files": mf.checksums(tmp, files),
+    }

@@ -1,0 +1,119 @@
+"""kiln's settings as TensorRT-LLM 1.x LLM-API objects: the build's QuantConfig, CalibConfig and
+BuildConfig, and the runtime's KvCacheConfig, SchedulerConfig and SamplingParams.
+
+Field names follow tensorrt_llm/llmapi/llm_args.py, tensorrt_llm/quantization/mode.py (QuantAlgo),
+tensorrt_llm/builder.py (BuildConfig) and tensorrt_llm/sampling_params.py of the 1.x releases."""
+
+from __future__ import annotations
+
+from engines.base import SamplingParams
+from engines.trtllm.api import TrtllmApi, TrtllmUnsupported
+
+# kiln precision -> QuantAlgo member name of the weights (None: no weight quantization, bf16)
+WEIGHT_ALGO = {
+    "bf16": None,
+    "fp8": "FP8",
+    "int8-sq": "W8A8_SQ_PER_CHANNEL",
+    "int8-wo": "W8A16",
+    "int4-rtn": "W4A16",
+    "int4-awq": "W4A16_AWQ",
+    "int4-gptq": "W4A16_GPTQ",
+    "nvfp4": "NVFP4",
+}
+KV_ALGO = {"model": None, "int8": "INT8", "fp8": "FP8"}
+CALIBRATED = {"fp8", "int8-sq", "int4-awq", "int4-gptq", "nvfp4"}  # algorithms that run calibration data
+SMOOTHQUANT_ALPHA = 0.5  # the same α kiln's torch build uses
+
+
+def quant_config(api: TrtllmApi, precision: str, kv_cache_dtype: str, group_size: int):
+    if precision not in WEIGHT_ALGO:
+        raise TrtllmUnsupported(f"--backend trtllm builds {', '.join(WEIGHT_ALGO)}; {precision!r} is not one of them.")
+    algo = api.llmapi.QuantAlgo
+    kwargs = {}
+    if WEIGHT_ALGO[precision]:
+        kwargs["quant_algo"] = getattr(algo, WEIGHT_ALGO[precision])
+    if KV_ALGO[kv_cache_dtype]:
+        kwargs["kv_cache_quant_algo"] = getattr(algo, KV_ALGO[kv_cache_dtype])
+    if precision.startswith("int4"):
+        kwargs["group_size"] = group_size
+    if precision == "int8-sq":
+        kwargs["smoothquant_val"] = SMOOTHQUANT_ALPHA
+    return api.llmapi.QuantConfig(**kwargs)
+
+
+def needs_calibration(precision: str, kv_cache_dtype: str) -> bool:
+    return precision in CALIBRATED or KV_ALGO[kv_cache_dtype] is not None
+
+
+def calib_config(api: TrtllmApi, dataset_dir: str, samples: int, max_seq_length: int):
+    """dataset_dir: a folder holding train.jsonl of {"text": ...} lines (kiln's or the user's chat requests
+    rendered through the model's chat template), which TensorRT-LLM's calibration loads as a dataset."""
+    return api.llmapi.CalibConfig(calib_dataset=dataset_dir, calib_batches=samples, calib_batch_size=1,
+                                  calib_max_seq_length=max_seq_length)
+
+
+def build_config(api: TrtllmApi, max_batch_size: int, max_num_tokens: int, max_seq_len: int):
+    """In-flight batching over a paged KV cache is BuildConfig's default (the paged_kv_cache and
+    remove_input_padding plugins), so kiln only sizes the engine."""
+    return api.llmapi.BuildConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                                  max_seq_len=max_seq_len)
+
+
+def kv_cache_config(api: TrtllmApi, free_gpu_memory_fraction: float, enable_block_reuse: bool):
+    return api.llmapi.KvCacheConfig(free_gpu_memory_fraction=free_gpu_memory_fraction,
+                                    enable_block_reuse=enable_block_reuse)
+
+
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+
+def scheduler_config(api: TrtllmApi, policy: str):
+    if policy not in SCHEDULER_POLICIES:
+        raise TrtllmUnsupported(f"the scheduler policy must be one of {', '.join(SCHEDULER_POLICIES)}, got {policy!r}.")
+    member = getattr(api.llmapi.CapacitySchedulerPolicy, policy.upper())
+    return api.llmapi.SchedulerConfig(capacity_scheduler_policy=member)
+
+
+def speculative_config(api: TrtllmApi, method: str | None, num_tokens: int, draft: str | None):
+    """TensorRT-LLM 1.x runs n-gram and draft-target speculation only in its PyTorch backend
+    (NGramDecodingConfig / DraftTargetDecodingConfig.supports_backend("pytorch")); a TensorRT engine
+    speculates with EAGLE, given an EAGLE checkpoint, and must have been built for it."""
+    if method is None:
+        return None
+    if method == "eagle":
+        if draft is None:
+            raise TrtllmUnsupported("EAGLE speculation needs --speculative-draft with an EAGLE checkpoint folder.")
+        return api.llmapi.EagleDecodingConfig(max_draft_len=num_tokens, speculative_model_dir=draft)
+    raise TrtllmUnsupported(f"TensorRT-LLM runs {method} speculation only in its PyTorch backend, not on a TensorRT "
+                            "engine; use --speculative-method eagle with an EAGLE checkpoint, or kiln's torch backend.")
+
+
+def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int):
+    """kiln's SamplingParams as TensorRT-LLM's. Greedy is temperature 0 in both (TensorRT-LLM takes top_k 1
+    for it, which is what it does with temperature 0 too); ignore_eos maps to an end_id outside the
+    vocabulary, TensorRT-LLM's way to never stop on EOS; logit_bias has no TensorRT-LLM field and is refused."""
+    if params.logit_bias:
+        raise TrtllmUnsupported("logit_bias is not supported by the trtllm backend.")
+    kwargs = dict(
+        max_tokens=params.max_tokens,
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else None,
+        min_p=params.min_p or None,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        seed=params.seed,
+        min_tokens=params.min_tokens or None,
+        stop_token_ids=list(params.stop_token_ids) or None,
+        logprobs=params.logprobs,
+        detokenize=False,  # kiln detokenizes (stop strings, incremental text) like for the torch backend
+        end_id=-1 if params.ignore_eos else (eos_token_ids[0] if eos_token_ids else None),
+    )
+    if params.greedy:
+        kwargs["top_k"] = 1
+        kwargs["top_p"] = None
+    if not params.ignore_eos and len(eos_token_ids) > 1:  # the other EOS ids stop too, reported as EOS
+        kwargs["stop_token_ids"] = list(dict.fromkeys((kwargs["stop_token_ids"] or []) + eos_token_ids[1:]))
+    return api.llmapi.SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})

@@ -1,0 +1,124 @@
+"""Fake tensorrt_llm._tensorrt_engine.LLM: records its arguments, writes a stand-in engine on save(), and
+streams deterministic generations through RequestOutput objects shaped like TensorRT-LLM's."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+from tensorrt_llm._fake import CALLS, FAKE
+
+LLM_FIELDS = frozenset({"model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code",
+                        "tensor_parallel_size", "dtype", "revision", "build_config", "quant_config", "calib_config",
+                        "kv_cache_config", "scheduler_config", "speculative_config", "enable_chunked_prefill",
+                        "max_batch_size", "max_num_tokens", "iter_stats_max_iterations", "enable_build_cache"})
+_ids = itertools.count()
+
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        unknown = set(kwargs) - LLM_FIELDS
+        if unknown:
+            raise TypeError(f"LLM got unexpected keyword arguments {sorted(unknown)}")
+        self.model = model
+        self.kwargs = kwargs
+        self.shut_down = False
+        CALLS.append(("LLM", {"model": model, **kwargs}))
+        calib = kwargs.get("calib_config")
+        if calib is not None:  # TensorRT-LLM reads the calibration dataset while it builds
+            lines = (Path(calib.calib_dataset) / "train.jsonl").read_text().splitlines()
+            CALLS.append(("calibration dataset", [json.loads(line) for line in lines]))
+
+    def save(self, engine_dir: str) -> None:
+        path = Path(engine_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"fake": True, "model": str(self.model)}))
+        (path / "rank0.engine").write_bytes(b"fake TensorRT engine")
+        CALLS.append(("LLM.save", engine_dir))
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+        CALLS.append(("LLM.shutdown",))
+
+    def generate_async(self, inputs, sampling_params=None, streaming=False, **kwargs):
+        asyncio.get_running_loop()  # like TensorRT-LLM, a streaming result needs the running event loop
+        CALLS.append(("LLM.generate_async", list(inputs), sampling_params, streaming))
+        return RequestOutput(next(_ids), list(inputs), sampling_params)
+
+    def get_stats(self, timeout: float):
+        stats, FAKE.stats = FAKE.stats, []
+        CALLS.append(("LLM.get_stats", timeout))
+        return stats
+
+
+class RequestOutput:
+    """One request's result: async-iterable while streaming; `outputs` are CompletionOutputs."""
+
+    def __init__(self, request_id: int, prompt_token_ids: list[int], params):
+        from tensorrt_llm.llmapi import CompletionOutput
+
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.finished = False
+        self._aborted = False
+        n = getattr(params, "n", 1)
+        self.outputs = [CompletionOutput(index=i) for i in range(n)]
+        self._plans = [self._plan(prompt_token_ids, i) for i in range(n)]
+
+    def _plan(self, prompt: list[int], index: int) -> list[int]:
+        if FAKE.script is not None:
+            return list(FAKE.script)
+        token = prompt[-1] + index
+        walk = []
+        for _ in range(getattr(self.params, "max_tokens", 32)):
+            token = (token * 7 + 3) % 1000 + 10
+            walk.append(token)
+        return walk
+
+    def abort(self) -> None:
+        self._aborted = True
+        CALLS.append(("RequestOutput.abort", self.request_id))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        if FAKE.fail_generation:
+            raise RuntimeError(FAKE.fail_generation)
+        p = self.params
+        end_id = getattr(p, "end_id", None)
+        stops = set(getattr(p, "stop_token_ids", None) or [])
+        for out, plan in zip(self.outputs, self._plans):
+            out._last_token_ids_len = len(out.token_ids)
+            out._last_logprobs_len = len(out.logprobs)
+            if out.finish_reason:
+                continue
+            if self._aborted:
+                out.finish_reason = "cancelled"
+                continue
+            for _ in range(FAKE.tokens_per_step):
+                token = plan[len(out.token_ids)] if len(out.token_ids) < len(plan) else None
+                if token is None or (end_id is not None and end_id >= 0 and token == end_id):
+                    out.finish_reason = "stop" if token is not None else "length"
+                    break
+                if token in stops:  # the stop token is not part of the output, as without include_stop_str_in_output
+                    out.finish_reason, out.stop_reason = "stop", token
+                    break
+                out.token_ids.append(token)
+                if getattr(p, "logprobs", None):
+                    from tensorrt_llm.llmapi import Logprob
+
+                    entry = {token: Logprob(-0.25, 1)}
+                    entry.update({token + r: Logprob(-0.25 * (r + 1), r + 1) for r in range(1, p.logprobs)})
+                    out.logprobs.append(entry)
+                if len(out.token_ids) >= getattr(p, "max_tokens", 32):
+                    out.finish_reason = "length"
+                    break
+        self.finished = all(o.finish_reason for o in self.outputs)
+        return self

@@ -1,0 +1,65 @@
+"""kiln's HTTP server over TrtllmEngine (on the tensorrt_llm fake), driven by the official openai SDK:
+the OpenAI shapes, streaming and metrics come out the same as with the torch backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+import engines.hardware
+from engines.build.builder import BuildOptions, build
+from engines.config import EngineConfig
+from engines.trtllm.engine import TrtllmEngine
+from server.app import create_app
+from server.settings import ServerSettings
+from tests.trtllm.conftest import H100
+
+
+@pytest.fixture
+def trt_engine(fake_trtllm, tiny_chat_folder, tmp_path, monkeypatch):
+    out = tmp_path / "engine"
+    build(BuildOptions(model=str(tiny_chat_folder), output=str(out), backend="trtllm", precision="int8-sq",
+                       kv_cache_dtype="int8", calib_samples=16, progress=False), H100)
+    monkeypatch.setattr(engines.hardware, "detect", lambda device=None: H100)
+    return TrtllmEngine.from_config(EngineConfig(engine_dir=str(out), served_model_name="tiny-trt"))
+
+
+def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
+    from openai import AsyncOpenAI
+
+    fake_trtllm.FAKE.tokens_per_step = 3
+    app = create_app(ServerSettings(served_model_name="tiny-trt"), engine=trt_engine)
+
+    async def go():
+        await trt_engine.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
+            client = AsyncOpenAI(base_url="http://kiln/v1", api_key="unused", http_client=http, max_retries=0)
+            messages = [{"role": "user", "content": "Say something."}]
+            whole = await client.chat.completions.create(model="tiny-trt", messages=messages, max_tokens=8,
+                                                         temperature=0)
+            stream = await client.chat.completions.create(model="tiny-trt", messages=messages, max_tokens=8,
+                                                          temperature=0, stream=True,
+                                                          stream_options={"include_usage": True})
+            chunks = [chunk async for chunk in stream]
+            completion = await client.completions.create(model="tiny-trt", prompt=[1, 2, 3], max_tokens=4,
+                                                         logprobs=2)
+            metrics = (await http.get("/metrics")).text
+            metadata = (await http.get("/v1/metadata")).json()
+        await trt_engine.shutdown()
+        return whole, chunks, completion, metrics, metadata
+
+    whole, chunks, completion, metrics, metadata = asyncio.run(go())
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
+    assert whole.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+    assert len(completion.choices[0].logprobs.tokens) == 4
+    assert all(len(top) == 2 for top in completion.choices[0].logprobs.top_logprobs)
+    assert 'kiln:generation_tokens_total{model_name="tiny-trt"} 20.0' in metrics
+    assert (metadata["backend"], metadata["precision"], metadata["kv_cache_dtype"]) == ("trtllm", "int8-sq", "int8")
+    generate_calls = [c for c in fake_trtllm.CALLS if c[0] == "LLM.generate_async"]
+    assert len(generate_calls) == 3 and all(streaming for *_, streaming in generate_calls)
