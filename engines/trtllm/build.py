@@ -76,6 +76,20 @@ def build_trtllm(options, hardware: Hardware):
         raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
     max_seq_len = int(getattr(hf_config, "max_position_embeddings", 4096))
     build = configs.build_config(api, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, max_seq_len)
+    calib_requests = None
+    if configs.needs_calibration(precision, kv):
+        calib_requests = calibration.select_samples(
+            calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
+            options.calib_samples)
+    build_hash = _build_hash(folder, precision, kv, options.group_size, calib_requests, hardware, api.version)
+    if not options.force and mf.is_engine_dir(output):
+        try:
+            existing = mf.load_manifest(output)
+        except mf.EngineDirError:
+            existing = None
+        if existing and existing.get("build_hash") == build_hash:
+            log.info("TensorRT-LLM engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
+            return BuildResult(output, True, existing)
 
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,14 +97,11 @@ def build_trtllm(options, hardware: Hardware):
     try:
         kwargs = dict(model=str(folder), tokenizer=str(folder), quant_config=quant, build_config=build)
         calib_source = None
-        if configs.needs_calibration(precision, kv):
-            requests = calibration.select_samples(
-                calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
-                options.calib_samples)
-            dataset = _write_calibration_dataset(tmp / "calibration", requests, tokenizer)
-            kwargs["calib_config"] = configs.calib_config(api, str(dataset), len(requests), CALIB_MAX_SEQ_LEN)
-            calib_source = {"source": options.calib or "kiln:build/calibration/calib.jsonl", "samples": len(requests),
-                            "fingerprint": calibration.fingerprint(requests)}
+        if calib_requests is not None:
+            dataset = _write_calibration_dataset(tmp / "calibration", calib_requests, tokenizer)
+            kwargs["calib_config"] = configs.calib_config(api, str(dataset), len(calib_requests), CALIB_MAX_SEQ_LEN)
+            calib_source = {"source": options.calib or "kiln:build/calibration/calib.jsonl",
+                            "samples": len(calib_requests), "fingerprint": calibration.fingerprint(calib_requests)}
         log.info("Building a %s TensorRT engine (KV %s) of %s with TensorRT-LLM %s", precision, kv, folder, api.version)
         llm = api.llm_class(**kwargs)
         try:
@@ -104,6 +115,7 @@ def build_trtllm(options, hardware: Hardware):
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = _manifest(options, hardware, precision, kv, quant, build, api.version, calib_source, hf_config,
                              folder, max_seq_len, files, tmp, time.perf_counter() - started)
+        manifest["build_hash"] = build_hash
         mf.write_manifest(tmp, manifest)
         if output.exists():
             shutil.rmtree(output)
@@ -112,6 +124,22 @@ def build_trtllm(options, hardware: Hardware):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(output, False, manifest)
+
+
+def _build_hash(folder: Path, precision: str, kv: str, group_size: int, calib_requests, hardware: Hardware,
+                version: str) -> str:
+    """Same model files, settings, calibration data, GPU and TensorRT-LLM: the same engine (so a second
+    `docker compose up` reuses it)."""
+    import hashlib
+
+    from engines.build.builder import _model_fingerprint
+    from server import __version__
+
+    key = {"schema": mf.SCHEMA_VERSION, "kiln": __version__, "backend": "trtllm", "model": _model_fingerprint(folder),
+           "precision": precision, "kv": kv, "group_size": group_size, "trtllm": version,
+           "calib": calibration.fingerprint(calib_requests) if calib_requests else None,
+           "gpu": [hardware.name, hardware.sm, hardware.count]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _write_calibration_dataset(folder: Path, requests, tokenizer) -> Path:

@@ -119,3 +119,14 @@ def test_the_user_calibration_set_is_what_tensorrt_llm_calibrates_on(fake_trtllm
     dataset = calls(fake_trtllm, "calibration dataset")[0]
     assert len(dataset) == 16 and all("question" in row["text"] for row in dataset)
     assert result.manifest["calibration"]["source"] == str(calib)
+
+
+def test_same_inputs_reuse_the_engine_and_other_inputs_rebuild(fake_trtllm, tiny_chat_folder, tmp_path):
+    out = tmp_path / "e"
+    first = build(options(tiny_chat_folder, out, precision="int8-wo"), H100)
+    again = build(options(tiny_chat_folder, out, precision="int8-wo"), H100)
+    assert not first.reused and again.reused and again.manifest["build_hash"] == first.manifest["build_hash"]
+    assert len(calls(fake_trtllm, "LLM")) == 1  # the second call built nothing
+    other_gpu = build(options(tiny_chat_folder, out, precision="int8-wo"), A100)
+    forced = build(options(tiny_chat_folder, out, precision="int8-wo", force=True), A100)
+    assert not other_gpu.reused and not forced.reused and len(calls(fake_trtllm, "LLM")) == 3
