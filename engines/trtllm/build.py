@@ -12,6 +12,7 @@ set (or --calib), rendered through the model's chat template into a local datase
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -152,11 +153,23 @@ def _write_calibration_dataset(folder: Path, requests, tokenizer) -> Path:
 
 
 def _describe(obj) -> dict:
-    """The fields kiln set on a TensorRT-LLM config object, for the manifest (enums by name)."""
-    fields = getattr(obj, "model_dump", None)
-    values = fields(exclude_unset=True) if fields else dict(vars(obj))
-    return {k: getattr(v, "name", v) if not isinstance(v, (int, float, str, bool, type(None))) else v
-            for k, v in values.items() if not k.startswith("_")}
+    """The fields of a TensorRT-LLM config object for the manifest: enums by name, nested objects (a
+    BuildConfig's PluginConfig) as text, so the manifest stays JSON whatever the release adds."""
+    dump = getattr(obj, "model_dump", None)
+    values = dump(exclude_unset=True) if dump else dict(vars(obj))
+    return {k: _jsonable(v) for k, v in values.items() if not k.startswith("_")}
+
+
+def _jsonable(value):
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
 
 
 def _manifest(options, hardware, precision, kv, quant, build, version, calib_source, hf_config, folder, max_seq_len,

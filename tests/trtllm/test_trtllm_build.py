@@ -130,3 +130,31 @@ def test_same_inputs_reuse_the_engine_and_other_inputs_rebuild(fake_trtllm, tiny
     other_gpu = build(options(tiny_chat_folder, out, precision="int8-wo"), A100)
     forced = build(options(tiny_chat_folder, out, precision="int8-wo", force=True), A100)
     assert not other_gpu.reused and not forced.reused and len(calls(fake_trtllm, "LLM")) == 3
+
+
+def test_the_manifest_records_real_config_objects_as_json():
+    """TensorRT-LLM's BuildConfig is a dataclass holding a PluginConfig object and enums: the manifest
+    keeps enums by name and other objects as text."""
+    import enum
+    from dataclasses import dataclass, field
+
+    from engines.trtllm.build import _describe
+
+    class Kind(enum.Enum):
+        PAGED = 1
+
+    class PluginConfig:
+        def __str__(self):
+            return "PluginConfig(paged_kv_cache=True)"
+
+    @dataclass
+    class BuildConfig:
+        max_batch_size: int = 64
+        kv_cache_type: Kind = Kind.PAGED
+        plugin_config: PluginConfig = field(default_factory=PluginConfig)
+        lora_target_modules: list = field(default_factory=lambda: [Kind.PAGED])
+
+    described = _describe(BuildConfig())
+    assert json.loads(json.dumps(described)) == {"max_batch_size": 64, "kv_cache_type": "PAGED",
+                                                 "plugin_config": "PluginConfig(paged_kv_cache=True)",
+                                                 "lora_target_modules": ["PAGED"]}
