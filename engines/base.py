@@ -106,6 +106,23 @@ class GenerationRequest:
     speculative: bool = True  # False opts this request out of speculative decoding (when the engine has it)
 
 
+def check_request_fits(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError (one sentence) when a request's parameters, prompt or length can never be served."""
+    params = request.sampling_params
+    params.validate(vocab_size)
+    n_prompt = len(request.prompt_token_ids)
+    if n_prompt == 0:
+        raise ValueError("The prompt is empty; it must contain at least one token.")
+    if any(not 0 <= t < vocab_size for t in request.prompt_token_ids):
+        raise ValueError(f"The prompt contains token ids outside the vocabulary (0..{vocab_size - 1}).")
+    if max_model_len and n_prompt + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the completion). "
+            "Please reduce the length of the prompt or completion."
+        )
+
+
 @dataclass
 class TokenLogprob:
     """The chosen token's logprob and the top alternatives (token id, logprob), most likely first."""

@@ -140,14 +140,8 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples)
     eval_requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
     build_hash = _build_hash(options, folder, candidates, hardware, calib_requests, eval_requests)
-    if not options.force and mf.is_engine_dir(output):
-        try:
-            existing = mf.load_manifest(output)
-        except mf.EngineDirError:
-            existing = None
-        if existing and existing.get("build_hash") == build_hash:
-            log.info("Engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
-            return BuildResult(output, True, existing)
+    if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
+        return BuildResult(output, True, existing)
 
     fp32 = torch.float32
     runtime_dtype = pick_dtype("auto", device)
@@ -209,6 +203,20 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     manifest = _write_engine(output, folder, options, hardware, args, hf_config, chosen, candidates, build_hash,
                              calib, calib_requests, calib_seconds, speeds, started, target)
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
+
+
+def up_to_date_engine(output: Path, build_hash: str, force: bool) -> dict | None:
+    """The manifest of the engine already in `output` when it was built from the same inputs (and verifies)."""
+    if force or not mf.is_engine_dir(output):
+        return None
+    try:
+        existing = mf.load_manifest(output)
+    except mf.EngineDirError:
+        return None
+    if existing.get("build_hash") != build_hash:
+        return None
+    log.info("Engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
+    return existing
 
 
 def _resolve_draft_of(options: BuildOptions) -> dict:

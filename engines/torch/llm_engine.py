@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from engines.base import CompletionOutput, EngineStats, GenerationOutput, GenerationRequest
+from engines.base import CompletionOutput, EngineStats, GenerationOutput, GenerationRequest, check_request_fits
 from engines.torch.block_manager import BlockManager
 from engines.torch.model_runner import ModelRunner
 from engines.torch.sampler import SampleRow, sample
@@ -53,19 +53,7 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
         """Raise ValueError (one sentence) if the request can never be served."""
-        params = request.sampling_params
-        params.validate(self.vocab_size)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise ValueError("The prompt is empty; it must contain at least one token.")
-        if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise ValueError(f"The prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1}).")
-        if n_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the completion). "
-                "Please reduce the length of the prompt or completion."
-            )
+        check_request_fits(request, self.vocab_size, self.max_model_len)
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
 

@@ -52,7 +52,7 @@ def build_trtllm(options, hardware: Hardware):
     """options: engines.build.builder.BuildOptions. Returns a BuildResult."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from engines.build.builder import BuildError, BuildResult
+    from engines.build.builder import BuildError, BuildResult, up_to_date_engine
 
     try:
         api = trt.load()
@@ -83,14 +83,8 @@ def build_trtllm(options, hardware: Hardware):
             calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
             options.calib_samples)
     build_hash = _build_hash(folder, precision, kv, options.group_size, calib_requests, hardware, api.version)
-    if not options.force and mf.is_engine_dir(output):
-        try:
-            existing = mf.load_manifest(output)
-        except mf.EngineDirError:
-            existing = None
-        if existing and existing.get("build_hash") == build_hash:
-            log.info("TensorRT-LLM engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
-            return BuildResult(output, True, existing)
+    if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
+        return BuildResult(output, True, existing)
 
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from engines.base import (
     GenerationRequest,
     RequestTimings,
     TokenLogprob,
+    check_request_fits,
 )
 from engines.config import EngineConfig
 from engines.trtllm import api as trt
@@ -139,19 +140,7 @@ class TrtllmEngine(Engine):
             result.abort()
 
     def check_request(self, request: GenerationRequest) -> None:
-        params = request.sampling_params
-        params.validate(self.vocab_size)
-        n = len(request.prompt_token_ids)
-        if n == 0:
-            raise ValueError("The prompt is empty; it must contain at least one token.")
-        if any(not 0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise ValueError(f"The prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1}).")
-        limit = self._info.max_model_len
-        if limit and n + params.max_tokens > limit:
-            raise ValueError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the completion). "
-                "Please reduce the length of the prompt or completion.")
+        check_request_fits(request, self.vocab_size, self._info.max_model_len)
         if request.request_id in self._results:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
 
