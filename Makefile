@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench
+.PHONY: install serve test test-docker bench
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ serve: install
 # pytest's own exit status fails the target, including 5 when no test was collected.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# compose.yaml end to end on a Docker engine with Compose v2 (CI starts one with ../shared/ci/docker-engine.sh)
+test-docker: install
+	PYTHON=$(BIN)/python bash scripts/compose-check.sh
 
 bench: install
 	$(BIN)/python bench/http_throughput.py

@@ -59,6 +59,8 @@ def resolve_model(source: str | None) -> Path:
         return path
     if source is not None and not path.exists() and _looks_like_hub_id(source):
         return _download(source)
+    if not path.exists() and (path.is_absolute() or source.startswith(("./", "../", "~"))):
+        raise ModelNotFoundError(f"Model folder {source!r} does not exist (in a container: is it mounted?).")
     raise ModelNotFoundError(f"Model {source!r} is neither a model folder, a .gguf file nor a Hugging Face model id.")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def _add_build(subparsers) -> None:
     add = build.add_argument
     add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     add("--output", required=True, help="engine directory to write (created; replaced when it holds an older engine)")
-    add("--precision", default="auto", help=f"auto or one of {', '.join(PRECISIONS)} (default: auto, the profile "
-        "`kiln profiles` names for this machine)")
+    add("--precision", default="auto", help=f"auto or one of {', '.join(PRECISIONS)}, or nvfp4 with --backend trtllm "
+        "(default: auto, the profile `kiln profiles` names for this machine)")
     add("--kv-cache-dtype", default="auto", help="auto (the profile's), model, int8 or fp8 (default: auto)")
     add("--calib", help="JSONL of chat requests ({\"messages\": [...]} per line) to calibrate with (default: kiln's "
         "calibration set)")
@@ -96,7 +97,27 @@ def _add_build(subparsers) -> None:
     add("--draft-of", metavar="ENGINE_DIR", help="build a speculative-decoding draft for this engine: its model "
         "(unless --model) at int4-awq (unless --precision); serve with `kiln serve --engine-dir ENGINE_DIR "
         "--speculative-draft OUTPUT`")
+    _defaults_from_environment(build, BUILD_ENV_FLAGS)
     build.set_defaults(handler=build_command)
+
+
+# The build flags that read KILN_<FLAG> when not given, as `kiln serve`'s do, so that one .env (compose)
+# configures both. --output, --force and --draft-of name one particular build and stay flags; KILN_BACKEND
+# is serve's (it also takes auto) and is not read here.
+BUILD_ENV_FLAGS = ("model", "precision", "kv_cache_dtype", "calib", "calib_samples", "calibrator", "group_size",
+                   "max_accuracy_loss", "eval_samples", "eval_tokens", "device")
+
+
+def _defaults_from_environment(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> None:
+    """KILN_<DEST> becomes the flag's default; argparse converts it like a command-line value, so a bad one
+    gets the flag's usual one-line error."""
+    for action in parser._actions:
+        if action.dest not in dests:
+            continue
+        variable = f"KILN_{action.dest.upper()}"
+        action.help = f"{action.help} [env {variable}]"
+        if os.environ.get(variable):
+            action.default = os.environ[variable]
 
 
 def build_command(args: argparse.Namespace) -> int:

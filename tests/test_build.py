@@ -16,7 +16,7 @@ from engines.build import manifest as mf
 from engines.build.builder import BuildError, BuildOptions, build
 from engines.config import EngineConfig
 from engines.hardware import Hardware
-from engines.model_source import resolve_model
+from engines.model_source import ModelNotFoundError, resolve_model
 from engines.profiles import PRECISIONS
 from engines.torch.loader import LoadedModel, build_core, load_engine_dir
 from tests.conftest import greedy, run_to_completion
@@ -187,6 +187,9 @@ def test_folder_without_manifest_is_not_an_engine(tmp_path):
     (dict(kv_cache_dtype="int4"), "--kv-cache-dtype must be one of"),
     (dict(calibrator="mse"), "--calibrator must be one of"),
     (dict(group_size=48), "--group-size must be a power of two"),
+    (dict(precision="nvfp4"), "--precision nvfp4 needs --backend trtllm and an NVIDIA GPU with SM >= 100; kiln's "
+     "torch engine builds fp32, bf16,"),
+    (dict(device="tpu"), "--device must be auto, cpu or cuda, got 'tpu'."),
 ])
 def test_bad_options_fail_in_one_sentence(tmp_path, kw, message):
     with pytest.raises(BuildError, match=message.replace("(", r"\(")):
@@ -210,6 +213,49 @@ def test_cli_build_reports_errors_in_one_line(tmp_path, capsys):
     assert err == "kiln build: --calib-samples must be between 16 and 4096, got 3."
     assert main(["build", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "e")]) == 2
     assert "kiln build:" in capsys.readouterr().err
+
+
+def test_cuda_asked_for_without_a_gpu_fails_in_one_sentence(tiny_chat_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BuildError, match=r"^--device cuda: device 'cuda' was asked for but torch sees no CUDA GPU\.$"):
+        build(options(tiny_chat_model, tmp_path / "e", device="cuda"))
+    assert not (tmp_path / "e").exists()
+
+
+def test_missing_model_folder_says_so(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"^Model folder '.*/nope' does not exist \(in a container: is it mounted\?\)\.$"):
+        build(options(str(tmp_path / "nope"), tmp_path / "e"))
+
+
+def test_cli_build_reads_kiln_variables_and_flags_win(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """`kiln build` takes KILN_<FLAG> for its value flags (one .env configures compose's build and server
+    services); a bad variable gets the flag's one-line error and a flag overrides its variable."""
+    from server.cli import main
+
+    monkeypatch.setenv("KILN_PRECISION", "nvfp4")
+    assert main(["build", "--model", str(tiny_chat_model), "--output", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.startswith("kiln build: --precision nvfp4 needs --backend trtllm")
+    monkeypatch.setenv("KILN_CALIB_SAMPLES", "abc")
+    with pytest.raises(SystemExit) as exited:  # argparse's own error exit
+        main(["build", "--output", str(tmp_path / "e")])
+    assert exited.value.code == 2
+    assert "argument --calib-samples: invalid int value: 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("KILN_CALIB_SAMPLES")
+    monkeypatch.setenv("KILN_MODEL", str(tiny_chat_model))
+    monkeypatch.setenv("KILN_EVAL_SAMPLES", "2")
+    assert main(["build", "--output", str(tmp_path / "e"), "--precision", "bf16", "--no-bench"]) == 0
+    manifest = mf.load_manifest(tmp_path / "e")
+    assert manifest["precision"] == "bf16"
+    assert manifest["model"]["source"] == str(tiny_chat_model)
+    assert "--precision PRECISION" in build_help() and "[env KILN_PRECISION]" in build_help()
+
+
+def build_help() -> str:
+    from server.cli import build_parser
+
+    parser = build_parser()
+    build_action = next(a for a in parser._actions if getattr(a, "choices", None) and "build" in a.choices)
+    return " ".join(build_action.choices["build"].format_help().split())
 
 
 def test_draft_of_builds_the_targets_model_at_int4_and_serves_as_its_draft(tiny_chat_model, built_engine, tmp_path):

@@ -35,12 +35,15 @@ from engines.build.speed import decode_speed
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
 from engines.profiles import DEFAULT_GROUP_SIZE, PRECISIONS, Profile, load_profiles, pick, supported_on
+from engines.trtllm.api import MIN_SM as TRTLLM_MIN_SM
 
 log = logging.getLogger("kiln.build")
 
 CALIBRATORS = ("minmax", "percentile", "entropy")
 KV_CHOICES = ("auto", "model", "int8", "fp8")
 CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
+# Precisions only TensorRT-LLM builds, with the GPU SM they need (NVFP4: Blackwell).
+TRTLLM_ONLY_PRECISIONS = {name: sm for name, sm in TRTLLM_MIN_SM.items() if name not in PRECISIONS}
 DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -72,7 +75,10 @@ class BuildOptions:
     draft_of: str | None = None  # build a speculative-decoding draft for this engine directory
 
     def validate(self) -> None:
-        if self.precision != "auto" and self.precision not in PRECISIONS:
+        if self.precision in TRTLLM_ONLY_PRECISIONS and self.backend != "trtllm":
+            raise BuildError(f"--precision {self.precision} needs --backend trtllm and an NVIDIA GPU with SM >= "
+                             f"{TRTLLM_ONLY_PRECISIONS[self.precision]}; kiln's torch engine builds {', '.join(PRECISIONS)}.")
+        if self.precision != "auto" and self.precision not in (*PRECISIONS, *TRTLLM_ONLY_PRECISIONS):
             raise BuildError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.kv_cache_dtype not in KV_CHOICES:
             raise BuildError(f"--kv-cache-dtype must be one of {', '.join(KV_CHOICES)}, got {self.kv_cache_dtype!r}.")
@@ -89,6 +95,8 @@ class BuildOptions:
             raise BuildError(f"--max-accuracy-loss must be a positive KL divergence, got {self.max_accuracy_loss}.")
         if self.eval_samples < 1 or self.eval_tokens < 1:
             raise BuildError("--eval-samples and --eval-tokens must be at least 1.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise BuildError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
 
 
 @dataclass
@@ -124,7 +132,10 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
 
     started = time.perf_counter()
     hardware = hardware or detect()
-    device = pick_device(options.device)
+    try:
+        device = pick_device(options.device)
+    except ValueError as exc:  # cuda asked for where torch sees none
+        raise BuildError(f"--device {options.device}: {exc}") from exc
     folder = resolve_model(options.model)
     hf_config = AutoConfig.from_pretrained(folder)
     args = LlamaArgs.from_hf_config(hf_config)

@@ -11,6 +11,7 @@ import pytest
 
 from engines.build import manifest as mf
 from engines.build.builder import BuildError, BuildOptions, build
+from engines.hardware import Hardware
 from tests.trtllm.conftest import A100, CPU, H100, T4
 
 
@@ -77,6 +78,14 @@ def test_auto_picks_fp8_on_hopper_and_int8_smoothquant_on_ampere(fake_trtllm, ti
     assert (ampere["precision"], ampere["kv_cache_dtype"]) == ("int8-sq", "int8")
 
 
+def test_nvfp4_builds_for_blackwell_only_through_trtllm(fake_trtllm, tiny_chat_folder, tmp_path):
+    b200 = Hardware(device="cuda", name="NVIDIA B200", memory_bytes=180 << 30, sm=100)
+    m = build(options(tiny_chat_folder, tmp_path / "e", precision="nvfp4", kv_cache_dtype="fp8"), b200).manifest
+    assert [_names(c) for c in calls(fake_trtllm, "QuantConfig")] == [{"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}]
+    assert len(calls(fake_trtllm, "CalibConfig")) == 1
+    assert (m["precision"], m["target"]["requires"]) == ("nvfp4", {"device": "cuda", "min_sm": 100})
+
+
 @pytest.mark.parametrize(
     "hardware, kw, message",
     [
@@ -85,6 +94,7 @@ def test_auto_picks_fp8_on_hopper_and_int8_smoothquant_on_ampere(fake_trtllm, ti
         (T4, dict(precision="int4-awq"), "int4-awq needs a GPU with SM >= 80"),
         (T4, dict(precision="auto"), "need a GPU with SM >= 80 and Tesla T4 is SM 75"),
         (H100, dict(precision="fp32"), "'fp32' is not one of them"),
+        (H100, dict(precision="nvfp4"), "nvfp4 needs a GPU with SM >= 100 in TensorRT-LLM, and NVIDIA H100 80GB HBM3 is SM 90"),
         (CPU, dict(precision="fp8"), "builds on an NVIDIA GPU and torch sees none"),
     ],
 )
