@@ -31,5 +31,6 @@ test: install
 test-docker: install
 	PYTHON=$(BIN)/python bash scripts/compose-check.sh
 
+# kiln's three engines over HTTP with bench/serve.py (peers too once `bench/peers.py install` has run)
 bench: install
-	$(BIN)/python bench/http_throughput.py
+	$(BIN)/python bench/peers.py run --only "kiln bf16" "kiln int8" "kiln int4"

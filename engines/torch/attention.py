@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
 from engines.torch.kernels import paged_attention as paged_kernel
+from engines.torch.kernels import rope_kv
 from engines.torch.layers.quantized import fp8_e4m3_to_scaled
 
 
@@ -49,6 +50,15 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
     decode_max_context: int
     prefills: list[PrefillSpan]
+    positions: torch.Tensor | None = None  # [T] int64; set when the step runs fused_decode
+    fused: bool = False  # decode rows only, on a CPU with the rope_kv and paged-attention kernels
+
+
+def can_fuse_decode(device: torch.device, dtype: torch.dtype, has_prefills: bool) -> bool:
+    """Whether a step can run fused_decode: decode rows only (prefill's SDPA needs the rotated keys), a bf16
+    or fp32 model, on a CPU where both C++ kernels are built."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and not has_prefills
+            and rope_kv.available() and paged_kernel.available())
 
 
 @dataclass
@@ -85,6 +95,17 @@ class KVLayer:
             codes = x.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.int8)
         self.codes.flatten(2, 3).index_copy_(2, slots, codes)
         return codes
+
+
+def fused_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor | KVLayer,
+                 meta: AttentionMetadata, scale: float, heads: int, kv_heads: int) -> torch.Tensor:
+    """RoPE, the cache write and decode attention for a decode-only step, from the QKV projection's output:
+    two C++ ops instead of ~25 (same bits as the torch path). Returns [T, heads, head_dim]."""
+    quant = kv_cache if isinstance(kv_cache, KVLayer) else None
+    cache = quant.codes if quant else kv_cache
+    q = rope_kv.rope_store(qkv, cos, sin, meta.positions, meta.slot_mapping, cache, quant.scales if quant else None,
+                           quant.kind if quant else "model", heads, kv_heads)
+    return _decode(q, kv_cache, meta, scale)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

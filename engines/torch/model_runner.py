@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engines.quant.fp8 import FP8_DTYPE
-from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan
+from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan, can_fuse_decode
 from engines.torch.models.llama import LlamaForCausalLM
 from engines.torch.scheduler import ScheduledChunk
 
@@ -104,6 +104,8 @@ class ModelRunner:
             table = to_tensor(c.seq.block_table[: -(-ctx // bs)])
             spans.append(PrefillSpan(q_start, c.num_query_tokens, ctx, table))
             q_start += c.num_query_tokens
+        position_ids = to_tensor(positions)
+        fused = can_fuse_decode(self.device, self.model.cos.dtype, bool(spans))
         meta = AttentionMetadata(
             slot_mapping=to_tensor(slots),
             num_decode_tokens=num_decode_rows,
@@ -111,8 +113,10 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             decode_max_context=max_ctx,
             prefills=spans,
+            positions=position_ids if fused else None,
+            fused=fused,
         )
-        hidden = self.model(to_tensor(input_ids), to_tensor(positions), meta, self.kv_cache.layers)
+        hidden = self.model(to_tensor(input_ids), position_ids, meta, self.kv_cache.layers)
 
         sampling = [c for c in ordered if c.completes]
         rows, end = [], 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from engines.torch.attention import AttentionMetadata, paged_attention
+from engines.torch.attention import AttentionMetadata, fused_decode, paged_attention
 from engines.torch.kernels.rms_norm import rms_norm
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
@@ -147,17 +147,21 @@ class LlamaForCausalLM(nn.Module):
         eps = a.rms_norm_eps
         t = input_ids.shape[0]
         heads, kv_heads = a.num_heads, a.num_kv_heads
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.sin[positions].unsqueeze(1)
+        if not meta.fused:
+            cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
+            sin = self.sin[positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = _rms_norm(x, layer.input_norm, eps)
             qkv = layer.qkv_proj(h)
-            # q and k rotate together: one RoPE for both
-            qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
-            attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
+            if meta.fused:  # decode-only step: RoPE, cache write and attention in two C++ ops
+                attn = fused_decode(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
+            else:
+                # q and k rotate together: one RoPE for both
+                qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
+                attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
             x = x + layer.o_proj(attn.reshape(t, layer.q_size))
             h = _rms_norm(x, layer.post_norm, eps)
             gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)
