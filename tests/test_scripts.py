@@ -175,3 +175,19 @@ def test_gpu_compose_builds_the_trtllm_image_and_serves_only_after_a_successful_
     assert server["command"] == ["serve", "--engine-dir", "/engines/default"]
     assert server["depends_on"] == {"build": {"condition": "service_completed_successfully"}}
     assert "engines" in compose["volumes"]
+
+
+def test_gpu_bench_8b_dry_run_on_cpu():
+    """scripts/gpu_bench_8b.py end to end with a tiny model on the CPU: one table, bf16 and fp8 at batch 1
+    and 64, every figure positive, FP8 storing fewer weight bytes."""
+    flags = ["--device", "cpu", "--layers", "2", "--hidden", "256", "--intermediate", "512", "--vocab", "1000",
+             "--heads", "4", "--kv-heads", "2", "--prompt", "32", "--steps", "8"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_bench_8b.py"), *flags],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| precision | batch | decode tok/s | ms per step | weight GB | achieved GB/s |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [r[:2] for r in rows] == [["bf16", "1"], ["bf16", "64"], ["fp8", "1"], ["fp8", "64"]], result.stdout
+    assert all(float(c) > 0 for r in rows for c in r[1:]), result.stdout
+    assert float(rows[2][4]) < float(rows[0][4])  # FP8 weights: fewer bytes than bf16

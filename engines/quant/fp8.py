@@ -42,10 +42,10 @@ def fp8_linear_reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
                          x_scale: torch.Tensor) -> torch.Tensor:
     """y = Q(x) W^T computed by upcasting both FP8 operands to float32 (any device, any GPU).
 
-    On CUDA with SM >= 89 (Ada, Hopper) the production path would call
-    torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=...),
-    which multiplies in FP8 on tensor cores and applies the same scales; this function is its
-    numerical reference. x: [..., K], w_fp8: [N, K], w_scale: [N, 1] or scalar.
+    On CUDA with SM >= 89 (Ada, Hopper) Fp8Linear runs fp8_scaled_mm_linear instead: torch._scaled_mm
+    multiplies in FP8 on tensor cores and applies the same scales (a per-channel weight scale needs
+    the activation scale expanded to [M, 1]: _scaled_mm takes one scale on both sides or per-row scales
+    on both); this function is its numerical reference. x: [..., K], w_fp8: [N, K], w_scale: [N, 1] or scalar.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # x2: [M, K]

@@ -410,17 +410,50 @@ def fp8_upcast_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
     return (y.float() * s).to(x2.dtype)
 
 
+def fp8_scaled_mm_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = Q(x) W8^T * scales (+ b) in x's dtype on torch._scaled_mm, x quantized dynamically to E4M3.
+    x2 [M, K], w_fp8 [N, K], w_scale [N, 1] or 0-d, bias [N] or None.
+
+    _scaled_mm accepts two scale pairings only: tensor-wise x tensor-wise (both 0-d) and row-wise x
+    row-wise (scale_a [M, 1], scale_b [1, N], both stride-1 in the last dim); mixing them is "Invalid
+    scaling configuration". So a per-channel weight gets per-token x scales, a per-tensor one a per-tensor
+    x scale. The bias is fused into the GEMM (CUDA takes it only with bf16/fp16 out, which
+    _scaled_mm_supported ensures). torch 2.13's CPU build runs this too (slower than fp8_upcast_linear,
+    see Fp8Linear), which is how tests check it without a GPU.
+    """
+    if w_scale.dim():
+        xs = (x2.abs().float().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1]
+        sb = w_scale.reshape(1, -1)  # [1, N]
+    else:
+        xs = (x2.abs().float().amax() / FP8_MAX).clamp(min=1e-12)  # 0-d
+        sb = w_scale
+    xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K] fp8
+    # mat2 must be column-major: weight [N, K] row-major transposed is exactly that
+    return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=sb, bias=None if bias is None else bias.to(x2.dtype),
+                            out_dtype=x2.dtype)  # [M, N]
+
+
+def _scaled_mm_supported(capability: tuple[int, int], k: int, n: int, dtype: torch.dtype, per_channel: bool) -> bool:
+    """Whether torch._scaled_mm takes an x [M, K] of `dtype` times a weight [N, K] on a CUDA GPU of this
+    compute capability. The rules are _scaled_mm_out_cuda's checks (aten/src/ATen/native/cuda/Blas.cpp):
+    SM 8.9 or 9.0+ ("only supported on CUDA devices with compute capability >= 9.0 or 8.9"); K % 16 == 0
+    ("Expected trailing dimension of mat1 to be divisible by 16") and N % 16 == 0 ("mat2 shape ... must be
+    divisible by 16"), any M; a bias is refused with float32 out, so x must be bf16 or fp16; row-wise scales
+    take the CUTLASS kernel below SM90 or cuBLAS 12.9 ("Only bf16 high precision output types are supported
+    for row-wise scaling"), so per-channel weights need bf16 x, and that kernel is SM90+ only here (SM89
+    gets tensor-wise scales only)."""
+    if capability < (8, 9) or k % 16 or n % 16:
+        return False
+    if per_channel:
+        return capability >= (9, 0) and dtype == torch.bfloat16
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def _cuda_scaled_mm_ok(x2: torch.Tensor, n: int, per_channel: bool) -> bool:
     if x2.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    major, minor = torch.cuda.get_device_capability(x2.device)
-    if (major, minor) < (8, 9):
-        return False
-    k = x2.shape[1]
-    if k % 16 or n % 16:
-        return False
-    # row-wise scales (per-token x, per-channel w) need SM90+; SM89 only does tensor-wise scales
-    return major >= 9 or not per_channel
+    return _scaled_mm_supported(torch.cuda.get_device_capability(x2.device), x2.shape[1], n, x2.dtype, per_channel)
 
 
 class Fp8Linear(nn.Module):
@@ -429,11 +462,13 @@ class Fp8Linear(nn.Module):
     Why: int8-sized weights with a floating format (no zero points, friendlier to outliers). This CPU has
     no FP8 matmul units, so the CPU path upcasts the fp8 weight (a bit-trick cast to fp32, far
     faster than torch's scalar fp8 cast) and runs F.linear, applying the scale to the output
-    (fp8_upcast_linear) — it saves memory, not time. (torch._scaled_mm does run on CPU in torch 2.13,
-    but measured ~8x slower than this at M=1 and ~1000x at M=32, so it is not used here.) On CUDA with SM >= 89 the
-    activation is quantized dynamically to FP8 (per tensor on SM89, per token on SM90+) and
-    torch._scaled_mm multiplies on FP8 tensor cores. That CUDA branch is written and guarded but
-    UNTESTED here (no GPU in this environment).
+    (fp8_upcast_linear) — it saves memory, not time. torch._scaled_mm does run on CPU in torch 2.13, but
+    on a 1536x576 weight (bf16 or fp32 x, M = 1 and 32) it measured 7-12x slower than the upcast with
+    per-channel (row-wise) scales and 150-2600x slower with a per-tensor scale, so CPU keeps the upcast.
+    On CUDA, where _scaled_mm_supported allows (SM >= 89, K and N multiples of 16, bf16/fp16 x), the
+    activation is quantized dynamically to FP8 (per tensor, or per token for per-channel weights on
+    SM90+) and torch._scaled_mm multiplies on FP8 tensor cores (fp8_scaled_mm_linear). That function is
+    tested against the upcast path on CPU (tests/test_fp8_scaled_mm.py); it has not run on a GPU yet.
     """
 
     def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None):
@@ -458,25 +493,12 @@ class Fp8Linear(nn.Module):
     def weight_bytes(self) -> int:
         return self.weight.numel() + self.w_scale.numel() * 4
 
-    def _forward_scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:  # CUDA only, untested here
-        if self.per_channel:
-            xs = (x2.abs().float().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1]
-            sb = self.w_scale.reshape(1, -1)  # [1, N]
-        else:
-            xs = (x2.abs().float().amax() / FP8_MAX).clamp(min=1e-12)  # 0-d
-            sb = self.w_scale
-        xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K] fp8
-        # mat2 must be column-major: weight [N, K] row-major transposed is exactly that
-        return torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=sb, bias=None,
-                                out_dtype=x2.dtype)  # [M, N]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # x2: [M, K]
-        if _cuda_scaled_mm_ok(x2, self.out_features, self.per_channel) and x2.dtype in (torch.bfloat16,
-                                                                                      torch.float16):
-            y = self._forward_scaled_mm(x2)
+        if _cuda_scaled_mm_ok(x2, self.out_features, self.per_channel):
+            y = fp8_scaled_mm_linear(x2, self.weight, self.w_scale, self.bias)  # [M, N], bias fused
         else:
             y = fp8_upcast_linear(x2, self.weight, self.w_scale)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
