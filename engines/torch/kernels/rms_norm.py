@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("rms_norm.cpp")
-_EXT = LazyExtension("kiln_rms_norm", _SOURCE, ["-O3"], fallback="F.rms_norm")
+_EXT = LazyExtension("kiln_rms_norm", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.rms_norm")
 
 
 def available() -> bool:

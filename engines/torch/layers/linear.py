@@ -1,8 +1,13 @@
 """Dense (unquantized) linear layers, and which matmul they run by weight dtype, device and rows per step.
 
-bf16 weights on a CPU with avx512_bf16: decode-sized steps (at most SMALL_M_MAX rows) use kiln's
-weight-streaming kernel, which reads weights at ~2x F.linear's rate (bench/kernel_bf16_linear.py);
-larger steps (prefill, big batches) are compute-bound and go to F.linear (oneDNN).
+bf16 weights on a CPU with avx512_bf16:
+- decode-sized steps (at most SMALL_M_MAX rows) use kiln's weight-streaming kernel, which reads
+  weights at ~2x F.linear's rate (bench/kernel_bf16_linear.py);
+- larger steps (big decode batches, prefill) are compute-bound and go to oneDNN with the weight
+  reordered once at load into oneDNN's blocked layout (torch.ops.mkldnn, the same op inductor's
+  CPU freezing pass emits). F.linear reorders the weight on every call: 1.2-1.6x slower at 9-32
+  rows (bench/kernel_bf16_linear.py), with bit-identical results. The reordered copy costs one
+  more weight's worth of memory; the [N, K] tensor stays for the small-M kernel.
 """
 
 from __future__ import annotations
@@ -16,24 +21,30 @@ from torch import nn
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def _onednn_prepack_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class LinearDispatch:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.small_m_max = 0
         self.small: LinearFn = F.linear
+        self.prepack = False
         if dtype == torch.bfloat16 and device.type == "cpu":
             from engines.torch.kernels import bf16_linear as kernel
 
             if kernel.available():  # compiles once (~30 s), then loads from torch's extension cache
                 self.small_m_max = kernel.SMALL_M_MAX
                 self.small = kernel.bf16_linear
-
-    def for_rows(self, rows: int) -> LinearFn:
-        return self.small if rows <= self.small_m_max else F.linear
+            self.prepack = _onednn_prepack_available()
 
 
 class DenseLinear(nn.Module):
     """y = x W^T (+ b) for x [T, K] with W [N, K] in the model's dtype; the matmul is picked per call
     by the number of rows (LinearDispatch). The weight may be shared (tied LM head = embeddings)."""
+
+    # oneDNN picks its blocking from a batch-size hint; any row count gives the same result.
+    PREPACK_ROWS_HINT = 32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dispatch: LinearDispatch):
         super().__init__()
@@ -41,10 +52,16 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dispatch = dispatch
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PREPACK_ROWS_HINT)
+                       if dispatch.prepack else None)
 
     @property
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dispatch.for_rows(x.shape[0])(x, self.weight, self.bias)
+        if x.shape[0] <= self.dispatch.small_m_max:
+            return self.dispatch.small(x, self.weight, self.bias)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
