@@ -33,6 +33,7 @@ class ChoiceDelta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    num_tokens: int = 0  # tokens generated in this delta; its text may lag (an incomplete character, a possible stop string)
 
 
 class ChoiceState:
@@ -55,6 +56,7 @@ class ChoiceState:
         last = len(output.new_token_ids) - 1
         for i, token_id in enumerate(output.new_token_ids):
             self.num_tokens += 1
+            delta.num_tokens += 1
             if output.new_logprobs:
                 delta.logprobs.append(output.new_logprobs[i])
             # A stop token's text is not part of the completion (EOS is special and skipped anyway).

@@ -81,7 +81,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
         async for deltas in generation:
             for delta in deltas:
-                if delta.text or (top_k is not None and delta.logprobs):
+                # a chunk for every step that generated tokens, even while their text is held back (as completions)
+                if delta.text or delta.num_tokens and not delta.finish_reason or (top_k is not None and delta.logprobs):
                     yield chunk([ChatChunkChoice(index=delta.index, delta=ChatDelta(content=delta.text),
                                                  logprobs=logprobs_of(delta.logprobs))])
                 if delta.finish_reason:

@@ -88,7 +88,9 @@ async def create_completion(body: CompletionRequest, request: Request):
                 yield chunk([CompletionChoice(index=choice.index, text=echoes[choice.index], finish_reason=None)])
         async for deltas in generation:
             for delta in deltas:
-                if delta.text or (body.logprobs is not None and delta.logprobs):
+                # like vLLM, a chunk for every step that generated tokens, even while their text is held
+                # back: the client sees the stream move (and its time to first token) at once
+                if delta.text or delta.num_tokens and not delta.finish_reason or (body.logprobs is not None and delta.logprobs):
                     yield chunk([CompletionChoice(index=delta.index, text=delta.text,
                                                   logprobs=logprobs_of(delta.index, delta.logprobs),
                                                   finish_reason=None)])

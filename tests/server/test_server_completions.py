@@ -113,3 +113,15 @@ def test_stop_strings(openai_client, model_name, http):
     events = stream(http, model_name, max_tokens=16, stop=[stop])
     assert streamed_text(events) == expected
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_moves_while_text_is_held_back(openai_client, model_name, http):
+    # 24211 is a stray UTF-8 byte in the default model's vocabulary: the detokenizer holds its text back
+    # (it might start a character), yet every step that generated a token still sends a chunk, as vLLM does
+    bias = {"24211": 100}
+    whole = complete(openai_client, model_name, max_tokens=6, logit_bias=bias).choices[0].text
+    events = [e for e in stream(http, model_name, max_tokens=6, logit_bias=bias) if e != "[DONE]"]
+    assert "\ufffd" in whole
+    assert len(events) >= 6  # one per token (the last also carries the held-back text), then the finish
+    assert events[0]["choices"][0]["text"] == ""  # sent before any text was ready
+    assert streamed_text(events) == whole
