@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_waiting: int = 1024  # beyond this, generate() raises EngineOverloadedError
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
+    enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying captured CUDA graphs
     kv_cache_dtype: str = "model"  # model: the model's dtype; int8 or fp8 (E4M3): half of bf16's bytes per token
     # static float32 [num_layers, 2 (k, v), num_kv_heads] from the build step's calibration (amax / 127 for int8,
     # amax / 448 for fp8); int8 needs them, fp8 without them uses 1.0

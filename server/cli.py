@@ -45,6 +45,8 @@ def _add_serve(subparsers) -> None:
     add("--max-num-waiting", help="most requests waiting for a batch slot; more get HTTP 429 (default: 1024)")
     add("--kv-cache-memory", help="memory for the KV cache, e.g. 2GiB or 512MiB (default: 1 GiB on CPU)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="reuse KV blocks of shared prompt prefixes (default: on)")
+    add("--enforce-eager", action=argparse.BooleanOptionalAction, help="CUDA: run decode steps op by op instead of "
+        "replaying captured CUDA graphs (default: off)")
     add("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
     add("--block-size", help="tokens per KV-cache block, a power of two (default: 16)")
     add("--device", help="auto, cpu or cuda (default: auto)")

@@ -35,6 +35,7 @@ class ServerSettings(BaseSettings):
     max_num_waiting: int = Field(EngineConfig.max_num_waiting, ge=1)
     kv_cache_memory: ByteSize | None = None
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    enforce_eager: bool = EngineConfig.enforce_eager
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = EngineConfig.dtype
     block_size: int = EngineConfig.block_size
     device: str = EngineConfig.device
@@ -108,6 +109,7 @@ class ServerSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_waiting=self.max_num_waiting,
             enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=self.enforce_eager,
             speculative_method=self.speculative_method,
             speculative_draft=self.speculative_draft,
             num_speculative_tokens=self.num_speculative_tokens,

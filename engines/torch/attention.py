@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
 from engines.torch.kernels import paged_attention as paged_kernel
 from engines.torch.kernels import rope_kv
+from engines.torch.kernels import triton_paged_attention as triton_paged_kernel
 from engines.torch.layers.quantized import fp8_e4m3_to_scaled
 
 
@@ -151,10 +152,13 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
 def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
     cache = quant.codes if quant else kv_cache
-    if paged_kernel.supports(q, cache):  # one C++ op, same math as _decode_reference
-        return paged_kernel.decode_attention(
-            q, cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-            quant.k_scale if quant else None, quant.v_scale if quant else None, quant.kind if quant else "model")
+    # one op, same math as _decode_reference: C++ on CPU; Triton on CUDA, which reads no Python int per step
+    # (CUDA-graph safe, model_runner.DecodeGraphs)
+    for kernel in (paged_kernel, triton_paged_kernel):
+        if kernel.supports(q, cache):
+            return kernel.decode_attention(
+                q, cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+                quant.k_scale if quant else None, quant.v_scale if quant else None, quant.kind if quant else "model")
     return _decode_reference(q, kv_cache, meta, scale)
 
 

@@ -164,14 +164,21 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded.model.init_rope(max_model_len, loaded.dtype, loaded.device)
+    graphs = decode_graphs(config, loaded.device)
     kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype,
-                       loaded.device, config.kv_cache_dtype, kv_scales)
+                       loaded.device, config.kv_cache_dtype, kv_scales, scratch_block=graphs)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens)
-    runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device)
+    runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len,
+                         graphs)
     proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
     return LLMEngine(runner, bm, scheduler, eos_token_ids(loaded), args.vocab_size, max_model_len,
                      proposer, config.num_speculative_tokens if proposer else 0)
+
+
+def decode_graphs(config: EngineConfig, device: torch.device) -> bool:
+    """CUDA graphs for decode steps (model_runner.DecodeGraphs): on CUDA unless config.enforce_eager."""
+    return device.type == "cuda" and not config.enforce_eager
 
 
 def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int,
@@ -196,9 +203,10 @@ def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel 
     check_draft(loaded, draft)
     dargs = draft.model.args
     draft.model.init_rope(max_model_len, draft.dtype, draft.device)
+    graphs = decode_graphs(config, draft.device)
     kv = KVCache(dargs.num_layers, num_blocks, config.block_size, dargs.num_kv_heads, dargs.head_dim, draft.dtype,
-                 draft.device, draft.kv_cache_dtype, draft.kv_cache_scales)
-    runner = ModelRunner(draft.model, kv, config.block_size, draft.device)
+                 draft.device, draft.kv_cache_dtype, draft.kv_cache_scales, scratch_block=graphs)
+    runner = ModelRunner(draft.model, kv, config.block_size, draft.device, config.max_num_seqs, max_model_len, graphs)
     description = {"draft_model": draft.name, "draft_source": str(config.speculative_draft or draft.folder),
                    "draft_precision": draft.manifest["precision"] if draft.manifest else str(draft.dtype).removeprefix("torch.")}
     return DraftModelProposer(runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False),
