@@ -6,7 +6,7 @@ given token length cut from kiln's held-out chat texts by a local tokenizer, and
 (`ignore_eos`; output tokens are counted from the usage chunk, or by the tokenizer where a server sends none).
 
 Metrics follow vLLM's `benchmark_serving` definitions:
-  TTFT  first streamed token - request sent                 (per request)
+  TTFT  first streamed chunk with a choice - request sent  (per request; its text may be empty)
   TPOT  (E2E - TTFT) / (output tokens - 1)                  (per request with > 1 token)
   ITL   time between successive streamed chunks             (every gap of every request)
   E2E   last chunk - request sent                           (per request)
@@ -92,9 +92,9 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, output
                 event = json.loads(line[5:])
                 if event.get("usage"):
                     usage = event["usage"]
-                if event.get("choices") and event["choices"][0].get("text"):
+                if event.get("choices"):  # vLLM's bench: any chunk with a choice counts, its text may be empty
                     chunks.append(time.perf_counter())
-                    text.append(event["choices"][0]["text"])
+                    text.append(event["choices"][0].get("text") or "")
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     if not chunks:
