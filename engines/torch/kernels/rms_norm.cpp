@@ -2,10 +2,12 @@
 //   r = 1 / sqrt(mean(x^2) + eps) in fp32;  y = bf16( bf16(x * r) * w )
 // Why: F.rms_norm on bf16 CPU tensors dispatches ~10 small ops (casts, pow, mean, rsqrt, muls),
 // ~50 us per call for one 576-wide row; a decode step calls it 2 * layers + 1 times. This is one
-// pass over the row (a few hundred ns) and a single op dispatch.
+// pass over the row (a few hundred ns) and a single op dispatch; AVX-512 where the CPU has it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -28,6 +30,58 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return static_cast<uint16_t>(bits >> 16);
 }
 
+void rms_row(const uint16_t* xr, const uint16_t* wp, uint16_t* orow, int64_t h, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < h; ++i) {
+    const float v = bf16_to_float(xr[i]);
+    ss += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+  for (int64_t i = 0; i < h; ++i) {
+    const float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * inv));
+    orow[i] = float_to_bf16(normed * bf16_to_float(wp[i]));
+  }
+}
+
+// The same row with AVX-512 (compiled for it by a target attribute, used when the CPU has it): the
+// scalar loop above runs ~1.4 ms for a 2048-token prefill's [2048, 576], 61 times per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 widen16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// round to nearest even, bits of the bf16 in the low half of each lane; NaN stays NaN (quietened)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i to_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rms_row_avx512(const uint16_t* xr, const uint16_t* wp, uint16_t* orow, int64_t h, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < h; i += 16) {
+    const __mmask16 m = h - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (h - i)) - 1);
+    const __m512 v = widen16(xr + i, m);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + eps);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < h; i += 16) {
+    const __mmask16 m = h - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (h - i)) - 1);
+    const __m512 normed = _mm512_castsi512_ps(_mm512_slli_epi32(to_bf16_bits(_mm512_mul_ps(widen16(xr + i, m), vinv)), 16));
+    const __m512i y = to_bf16_bits(_mm512_mul_ps(normed, widen16(wp + i, m)));
+    _mm256_mask_storeu_epi16(orow + i, m, _mm512_cvtepi32_epi16(y));
+  }
+}
+
+bool avx512_ok() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16, "bf16 only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
@@ -41,21 +95,12 @@ torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps) {
   const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const float feps = static_cast<float>(eps);
+  const bool vector = avx512_ok();
   // one row is cheap: parallelise only across many rows (prefill)
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const uint16_t* xr = xp + r * h;
-      uint16_t* orow = op + r * h;
-      float ss = 0.f;
-      for (int64_t i = 0; i < h; ++i) {
-        const float v = bf16_to_float(xr[i]);
-        ss += v * v;
-      }
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + feps);
-      for (int64_t i = 0; i < h; ++i) {
-        const float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * inv));
-        orow[i] = float_to_bf16(normed * bf16_to_float(wp[i]));
-      }
+      if (vector) rms_row_avx512(xp + r * h, wp, op + r * h, h, feps);
+      else rms_row(xp + r * h, wp, op + r * h, h, feps);
     }
   });
   return out;

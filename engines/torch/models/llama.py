@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, fused_decode, paged_attention
 from engines.torch.kernels.rms_norm import rms_norm
+from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -164,8 +164,7 @@ class LlamaForCausalLM(nn.Module):
                 attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
             x = x + layer.o_proj(attn.reshape(t, layer.q_size))
             h = _rms_norm(x, layer.post_norm, eps)
-            gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)
-            x = x + layer.down_proj(F.silu(gate) * up)
+            x = x + layer.down_proj(silu_mul(layer.gate_up_proj(h)))
         return _rms_norm(x, self.norm, eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
