@@ -1,5 +1,6 @@
 """The C++ RoPE + KV-cache write (rope_kv.cpp) against the torch path it replaces, bit for bit: the rotated
-queries, and every byte of the cache for model-dtype (bf16, fp32), int8 and fp8 caches."""
+queries and keys, and every byte of the cache for model-dtype (bf16, fp32), int8 and fp8 caches, for a
+decode-sized step and a prefill-sized one (spread over threads)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from engines.torch.attention import KVLayer, write_kv
 from engines.torch.kernels import rope_kv
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, _rotate
 
-H, KVH, D, NB, BS = 9, 3, 64, 8, 16
+H, KVH, D, NB, BS = 9, 3, 64, 48, 16
 
 
 def rope_tables(dtype):
@@ -32,18 +33,18 @@ def torch_path(qkv, cos, sin, positions, slots, cache):
         cache.write(k, v, slots)
     else:
         write_kv(cache, k, v, slots)
-    return q
+    return q, k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["model", "int8", "fp8"])
-def test_rope_store_equals_the_torch_path_bit_for_bit(dtype, kind):
+@pytest.mark.parametrize("t", [7, 600])
+def test_rope_store_equals_the_torch_path_bit_for_bit(dtype, kind, t):
     gen = torch.Generator().manual_seed(0)
     cos, sin = rope_tables(dtype)
-    t = 7
     qkv = (torch.randn(t, (H + 2 * KVH) * D, generator=gen) * 3).to(dtype)
     qkv[0, :5] = torch.tensor([1e4, -1e4, 0.5, -0.5, 0.0])  # clamped codes, ties, zero
-    positions = torch.tensor([0, 1, 17, 100, 255, 300, 511])
+    positions = torch.tensor([0, 1, 17, 100, 255, 300, 511])[:t] if t <= 7 else torch.randint(0, 512, (t,), generator=gen)
     slots = torch.randperm(NB * BS, generator=gen)[:t]
     scales = torch.rand(2, KVH, generator=gen) * 0.05 + 0.01
 
@@ -53,13 +54,14 @@ def test_rope_store_equals_the_torch_path_bit_for_bit(dtype, kind):
         storage = torch.zeros(2, KVH, NB, BS, D, dtype=torch.int8 if kind == "int8" else torch.float8_e4m3fn)
         return KVLayer(storage, scales[0], scales[1], kind)
 
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     ref_cache, fused_cache = make_cache(), make_cache()
-    q_ref = torch_path(qkv, cos, sin, positions, slots, ref_cache)
+    q_ref, k_ref = torch_path(qkv, cos, sin, positions, slots, ref_cache)
     quant = isinstance(fused_cache, KVLayer)
-    q = rope_kv.rope_store(qkv, cos, sin, positions, slots, fused_cache.codes if quant else fused_cache,
-                           fused_cache.scales if quant else None, kind, H, KVH)
-    assert torch.equal(q.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       q_ref.contiguous().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    q, k = rope_kv.rope_store(qkv, cos, sin, positions, slots, fused_cache.codes if quant else fused_cache,
+                              fused_cache.scales if quant else None, kind, H, KVH, return_keys=True)
+    assert torch.equal(q.view(bits), q_ref.contiguous().view(bits))
+    assert torch.equal(k.view(bits), k_ref.contiguous().view(bits))
     ref_bytes = ref_cache.codes if quant else ref_cache.view(torch.int8)
     got_bytes = fused_cache.codes if quant else fused_cache.view(torch.int8)
     assert torch.equal(got_bytes, ref_bytes)

@@ -51,14 +51,14 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
     decode_max_context: int
     prefills: list[PrefillSpan]
-    positions: torch.Tensor | None = None  # [T] int64; set when the step runs fused_decode
-    fused: bool = False  # decode rows only, on a CPU with the rope_kv and paged-attention kernels
+    positions: torch.Tensor | None = None  # [T] int64; set when the step runs fused_attention
+    fused: bool = False  # RoPE and the cache write by the rope_kv kernel (a CPU where it is built)
 
 
-def can_fuse_decode(device: torch.device, dtype: torch.dtype, has_prefills: bool) -> bool:
-    """Whether a step can run fused_decode: decode rows only (prefill's SDPA needs the rotated keys), a bf16
-    or fp32 model, on a CPU where both C++ kernels are built."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and not has_prefills
+def can_fuse_rope(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a step can run fused_attention: RoPE and the cache write in the rope_kv kernel, for a bf16 or
+    fp32 model on a CPU where it and the paged-attention kernel are built."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
             and rope_kv.available() and paged_kernel.available())
 
 
@@ -98,15 +98,23 @@ class KVLayer:
         return codes
 
 
-def fused_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor | KVLayer,
-                 meta: AttentionMetadata, scale: float, heads: int, kv_heads: int) -> torch.Tensor:
-    """RoPE, the cache write and decode attention for a decode-only step, from the QKV projection's output:
-    two C++ ops instead of ~25 (same bits as the torch path). Returns [T, heads, head_dim]."""
+def fused_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor | KVLayer,
+                    meta: AttentionMetadata, scale: float, heads: int, kv_heads: int) -> torch.Tensor:
+    """RoPE, the cache write and attention from the QKV projection's output, RoPE and the write in one C++ op
+    instead of ~25 (same bits as the torch path); a decode-only step then takes one more op. Returns
+    [T, heads, head_dim]."""
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
     cache = quant.codes if quant else kv_cache
-    q = rope_kv.rope_store(qkv, cos, sin, meta.positions, meta.slot_mapping, cache, quant.scales if quant else None,
-                           quant.kind if quant else "model", heads, kv_heads)
-    return _decode(q, kv_cache, meta, scale)
+    args = (qkv, cos, sin, meta.positions, meta.slot_mapping, cache, quant.scales if quant else None,
+            quant.kind if quant else "model", heads, kv_heads)
+    if not meta.prefills:
+        return _decode(rope_kv.rope_store(*args), kv_cache, meta, scale)
+    q, k = rope_kv.rope_store(*args, return_keys=True)
+    v = qkv[:, (heads + kv_heads) * q.shape[-1]:].view(qkv.shape[0], kv_heads, q.shape[-1])
+    if quant:  # prefill attends to what the cache holds for its own chunk: the codes just written
+        codes = quant.codes.flatten(2, 3).index_select(2, meta.slot_mapping)  # [2, kvh, T, hd]
+        k, v = quant.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
+    return _attend(q, k, v, kv_cache, meta, scale)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -130,6 +138,13 @@ def paged_attention(
             k, v = kv_cache.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
     else:
         write_kv(kv_cache, k, v, meta.slot_mapping)
+    return _attend(q, k, v, kv_cache, meta, scale)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+    """Attention of a step whose keys and values are in the cache; k, v: the prefill chunks' own (rotated,
+    as the cache holds them), for SDPA without a gather when a chunk has no cached prefix."""
     nd = meta.num_decode_tokens
     if nd and not meta.prefills:
         return _decode(q, kv_cache, meta, scale)

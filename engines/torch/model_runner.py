@@ -9,7 +9,7 @@ import logging
 import torch
 
 from engines.quant.fp8 import FP8_DTYPE
-from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan, can_fuse_decode
+from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan, can_fuse_rope
 from engines.torch.kernels import triton_paged_attention
 from engines.torch.models.llama import LlamaForCausalLM
 from engines.torch.scheduler import ScheduledChunk
@@ -131,7 +131,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int, max_context: int) -> torch.Tensor:
         ids, positions, slots, lens = self.inputs[:, :bucket]
-        fused = can_fuse_decode(self.device, self.model.cos.dtype, False)
+        fused = can_fuse_rope(self.device, self.model.cos.dtype)
         meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=bucket,
                                  decode_block_tables=self.block_tables[:bucket], decode_context_lens=lens,
                                  decode_max_context=max_context, prefills=[], positions=positions if fused else None,
@@ -240,7 +240,7 @@ class ModelRunner:
             spans.append(PrefillSpan(q_start, c.num_query_tokens, ctx, table))
             q_start += c.num_query_tokens
         position_ids = to_tensor(positions)
-        fused = can_fuse_decode(self.device, self.model.cos.dtype, bool(spans))
+        fused = can_fuse_rope(self.device, self.model.cos.dtype)
         meta = AttentionMetadata(
             slot_mapping=to_tensor(slots),
             num_decode_tokens=num_decode_rows,

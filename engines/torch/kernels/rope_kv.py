@@ -37,8 +37,10 @@ def rope_store(
     kind: str,  # "model" | "int8" | "fp8"
     heads: int,
     kv_heads: int,
-) -> torch.Tensor:  # [T, H, D] rotated queries
+    return_keys: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # q [T, H, D] rotated, and with return_keys k [T, KVH, D]
     ext = _EXT.get()
     if ext is None:
         raise RuntimeError("the rope_kv kernel is unavailable")
-    return ext.rope_store(qkv, cos, sin, positions, slots, cache, scales, kind, heads, kv_heads)
+    q, k = ext.rope_store(qkv, cos, sin, positions, slots, cache, scales, kind, heads, kv_heads, return_keys)
+    return (q, k) if return_keys else q

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engines.torch.attention import AttentionMetadata, fused_decode, paged_attention
+from engines.torch.attention import AttentionMetadata, fused_attention, paged_attention
 from engines.torch.kernels.rms_norm import rms_norm
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
@@ -154,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = _rms_norm(x, layer.input_norm, eps)
             qkv = layer.qkv_proj(h)
-            if meta.fused:  # decode-only step: RoPE, cache write and attention in two C++ ops
-                attn = fused_decode(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
+            if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
+                attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
             else:
                 # q and k rotate together: one RoPE for both
                 qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
