@@ -9,6 +9,7 @@ from engines.quant.rtn import dequantize, pack_int4, quantize_rtn
 from engines.quant.smoothquant import quantize_w8a8, w8a8_linear_reference
 from engines.quant.types import QuantizedWeight
 from engines.torch.layers.quantized import (
+    INT_MM_MAX_ROWS,
     Fp8Linear,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -129,7 +130,7 @@ def test_int4_act_order_g_idx():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("m", (*MS, INT_MM_MAX_ROWS + 72))
 def test_w8a8(m, k, n, dtype):
     x, w = _data(m, k, n)
     q, s = quantize_w8a8(w)
@@ -138,7 +139,8 @@ def test_w8a8(m, k, n, dtype):
     y = layer(xd)
     ref = w8a8_linear_reference(xd, q, s)  # same integer math: matches to output rounding
     assert y.dtype == dtype
-    if m <= layer.small_m_max:  # decode-sized: kiln's W8A16 kernel, activations exact
+    if m <= layer.small_m_max or (layer.small_m_max and m > INT_MM_MAX_ROWS):
+        # decode-sized (kiln's W8A16 kernel) or prefill-sized (dequantized weight, one GEMM): activations exact
         assert _rel_err(y, F.linear(xd.float(), q.float() * s[:, None])) < TIGHT[dtype]
     else:
         assert _rel_err(y, ref) < TIGHT[dtype]

@@ -302,6 +302,10 @@ class Int4WeightOnlyLinear(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 W8A16_MAX_ROWS = 16  # int_linear.int8_linear beats padded _int_mm up to here (bench/quantized_linear.py)
+# ...and past this many rows (prefill) dequantizing the weight once for a bf16 GEMM does: CPU _int_mm at
+# 3072x576 takes 1.4 ms at 64-128 rows but 6.8 at 256 and 50 at 2048, against 1.7 and 8.5 (int8 weights
+# dequantized, F.linear on oneDNN's AMX bf16)
+INT_MM_MAX_ROWS = 128
 _INT_MM_MIN_M = 17  # torch._int_mm on CPU/CUDA requires M > 16 (and K, N multiples of 8)
 
 
@@ -320,6 +324,11 @@ class W8A8Int8Linear(nn.Module):
     the weights ~2x faster than _int_mm's padded GEMM, and keeps activations exact. Measured in the
     engine (bench/build_matrix.py): this is what makes an int8-sq engine fast both single-stream and
     at concurrency 32, where _int_mm's int8 GEMM beats the bf16 one.
+
+    Prefill-sized steps (more than INT_MM_MAX_ROWS rows, same CPU condition) dequantize the int8 weights
+    once and run a bf16 GEMM, with exact activations again: torch's CPU _int_mm slows down 5-6x past ~200
+    rows (an int8-sq engine's TTFT at concurrency 32 was 3.3 s against bf16's 1.0). So on such a CPU the
+    int8 activation path serves batches of 17..128 rows only.
 
     Why: both operands int8 → VNNI int8 GEMM via torch._int_mm, best at larger batches (compute bound)
     while streaming int8 weights at decode. _int_mm needs M > 16 and K, N % 8 == 0, so decode-sized
@@ -365,7 +374,10 @@ class W8A8Int8Linear(nn.Module):
             return int_linear.int8_linear(x, self.qweight, self._w_scales_flat, self.bias)  # [..., N]
         x2, lead = _flatten(x)  # x2: [M, K]
         m = x2.shape[0]
-        if self.use_kernel and x2.device.type in ("cpu", "cuda"):
+        if self.small_m_max and m > INT_MM_MAX_ROWS and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
+            w = int_linear.int8_dequantize(self.qweight, self._w_scales_flat, x2.dtype)  # [N, K]
+            y = F.linear(x2, w)
+        elif self.use_kernel and x2.device.type in ("cpu", "cuda"):
             xq, xs = dynamic_quantize_per_token(x2)  # int8 [M, K], fp32 [M, 1]
             if m < _INT_MM_MIN_M:
                 xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_M - m))  # [17, K], zero rows
