@@ -192,17 +192,19 @@ def benchmark(base_url: str, *, tokenizer_path: str | None = None, input_len: in
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or default_tokenizer())
     model = served_model(base_url, api_key)
     levels = [("concurrency", c) for c in concurrency or []] + [("request_rate", r) for r in request_rate or []]
-    total = max((num_prompts or 0), *(4 * int(v) if k == "concurrency" else 32 for k, v in levels), 8)
-    prompts = make_prompts(tokenizer, total + warmup, input_len, seed)
+    sizes = [num_prompts or (max(8, 4 * int(v)) if k == "concurrency" else 32) for k, v in levels]
+    # each level gets prompts of its own: a level reusing an earlier one's would hit the server's prefix cache
+    prompts = make_prompts(tokenizer, warmup + sum(sizes), input_len, seed)
     asyncio.run(run_level(base_url, model, prompts[:warmup], min(output_len, 16), tokenizer, concurrency=1,
                           api_key=api_key, extra_body=extra_body))
     doc = {"label": label or base_url, "base_url": base_url, "model": model, "input_len": input_len,
            "output_len": output_len, "goodput_slo_ms": goodput or {}, "extra_body": extra_body or {},
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "levels": []}
-    for kind, value in levels:
-        n = num_prompts or (max(8, 4 * int(value)) if kind == "concurrency" else 32)
+    start = warmup
+    for (kind, value), n in zip(levels, sizes):
+        level_prompts, start = prompts[start:start + n], start + n
         results, duration = asyncio.run(run_level(
-            base_url, model, prompts[warmup:warmup + n], output_len, tokenizer,
+            base_url, model, level_prompts, output_len, tokenizer,
             concurrency=int(value) if kind == "concurrency" else None,
             rate=value if kind == "request_rate" else None, seed=seed, api_key=api_key, extra_body=extra_body))
         level = {"kind": kind, "value": value, "num_prompts": n} | summarize(results, duration, goodput or {})
