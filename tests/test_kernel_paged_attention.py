@@ -95,6 +95,16 @@ def test_matches_reference(kind, dtype, heads, kv_heads, lens):
     _check(_kernel(q, cache, meta, scale), q, cache, meta, scale)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (12, 4), (10, 2), (12, 2)])
+def test_bf16_cache_head_groups(head_dim, heads, kv_heads):
+    """bf16 over a bf16 cache has its own path (AVX512-BF16 scores, value passes over up to 16 / (D / 16)
+    query heads at a time); these group sizes split into every pass width, for both head sizes."""
+    q, cache, meta = _case("model", torch.bfloat16, heads, kv_heads, head_dim, LENS, seed=4)
+    scale = head_dim**-0.5
+    _check(_kernel(q, cache, meta, scale), q, cache, meta, scale)
+
+
 @pytest.mark.parametrize("kind", ["model", "fp8"])
 def test_head_dim_not_multiple_of_16(kind):
     q, cache, meta = _case(kind, torch.float32, 6, 2, 40, LENS, seed=1)
