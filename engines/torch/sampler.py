@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.base import SamplingParams, TokenLogprob
+from engines.torch.kernels.argmax import argmax_rows
 
 
 @dataclass
@@ -33,7 +34,7 @@ class SampleResult:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     """logits: [R, vocab] float32, one row per entry of `rows`."""
     x = process_logits(logits, rows)
-    tokens = x.argmax(dim=-1)
+    tokens = argmax_rows(x)
     greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
     if not bool(greedy.all()):
         tokens = torch.where(greedy, tokens, race(probabilities(x, rows), rows))
@@ -42,7 +43,10 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
 
 
 def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """A copy of `logits` with penalties, logit bias and min_tokens blocking applied (greedy takes its argmax)."""
+    """`logits` with penalties, logit bias and min_tokens blocking applied (greedy takes its argmax): a copy,
+    or `logits` itself when no row has any of them (callers never write into the result)."""
+    if not any(row.params.logit_bias or row.blocked_ids or _penalised(row.params) for row in rows):
+        return logits
     x = logits.clone()
     _apply_penalties(x, rows)
     for i, row in enumerate(rows):
@@ -72,12 +76,12 @@ def race(weights: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return (weights / noise).argmax(dim=-1)
 
 
+def _penalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
 def _apply_penalties(x: torch.Tensor, rows: list[SampleRow]) -> None:
-    idx = [
-        i
-        for i, row in enumerate(rows)
-        if row.params.repetition_penalty != 1.0 or row.params.presence_penalty or row.params.frequency_penalty
-    ]
+    idx = [i for i, row in enumerate(rows) if _penalised(row.params)]
     if not idx:
         return
     vocab = x.shape[1]

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from engines.torch.block_manager import BlockManager
+from engines.torch.kernels.argmax import argmax_rows
 from engines.torch.model_runner import ModelRunner
 from engines.torch.sampler import SampleRow, probabilities, process_logits, race
 from engines.torch.scheduler import ScheduledChunk
@@ -88,7 +89,7 @@ class DraftModelProposer:
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], torch.Tensor | None]:
         x = process_logits(logits, rows)
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
         if all(row.params.greedy for row in rows):
             return tokens.tolist(), None
         q = probabilities(x, rows)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from engines.base import TokenLogprob
+from engines.torch.kernels.argmax import argmax_rows
 from engines.torch.sampler import SampleRow, probabilities, process_logits, token_logprobs
 from engines.torch.spec.proposal import Proposal
 
@@ -41,7 +42,7 @@ def verify(
             index.append(start + j)
     raw = logits[torch.tensor(index, device=logits.device)]
     x = process_logits(raw, rows)
-    argmax = x.argmax(dim=-1).tolist()
+    argmax = argmax_rows(x).tolist()
     probs = probabilities(x, rows) if not all(r.params.greedy for r in rows) else None
 
     results, emitted_rows, emitted_tokens = [], [], []
