@@ -34,9 +34,11 @@ ENGINES = RESULTS / "engines"
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 
-# The machine's limits (PERF-NOTES.md): what a step can read and compute at most.
-READ_BANDWIDTH = 33e9  # bytes/s
-BF16_FLOPS = 130e9  # FLOP/s
+# What PERF-NOTES.md gives as this machine's limits; each run measures them again (measure_machine), because
+# this VM's bandwidth drifts and oneDNN's AMX matmuls run far above the 130 GFLOP/s measured for GEMV.
+NOMINAL = {"read_bandwidth": 33e9, "bf16_flops": 130e9}  # bytes/s, FLOP/s
+# KV cache bytes per element each server reads: kiln's int8 engine keeps an INT8 cache, the rest 16-bit ones
+KV_ELEMENT_BYTES = {"kiln int8": 1}
 
 # kiln engines: name -> (folder under bench/results/engines, as bench/build_matrix.py names them; build flags)
 KILN_ENGINES = {
@@ -142,19 +144,42 @@ def weight_bytes(name: str, params: int) -> int:
     return 2 * params
 
 
-def limits(doc: dict, params: int, non_embedding_params: int) -> None:
-    """Adds to each level the floor its figures could reach on this machine and how far they are from it:
-    a decode step reads every weight once (READ_BANDWIDTH) and does 2 x params FLOPs per sequence
-    (BF16_FLOPS); a prompt costs 2 x non-embedding params FLOPs per token."""
-    w = doc["weight_bytes"]
+def measure_machine() -> dict:
+    """This machine's limits now, before any server starts: the best of five reads of a 1 GiB buffer (a sum) and
+    of five 2048^3 bf16 matmuls (oneDNN, AMX where the CPU has it), on all of torch's threads."""
+    import torch
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    buffer = torch.ones(256 << 20)  # 1 GiB of float32
+    read_s = best(buffer.sum)
+    a, b = (torch.randn(2048, 2048).to(torch.bfloat16) for _ in range(2))
+    a @ b  # oneDNN builds its kernel on the first call
+    matmul_s = best(lambda: a @ b)
+    return {"read_bandwidth": buffer.numel() * 4 / read_s, "bf16_flops": 2 * 2048**3 / matmul_s}
+
+
+def limits(doc: dict, machine: dict, params: int, non_embedding_params: int, kv_bytes_per_token: int) -> None:
+    """Adds to each level the floor its figures could reach on this machine (measured limits) and how far they are
+    from it: a decode step reads every weight once plus each sequence's KV cache (mean context: prompt + half
+    the output) and does 2 x params FLOPs per sequence; a prompt costs 2 x non-embedding params FLOPs per
+    token and one read of the weights."""
+    w, bw, flops = doc["weight_bytes"], machine["read_bandwidth"], machine["bf16_flops"]
+    context = doc["input_len"] + doc["output_len"] / 2
     for lv in doc["levels"]:
         if not lv["completed"] or lv["kind"] != "concurrency":
             continue
         c = lv["value"]
-        step_floor = max(w / READ_BANDWIDTH, c * 2 * params / BF16_FLOPS)
+        step_floor = max((w + c * context * kv_bytes_per_token) / bw, c * 2 * params / flops)
         lv["limit_output_tok_s"] = c / step_floor
         lv["limit_tpot_ms"] = step_floor * 1000
-        lv["limit_ttft_ms"] = 2 * non_embedding_params * doc["input_len"] / BF16_FLOPS * 1000
+        lv["limit_ttft_ms"] = max(2 * non_embedding_params * doc["input_len"] / flops, w / bw) * 1000
 
 
 def limits_markdown(docs: list[dict]) -> str:
@@ -184,7 +209,12 @@ def run(args) -> int:
     non_embedding = cfg.num_hidden_layers * layer
     params = non_embedding + embed  # the tied LM head is a matmul over the embeddings each step
     docs = []
-    for name in args.only:
+    machine = measure_machine()
+    print(f"machine now: read {machine['read_bandwidth'] / 1e9:.1f} GB/s, bf16 matmul "
+          f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s", flush=True)
+    kv_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    rounds = [(r, name) for r in range(args.rounds) for name in args.only]  # ABAB...: drift hits every server
+    for r, name in rounds:
         port = free_port()
         command, env = server_commands(port)[name]
         url = f"http://127.0.0.1:{port}"
@@ -195,7 +225,7 @@ def run(args) -> int:
         try:
             wait_ready(url, process)
             doc = benchmark(url, input_len=args.input_len, output_len=args.output_len, concurrency=args.concurrency,
-                            label=name, goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
+                            label=name if args.rounds == 1 else f"{name} #{r + 1}", goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
                             extra_body=EXTRA_BODY.get(name))
         except RuntimeError as exc:
             print(f"   {name} failed: {exc}; see {log.name}", flush=True)
@@ -210,11 +240,11 @@ def run(args) -> int:
                 process.wait()
             log.close()
         doc["weight_bytes"] = weight_bytes(name, params)
-        limits(doc, params, non_embedding)
+        limits(doc, machine, params, non_embedding, kv_token * KV_ELEMENT_BYTES.get(name, 2))
         docs.append(doc)
     out = RESULTS / "peers.json"
     out.write_text(json.dumps({"params": params, "non_embedding_params": non_embedding,
-                               "read_bandwidth": READ_BANDWIDTH, "bf16_flops": BF16_FLOPS, "runs": docs}, indent=2) + "\n")
+                               "machine": machine, "nominal": NOMINAL, "runs": docs}, indent=2) + "\n")
     table = markdown(docs) + "\n\n" + limits_markdown(docs)
     (RESULTS / "peers.md").write_text(table + "\n")
     plot(docs, RESULTS / "peers.png")
@@ -232,6 +262,8 @@ def main() -> int:
     r.add_argument("--only", nargs="*", default=names, choices=names, metavar="SERVER",
                    help=f"servers to run (default all: {', '.join(names)})")
     r.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
+    r.add_argument("--rounds", type=int, default=1,
+                   help="run the server list this many times in turn (A B A B ...), one table row per run")
     r.add_argument("--input-len", type=int, default=128)
     r.add_argument("--output-len", type=int, default=128)
     r.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on TTFT (default 1000)")

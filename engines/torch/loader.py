@@ -9,6 +9,7 @@ import torch
 
 from engines.config import EngineConfig
 from engines.model_source import model_display_name, resolve_model
+from engines.torch import host_malloc
 from engines.torch.block_manager import BlockManager
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.model_runner import KVCache, ModelRunner
@@ -129,6 +130,8 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     """Allocate the KV pool for `loaded` and wire scheduler, block manager and runner together (and the
     speculative proposer: `draft` is the draft model, loaded from config.speculative_draft when None)."""
     config.validate()
+    if loaded.device.type == "cpu":
+        host_malloc.tune()  # activations of every step are host memory here
     args = loaded.model.args
     kv_scales = config.kv_cache_scales if config.kv_cache_dtype != "model" else None
     if config.kv_cache_dtype == "int8" and kv_scales is None:
