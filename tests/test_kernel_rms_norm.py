@@ -29,3 +29,21 @@ def test_bf16_kernel_equals_transformers_rounding(rows, hidden):
 def test_float32_takes_f_rms_norm_exactly():
     x, w = torch.randn(4, 64), torch.randn(64)
     assert torch.equal(kernel.rms_norm(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6))
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ toolchain for the kernel")
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 40), (130, 576), (2, 4096)])
+def test_add_rms_norm_equals_add_then_norm(rows, hidden):
+    torch.manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16) * 3
+    d = torch.randn(rows, hidden, dtype=torch.bfloat16)
+    w = torch.randn(hidden, dtype=torch.bfloat16)
+    s, y = kernel.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(s, x + d)  # torch's bf16 add, bit for bit
+    assert torch.equal(y, kernel.rms_norm(x + d, w, 1e-5))
+
+
+def test_add_rms_norm_float32_is_the_two_ops():
+    x, d, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
+    s, y = kernel.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(s, x + d) and torch.equal(y, F.rms_norm(x + d, (64,), w, 1e-6))

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, fused_attention, paged_attention
-from engines.torch.kernels.rms_norm import rms_norm
+from engines.torch.kernels.rms_norm import add_rms_norm, rms_norm
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
@@ -151,8 +151,11 @@ class LlamaForCausalLM(nn.Module):
             cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
             sin = self.sin[positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            h = _rms_norm(x, layer.input_norm, eps)
+        h = _rms_norm(x, self.layers[0].input_norm, eps)
+        # each later norm takes the residual add before it in the same op (the next layer's input norm, then
+        # the final norm)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms):
             qkv = layer.qkv_proj(h)
             if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
                 attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
@@ -162,10 +165,9 @@ class LlamaForCausalLM(nn.Module):
                 q, k = qk[:, :heads], qk[:, heads:]
                 v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
                 attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-            x = x + layer.o_proj(attn.reshape(t, layer.q_size))
-            h = _rms_norm(x, layer.post_norm, eps)
-            x = x + layer.down_proj(silu_mul(layer.gate_up_proj(h)))
-        return _rms_norm(x, self.norm, eps)
+            x, h = add_rms_norm(x, layer.o_proj(attn.reshape(t, layer.q_size)), layer.post_norm, eps)
+            x, h = add_rms_norm(x, layer.down_proj(silu_mul(layer.gate_up_proj(h))), next_norm, eps)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         return self.lm_head(hidden).float()
