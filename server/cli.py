@@ -41,7 +41,7 @@ def _add_serve(subparsers) -> None:
     add("--api-key", help="require 'Authorization: Bearer <key>' on /v1 (health and metrics stay open)")
     add("--max-model-len", help="context length (default: the model's, capped by the KV cache)")
     add("--max-num-seqs", help="most sequences in a batch (default: 64)")
-    add("--max-num-batched-tokens", help="token budget of one engine step (default: 2048)")
+    add("--max-num-batched-tokens", help="token budget of one engine step (default: 512 on CPU, 2048 on CUDA)")
     add("--max-num-waiting", help="most requests waiting for a batch slot; more get HTTP 429 (default: 1024)")
     add("--kv-cache-memory", help="memory for the KV cache, e.g. 2GiB or 512MiB (default: 1 GiB on CPU)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="reuse KV blocks of shared prompt prefixes (default: on)")

@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
     # Engine (defaults are EngineConfig's)
     max_model_len: int | None = None
     max_num_seqs: int = EngineConfig.max_num_seqs
-    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    max_num_batched_tokens: int | None = EngineConfig.max_num_batched_tokens
     max_num_waiting: int = Field(EngineConfig.max_num_waiting, ge=1)
     kv_cache_memory: ByteSize | None = None
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching

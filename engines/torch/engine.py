@@ -68,7 +68,7 @@ class AsyncTorchEngine(Engine):
                 "model_source": str(config.engine_dir or config.model or "embedded default"),
                 "prefix_caching": config.enable_prefix_caching,
                 "max_num_seqs": config.max_num_seqs,
-                "max_num_batched_tokens": config.max_num_batched_tokens,
+                "max_num_batched_tokens": core.scheduler.max_num_batched_tokens,
                 "torch_threads": torch.get_num_threads(),
                 "engine": _engine_summary(loaded.manifest),
                 "speculative": (core.proposer.describe() | {"num_speculative_tokens": core.num_speculative_tokens}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engines.config import EngineConfig
+from engines.config import EngineConfig, default_batched_tokens
 from engines.model_source import model_display_name, resolve_model
 from engines.torch import host_malloc
 from engines.torch.block_manager import BlockManager
@@ -171,7 +171,8 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype,
                        loaded.device, config.kv_cache_dtype, kv_scales, scratch_block=graphs)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens)
+    budget = config.max_num_batched_tokens or default_batched_tokens(loaded.device)
+    scheduler = Scheduler(bm, config.max_num_seqs, budget)
     runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len,
                          graphs)
     proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
