@@ -1,5 +1,11 @@
 """Dense (unquantized) linear layers, and which matmul they run by weight dtype, device and rows per step.
 
+bf16 weights on a CPU with AMX (Intel Sapphire Rapids and later):
+- steps of up to amx_linear.MAX_ROWS rows (all of a CPU engine's steps at its default budget) use
+  kiln's AMX kernel on a copy of the weight packed into tile order at load: it streams weights at
+  ~2x oneDNN's rate from 8 to 32 rows and is still ahead at 512 (bench/kernel_bf16_linear.py);
+- weights whose sides are not multiples of 32, and larger steps, take the paths below.
+
 bf16 weights on a CPU with avx512_bf16:
 - decode-sized steps (at most SMALL_M_MAX rows) use kiln's weight-streaming kernel, which reads
   weights at ~2x F.linear's rate (bench/kernel_bf16_linear.py);
@@ -18,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch.kernels import amx_linear
+
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -30,8 +38,11 @@ class LinearDispatch:
         self.small_m_max = 0
         self.small: LinearFn = F.linear
         self.prepack = False
+        self.amx = False
         if dtype == torch.bfloat16 and device.type == "cpu":
             from engines.torch.kernels import bf16_linear as kernel
+
+            self.amx = amx_linear.available()
 
             if kernel.available():  # compiles once (~30 s), then loads from torch's extension cache
                 self.small_m_max = kernel.SMALL_M_MAX
@@ -52,14 +63,18 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dispatch = dispatch
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # at most one packed copy: AMX's where the kernel runs here and takes the shape, else oneDNN's
+        self.amx_packed = amx_linear.pack(weight) if dispatch.amx and amx_linear.fits(weight) else None
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PREPACK_ROWS_HINT)
-                       if dispatch.prepack else None)
+                       if dispatch.prepack and self.amx_packed is None else None)
 
     @property
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx_packed is not None and x.shape[0] <= amx_linear.MAX_ROWS:
+            return amx_linear.amx_linear(x, self.amx_packed, self.bias)
         if x.shape[0] <= self.dispatch.small_m_max:
             return self.dispatch.small(x, self.weight, self.bias)
         if self.packed is not None:

@@ -1,0 +1,179 @@
+// bf16 GEMM on Intel AMX for decode batches: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), fp32 accumulation.
+//
+// Why: at 9..32 rows a linear layer still only needs to stream its weight once, but the AVX-512
+// kernel (bf16_gemv.cpp) is compute-bound there and oneDNN's packed matmul reaches ~12 GB/s of a
+// machine that reads 16-25. AMX's tile multiply does 16x16x32 multiply-adds per instruction, so the
+// arithmetic disappears behind the weight stream and the kernel runs at the rate memory feeds it.
+//
+// How:
+//  - W is packed once at load (amx_linear.py, pure torch) into the order the kernel reads it: for
+//    each block of 32 output columns nb and each block of 32 inputs kb, two B tiles of 1 KiB
+//    (columns 0-15 and 16-31), each 16 rows of input pairs x 16 columns x 2 bf16 (AMX's "VNNI"
+//    layout: the two bf16 of a pair are adjacent). A thread's weights are one sequential stream.
+//  - Per 32 rows of x and 32 columns of W: four C tiles (16x16 fp32) accumulate over K; per kb the
+//    two A tiles (x, 16 rows x 32 bf16, straight from x's row-major layout) and the two B tiles are
+//    loaded and multiplied pairwise. x (M x K bf16, <= 96 KiB here) stays in L1/L2.
+//  - Threads (OpenMP, torch.get_num_threads()) own contiguous ranges of column blocks, so each
+//    reads a contiguous slice of the packed weight; a software prefetch runs kPrefetch bytes ahead.
+//  - Tile state is per thread and shared with oneDNN, which runs AMX kernels in the same OpenMP
+//    threads: every call loads its own tile configuration and releases the tiles when done.
+//  - Each output element is accumulated in the same order whatever M or the thread count:
+//    deterministic and batch-invariant (row i depends on row i of x only).
+//  - Linux hands out AMX state only on request: amx_init() asks once (arch_prctl); available()
+//    in amx_linear.py calls it before anything else runs.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+using bf16 = uint16_t;
+
+constexpr int64_t kTileBytes = 1024;    // one B tile: 16 rows x 64 bytes
+constexpr int64_t kPrefetch = 8192;     // bytes ahead in the weight stream
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (rows of x a: 0-15 / b: 16-31) x (columns 0-15 / 16-31); 4-5: A; 6-7: B.
+static void configure(int rows_a, int rows_b) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = static_cast<uint8_t>(rows_a);
+  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = static_cast<uint8_t>(rows_b);
+  cfg.rows[6] = cfg.rows[7] = 16;
+  if (rows_b == 0) cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[5] = 0;  // unused tiles must be all zero
+  _tile_loadconfig(&cfg);
+}
+
+static inline void prefetch_span(const char* p) {
+  // 2 KiB = 32 lines per k step: both B tiles of the step kPrefetch bytes ahead
+  for (int i = 0; i < 2 * kTileBytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
+// rows m0..m0+rows_a+rows_b of x against column block nb; C tiles written to c (32 x 32 fp32)
+template <bool kTwo>
+static inline void block(const bf16* x, int64_t K, const char* wb, int64_t kblocks, const char* pf_end,
+                         float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t xstride = K * 2;
+  const char* xa = reinterpret_cast<const char*>(x);
+  const char* xb = xa + 16 * xstride;
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* w = wb + kb * 2 * kTileBytes;
+    if (w + kPrefetch < pf_end) prefetch_span(w + kPrefetch);
+    _tile_loadd(6, w, 64);
+    _tile_loadd(7, w + kTileBytes, 64);
+    _tile_loadd(4, xa + kb * 64, xstride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (kTwo) {
+      _tile_loadd(5, xb + kb * 64, xstride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if (kTwo) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+
+static inline void epilogue(const float* c, int rows, const float* bias32, bf16* y, int64_t N) {
+  for (int r = 0; r < rows; ++r) {
+    __m512 lo = _mm512_load_ps(c + r * 32), hi = _mm512_load_ps(c + r * 32 + 16);
+    if (bias32) {
+      lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias32));
+      hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias32 + 16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * N), (__m256i)_mm512_cvtneps_pbh(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * N + 16), (__m256i)_mm512_cvtneps_pbh(hi));
+  }
+}
+
+bool amx_init() {
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
+                      const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "amx_linear: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+              "amx_linear: x and the packed weight must be bfloat16");
+  const int64_t K = x_in.size(-1);
+  TORCH_CHECK(N % 32 == 0 && K % 32 == 0 && packed.numel() == N * K && packed.is_contiguous(),
+              "amx_linear: the packed weight must hold N x K values with N and K multiples of 32");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (has_bias) TORCH_CHECK(bias_in->numel() == N, "amx_linear: bias must have N elements");
+
+  const bool flat = x_in.dim() == 2;
+  const int64_t M = x_in.numel() / std::max<int64_t>(K, 1);
+  const at::Tensor x = flat ? x_in.contiguous() : x_in.reshape({M, K}).contiguous();
+  const at::Tensor bias = has_bias ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) {
+    const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
+    const char* wp = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
+    const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+    bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
+    const int64_t nblocks = N / 32, kblocks = K / 32, block_bytes = kblocks * 2 * kTileBytes;
+    const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), nblocks));
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t b0 = nblocks * t / T, b1 = nblocks * (t + 1) / T;
+      const char* pf_end = wp + b1 * block_bytes;
+      alignas(64) float c[32 * 32];
+      int configured = -1;  // rows of the current configuration (rows_a * 64 + rows_b)
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const char* wb = wp + nb * block_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+          const int rows = static_cast<int>(std::min<int64_t>(32, M - m0));
+          const int ra = std::min(rows, 16), rb = rows - ra;
+          if (configured != ra * 64 + rb) {
+            configure(ra, rb);
+            configured = ra * 64 + rb;
+          }
+          if (rb) block<true>(xp + m0 * K, K, wb, kblocks, pf_end, c);
+          else block<false>(xp + m0 * K, K, wb, kblocks, pf_end, c);
+          epilogue(c, rows, bp ? bp + nb * 32 : nullptr, yp + m0 * N + nb * 32, N);
+        }
+      }
+      _tile_release();
+    }
+  }
+  if (flat) return y;
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  return y.view(out_sizes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("amx_init", &amx_init, "ask Linux for AMX tile state (once per process); False when refused");
+  m.def("amx_linear", &amx_linear, "y = x @ W^T (+ bias) from a packed bf16 weight: bf16 in/out, fp32 accumulation",
+        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+}

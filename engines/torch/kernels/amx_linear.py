@@ -1,0 +1,64 @@
+"""bf16 linear on Intel AMX for steps of up to MAX_ROWS rows: bf16 in, bf16 out, fp32 accumulation.
+
+From a few rows to a few dozen a linear layer is bound by reading its weight once, but the AVX-512
+kernel (bf16_linear) runs out of arithmetic past ~8 rows and oneDNN's packed matmul streams the weight
+at about half the machine's read rate. AMX tiles do the arithmetic in a few instructions per 2 KiB of
+weight, so the kernel (amx_linear.cpp) runs at the memory's pace. SmolLM2-135M-shaped stack of cold
+layers, 2 threads (bench/kernel_bf16_linear.py), ms per stack AMX vs oneDNN packed: M = 1 12.4 vs 26.4
+(bf16_linear 13.1), 8: 13.0 vs 26.1 (22.2), 16: 14.0 vs 27.0, 32: 18.0 vs 37.8, 64: 29.0 vs 35.4,
+512: 194 vs 221, 2048: 981 vs 735 -- hence MAX_ROWS.
+
+The weight is packed once (`pack`, plain torch) into tile order; N and K must be multiples of 32
+(`fits`). `available()` is False on CPUs without AMX (AMD, Intel before Sapphire Rapids), when Linux
+refuses AMX state, or when the build fails; callers then keep oneDNN. Results are deterministic and
+batch-invariant; they differ from F.linear's in rounding only (another summation order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engines.torch.kernels.extension import LazyExtension
+
+MAX_ROWS = 512  # rows up to which the kernel beats oneDNN's packed matmul (bench/kernel_bf16_linear.py)
+
+_SOURCE = Path(__file__).with_name("amx_linear.cpp")
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
+_EXT = LazyExtension("kiln_amx_linear", _SOURCE, _CFLAGS,
+                     required_cpu_flags=("avx512_bf16", "amx_tile", "amx_bf16"), ldflags=["-fopenmp"],
+                     fallback="oneDNN")
+_granted: bool | None = None
+
+
+def available() -> bool:
+    """True when the kernel can run here: compiled (or loaded) and AMX state granted by the kernel."""
+    global _granted
+    if _granted is None:
+        ext = _EXT.get()
+        _granted = ext is not None and bool(ext.amx_init())
+    return _granted
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Shapes the kernel takes: a 2-D bf16 weight [N, K] with N and K multiples of 32."""
+    return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[0] % 32 == 0
+            and weight.shape[1] % 32 == 0 and weight.numel() > 0)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> the kernel's order: for each 32-column block nb and 32-input block kb, two B tiles
+    (columns 0-15, 16-31) of 16 input pairs x 16 columns x 2 -- element [nb, kb, h, p, n, e] is
+    W[32 nb + 16 h + n, 32 kb + 2 p + e]."""
+    if not fits(weight):
+        raise ValueError("amx_linear.pack needs a bf16 [N, K] weight with N and K multiples of 32")
+    n, k = weight.shape
+    w = weight.detach().reshape(n // 32, 2, 16, k // 32, 16, 2)  # [nb, h, n, kb, p, e]
+    return w.permute(0, 3, 1, 4, 2, 5).contiguous()  # [nb, kb, h, p, n, e]
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ W^T (+ bias) -> [..., N] bf16, from `pack(W)`. Needs available()."""
+    n = packed.shape[0] * 32
+    return _EXT.get().amx_linear(x, packed, n, bias)

@@ -1,0 +1,168 @@
+"""engines/torch/kernels/amx_linear: the packed layout, agreement with an fp32 reference within one bf16
+rounding for SmolLM2's shapes at every row count that exercises a different tile shape, determinism
+and batch / thread invariance, coexistence with oneDNN's AMX kernels in the same threads, GIL release,
+DenseLinear's dispatch, and the fallback where the CPU has no AMX.
+
+Skipped (except the fallback test) when the kernel is unavailable: no AMX (AMD, older Intel), Linux
+refusing AMX state, or no compiler / ninja."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.torch.kernels import amx_linear as kmod
+from engines.torch.kernels import extension
+from engines.torch.layers.linear import DenseLinear, LinearDispatch
+
+SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
+# 1..16 rows: one A tile; 17..32: two; above 32: chunks of 32 with a tail of either kind
+ROW_COUNTS = [1, 2, 7, 15, 16, 17, 31, 32, 33, 48, 49, 64, 100]
+
+needs_amx = pytest.mark.skipif(not kmod.available(), reason="AMX kernel unavailable (no AMX, no compiler or ninja)")
+
+
+def _inputs(m: int, n: int, k: int, seed: int, bias: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    return x, w, b
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # one rounding to bf16 (<= 2^-8 relative) plus fp32 accumulation-order error (as test_kernel_bf16_linear)
+    bound = 2.0**-8 * ref.abs() + 1e-5 * F.linear(x.float().abs(), w.float().abs()) + 1e-30
+    excess = ((y.float() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds one bf16 rounding by {excess}"
+
+
+def test_pack_layout_and_fits():
+    n, k = 64, 96
+    w = torch.randn(n, k).bfloat16()
+    p = kmod.pack(w)
+    assert p.shape == (n // 32, k // 32, 2, 16, 16, 2) and p.is_contiguous()
+    for nb, kb, h, pr, col, e in [(0, 0, 0, 0, 0, 1), (1, 2, 1, 15, 15, 1), (0, 1, 1, 3, 7, 0), (1, 0, 0, 9, 2, 1)]:
+        assert torch.equal(p[nb, kb, h, pr, col, e], w[32 * nb + 16 * h + col, 32 * kb + 2 * pr + e])
+    assert kmod.fits(w) and not kmod.fits(w.float()) and not kmod.fits(w[:48]) and not kmod.fits(w[:, :80])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kmod.pack(w[:, :80])
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", SMOLLM2_SHAPES + [(32, 32), (96, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_fp32_reference(n, k, bias):
+    for m in ROW_COUNTS:
+        x, w, b = _inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
+        _check(kmod.amx_linear(x, kmod.pack(w), b), x, w, b)
+
+
+@needs_amx
+def test_lm_head_shape_leading_dims_and_empty():
+    x, w, _ = _inputs(32, 49152, 576, seed=1, bias=False)
+    packed = kmod.pack(w)
+    y = kmod.amx_linear(x, packed)
+    _check(y, x, w, None)
+    assert torch.equal(kmod.amx_linear(x.view(4, 8, 576), packed).view(32, 49152), y)
+    assert kmod.amx_linear(x[:0], packed).shape == (0, 49152)
+
+
+@needs_amx
+def test_deterministic_batch_and_thread_invariant():
+    x, w, b = _inputs(70, 3072, 576, seed=7, bias=True)
+    packed = kmod.pack(w)
+    y = kmod.amx_linear(x, packed, b)
+    assert torch.equal(kmod.amx_linear(x, packed, b), y)
+    for i in (0, 15, 16, 31, 32, 69):  # each row: one fixed-order sum, whichever tile and chunk it lands in
+        assert torch.equal(kmod.amx_linear(x[i : i + 1], packed, b), y[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kmod.amx_linear(x, packed, b), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_amx
+def test_coexists_with_onednn_amx_in_the_same_threads():
+    # oneDNN configures AMX tiles its own way in the same OpenMP threads: alternating calls must not
+    # disturb each other (each kiln call loads its own configuration and releases the tiles).
+    x, w, b = _inputs(24, 576, 1536, seed=11, bias=True)
+    packed = kmod.pack(w)
+    y = kmod.amx_linear(x, packed, b)
+    big = torch.randn(512, 512).bfloat16()
+    ref_big = big @ big
+    for _ in range(3):
+        assert torch.equal(big @ big, ref_big)
+        assert torch.equal(kmod.amx_linear(x, packed, b), y)
+
+
+@needs_amx
+def test_releases_the_gil():
+    # as tests/test_kernel_bf16_linear.py: a Python thread must tick inside long kernel calls
+    x, w, _ = _inputs(32, 49152, 1536, seed=3, bias=False)
+    packed = kmod.pack(w)
+    kmod.amx_linear(x, packed)
+    ticks, stop, ready = [], threading.Event(), threading.Event()
+
+    def tick():
+        ready.set()
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)
+    try:
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        ready.wait()
+        windows = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            kmod.amx_linear(x, packed)
+            windows.append((t0, time.perf_counter()))
+    finally:
+        stop.set()
+        ticker.join()
+        sys.setswitchinterval(interval)
+    inside = sum(any(t0 < t < t1 for t0, t1 in windows) for t in ticks)
+    assert inside >= 5, f"another Python thread ran {inside} times during the kernel calls"
+
+
+@needs_amx
+def test_dense_linear_runs_amx_up_to_max_rows_and_onednn_above():
+    dispatch = LinearDispatch(torch.bfloat16, torch.device("cpu"))
+    assert dispatch.amx
+    x, w, b = _inputs(kmod.MAX_ROWS + 8, 576, 576, seed=5, bias=True)
+    layer = DenseLinear(w, b, dispatch)
+    assert layer.amx_packed is not None and layer.packed is None  # one packed copy, not two
+    for m in (1, 9, 32, kmod.MAX_ROWS):
+        assert torch.equal(layer(x[:m]), kmod.amx_linear(x[:m], layer.amx_packed, b))
+    _check(layer(x), x, w, b)  # above MAX_ROWS: F.linear
+    odd = DenseLinear(_inputs(1, 40, 576, seed=6, bias=False)[1], None, dispatch)  # N = 40: not for AMX
+    assert odd.amx_packed is None and odd.packed is not None
+    _check(odd(x[:20]), x[:20], odd.weight.data, None)
+
+
+def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
+    monkeypatch.setattr(kmod._EXT, "module", None)
+    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(kmod, "_granted", None)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    with caplog.at_level("WARNING", logger="kiln.kernels"):
+        assert kmod.available() is False
+    assert len(caplog.records) == 1 and "amx_tile" in caplog.records[0].getMessage()
+    dispatch = LinearDispatch(torch.bfloat16, torch.device("cpu"))
+    x, w, b = _inputs(20, 64, 96, seed=5, bias=True)
+    layer = DenseLinear(w, b, dispatch)
+    assert not dispatch.amx and layer.amx_packed is None
+    _check(layer(x), x, w, b)
