@@ -12,6 +12,7 @@ of ms per stack and effective GB/s = bytes of weight (codes + scales + zero poin
     .venv/bin/python bench/kernel_int_linear.py --ms 8 12 16 24 32 --reps 9 --group 64
     .venv/bin/python bench/kernel_int_linear.py --only "int4 kernel" "int4 torch" --asym
 
+"int8 amx" (Intel AMX CPUs only) is engines/torch/kernels/amx_linear's W8A16 path on the same codes.
 "dequant+F.linear" rows are the layers' large-M path (dequantize once per call, then F.linear); their
 GB/s counts the quantized bytes like the kernel rows.
 """
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.quant.rtn import quantize_rtn  # noqa: E402
+from engines.torch.kernels import amx_linear  # noqa: E402
 from engines.torch.kernels import bf16_linear as bf16k  # noqa: E402
 from engines.torch.kernels import int_linear as kernel  # noqa: E402
 from engines.torch.layers.quantized import int4_to_torch_cpu_format  # noqa: E402
@@ -53,6 +55,8 @@ def make_stacks(layers: int, group: int, symmetric: bool):
         s8 = q8.scales.reshape(-1).contiguous()
         stacks["int8 torch"].append(((q8.qweight, s8.bfloat16()), k, n * k + 4 * n))
         stacks["int8 kernel"].append(((q8.qweight, s8), k, n * k + 4 * n))
+        if amx_linear.available():
+            stacks["int8 amx"].append(((amx_linear.pack(q8.qweight), s8), k, n * k + 4 * n))
         g = int4_group(k, group)
         q4 = quantize_rtn(w, 4, group_size=g, symmetric=symmetric)
         u, sz = int4_to_torch_cpu_format(q4, torch.bfloat16)
@@ -72,6 +76,7 @@ VARIANTS = {
     "bf16 kernel": lambda x, a: bf16k.bf16_linear(x, *a),
     "int8 torch": lambda x, a: torch._weight_int8pack_mm(x, *a),
     "int8 kernel": lambda x, a: kernel.int8_linear(x, *a),
+    "int8 amx": lambda x, a: amx_linear.amx_int8_linear(x, *a),  # Intel AMX only
     "int4 torch": lambda x, a: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *a),
     "int4 kernel": lambda x, a: kernel.int4_linear(x, *a),
     # the large-M path: dequantize the layer once per call (bf16), then one F.linear
@@ -123,7 +128,7 @@ def main() -> None:
     print(f"kernels ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     stacks = make_stacks(args.layers, args.group, not args.asym)
-    names = args.only or list(VARIANTS)
+    names = [name for name in args.only or VARIANTS if stacks[name]]  # "int8 amx" needs AMX
     nbytes = {name: sum(b for *_, b in stacks[name]) for name in names}
 
     rows = []

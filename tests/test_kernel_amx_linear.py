@@ -166,3 +166,46 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     layer = DenseLinear(w, b, dispatch)
     assert not dispatch.amx and layer.amx_packed is None
     _check(layer(x), x, w, b)
+
+
+def _int8_inputs(m: int, n: int, k: int, seed: int, bias: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 1e-3 + 1e-4
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    return x, q, s, b
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", SMOLLM2_SHAPES + [(32, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_fp32_reference(n, k, bias):
+    for m in ROW_COUNTS:
+        x, q, s, b = _int8_inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
+        y = kmod.amx_int8_linear(x, kmod.pack(q), s, b)
+        _check(y, x, q.float() * s.reshape(-1, 1), b)  # the dequantized weight, in fp32
+
+
+@needs_amx
+def test_int8_batch_invariant_and_int8_layer_dispatch():
+    from engines.quant.types import QuantizedWeight
+    from engines.torch.layers.quantized import AMX_INT8_MIN_ROWS, Int8WeightOnlyLinear, W8A8Int8Linear
+
+    x, q, s, b = _int8_inputs(70, 576, 1536, seed=9, bias=True)
+    packed = kmod.pack(q)
+    y = kmod.amx_int8_linear(x, packed, s, b)
+    for i in (0, 16, 33, 69):
+        assert torch.equal(kmod.amx_int8_linear(x[i : i + 1], packed, s, b), y[i : i + 1])
+    layer = Int8WeightOnlyLinear.from_quantized(QuantizedWeight(q, s.reshape(-1, 1), None, 8, None, True), b)
+    assert layer.amx_packed is not None and torch.equal(layer.amx_packed, packed)
+    for m in (AMX_INT8_MIN_ROWS, 32, 70):
+        assert torch.equal(layer(x[:m]), y[:m])
+    small = layer(x[: AMX_INT8_MIN_ROWS - 1])  # below: kiln's AVX-512 kernel, same values up to rounding
+    _check(small, x[: AMX_INT8_MIN_ROWS - 1], q.float() * s.reshape(-1, 1), b)
+    assert layer(x.float()[:32]).dtype == torch.float32  # fp32 activations never take the bf16 kernel
+    # SmoothQuant layers run the same W8A16 path on AMX (exact activations instead of int8 ones)
+    sq = W8A8Int8Linear.from_quantized(q, s, b)
+    assert sq.amx_packed is not None
+    for m in (AMX_INT8_MIN_ROWS, 32, 70):
+        assert torch.equal(sq(x[:m]), y[:m])

@@ -31,7 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
 
 namespace {
 
@@ -64,10 +64,10 @@ static inline void prefetch_span(const char* p) {
   for (int i = 0; i < 2 * kTileBytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
 }
 
-// rows m0..m0+rows_a+rows_b of x against column block nb; C tiles written to c (32 x 32 fp32)
-template <bool kTwo>
-static inline void block(const bf16* x, int64_t K, const char* wb, int64_t kblocks, const char* pf_end,
-                         float* c) {
+// Rows m0.. of x (rows_a + rows_b <= 32, as configured) against one column block: C tiles written to c
+// (32 x 32 fp32). b_tiles(kb) returns the address of k step kb's two B tiles (2 KiB of bf16, tile order).
+template <bool kTwo, typename BTiles>
+static inline void block(const bf16* x, int64_t K, int64_t kblocks, BTiles b_tiles, float* c) {
   _tile_zero(0);
   _tile_zero(1);
   if (kTwo) {
@@ -78,8 +78,7 @@ static inline void block(const bf16* x, int64_t K, const char* wb, int64_t kbloc
   const char* xa = reinterpret_cast<const char*>(x);
   const char* xb = xa + 16 * xstride;
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const char* w = wb + kb * 2 * kTileBytes;
-    if (w + kPrefetch < pf_end) prefetch_span(w + kPrefetch);
+    const char* w = b_tiles(kb);
     _tile_loadd(6, w, 64);
     _tile_loadd(7, w + kTileBytes, 64);
     _tile_loadd(4, xa + kb * 64, xstride);
@@ -99,9 +98,14 @@ static inline void block(const bf16* x, int64_t K, const char* wb, int64_t kbloc
   }
 }
 
-static inline void epilogue(const float* c, int rows, const float* bias32, bf16* y, int64_t N) {
+// y = c (* scale) (+ bias), rounded once to bf16; scale32 / bias32: this block's 32 columns or null
+static inline void epilogue(const float* c, int rows, const float* scale32, const float* bias32, bf16* y, int64_t N) {
   for (int r = 0; r < rows; ++r) {
     __m512 lo = _mm512_load_ps(c + r * 32), hi = _mm512_load_ps(c + r * 32 + 16);
+    if (scale32) {
+      lo = _mm512_mul_ps(lo, _mm512_loadu_ps(scale32));
+      hi = _mm512_mul_ps(hi, _mm512_loadu_ps(scale32 + 16));
+    }
     if (bias32) {
       lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias32));
       hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias32 + 16));
@@ -111,22 +115,31 @@ static inline void epilogue(const float* c, int rows, const float* bias32, bf16*
   }
 }
 
+// One k step of int8 codes (1 KiB, tile order) -> bf16 (2 KiB, same order), exact: every int8 is a
+// bf16. The per-column scale multiplies the fp32 sums in the epilogue.
+static inline void widen_step(const int8_t* q, const int8_t* pf_end, bf16* out) {
+  for (int i = 0; i < 1024; i += 64) {
+    if (q + i + kPrefetch < pf_end) _mm_prefetch(reinterpret_cast<const char*>(q + i + kPrefetch), _MM_HINT_T0);
+    for (int h = 0; h < 64; h += 32) {
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + h))));
+      const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + h + 16))));
+      _mm512_store_si512(out + i + h, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
 bool amx_init() {
   constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
+// The shared driver: weights either bf16 (`wp`, streamed straight into tiles) or int8 codes (`qp`,
+// widened per column block into a per-thread bf16 buffer, then scaled per column in the epilogue).
+static at::Tensor run(const at::Tensor& x_in, const bf16* wp, const int8_t* qp, int64_t N, const float* scales,
                       const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "amx_linear: CPU tensors only");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "amx_linear: x and the packed weight must be bfloat16");
   const int64_t K = x_in.size(-1);
-  TORCH_CHECK(N % 32 == 0 && K % 32 == 0 && packed.numel() == N * K && packed.is_contiguous(),
-              "amx_linear: the packed weight must hold N x K values with N and K multiples of 32");
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   if (has_bias) TORCH_CHECK(bias_in->numel() == N, "amx_linear: bias must have N elements");
-
   const bool flat = x_in.dim() == 2;
   const int64_t M = x_in.numel() / std::max<int64_t>(K, 1);
   const at::Tensor x = flat ? x_in.contiguous() : x_in.reshape({M, K}).contiguous();
@@ -134,20 +147,40 @@ at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t 
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
-    const char* wp = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
     const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
     bf16* yp = reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>());
-    const int64_t nblocks = N / 32, kblocks = K / 32, block_bytes = kblocks * 2 * kTileBytes;
+    const int64_t nblocks = N / 32, kblocks = K / 32, block_elems = kblocks * 1024;
     const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), nblocks));
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
       const int64_t b0 = nblocks * t / T, b1 = nblocks * (t + 1) / T;
-      const char* pf_end = wp + b1 * block_bytes;
+      const char* pf_end = reinterpret_cast<const char*>(wp ? static_cast<const void*>(wp + b1 * block_elems)
+                                                            : static_cast<const void*>(qp + b1 * block_elems));
+      // int8 codes are widened to bf16 per k step into two alternating 2 KiB buffers when the rows fit one
+      // pass (the widening of step k+1 overlaps step k's tiles), else once per column block for all passes
+      const bool one_pass = M <= 32;
+      bf16* widened = qp ? static_cast<bf16*>(std::aligned_alloc(64, (one_pass ? 2048 : block_elems) * sizeof(bf16)))
+                         : nullptr;
+      const int8_t* q_end = reinterpret_cast<const int8_t*>(pf_end);
       alignas(64) float c[32 * 32];
       int configured = -1;  // rows of the current configuration (rows_a * 64 + rows_b)
       for (int64_t nb = b0; nb < b1; ++nb) {
-        const char* wb = wp + nb * block_bytes;
+        const char* wb = wp ? reinterpret_cast<const char*>(wp + nb * block_elems) : nullptr;
+        const int8_t* qb = qp ? qp + nb * block_elems : nullptr;
+        if (qp && !one_pass)
+          for (int64_t kb = 0; kb < kblocks; ++kb) widen_step(qb + kb * 1024, q_end, widened + kb * 1024);
+        auto b_tiles = [&](int64_t kb) -> const char* {
+          if (wp) {  // bf16: straight from the packed weight
+            const char* w = wb + kb * 2 * kTileBytes;
+            if (w + kPrefetch < pf_end) prefetch_span(w + kPrefetch);
+            return w;
+          }
+          if (!one_pass) return reinterpret_cast<const char*>(widened + kb * 1024);
+          bf16* buf = widened + (kb & 1) * 1024;
+          widen_step(qb + kb * 1024, q_end, buf);
+          return reinterpret_cast<const char*>(buf);
+        };
         for (int64_t m0 = 0; m0 < M; m0 += 32) {
           const int rows = static_cast<int>(std::min<int64_t>(32, M - m0));
           const int ra = std::min(rows, 16), rb = rows - ra;
@@ -155,12 +188,14 @@ at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t 
             configure(ra, rb);
             configured = ra * 64 + rb;
           }
-          if (rb) block<true>(xp + m0 * K, K, wb, kblocks, pf_end, c);
-          else block<false>(xp + m0 * K, K, wb, kblocks, pf_end, c);
-          epilogue(c, rows, bp ? bp + nb * 32 : nullptr, yp + m0 * N + nb * 32, N);
+          if (rb) block<true>(xp + m0 * K, K, kblocks, b_tiles, c);
+          else block<false>(xp + m0 * K, K, kblocks, b_tiles, c);
+          epilogue(c, rows, scales ? scales + nb * 32 : nullptr, bp ? bp + nb * 32 : nullptr,
+                   yp + m0 * N + nb * 32, N);
         }
       }
       _tile_release();
+      std::free(widened);
     }
   }
   if (flat) return y;
@@ -169,11 +204,40 @@ at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t 
   return y.view(out_sizes);
 }
 
+static void check_x(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "amx_linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "amx_linear: x must be bfloat16");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(N % 32 == 0 && K % 32 == 0 && packed.numel() == N * K && packed.is_contiguous(),
+              "amx_linear: the packed weight must hold N x K values with N and K multiples of 32");
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                      const c10::optional<at::Tensor>& bias) {
+  check_x(x, packed, N);
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16, "amx_linear: the packed weight must be bfloat16");
+  return run(x, reinterpret_cast<const bf16*>(packed.data_ptr<at::BFloat16>()), nullptr, N, nullptr, bias);
+}
+
+at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& bias) {
+  const int64_t N = scales.numel();
+  check_x(x, packed, N);
+  TORCH_CHECK(packed.scalar_type() == at::kChar, "amx_int8_linear: the packed weight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "amx_int8_linear: scales must be contiguous float32 [N]");
+  return run(x, nullptr, packed.data_ptr<int8_t>(), N, scales.data_ptr<float>(), bias);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_init", &amx_init, "ask Linux for AMX tile state (once per process); False when refused");
   m.def("amx_linear", &amx_linear, "y = x @ W^T (+ bias) from a packed bf16 weight: bf16 in/out, fp32 accumulation",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("amx_int8_linear", &amx_int8_linear,
+        "y = (x @ Q^T) * scales (+ bias) from packed int8 codes: bf16 in/out, fp32 accumulation",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

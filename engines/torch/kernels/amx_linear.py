@@ -8,6 +8,9 @@ layers, 2 threads (bench/kernel_bf16_linear.py), ms per stack AMX vs oneDNN pack
 (bf16_linear 13.1), 8: 13.0 vs 26.1 (22.2), 16: 14.0 vs 27.0, 32: 18.0 vs 37.8, 64: 29.0 vs 35.4,
 512: 194 vs 221, 2048: 981 vs 735 -- hence MAX_ROWS.
 
+`amx_int8_linear` does the same for weight-only int8 (W8A16): codes packed the same way, widened to
+bf16 in cache per block of 32 columns, per-column scales applied to the fp32 sums.
+
 The weight is packed once (`pack`, plain torch) into tile order; N and K must be multiples of 32
 (`fits`). `available()` is False on CPUs without AMX (AMD, Intel before Sapphire Rapids), when Linux
 refuses AMX state, or when the build fails; callers then keep oneDNN. Results are deterministic and
@@ -42,17 +45,17 @@ def available() -> bool:
 
 
 def fits(weight: torch.Tensor) -> bool:
-    """Shapes the kernel takes: a 2-D bf16 weight [N, K] with N and K multiples of 32."""
-    return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[0] % 32 == 0
+    """Shapes the kernel takes: a 2-D bf16 weight or int8 codes [N, K] with N and K multiples of 32."""
+    return (weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.int8) and weight.shape[0] % 32 == 0
             and weight.shape[1] % 32 == 0 and weight.numel() > 0)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] bf16 -> the kernel's order: for each 32-column block nb and 32-input block kb, two B tiles
-    (columns 0-15, 16-31) of 16 input pairs x 16 columns x 2 -- element [nb, kb, h, p, n, e] is
-    W[32 nb + 16 h + n, 32 kb + 2 p + e]."""
+    """[N, K] bf16 weight or int8 codes -> the kernel's order: for each 32-column block nb and 32-input
+    block kb, two B tiles (columns 0-15, 16-31) of 16 input pairs x 16 columns x 2 -- element
+    [nb, kb, h, p, n, e] is W[32 nb + 16 h + n, 32 kb + 2 p + e]."""
     if not fits(weight):
-        raise ValueError("amx_linear.pack needs a bf16 [N, K] weight with N and K multiples of 32")
+        raise ValueError("amx_linear.pack needs a bf16 or int8 [N, K] weight with N and K multiples of 32")
     n, k = weight.shape
     w = weight.detach().reshape(n // 32, 2, 16, k // 32, 16, 2)  # [nb, h, n, kb, p, e]
     return w.permute(0, 3, 1, 4, 2, 5).contiguous()  # [nb, kb, h, p, n, e]
@@ -62,3 +65,11 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None 
     """x [..., K] bf16 @ W^T (+ bias) -> [..., N] bf16, from `pack(W)`. Needs available()."""
     n = packed.shape[0] * 32
     return _EXT.get().amx_linear(x, packed, n, bias)
+
+
+def amx_int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ (Q * scales[:, None])^T (+ bias) -> [..., N] bf16, from `pack(Q)` of int8 codes
+    Q [N, K] and fp32 per-column scales [N]. The codes are widened to bf16 exactly, per column block in
+    cache; the scale multiplies the fp32 sum. Needs available()."""
+    return _EXT.get().amx_int8_linear(x, packed, scales, bias)

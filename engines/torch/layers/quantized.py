@@ -11,6 +11,7 @@ Layers (all take x [..., K] in bf16/fp32 and return [..., N] in x's dtype):
 - Int4WeightOnlyLinear  (W4A16)  kiln's AVX-512 kernel at decode sizes, dequantize + F.linear above them;
                                  aten._weight_int4pack_mm_for_cpu (group-wise) where kiln's kernel is unavailable
 - W8A8Int8Linear        (SmoothQuant runtime) per-token dynamic int8 x per-channel int8, torch._int_mm
+(Intel AMX CPUs: both int8 layers run bf16 steps of 8..512 rows on kernels/amx_linear's W8A16 path)
 - Fp8Linear             float8_e4m3fn weights; CPU upcasts, CUDA SM>=89 uses torch._scaled_mm
 """
 
@@ -24,8 +25,10 @@ from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
 from engines.quant.rtn import dequantize, qrange, unpack_int4
 from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
-from engines.torch.kernels import int_linear
+from engines.torch.kernels import amx_linear, int_linear
 
+# Rows from which the AMX int8 kernel beats kiln's AVX-512 one (bench/kernel_int_linear.py)
+AMX_INT8_MIN_ROWS = 8
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # x dtypes of kiln's int8/int4 kernels
 
@@ -64,7 +67,10 @@ class Int8WeightOnlyLinear(nn.Module):
     and run F.linear (~2.4x torch._weight_int8pack_mm at M = 64; bench/kernel_int_linear.py). Without
     kiln's kernel, torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) runs; it needs scales
     in exactly x's dtype (checked on torch 2.13), so a float32, bf16 and fp16 copy of the N scales are
-    kept (negligible bytes). Other devices fall back to int8_weight_only_fallback.
+    kept (negligible bytes). Other devices fall back to int8_weight_only_fallback. On a CPU with Intel
+    AMX, bf16 steps of AMX_INT8_MIN_ROWS..amx_linear.MAX_ROWS rows run amx_linear.amx_int8_linear on a
+    second copy of the codes in tile order (same values up to fp32 summation order; ~3x the AVX-512
+    kernel at 32 rows, bench/kernel_int_linear.py).
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
@@ -83,6 +89,9 @@ class Int8WeightOnlyLinear(nn.Module):
         self.small_m_max = (int_linear.SMALL_M_MAX_INT8
                             if self.qweight.device.type == "cpu" and int_linear.available() else 0)
         self.use_kernel = self._int8pack_mm or self.small_m_max > 0  # False: always the fallback
+        # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
+        self.amx_packed = (amx_linear.pack(self.qweight) if self.qweight.device.type == "cpu"
+                           and amx_linear.fits(self.qweight) and amx_linear.available() else None)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
@@ -102,6 +111,9 @@ class Int8WeightOnlyLinear(nn.Module):
         return int_linear.int8_dequantize(self.qweight, self.scales, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.amx_packed is not None and x.dtype == torch.bfloat16
+                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+            return amx_linear.amx_int8_linear(x, self.amx_packed, self.scales, self.bias)
         # decode-sized steps first, with the cheapest checks (this runs ~120 times per decode step):
         # numel <= small_m_max * K is M <= small_m_max
         if (x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features and x.dtype in _INT_KERNEL_DTYPES
@@ -330,6 +342,10 @@ class W8A8Int8Linear(nn.Module):
     rows (an int8-sq engine's TTFT at concurrency 32 was 3.3 s against bf16's 1.0). So on such a CPU the
     int8 activation path serves batches of 17..128 rows only.
 
+    On a CPU with Intel AMX, bf16 steps of AMX_INT8_MIN_ROWS..amx_linear.MAX_ROWS rows run W8A16 on AMX
+    tiles instead (amx_linear.amx_int8_linear: exact activations, 2-3x _int_mm's speed at 32 rows), so
+    there the int8 activation path below is left for fp32 activations and steps above MAX_ROWS.
+
     Why: both operands int8 → VNNI int8 GEMM via torch._int_mm, best at larger batches (compute bound)
     while streaming int8 weights at decode. _int_mm needs M > 16 and K, N % 8 == 0, so decode-sized
     inputs (M <= 16) are zero-padded to 17 rows (zero rows add nothing and are sliced off) rather than
@@ -351,6 +367,9 @@ class W8A8Int8Linear(nn.Module):
         # decode-sized steps take kiln's W8A16 kernel on the same int8 weights (see the class doc)
         self.small_m_max = (W8A16_MAX_ROWS if self.qweight.device.type == "cpu" and int_linear.available() else 0)
         self._w_scales_flat = self.w_scales.reshape(n).contiguous()
+        # Intel AMX: W8A16 on the same codes for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows (class doc)
+        self.amx_packed = (amx_linear.pack(self.qweight) if self.qweight.device.type == "cpu"
+                           and amx_linear.fits(self.qweight) and amx_linear.available() else None)
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor | QuantizedWeight, w_scales: torch.Tensor | None = None,
@@ -370,6 +389,9 @@ class W8A8Int8Linear(nn.Module):
         return self.qweight.numel() + self.w_scales.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.amx_packed is not None and x.dtype == torch.bfloat16
+                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+            return amx_linear.amx_int8_linear(x, self.amx_packed, self._w_scales_flat, self.bias)
         if x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features and x.dtype in _INT_KERNEL_DTYPES:
             return int_linear.int8_linear(x, self.qweight, self._w_scales_flat, self.bias)  # [..., N]
         x2, lead = _flatten(x)  # x2: [M, K]
