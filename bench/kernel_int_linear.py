@@ -12,7 +12,8 @@ of ms per stack and effective GB/s = bytes of weight (codes + scales + zero poin
     .venv/bin/python bench/kernel_int_linear.py --ms 8 12 16 24 32 --reps 9 --group 64
     .venv/bin/python bench/kernel_int_linear.py --only "int4 kernel" "int4 torch" --asym
 
-"int8 amx" (Intel AMX CPUs only) is engines/torch/kernels/amx_linear's W8A16 path on the same codes.
+"int8 amx" / "int4 amx" (Intel AMX CPUs only) are engines/torch/kernels/amx_linear's W8A16 / W4A16 paths
+on the same codes.
 "dequant+F.linear" rows are the layers' large-M path (dequantize once per call, then F.linear); their
 GB/s counts the quantized bytes like the kernel rows.
 """
@@ -66,6 +67,9 @@ def make_stacks(layers: int, group: int, symmetric: bool):
         zb = 0 if q4.zeros is None else q4.zeros.numel()
         nb4 = kp.numel() + q4.scales.numel() * 4 + zb
         stacks["int4 kernel"].append(((kp, q4.scales.contiguous(), q4.zeros, g), k, nb4))
+        if amx_linear.available() and amx_linear.int4_fits(n, k, g):
+            a4 = amx_linear.pack_int4(q4.qweight, q4.scales, q4.zeros, g)
+            stacks["int4 amx"].append(((*a4, g), k, nb4))
         stacks["int8 dequant+F.linear"].append(stacks["int8 kernel"][-1])
         stacks["int4 dequant+F.linear"].append(stacks["int4 kernel"][-1])
         del w
@@ -79,6 +83,7 @@ VARIANTS = {
     "int8 amx": lambda x, a: amx_linear.amx_int8_linear(x, *a),  # Intel AMX only
     "int4 torch": lambda x, a: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *a),
     "int4 kernel": lambda x, a: kernel.int4_linear(x, *a),
+    "int4 amx": lambda x, a: amx_linear.amx_int4_linear(x, *a),  # Intel AMX only
     # the large-M path: dequantize the layer once per call (bf16), then one F.linear
     "int8 dequant+F.linear": lambda x, a: F.linear(x, kernel.int8_dequantize(*a, dtype=x.dtype)),
     "int4 dequant+F.linear": lambda x, a: F.linear(x, kernel.int4_dequantize(*a, k=x.shape[-1], dtype=x.dtype)),

@@ -209,3 +209,65 @@ def test_int8_batch_invariant_and_int8_layer_dispatch():
     assert sq.amx_packed is not None
     for m in (AMX_INT8_MIN_ROWS, 32, 70):
         assert torch.equal(sq(x[:m]), y[:m])
+
+
+def _int4_weight(n: int, k: int, group: int, symmetric: bool, seed: int):
+    from engines.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(seed)
+    return quantize_rtn(torch.randn(n, k, generator=g) * 0.05, 4, group_size=group, symmetric=symmetric)
+
+
+def test_int4_pack_layout():
+    qw = _int4_weight(64, 128, 64, symmetric=False, seed=2)
+    packed, scales_t, zoff = kmod.pack_int4(qw.qweight, qw.scales, qw.zeros, 64)
+    rows = kmod.pack(qw.qweight).view(2, 4, 32, 32)  # the codes in tile order: [nb, kb, tile row, lane]
+    assert torch.equal((packed & 15).to(torch.int16) - 8, rows[..., :16].to(torch.int16))
+    assert torch.equal((packed >> 4).to(torch.int16) - 8, rows[..., 16:].to(torch.int16))
+    assert torch.equal(scales_t[1, 0], qw.scales[32:64, 0]) and torch.equal(scales_t[0, 1], qw.scales[:32, 1])
+    # lane j of B tile h holds column 16 h + j // 2
+    assert zoff[1, 1, 32 + 5].item() == qw.zeros[32 + 16 + 2, 1].item() + 8
+    assert kmod.pack_int4(qw.qweight, qw.scales, None, 64)[2] is None
+    assert not kmod.int4_fits(64, 128, 16) and not kmod.int4_fits(64, 96, 64) and kmod.int4_fits(64, 128, 128)
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k,group", [(960, 576, 64), (576, 1536, 128), (3072, 576, 32), (64, 64, 64)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_matches_fp32_reference(n, k, group, symmetric):
+    from engines.quant.rtn import dequantize
+
+    qw = _int4_weight(n, k, group, symmetric, seed=n + k + group)
+    args = kmod.pack_int4(qw.qweight, qw.scales, qw.zeros, group)
+    w = dequantize(qw).float()
+    for m in ROW_COUNTS:
+        g = torch.Generator().manual_seed(m)
+        x = torch.randn(m, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+        _check(kmod.amx_int4_linear(x, *args, group, b), x, w, b)
+
+
+@needs_amx
+def test_int4_layer_dispatch_batch_invariance_and_act_order():
+    from engines.quant.rtn import dequantize
+    from engines.quant.types import QuantizedWeight
+    from engines.torch.layers.quantized import AMX_INT8_MIN_ROWS, Int4WeightOnlyLinear
+
+    qw = _int4_weight(576, 1536, 128, symmetric=False, seed=4)
+    x = torch.randn(70, 1536).bfloat16()
+    layer = Int4WeightOnlyLinear.from_quantized(qw)
+    assert layer.amx is not None
+    y = layer(x)
+    _check(y, x, dequantize(qw).float(), None)
+    for i in (0, 17, 69):
+        assert torch.equal(kmod.amx_int4_linear(x[i : i + 1], *layer.amx, 128), y[i : i + 1])
+    for m in (AMX_INT8_MIN_ROWS, 32):
+        assert torch.equal(layer(x[:m]), y[:m])
+    # GPTQ act-order: columns stored in group order, x gathered by the layer's permutation
+    perm = torch.randperm(1536, generator=torch.Generator().manual_seed(1))
+    g_idx = torch.empty(1536, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(1536) // 128).to(torch.int32)  # column perm[i] is in group i // 128
+    shuffled = QuantizedWeight(qw.qweight[:, torch.argsort(perm)], qw.scales, qw.zeros, 4, 128, False, g_idx)
+    ordered = Int4WeightOnlyLinear.from_quantized(shuffled)
+    assert ordered.perm is not None and ordered.amx is not None
+    _check(ordered(x[:32]), x[:32], dequantize(shuffled).float(), None)

@@ -9,7 +9,8 @@ layers, 2 threads (bench/kernel_bf16_linear.py), ms per stack AMX vs oneDNN pack
 512: 194 vs 221, 2048: 981 vs 735 -- hence MAX_ROWS.
 
 `amx_int8_linear` does the same for weight-only int8 (W8A16): codes packed the same way, widened to
-bf16 in cache per block of 32 columns, per-column scales applied to the fp32 sums.
+bf16 in cache per k step, per-column scales applied to the fp32 sums. `amx_int4_linear` does it for
+group-wise int4 (W4A16, groups of a multiple of 32): (q - z) widened exactly, each group's sums scaled.
 
 The weight is packed once (`pack`, plain torch) into tile order; N and K must be multiples of 32
 (`fits`). `available()` is False on CPUs without AMX (AMD, Intel before Sapphire Rapids), when Linux
@@ -65,6 +66,42 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None 
     """x [..., K] bf16 @ W^T (+ bias) -> [..., N] bf16, from `pack(W)`. Needs available()."""
     n = packed.shape[0] * 32
     return _EXT.get().amx_linear(x, packed, n, bias)
+
+
+def int4_fits(n: int, k: int, group_size: int) -> bool:
+    """Group-wise int4 shapes the kernel takes: N and K multiples of 32, groups a multiple of 32 dividing K."""
+    return n % 32 == 0 and k % 32 == 0 and n * k > 0 and group_size % 32 == 0 and k % group_size == 0
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Signed int4 codes int8 [N, K] in [-8, 7], fp32 scales [N, K/g], int8 zero points [N, K/g] or None
+    (kiln's convention: w = (q - z) * s) -> (packed, scales_t, zoff) for amx_int4_linear:
+    - packed uint8: the codes in `pack`'s order, each tile row of 32 values as 16 bytes holding value j
+      in the low nibble and value j + 16 in the high one, as u = q + 8;
+    - scales_t fp32 [N/32, G, 32]: each column block's scales per group, columns contiguous;
+    - zoff int8 [N/32, G, 64]: z + 8 per group in the kernel's lane order (value j of a tile row of B
+      tile h is column 16 h + j // 2), None when symmetric."""
+    n, k = codes.shape
+    if not int4_fits(n, k, group_size):
+        raise ValueError("amx_linear.pack_int4 needs N, K multiples of 32 and a group size multiple of 32 dividing K")
+    groups = k // group_size
+    rows = pack(codes.to(torch.int8)).view(n // 32, k // 32, 32, 32).to(torch.int16) + 8  # [nb, kb, row, lane]
+    packed = (rows[..., :16] | (rows[..., 16:] << 4)).to(torch.uint8).contiguous()  # [nb, kb, row, 16]
+    scales_t = scales.float().reshape(n // 32, 32, groups).permute(0, 2, 1).contiguous()
+    zoff = None
+    if zeros is not None:
+        z = (zeros.to(torch.int16) + 8).reshape(n // 32, 2, 16, groups).permute(0, 3, 1, 2)  # [nb, G, h, 16]
+        zoff = z.repeat_interleave(2, dim=-1).reshape(n // 32, groups, 64).to(torch.int8).contiguous()
+    return packed, scales_t, zoff
+
+
+def amx_int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zoff: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ ((Q - Z) * S)^T (+ bias) -> [..., N] bf16, from `pack_int4`. Codes become exact
+    bf16 (q - z) in cache per k step; each group's fp32 sums are scaled per column and added up in fp32.
+    Needs available()."""
+    return _EXT.get().amx_int4_linear(x, packed, scales_t, zoff, group_size, bias)
 
 
 def amx_int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,

@@ -11,7 +11,7 @@ Layers (all take x [..., K] in bf16/fp32 and return [..., N] in x's dtype):
 - Int4WeightOnlyLinear  (W4A16)  kiln's AVX-512 kernel at decode sizes, dequantize + F.linear above them;
                                  aten._weight_int4pack_mm_for_cpu (group-wise) where kiln's kernel is unavailable
 - W8A8Int8Linear        (SmoothQuant runtime) per-token dynamic int8 x per-channel int8, torch._int_mm
-(Intel AMX CPUs: both int8 layers run bf16 steps of 8..512 rows on kernels/amx_linear's W8A16 path)
+(Intel AMX CPUs: the int8 and int4 layers run bf16 steps of 8..512 rows on kernels/amx_linear)
 - Fp8Linear             float8_e4m3fn weights; CPU upcasts, CUDA SM>=89 uses torch._scaled_mm
 """
 
@@ -27,7 +27,7 @@ from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
 from engines.torch.kernels import amx_linear, int_linear
 
-# Rows from which the AMX int8 kernel beats kiln's AVX-512 one (bench/kernel_int_linear.py)
+# Rows from which the AMX int8 and int4 kernels beat kiln's AVX-512 ones (bench/kernel_int_linear.py)
 AMX_INT8_MIN_ROWS = 8
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # x dtypes of kiln's int8/int4 kernels
@@ -185,6 +185,9 @@ class Int4WeightOnlyLinear(nn.Module):
     - otherwise torch's kernel: the portable codes are repacked with aten._convert_weight_to_int4pack_for_cpu
       (wants int32 [N, K] unsigned 0..15, returns uint8 [N, K/2] in its own nibble order) and
       scales_and_zeros [K/g, N, 2] is built per activation dtype (the kernel requires it to match x's dtype).
+    - on a CPU with Intel AMX, bf16 steps of AMX_INT8_MIN_ROWS..amx_linear.MAX_ROWS rows run
+      amx_linear.amx_int4_linear on one more copy of the codes in tile order (groups of a multiple of
+      32): ~3x the AVX-512 kernel at 32 rows (bench/kernel_int_linear.py).
     Columns quantized out of order (GPTQ act_order g_idx) are handled by permuting K at load so groups are
     contiguous and gathering x's columns the same way per call. Without either kernel, or when built from
     a non-CPU QuantizedWeight, it dequantizes on the fly (int4_weight_only_fallback). The packed forms and
@@ -216,6 +219,9 @@ class Int4WeightOnlyLinear(nn.Module):
                 qw = QuantizedWeight(qw.qweight, qw.scales, qw.zeros, 4, g, qw.symmetric)
         self.qw = qw  # contiguous-group view, kept for the fallback path (int8 codes)
         on_cpu = qw.qweight.device.type == "cpu"
+        # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
+        self.amx = (amx_linear.pack_int4(qw.qweight, qw.scales, qw.zeros, g)
+                    if on_cpu and amx_linear.int4_fits(n, k, g) and amx_linear.available() else None)
         self.small_m_max = 0
         self.use_kernel = False
         self._sz: dict[torch.dtype, torch.Tensor] = {}
@@ -281,6 +287,10 @@ class Int4WeightOnlyLinear(nn.Module):
         return w.contiguous() if out is None else out.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.amx is not None and x.dtype == torch.bfloat16
+                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+            xg = x if self.perm is None else x.index_select(-1, self.perm)  # grouped column order
+            return amx_linear.amx_int4_linear(xg, *self.amx, self.group_size, self.bias)
         if (self.small_m_max and x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features
                 and x.dtype in _INT_KERNEL_DTYPES and self.perm is None):  # decode-sized: cheapest checks
             return int_linear.int4_linear(x, self.kpacked, self.kscales, self.kzeros, self.group_size,
