@@ -1,7 +1,7 @@
 """`python -m engines.torch.kernels`: compile (or load) every CPU kernel now and say which this machine uses.
 
 The Docker image runs it at build time so that neither `kiln build` nor `kiln serve` pays the
-one-time compilation (~3 min for all seven); on a laptop it answers "why is it slow here".
+one-time compilation (~3-4 min for all eight); on a laptop it answers "why is it slow here".
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from engines.torch.kernels import argmax, bf16_linear, int_linear, paged_attention, rms_norm, rope_kv, silu_mul
+from engines.torch.kernels import amx_linear, argmax, bf16_linear, int_linear, paged_attention, rms_norm, rope_kv, silu_mul
 
 KERNELS = {
     "kiln_rms_norm": rms_norm,
     "kiln_bf16_gemv": bf16_linear,
+    "kiln_amx_linear": amx_linear,  # Intel AMX CPUs only
     "kiln_int_gemv": int_linear,
     "kiln_paged_attention": paged_attention,
     "kiln_rope_kv": rope_kv,
