@@ -8,10 +8,6 @@ refusing AMX state, or no compiler / ninja."""
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +15,7 @@ import torch.nn.functional as F
 from engines.torch.kernels import amx_linear as kmod
 from engines.torch.kernels import extension
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
+from tests.gil_helpers import assert_releases_gil
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
 # 1..16 rows: one A tile; 17..32: two; above 32: chunks of 32 with a tail of either kind
@@ -107,35 +104,9 @@ def test_coexists_with_onednn_amx_in_the_same_threads():
 
 @needs_amx
 def test_releases_the_gil():
-    # as tests/test_kernel_bf16_linear.py: a Python thread must tick inside long kernel calls
     x, w, _ = _inputs(32, 49152, 1536, seed=3, bias=False)
     packed = kmod.pack(w)
-    kmod.amx_linear(x, packed)
-    ticks, stop, ready = [], threading.Event(), threading.Event()
-
-    def tick():
-        ready.set()
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.0002)
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(2.0)
-    try:
-        ticker = threading.Thread(target=tick)
-        ticker.start()
-        ready.wait()
-        windows = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            kmod.amx_linear(x, packed)
-            windows.append((t0, time.perf_counter()))
-    finally:
-        stop.set()
-        ticker.join()
-        sys.setswitchinterval(interval)
-    inside = sum(any(t0 < t < t1 for t0, t1 in windows) for t in ticks)
-    assert inside >= 5, f"another Python thread ran {inside} times during the kernel calls"
+    assert_releases_gil(lambda: kmod.amx_linear(x, packed))
 
 
 @needs_amx

@@ -7,10 +7,6 @@ compiles the extension (~40 s), later runs load it from torch's extension cache.
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +14,7 @@ import torch.nn.functional as F
 from engines.torch.kernels import bf16_linear as kmod
 from engines.torch.kernels import extension
 from engines.torch.kernels.bf16_linear import SMALL_M_MAX, available, bf16_linear
+from tests.gil_helpers import assert_releases_gil
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
 TAIL_SHAPES = [(100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]  # K % 32 != 0, N % 16 != 0
@@ -90,37 +87,8 @@ def test_deterministic_batch_and_thread_invariant():
 
 
 def test_releases_the_gil():
-    # A Python thread ticks (sleeping briefly between ticks, so it hands the GIL back freely) while
-    # the main thread makes three kernel calls of ~10 ms each. Had the calls held the GIL, it could
-    # not tick inside them: a thread waiting for the GIL forces a switch only after the switch
-    # interval (set to 2 s), and Python code between the calls does not block.
     x, w, _ = _inputs(SMALL_M_MAX, 49152, 1536, seed=3, bias=False)  # ~150 MB of weight: long calls
-    bf16_linear(x, w)
-    ticks, stop, ready = [], threading.Event(), threading.Event()
-
-    def tick():
-        ready.set()
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.0002)
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(2.0)
-    try:
-        ticker = threading.Thread(target=tick)
-        ticker.start()
-        ready.wait()
-        windows = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            bf16_linear(x, w)
-            windows.append((t0, time.perf_counter()))
-    finally:
-        stop.set()
-        ticker.join()
-        sys.setswitchinterval(interval)
-    inside = sum(any(t0 < t < t1 for t0, t1 in windows) for t in ticks)
-    assert inside >= 5, f"another Python thread ran {inside} times during the kernel calls"
+    assert_releases_gil(lambda: bf16_linear(x, w))
 
 
 def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):

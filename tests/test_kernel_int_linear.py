@@ -8,10 +8,6 @@ extension (~1 min), later runs load it from torch's extension cache."""
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +28,7 @@ from engines.torch.kernels.int_linear import (
     unpack_int4,
 )
 from engines.torch.layers.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from tests.gil_helpers import assert_releases_gil
 
 MS = list(range(1, 9)) + [9, 16, 21, 33]  # decode sizes, then the multi-pass path (still exact)
 INT8_SHAPES = [(960, 576), (576, 1536), (100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]
@@ -254,38 +251,10 @@ def test_act_order_layer_with_kernel():
 
 
 def test_releases_the_gil():
-    # As tests/test_kernel_bf16_linear.py: a Python thread ticks while the main thread makes three
-    # kernel calls of several ms; with the switch interval at 2 s it can only tick inside them if the
-    # calls released the GIL.
     q = torch.randint(-127, 128, (49152, 1536), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     s = torch.rand(49152) * 1e-3
     x = _x(SMALL_M_MAX_INT8, 1536, torch.bfloat16, seed=15)
-    int8_linear(x, q, s)
-    ticks, stop, ready = [], threading.Event(), threading.Event()
-
-    def tick():
-        ready.set()
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.0002)
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(2.0)
-    try:
-        ticker = threading.Thread(target=tick)
-        ticker.start()
-        ready.wait()
-        windows = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            int8_linear(x, q, s)
-            windows.append((t0, time.perf_counter()))
-    finally:
-        stop.set()
-        ticker.join()
-        sys.setswitchinterval(interval)
-    inside = sum(any(t0 < t < t1 for t0, t1 in windows) for t in ticks)
-    assert inside >= 5, f"another Python thread ran {inside} times during the kernel calls"
+    assert_releases_gil(lambda: int8_linear(x, q, s))
 
 
 def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
