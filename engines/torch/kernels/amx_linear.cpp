@@ -1,18 +1,23 @@
-// bf16 GEMM on Intel AMX for decode batches: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), fp32 accumulation.
+// Linear layers on Intel AMX: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), x bf16, fp32 accumulation, with W
+// bf16, int8 codes (per-column scales) or group-wise int4 codes (per-group column scales, zero points).
 //
-// Why: at 9..32 rows a linear layer still only needs to stream its weight once, but the AVX-512
-// kernel (bf16_gemv.cpp) is compute-bound there and oneDNN's packed matmul reaches ~12 GB/s of a
-// machine that reads 16-25. AMX's tile multiply does 16x16x32 multiply-adds per instruction, so the
-// arithmetic disappears behind the weight stream and the kernel runs at the rate memory feeds it.
+// Why: from a few rows to a few dozen a linear layer only needs to stream its weight once, but the
+// AVX-512 kernels (bf16_gemv.cpp, int_gemv.cpp) become compute-bound past ~8 rows and oneDNN's packed
+// matmul reaches ~12 GB/s of a machine that reads 16-25. AMX's tile multiply does 16x16x32
+// multiply-adds per instruction, so the arithmetic disappears behind the weight stream.
 //
 // How:
-//  - W is packed once at load (amx_linear.py, pure torch) into the order the kernel reads it: for
-//    each block of 32 output columns nb and each block of 32 inputs kb, two B tiles of 1 KiB
-//    (columns 0-15 and 16-31), each 16 rows of input pairs x 16 columns x 2 bf16 (AMX's "VNNI"
+//  - W is packed once at load (amx_linear.py, plain torch) into the order the kernel reads it: for
+//    each block of 32 output columns nb and each block of 32 inputs kb (one "k step"), two B tiles of
+//    1 KiB (columns 0-15 and 16-31), each 16 rows of input pairs x 16 columns x 2 bf16 (AMX's "VNNI"
 //    layout: the two bf16 of a pair are adjacent). A thread's weights are one sequential stream.
-//  - Per 32 rows of x and 32 columns of W: four C tiles (16x16 fp32) accumulate over K; per kb the
+//  - int8 / int4 codes are packed in the same order and widened exactly to bf16 in cache (widen_step*),
+//    per k step into two alternating buffers when x fits one pass of 32 rows, else once per column block
+//    and reused by every pass. Scales multiply the fp32 sums: per column at the end (int8), per group
+//    and column after each group (int4, accumulate_group).
+//  - Per 32 rows of x and 32 columns of W: four C tiles (16x16 fp32) accumulate over K; per k step the
 //    two A tiles (x, 16 rows x 32 bf16, straight from x's row-major layout) and the two B tiles are
-//    loaded and multiplied pairwise. x (M x K bf16, <= 96 KiB here) stays in L1/L2.
+//    loaded and multiplied pairwise. More rows run as passes of 32 over the same column block.
 //  - Threads (OpenMP, torch.get_num_threads()) own contiguous ranges of column blocks, so each
 //    reads a contiguous slice of the packed weight; a software prefetch runs kPrefetch bytes ahead.
 //  - Tile state is per thread and shared with oneDNN, which runs AMX kernels in the same OpenMP
