@@ -10,35 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engines.torch.kernels import amx_linear as kmod
 from engines.torch.kernels import extension
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 from tests.gil_helpers import assert_releases_gil
+from tests.linear_helpers import bf16_inputs, check_bf16_linear
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
 # 1..16 rows: one A tile; 17..32: two; above 32: chunks of 32 with a tail of either kind
 ROW_COUNTS = [1, 2, 7, 15, 16, 17, 31, 32, 33, 48, 49, 64, 100]
 
 needs_amx = pytest.mark.skipif(not kmod.available(), reason="AMX kernel unavailable (no AMX, no compiler or ninja)")
-
-
-def _inputs(m: int, n: int, k: int, seed: int, bias: bool):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
-    return x, w, b
-
-
-def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    # one rounding to bf16 (<= 2^-8 relative) plus fp32 accumulation-order error (as test_kernel_bf16_linear)
-    bound = 2.0**-8 * ref.abs() + 1e-5 * F.linear(x.float().abs(), w.float().abs()) + 1e-30
-    excess = ((y.float() - ref).abs() - bound).max().item()
-    assert excess <= 0, f"error exceeds one bf16 rounding by {excess}"
 
 
 def test_pack_layout_and_fits():
@@ -58,23 +41,23 @@ def test_pack_layout_and_fits():
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_fp32_reference(n, k, bias):
     for m in ROW_COUNTS:
-        x, w, b = _inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
-        _check(kmod.amx_linear(x, kmod.pack(w), b), x, w, b)
+        x, w, b = bf16_inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
+        check_bf16_linear(kmod.amx_linear(x, kmod.pack(w), b), x, w, b)
 
 
 @needs_amx
 def test_lm_head_shape_leading_dims_and_empty():
-    x, w, _ = _inputs(32, 49152, 576, seed=1, bias=False)
+    x, w, _ = bf16_inputs(32, 49152, 576, seed=1, bias=False)
     packed = kmod.pack(w)
     y = kmod.amx_linear(x, packed)
-    _check(y, x, w, None)
+    check_bf16_linear(y, x, w, None)
     assert torch.equal(kmod.amx_linear(x.view(4, 8, 576), packed).view(32, 49152), y)
     assert kmod.amx_linear(x[:0], packed).shape == (0, 49152)
 
 
 @needs_amx
 def test_deterministic_batch_and_thread_invariant():
-    x, w, b = _inputs(70, 3072, 576, seed=7, bias=True)
+    x, w, b = bf16_inputs(70, 3072, 576, seed=7, bias=True)
     packed = kmod.pack(w)
     y = kmod.amx_linear(x, packed, b)
     assert torch.equal(kmod.amx_linear(x, packed, b), y)
@@ -92,7 +75,7 @@ def test_deterministic_batch_and_thread_invariant():
 def test_coexists_with_onednn_amx_in_the_same_threads():
     # oneDNN configures AMX tiles its own way in the same OpenMP threads: alternating calls must not
     # disturb each other (each kiln call loads its own configuration and releases the tiles).
-    x, w, b = _inputs(24, 576, 1536, seed=11, bias=True)
+    x, w, b = bf16_inputs(24, 576, 1536, seed=11, bias=True)
     packed = kmod.pack(w)
     y = kmod.amx_linear(x, packed, b)
     big = torch.randn(512, 512).bfloat16()
@@ -104,7 +87,7 @@ def test_coexists_with_onednn_amx_in_the_same_threads():
 
 @needs_amx
 def test_releases_the_gil():
-    x, w, _ = _inputs(32, 49152, 1536, seed=3, bias=False)
+    x, w, _ = bf16_inputs(32, 49152, 1536, seed=3, bias=False)
     packed = kmod.pack(w)
     assert_releases_gil(lambda: kmod.amx_linear(x, packed))
 
@@ -113,15 +96,15 @@ def test_releases_the_gil():
 def test_dense_linear_runs_amx_up_to_max_rows_and_onednn_above():
     dispatch = LinearDispatch(torch.bfloat16, torch.device("cpu"))
     assert dispatch.amx
-    x, w, b = _inputs(kmod.MAX_ROWS + 8, 576, 576, seed=5, bias=True)
+    x, w, b = bf16_inputs(kmod.MAX_ROWS + 8, 576, 576, seed=5, bias=True)
     layer = DenseLinear(w, b, dispatch)
     assert layer.amx_packed is not None and layer.packed is None  # one packed copy, not two
     for m in (1, 9, 32, kmod.MAX_ROWS):
         assert torch.equal(layer(x[:m]), kmod.amx_linear(x[:m], layer.amx_packed, b))
-    _check(layer(x), x, w, b)  # above MAX_ROWS: F.linear
-    odd = DenseLinear(_inputs(1, 40, 576, seed=6, bias=False)[1], None, dispatch)  # N = 40: not for AMX
+    check_bf16_linear(layer(x), x, w, b)  # above MAX_ROWS: F.linear
+    odd = DenseLinear(bf16_inputs(1, 40, 576, seed=6, bias=False)[1], None, dispatch)  # N = 40: not for AMX
     assert odd.amx_packed is None and odd.packed is not None
-    _check(odd(x[:20]), x[:20], odd.weight.data, None)
+    check_bf16_linear(odd(x[:20]), x[:20], odd.weight.data, None)
 
 
 def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
@@ -133,10 +116,10 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
         assert kmod.available() is False
     assert len(caplog.records) == 1 and "amx_tile" in caplog.records[0].getMessage()
     dispatch = LinearDispatch(torch.bfloat16, torch.device("cpu"))
-    x, w, b = _inputs(20, 64, 96, seed=5, bias=True)
+    x, w, b = bf16_inputs(20, 64, 96, seed=5, bias=True)
     layer = DenseLinear(w, b, dispatch)
     assert not dispatch.amx and layer.amx_packed is None
-    _check(layer(x), x, w, b)
+    check_bf16_linear(layer(x), x, w, b)
 
 
 def _int8_inputs(m: int, n: int, k: int, seed: int, bias: bool):
@@ -155,7 +138,7 @@ def test_int8_matches_fp32_reference(n, k, bias):
     for m in ROW_COUNTS:
         x, q, s, b = _int8_inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
         y = kmod.amx_int8_linear(x, kmod.pack(q), s, b)
-        _check(y, x, q.float() * s.reshape(-1, 1), b)  # the dequantized weight, in fp32
+        check_bf16_linear(y, x, q.float() * s.reshape(-1, 1), b)  # the dequantized weight, in fp32
 
 
 @needs_amx
@@ -173,7 +156,7 @@ def test_int8_batch_invariant_and_int8_layer_dispatch():
     for m in (AMX_INT8_MIN_ROWS, 32, 70):
         assert torch.equal(layer(x[:m]), y[:m])
     small = layer(x[: AMX_INT8_MIN_ROWS - 1])  # below: kiln's AVX-512 kernel, same values up to rounding
-    _check(small, x[: AMX_INT8_MIN_ROWS - 1], q.float() * s.reshape(-1, 1), b)
+    check_bf16_linear(small, x[: AMX_INT8_MIN_ROWS - 1], q.float() * s.reshape(-1, 1), b)
     assert layer(x.float()[:32]).dtype == torch.float32  # fp32 activations never take the bf16 kernel
     # SmoothQuant layers run the same W8A16 path on AMX (exact activations instead of int8 ones)
     sq = W8A8Int8Linear.from_quantized(q, s, b)
@@ -215,7 +198,7 @@ def test_int4_matches_fp32_reference(n, k, group, symmetric):
         g = torch.Generator().manual_seed(m)
         x = torch.randn(m, k, generator=g).bfloat16()
         b = torch.randn(n, generator=g).bfloat16()
-        _check(kmod.amx_int4_linear(x, *args, group, b), x, w, b)
+        check_bf16_linear(kmod.amx_int4_linear(x, *args, group, b), x, w, b)
 
 
 @needs_amx
@@ -229,7 +212,7 @@ def test_int4_layer_dispatch_batch_invariance_and_act_order():
     layer = Int4WeightOnlyLinear.from_quantized(qw)
     assert layer.amx is not None
     y = layer(x)
-    _check(y, x, dequantize(qw).float(), None)
+    check_bf16_linear(y, x, dequantize(qw).float(), None)
     for i in (0, 17, 69):
         assert torch.equal(kmod.amx_int4_linear(x[i : i + 1], *layer.amx, 128), y[i : i + 1])
     for m in (AMX_INT8_MIN_ROWS, 32):
@@ -241,4 +224,4 @@ def test_int4_layer_dispatch_batch_invariance_and_act_order():
     shuffled = QuantizedWeight(qw.qweight[:, torch.argsort(perm)], qw.scales, qw.zeros, 4, 128, False, g_idx)
     ordered = Int4WeightOnlyLinear.from_quantized(shuffled)
     assert ordered.perm is not None and ordered.amx is not None
-    _check(ordered(x[:32]), x[:32], dequantize(shuffled).float(), None)
+    check_bf16_linear(ordered(x[:32]), x[:32], dequantize(shuffled).float(), None)

@@ -15,6 +15,7 @@ from engines.torch.kernels import bf16_linear as kmod
 from engines.torch.kernels import extension
 from engines.torch.kernels.bf16_linear import SMALL_M_MAX, available, bf16_linear
 from tests.gil_helpers import assert_releases_gil
+from tests.linear_helpers import bf16_inputs, check_bf16_linear
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down (N, K)
 TAIL_SHAPES = [(100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]  # K % 32 != 0, N % 16 != 0
@@ -26,53 +27,33 @@ def kernel():
         pytest.skip("bf16_linear kernel unavailable (no avx512_bf16, compiler or ninja)")
 
 
-def _inputs(m: int, n: int, k: int, seed: int, bias: bool):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
-    return x, w, b
-
-
-def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    # The brief's tolerance: rtol 1e-2 and atol 1e-2 of the outputs' typical magnitude.
-    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().mean().item() + 1e-6)
-    # Tighter: one rounding to bf16 (<= 2^-8 relative) plus fp32 accumulation-order error, which is
-    # bounded by a small multiple of 2^-24 * K * sum|x*w| -- 1e-5 * sum|x*w| is generous for K <= 1536.
-    bound = 2.0**-8 * ref.abs() + 1e-5 * F.linear(x.float().abs(), w.float().abs()) + 1e-30
-    excess = ((y.float() - ref).abs() - bound).max().item()
-    assert excess <= 0, f"error exceeds one bf16 rounding by {excess}"
-
-
 @pytest.mark.parametrize("n,k", SMOLLM2_SHAPES + TAIL_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_fp32_reference(n, k, bias):
     for m in list(range(1, SMALL_M_MAX + 1)) + [SMALL_M_MAX + 1, 16, 21]:  # beyond SMALL_M_MAX: slower, still right
-        x, w, b = _inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
-        _check(bf16_linear(x, w, b), x, w, b)
+        x, w, b = bf16_inputs(m, n, k, seed=m * 1000 + n + k, bias=bias)
+        check_bf16_linear(bf16_linear(x, w, b), x, w, b)
 
 
 def test_lm_head_shape():
     for m in (1, 3, SMALL_M_MAX):
-        x, w, _ = _inputs(m, 49152, 576, seed=m, bias=False)
-        _check(bf16_linear(x, w), x, w, None)
+        x, w, _ = bf16_inputs(m, 49152, 576, seed=m, bias=False)
+        check_bf16_linear(bf16_linear(x, w), x, w, None)
 
 
 def test_leading_dims_noncontiguous_x_and_degenerate_shapes():
-    x, w, b = _inputs(6, 96, 64, seed=1, bias=True)
+    x, w, b = bf16_inputs(6, 96, 64, seed=1, bias=True)
     y = bf16_linear(x.view(2, 3, 64), w, b)
     assert y.shape == (2, 3, 96) and torch.equal(y.view(6, 96), bf16_linear(x, w, b))
     wide = torch.randn(4, 128).bfloat16()
-    _check(bf16_linear(wide[:, ::2], w, b), wide[:, ::2], w, b)  # strided x is copied, still right
+    check_bf16_linear(bf16_linear(wide[:, ::2], w, b), wide[:, ::2], w, b)  # strided x is copied, still right
     assert bf16_linear(torch.empty(0, 64, dtype=torch.bfloat16), w).shape == (0, 96)
     empty_k = bf16_linear(torch.empty(3, 0, dtype=torch.bfloat16), torch.empty(5, 0, dtype=torch.bfloat16))
     assert empty_k.shape == (3, 5) and not empty_k.any()
 
 
 def test_deterministic_batch_and_thread_invariant():
-    x, w, b = _inputs(SMALL_M_MAX, 3072, 576, seed=7, bias=True)
+    x, w, b = bf16_inputs(SMALL_M_MAX, 3072, 576, seed=7, bias=True)
     y = bf16_linear(x, w, b)
     for _ in range(3):
         assert torch.equal(bf16_linear(x, w, b), y)
@@ -87,12 +68,12 @@ def test_deterministic_batch_and_thread_invariant():
 
 
 def test_releases_the_gil():
-    x, w, _ = _inputs(SMALL_M_MAX, 49152, 1536, seed=3, bias=False)  # ~150 MB of weight: long calls
+    x, w, _ = bf16_inputs(SMALL_M_MAX, 49152, 1536, seed=3, bias=False)  # ~150 MB of weight: long calls
     assert_releases_gil(lambda: bf16_linear(x, w))
 
 
 def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
-    x, w, b = _inputs(2, 64, 96, seed=5, bias=True)
+    x, w, b = bf16_inputs(2, 64, 96, seed=5, bias=True)
     monkeypatch.setattr(kmod._EXT, "module", None)
     monkeypatch.setattr(kmod._EXT, "tried", False)
     monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f"})
