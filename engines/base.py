@@ -17,6 +17,11 @@ FinishReason = Literal["stop", "length", "abort"]
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
+# Temperatures below this sample greedily (vLLM's epsilon): dividing logits by a tiny temperature overflows
+# them to inf and the softmax to NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+# Seeds are whatever fits in 64 bits, signed or not (what torch.Generator.manual_seed takes).
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 class EngineError(RuntimeError):
@@ -29,6 +34,10 @@ class EngineDeadError(EngineError):
 
 class EngineOverloadedError(EngineError):
     """The waiting queue is full; the caller should retry later (HTTP 429)."""
+
+
+class RequestFailedError(EngineError):
+    """The engine failed while serving this one request; it goes on serving the others (HTTP 500)."""
 
 
 @dataclass
@@ -67,6 +76,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {self.seed}.")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}.")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -94,7 +105,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    def effective_top_k(self, vocab_size: int) -> int:
+        """top_k as a count of tokens to keep, vocab_size when disabled or larger than the vocabulary
+        (any int passes validation; a huge one must not reach a tensor)."""
+        return self.top_k if 0 < self.top_k < vocab_size else vocab_size
 
 
 @dataclass
@@ -235,11 +251,14 @@ class Engine(abc.ABC):
     """Contract of a kiln backend.
 
     - `start()` loads nothing new; it starts the step loop. `shutdown()` aborts what is left.
-    - `generate()` yields `GenerationOutput` deltas until one has `finished=True`. Breaking out of
-      the iteration (or cancelling the task) aborts the request and frees its KV blocks.
+    - `generate()` accepts the request at once, or raises: `ValueError` for an invalid request,
+      `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` once the loop died
+      (so a server can answer with an HTTP status before it starts a stream). The iterator it returns
+      yields `GenerationOutput` deltas until one has `finished=True`; it raises `RequestFailedError`
+      when the engine failed on this request alone. Breaking out of the iteration (or cancelling the
+      task) aborts the request and frees its KV blocks; so does `abort()`, also for an accepted request
+      whose iterator was never started.
     - `abort()` of an unknown or finished request is a no-op.
-    - Raises `ValueError` for invalid requests (before anything is queued),
-      `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` once the loop died.
     """
 
     @property
@@ -257,7 +276,8 @@ class Engine(abc.ABC):
     async def shutdown(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Accept the request (or raise, see above) and return its stream of outputs."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -9,11 +9,14 @@ from fastapi import FastAPI, Request, Response
 
 from engines.base import Engine
 from server import __version__, routes_chat, routes_completions, routes_health, routes_metadata, routes_models
+from server.auth import ApiKeyMiddleware
+from server.body_limit import BodyLimitMiddleware
 from server.disconnect import ClientDisconnected
 from server.engine_state import EngineHolder
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
+from server.shutdown import InFlight
 
 # Status nginx uses for "client closed request"; nobody reads it, the log does.
 CLIENT_CLOSED_REQUEST = 499
@@ -26,7 +29,8 @@ def create_app(
 ) -> FastAPI:
     """Build the app. Without `engine`, the app loads one from `settings` in a background thread at
     startup (so /v1/health/live answers at once) and shuts it down at exit; a given engine is the
-    caller's to start and shut down. `on_engine_failure` is called if the background load fails."""
+    caller's to start and shut down. `on_engine_failure` is called if the background load fails or the
+    engine dies later (the caller stops the server so that its supervisor restarts it)."""
     settings = settings or ServerSettings()
     holder = EngineHolder(settings.served_model_name, engine)
 
@@ -34,9 +38,12 @@ def create_app(
     async def lifespan(app: FastAPI):
         if engine is None:
             holder.start_loading(settings.engine_config(), on_engine_failure)
+        else:
+            holder.watch(on_engine_failure)
         try:
             yield
         finally:
+            await holder.stop_watching()
             if engine is None:
                 await holder.shutdown()
 
@@ -44,7 +51,12 @@ def create_app(
     app.state.settings = settings
     app.state.engine_holder = holder
     app.state.metrics = ServerMetrics(holder)
+    app.state.in_flight = InFlight()
     install_error_handlers(app)
+    # The last added runs first: the API key is checked before the body size, and both before a byte is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     @app.exception_handler(ClientDisconnected)
     async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:

@@ -59,7 +59,12 @@ def _add_serve(subparsers) -> None:
     add("--ngram-max", help="longest suffix the n-gram proposer looks up (default: 4)")
     add("--gpu-memory-fraction", help="trtllm: fraction of free GPU memory for the KV cache (default: 0.9)")
     add("--scheduler-policy", help="trtllm: guaranteed_no_evict or max_utilization (default: guaranteed_no_evict)")
-    add("--graceful-shutdown-timeout", help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
+    add("--graceful-shutdown-timeout", help="seconds in-flight requests get to finish after SIGTERM; those still "
+        "running then end with an error (default: 30)")
+    add("--max-request-body-bytes", help="largest request body accepted; larger ones get HTTP 413 before they are "
+        "read (default: 8388608, 8 MiB)")
+    add("--sse-keepalive-seconds", help="seconds between SSE comments that keep a waiting stream alive through "
+        "proxies (default: 10)")
     add("--log-level", help="critical, error, warning, info or debug (default: info)")
     serve.set_defaults(handler=serve_command)
 
@@ -211,9 +216,10 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.uvicorn_server import KilnServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server: uvicorn.Server | None = None
+    server: KilnServer | None = None
 
     def stop_on_failure() -> None:
         if server is not None:
@@ -227,9 +233,10 @@ def serve_command(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
     )
-    server = uvicorn.Server(config)
+    server = KilnServer(config, app.state.in_flight, settings.graceful_shutdown_timeout)
     server.run()
-    if app.state.engine_holder.error is not None:
+    holder = app.state.engine_holder
+    if holder.error is not None or holder.died:
         return 1
     return 0 if server.started else 1
 

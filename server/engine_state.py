@@ -15,6 +15,8 @@ from server.logprobs import TokenStrings
 
 logger = logging.getLogger("kiln.server")
 
+WATCH_SECONDS = 0.25  # how often the engine's liveness is checked
+
 
 class EngineHolder:
     def __init__(self, served_model_name: str | None = None, engine: Engine | None = None):
@@ -25,6 +27,8 @@ class EngineHolder:
         self.created = int(time.time())
         self.token_strings = TokenStrings(engine.tokenizer) if engine is not None else None
         self._load_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.died = False  # the engine was serving, then its loop died
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -104,6 +108,27 @@ class EngineHolder:
         self.loading = False
         logger.info("Model %s ready in %.1f s (%s, %s on %s)", engine.info.model_name,
                     time.monotonic() - started, engine.info.backend, engine.info.dtype, engine.info.device)
+        self.watch(on_failure)
+
+    def watch(self, on_death: Callable[[], None] | None) -> None:
+        """Watch the serving engine; when its loop dies, mark the server dead (liveness fails) and call
+        `on_death`, so the process exits and its supervisor (compose, Kubernetes) restarts it."""
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch(on_death))
+
+    async def _watch(self, on_death: Callable[[], None] | None) -> None:
+        while self.engine is not None and self.engine.is_alive:
+            await asyncio.sleep(WATCH_SECONDS)
+        if self.engine is None:
+            return
+        self.died = True
+        logger.error("The engine died; the server stops so that it can be restarted.")
+        if on_death is not None:
+            on_death()
+
+    async def stop_watching(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
 
     async def shutdown(self) -> None:
         if self._load_task is not None and not self._load_task.done():

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engines.base import EngineDeadError, EngineOverloadedError
+from engines.base import EngineDeadError, EngineOverloadedError, RequestFailedError
 
 logger = logging.getLogger("kiln.server")
 
@@ -65,6 +65,9 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc) or "The engine has stopped; no request can be served.",
                         "service_unavailable_error", code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        logger.error("The engine failed a request: %s", exc)
+        return APIError(500, str(exc), "server_error", code="request_failed")
     if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):  # a bad response is our bug
         return bad_request(str(exc))
     logger.error("Unexpected error while serving a request", exc_info=exc)
@@ -95,6 +98,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return msg, None
 
 
+_HTTP_CODES = {413: "request_too_large"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -108,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        error = APIError(exc.status_code, str(exc.detail), kind,
+        error = APIError(exc.status_code, str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code),
                          headers=getattr(exc, "headers", None))
         if exc.status_code == 404:
             error.message = f"Unknown endpoint {request.method} {request.url.path}."

@@ -2,8 +2,8 @@
 choices), and each choice's text pipeline (tokens -> detokenizer -> stop strings).
 
 Both endpoints, streaming or not, consume a `Generation` the same way: `start()` submits every
-engine request and waits for each one's first output (so a full queue or a dead engine is still an
-HTTP status, not a mid-stream error), then iterating yields one list of `ChoiceDelta` per engine
+engine request (the engine accepts or refuses each at once, so a full queue or a dead engine is still
+an HTTP status, not a mid-stream error), then iterating yields one list of `ChoiceDelta` per engine
 output. `aclose()` aborts whatever is still running; it is safe to call more than once.
 """
 
@@ -120,15 +120,15 @@ class Generation:
         self._cached_tokens = [0] * len(self.requests)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
-        self._primed: list[tuple[int, object]] = []
         self._last_output_at: list[float | None] = [None] * len(self.requests)
         self._reported = [False] * len(self.requests)  # its end-of-request metrics are observed
+        self.has_output = False  # an engine output arrived (before it, the requests are queued)
         self._closed = False
 
     # ---- engine side ----------------------------------------------------------------------------
-    async def _pump(self, index: int, request: GenerationRequest) -> None:
+    async def _pump(self, index: int, outputs) -> None:
         try:
-            async for output in self.engine.generate(request):
+            async for output in outputs:
                 self._queue.put_nowait((index, output))
         except asyncio.CancelledError:
             raise
@@ -138,27 +138,26 @@ class Generation:
             self._queue.put_nowait((index, _END))
 
     async def start(self) -> None:
-        """Submit every engine request; return once each has produced its first output.
-
-        Raises the engine's error (ValueError, EngineOverloadedError, EngineDeadError) if one fails
-        before producing anything, after aborting the others."""
-        self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self.requests)]
-        pending = set(range(len(self.requests)))
+        """Submit every engine request. The engine accepts or refuses each at once, so a refusal
+        (ValueError, EngineOverloadedError, EngineDeadError) is raised here, after the requests already
+        accepted are aborted, while the caller can still answer with an HTTP status."""
         try:
-            while pending:
-                index, item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                pending.discard(index)
-                self._primed.append((index, item))
+            for index, request in enumerate(self.requests):
+                outputs = self.engine.generate(request)
+                self._tasks.append(asyncio.create_task(self._pump(index, outputs)))
         except BaseException:
             await self.aclose()
             raise
 
+    def fail(self, exc: BaseException) -> None:
+        """End the generation with `exc`: the consumer raises it next (the engine requests are aborted
+        when the consumer closes the generation)."""
+        self._queue.put_nowait((None, exc))
+
     async def aclose(self) -> None:
-        """Abort every engine request still running: cancelling a pump ends its `generate()`
-        iteration, which the Engine contract turns into an abort that frees the KV blocks.
-        Shielded, because callers are often being cancelled themselves."""
+        """Abort every engine request still running: cancelling a pump ends its iteration, which the
+        Engine contract turns into an abort that frees the KV blocks, and `abort()` covers a request
+        whose iteration never started. Shielded, because callers are often being cancelled themselves."""
         if self._closed:
             return
         self._closed = True
@@ -166,9 +165,12 @@ class Generation:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for request in self.requests:
+                await self.engine.abort(request.request_id)
 
     # ---- server side ----------------------------------------------------------------------------
     def _process(self, index: int, output: GenerationOutput) -> list[ChoiceDelta]:
+        self.has_output = True
         now = time.monotonic()
         last = self._last_output_at[index]
         if last is None:
@@ -195,16 +197,13 @@ class Generation:
     async def __aiter__(self):
         try:
             while not self.finished:
-                if self._primed:
-                    index, item = self._primed.pop(0)
-                else:
-                    index, item = await self._queue.get()
+                index, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
                 if item is _END:
                     if not all(c.finish_reason for c in self._choices_of[index]):
                         raise APIError(500, "The engine ended a request without finishing it.", "server_error")
                     continue
-                if isinstance(item, BaseException):
-                    raise item
                 deltas = self._process(index, item)
                 if deltas:
                     yield deltas

@@ -39,6 +39,10 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
     return [int(t) for t in token_ids]
 
 
+def tokenize_prompts(tokenizer, prompts: list[str | list[int]], vocab_size: int) -> list[list[int]]:
+    return [tokenize_prompt(tokenizer, prompt, vocab_size, i) for i, prompt in enumerate(prompts)]
+
+
 def tokenize_prompt(tokenizer, prompt: str | list[int], vocab_size: int, index: int) -> list[int]:
     if isinstance(prompt, str):
         token_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])

@@ -7,9 +7,23 @@ honour. Responses are built explicitly so that `null` fields appear where OpenAI
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from engines.base import SEED_RANGE
+
+# Limits on request sizes that would otherwise cost the whole server time (README: "Limits and failure
+# behaviour"); the body size itself is limited before parsing (server/body_limit.py).
+MAX_MESSAGES = 4096
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_PROMPTS = 1024
+
+# Every integer of a request fits in 64 bits, so none can overflow a tensor or a C call later.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 
 
 class _Request(BaseModel):
@@ -20,10 +34,14 @@ def _check_stop(value: str | list[str] | None) -> list[str]:
     stops = [value] if isinstance(value, str) else list(value or [])
     if any(stop == "" for stop in stops):
         raise ValueError("stop strings must not be empty")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
     return stops
 
 
 def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is not None and len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed, got {len(value)}")
     for key in value or {}:
         try:
             int(key)
@@ -39,12 +57,12 @@ class StreamOptions(_Request):
 # ---- shared sampling fields ---------------------------------------------------------------------
 class SamplingFields(_Request):
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: Int64 = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -52,12 +70,12 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extensions
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # kiln's extension: false opts this request out of speculative decoding (when the server runs it)
     speculative: bool = True
 
@@ -107,10 +125,10 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -197,9 +215,9 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(SamplingFields):
     prompt: Any
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Int64 | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int64 | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -209,6 +227,8 @@ class CompletionRequest(SamplingFields):
             return value
         if not isinstance(value, list) or not value:
             raise ValueError(shape if not isinstance(value, list) else "prompt must not be an empty list")
+        if len(value) > MAX_PROMPTS and not isinstance(value[0], int):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(value)}")
         if all(isinstance(item, str) for item in value):
             return value
         if all(isinstance(item, int) and not isinstance(item, bool) for item in value):

@@ -19,22 +19,31 @@ async def respond(
     make_response: Callable[[list[ChoiceResult]], BaseModel],
     make_chunks: Callable[[], AsyncIterator[BaseModel]],
 ):
-    """Errors before the first output become HTTP statuses; later ones, error events in the stream.
-    The engine requests are aborted however the response ends (including client disconnects)."""
-    try:
-        await run_until_disconnected(request, generation.start())
-        if not stream:
-            return make_response(await run_until_disconnected(request, generation.collect()))
-    except BaseException:
+    """A refusal by the engine (invalid, queue full, engine dead) is an HTTP status; a stream's headers go
+    out as soon as its requests are accepted, and later errors are error events in it. The engine requests
+    are aborted however the response ends (including client disconnects and the shutdown deadline)."""
+    in_flight = request.app.state.in_flight
+    await generation.start()
+    in_flight.add(generation)
+
+    async def close() -> None:
+        in_flight.discard(generation)
         await generation.aclose()
-        raise
+
+    if not stream:
+        try:
+            return make_response(await run_until_disconnected(request, generation.collect()))
+        finally:
+            await close()
 
     async def chunks():
         try:
             async for chunk in make_chunks():
                 yield chunk
         finally:
-            await generation.aclose()
+            await close()
 
-    grace_period = request.app.state.settings.stream_grace_period
-    return sse_response(openai_events(chunks()), generation.aclose, grace_period)
+    settings = request.app.state.settings
+    return sse_response(openai_events(chunks()), close, settings.stream_grace_period,
+                        keepalive_seconds=settings.sse_keepalive_seconds,
+                        keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from server.auth import require_api_key
 from server.errors import bad_request
 from server.generation import Generation
 from server.logprobs import chat_logprobs
+from server.offload import run_sized
+from server.prompt_bound import check_prompt_chars
 from server.prompts import render_chat
 from server.protocol import (
     ChatChoice,
@@ -24,8 +25,9 @@ from server.protocol import (
 )
 from server.respond import respond
 from server.sampling import build_sampling_params
+from server.text_check import check_text
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
 def _check_request(body: ChatCompletionRequest) -> int | None:
@@ -47,7 +49,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = state.engine_holder.get()
     model = state.engine_holder.check_model(body.model)
     top_k = _check_request(body)
-    prompt_ids = render_chat(engine.tokenizer, body.messages)
+    check_text(body)
+    size = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
+               for m in body.messages) + len(body.messages)
+    check_prompt_chars(engine.tokenizer, size, engine.info.max_model_len, "messages")
+    prompt_ids = await run_sized(size, render_chat, engine.tokenizer, body.messages)
     params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(engine, state.metrics, model, response_id, [(prompt_ids, params)], body.stop_strings,

@@ -5,19 +5,21 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from engines.base import MAX_TOP_LOGPROBS
-from server.auth import require_api_key
 from server.errors import bad_request
 from server.generation import Generation
 from server.logprobs import completion_logprobs
-from server.prompts import tokenize_prompt
+from server.offload import run_sized
+from server.prompt_bound import check_prompt_chars
+from server.prompts import tokenize_prompts
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from server.respond import respond
 from server.sampling import build_sampling_params
+from server.text_check import check_text
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
 def _check_request(body: CompletionRequest) -> None:
@@ -42,11 +44,15 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine = state.engine_holder.get()
     model = state.engine_holder.check_model(body.model)
     _check_request(body)
+    check_text(body)
     info = engine.info
-    prompts = []
-    for i, prompt in enumerate(body.prompts):
-        token_ids = tokenize_prompt(engine.tokenizer, prompt, info.vocab_size, i)
-        prompts.append((token_ids, build_sampling_params(body, body.max_tokens, body.logprobs, len(token_ids), info)))
+    for prompt in body.prompts:
+        if isinstance(prompt, str):
+            check_prompt_chars(engine.tokenizer, len(prompt), info.max_model_len, "prompt")
+    size = sum(len(prompt) if isinstance(prompt, str) else 0 for prompt in body.prompts)
+    all_token_ids = await run_sized(size, tokenize_prompts, engine.tokenizer, body.prompts, info.vocab_size)
+    prompts = [(token_ids, build_sampling_params(body, body.max_tokens, body.logprobs, len(token_ids), info))
+               for token_ids in all_token_ids]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     generation = Generation(engine, state.metrics, model, response_id, prompts, body.stop_strings, body.speculative)
     strings = state.engine_holder.token_strings

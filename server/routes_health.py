@@ -12,8 +12,12 @@ router = APIRouter()
 
 
 @router.get("/v1/health/live", response_model=HealthResponse)
-async def live() -> HealthResponse:
-    """200 as soon as the process answers HTTP, model loaded or not."""
+async def live(request: Request):
+    """200 as soon as the process answers HTTP, model loaded or not; 503 once the engine has died (the
+    process then exits, so that its supervisor restarts it)."""
+    status, message = request.app.state.engine_holder.status()
+    if status == "dead":
+        return JSONResponse(HealthResponse(status=status, message=message).model_dump(), status_code=503)
     return HealthResponse(status="live", message="The server is up.")
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from server import __version__
-from server.auth import require_api_key
 from server.protocol import MetadataResponse, VersionResponse
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 _PACKAGES = ("torch", "transformers", "fastapi", "uvicorn")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from server.auth import require_api_key
 from server.errors import model_not_found
 from server.protocol import ModelCard, ModelList
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
 def _card(request: Request) -> ModelCard:

@@ -26,6 +26,8 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
     graceful_shutdown_timeout: float = Field(30.0, ge=0)
+    max_request_body_bytes: int = Field(8 * 2**20, ge=1024)
+    sse_keepalive_seconds: float = Field(10.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # Engine (defaults are EngineConfig's)

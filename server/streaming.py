@@ -4,10 +4,10 @@ and an error met mid-stream sent as `data: {"error": {...}}` before `[DONE]`."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from server.errors import from_exception
@@ -33,13 +33,18 @@ async def openai_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict]
     yield DONE
 
 
-def sse_response(events: AsyncIterator[dict], on_close, grace_period: float) -> EventSourceResponse:
+def sse_response(events: AsyncIterator[dict], on_close, grace_period: float, keepalive_seconds: float,
+                 keepalive_comment: Callable[[], str]) -> EventSourceResponse:
     """An SSE response that calls `on_close` however it ends (done, disconnect or shutdown).
 
+    Its headers go out at once, and an SSE comment (`: <keepalive_comment()>`, which clients ignore) every
+    `keepalive_seconds` keeps proxies with read timeouts from dropping a stream that waits in the queue.
     On SIGTERM, streams get `grace_period` seconds to finish before they are cancelled."""
     return EventSourceResponse(
         events,
         sep="\n",
         background=BackgroundTask(on_close),
         shutdown_grace_period=grace_period,
+        ping=keepalive_seconds,
+        ping_message_factory=lambda: ServerSentEvent(comment=keepalive_comment(), sep="\n"),
     )

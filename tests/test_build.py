@@ -142,6 +142,29 @@ def test_checksum_mismatch_is_refused(built_engine, tmp_path):
         load_engine_dir(EngineConfig(engine_dir=str(engine)))
 
 
+@pytest.mark.parametrize("files", ["absent", {}, {"weights.safetensors": {"bytes": 1}}],
+                         ids=["no files key", "empty files", "entry without sha256"])
+def test_manifest_without_checksums_is_refused(built_engine, tmp_path, files):
+    engine = copy_engine(built_engine, tmp_path / "e")
+    (engine / "config.json").write_text((engine / "config.json").read_text() + " ")  # tampered
+    manifest = json.loads((engine / "engine.json").read_text())
+    if files == "absent":
+        del manifest["files"]
+    else:
+        manifest["files"] = files
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    with pytest.raises(mf.EngineDirError, match=r"lists no sha256 checksum for its files, so they cannot be verified"):
+        load_engine_dir(EngineConfig(engine_dir=str(engine)))
+
+
+def test_file_the_manifest_does_not_list_is_refused(built_engine, tmp_path):
+    engine = copy_engine(built_engine, tmp_path / "e")
+    (engine / "extra").mkdir()
+    (engine / "extra" / "weights.bin").write_bytes(b"not built by kiln")
+    with pytest.raises(mf.EngineDirError, match=r"extra/weights.bin is not listed in engine.json"):
+        load_engine_dir(EngineConfig(engine_dir=str(engine)))
+
+
 def test_newer_schema_is_refused(built_engine, tmp_path):
     engine = copy_engine(built_engine, tmp_path / "e")
     manifest = json.loads((engine / "engine.json").read_text())

@@ -70,14 +70,30 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict:
         raise EngineDirError(f"{path} uses engine schema {schema}, newer than the {SCHEMA_VERSION} this kiln "
                              "reads; upgrade kiln or rebuild the engine with this version.")
     if verify:
-        for name, entry in manifest.get("files", {}).items():
-            file = folder / name
-            if not file.is_file():
-                raise EngineDirError(f"Engine file {file} is missing; rebuild the engine.")
-            if sha256_file(file) != entry.get("sha256"):
-                raise EngineDirError(f"Engine file {file} does not match its checksum in {MANIFEST} (altered or "
-                                     "corrupt); rebuild the engine.")
+        verify_files(folder, manifest)
     return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file of the engine directory is listed in the manifest with its sha256, and matches it: a
+    manifest without checksums, or a file it does not list, would let altered weights be served."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) for entry in files.values()):
+        raise EngineDirError(f"{folder / MANIFEST} lists no sha256 checksum for its files, so they cannot be "
+                             "verified; rebuild the engine with `kiln build`.")
+    unlisted = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                      if path.is_file() and path.name != MANIFEST and path.relative_to(folder).as_posix() not in files)
+    if unlisted:
+        raise EngineDirError(f"Engine file {folder / unlisted[0]} is not listed in {MANIFEST}, so it cannot be "
+                             "verified; remove it or rebuild the engine.")
+    for name, entry in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise EngineDirError(f"Engine file {file} is missing; rebuild the engine.")
+        if sha256_file(file) != entry["sha256"]:
+            raise EngineDirError(f"Engine file {file} does not match its checksum in {MANIFEST} (altered or "
+                                 "corrupt); rebuild the engine.")
 
 
 def check_hardware(manifest: dict, hardware: Hardware) -> None:

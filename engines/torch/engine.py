@@ -20,6 +20,8 @@ from engines.base import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    RequestFailedError,
+    SamplingParams,
 )
 from engines.config import EngineConfig
 from engines.hardware import detect as detect_hardware
@@ -27,6 +29,20 @@ from engines.torch.llm_engine import LLMEngine
 from engines.torch.loader import LoadedModel, build_core, load_model
 
 log = logging.getLogger("kiln.engine")
+
+# Steps that failed one after another (each failing its own requests) before the loop gives up: a fault
+# that outlives the requests it met is the engine's, and a restart is the cure.
+MAX_CONSECUTIVE_STEP_FAILURES = 8
+# The warm-up request: shorter than a KV block, so it leaves nothing in the prefix cache.
+WARM_UP_PROMPT_TOKENS = 8
+WARM_UP_MAX_TOKENS = 4
+# Errors after which the device cannot be trusted with any request: the loop dies and the server exits.
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access",
+                         "NCCL error")
+
+
+def is_device_error(exc: BaseException) -> bool:
+    return not isinstance(exc, Exception) or any(marker in str(exc) for marker in _DEVICE_ERROR_MARKERS)
 
 
 def _engine_summary(manifest: dict | None) -> dict | None:
@@ -50,6 +66,7 @@ class AsyncTorchEngine(Engine):
         self._dead: BaseException | None = None
         self._pending_adds = 0  # requests in the inbox not yet seen by the loop (aborts don't count)
         self._pending_lock = threading.Lock()
+        self._consecutive_failures = 0  # steps failed in a row (see _step)
         args = loaded.model.args
         self._info = EngineInfo(
             model_name=loaded.name,
@@ -104,9 +121,29 @@ class AsyncTorchEngine(Engine):
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     async def start(self) -> None:
+        """Warm up, then start the step loop: a server is ready only once nothing is left to compile."""
         if self._thread is None:
+            await asyncio.to_thread(self._warm_up)
             self._thread = threading.Thread(target=self._loop, name="kiln-step-loop", daemon=True)
             self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Compile (or load from the cache) every CPU kernel this machine can run, then serve one short
+        sampled request through the whole step path (prefill, decode, speculation when on), so that the
+        first requests after readiness pay no compilation or first-call cost."""
+        if self.loaded.device.type == "cpu":
+            from engines.torch.kernels.registry import KERNELS
+
+            for kernel in KERNELS.values():
+                kernel.available()
+        prompt = list(range(1, 1 + min(WARM_UP_PROMPT_TOKENS, self.core.max_model_len - WARM_UP_MAX_TOKENS)))
+        params = SamplingParams(temperature=1.0, max_tokens=WARM_UP_MAX_TOKENS, ignore_eos=True, seed=0)
+        with torch.inference_mode():
+            self.core.add_request(GenerationRequest("kiln-warm-up", prompt, params))
+            while self.core.has_work():
+                self.core.step()
+        self.core.reset_counters()
+        self._stats = self.core.stats()
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -120,7 +157,7 @@ class AsyncTorchEngine(Engine):
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self._dead is not None or self._stopping:
             raise EngineDeadError("The engine is not running.")
         self.core.check_request(request)
@@ -133,6 +170,9 @@ class AsyncTorchEngine(Engine):
         with self._pending_lock:
             self._pending_adds += 1
         self._inbox.put(("add", request))
+        return self._outputs(request.request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[GenerationOutput]:
         finished = False
         try:
             while True:
@@ -144,13 +184,16 @@ class AsyncTorchEngine(Engine):
                 if finished:
                     return
         finally:
-            self._streams.pop(request.request_id, None)
+            self._streams.pop(request_id, None)
             if not finished:
-                self._inbox.put(("abort", request.request_id))
+                self._inbox.put(("abort", request_id))
 
     # ---- the step loop (its own thread) ---------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
+        last = isinstance(item, BaseException) or item.finished
+        # The last item drops the stream here, not only when its reader ends: a request aborted before
+        # anyone iterated its stream leaves nothing behind.
+        target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
@@ -161,7 +204,7 @@ class AsyncTorchEngine(Engine):
             request = command[1]
             try:
                 self.core.add_request(request)
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the loop's
                 self._deliver(request.request_id, exc)
             finally:
                 with self._pending_lock:
@@ -172,6 +215,23 @@ class AsyncTorchEngine(Engine):
             self._stats = self.core.stats()
             if out is not None:
                 self._deliver(command[1], out)
+
+    def _step(self) -> list[GenerationOutput]:
+        """One engine step. A failure that is not the device's ends the requests of that step (or, in
+        sampling, the one request it came from) and the loop goes on."""
+        try:
+            outputs = self.core.step()
+            self._consecutive_failures = 0
+        except Exception as exc:
+            self._consecutive_failures += 1
+            if is_device_error(exc) or self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            log.exception("an engine step failed; its requests are ended, the others go on")
+            self.core.fail_requests(self.core.step_request_ids, exc)
+            outputs = []
+        for request_id, exc in self.core.take_failed():
+            self._deliver(request_id, RequestFailedError(f"The engine failed on this request: {exc!r}"))
+        return outputs
 
     def _loop(self) -> None:
         try:
@@ -184,7 +244,7 @@ class AsyncTorchEngine(Engine):
                             self._handle(self._inbox.get_nowait())
                         except queue.Empty:
                             break
-                    outputs = self.core.step() if self.core.has_work() else []
+                    outputs = self._step() if self.core.has_work() else []
                     self._stats = self.core.stats()  # before delivery: a finished stream sees its effect
                     for out in outputs:
                         self._deliver(out.request_id, out)

@@ -49,6 +49,9 @@ class LLMEngine:
         # per draft position: how often a draft there was checked (every draft before it accepted), and accepted
         self.spec_checked_per_position = [0] * num_speculative_tokens
         self.spec_accepted_per_position = [0] * num_speculative_tokens
+        # requests the current (or last) step works on, and those failed on their own, with the error
+        self.step_request_ids: set[str] = set()
+        self.failed: list[tuple[str, BaseException]] = []
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -77,6 +80,16 @@ class LLMEngine:
                 outputs.append(self._delta(seq))
         return self._output(state, outputs)
 
+    def fail_requests(self, request_ids, exc: BaseException) -> None:
+        """End these requests with `exc` (queued in `failed` for the caller) and free their blocks."""
+        for request_id in request_ids:
+            if self.abort_request(request_id) is not None:
+                self.failed.append((request_id, exc))
+
+    def take_failed(self) -> list[tuple[str, BaseException]]:
+        failed, self.failed = self.failed, []
+        return failed
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -91,6 +104,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
             self._release_draft(victim)
+        self.step_request_ids = {chunk.seq.request.request_id for chunk in sched.chunks}
         if not sched.chunks:
             return []
         logits, sampling = self.runner.execute(sched.chunks)
@@ -119,8 +133,7 @@ class LLMEngine:
             chunk.seq.proposal = None
         touched: dict[str, list[Sequence]] = {}
         if seqs:
-            result = sample(logits[torch.tensor(row_of, device=logits.device)], rows)
-            for seq, token, lp in zip(seqs, result.token_ids, result.logprobs):
+            for seq, token, lp in self._sample(logits, seqs, rows, row_of):
                 self._append(seq, [token], [lp], touched)
         if speculative:
             for (seq, _, prop), verified in zip(speculative, verify(logits, speculative, self._sample_row)):
@@ -136,6 +149,26 @@ class LLMEngine:
                     self.bm.trim(seq)
                     self.bm.register_full_blocks(seq)
         return self._collect(touched)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SampleRow], row_of: list[int]):
+        """(seq, token, logprob) per row. Sampling depends on each request's own parameters, so when the
+        batch fails, rows are sampled one at a time and only the requests whose rows fail are ended."""
+        try:
+            result = sample(logits[torch.tensor(row_of, device=logits.device)], rows)
+            return list(zip(seqs, result.token_ids, result.logprobs))
+        except Exception:  # noqa: BLE001 - narrowed down below; a row that fails alone fails its request
+            pass
+        sampled = []
+        for seq, row, r in zip(seqs, rows, row_of):
+            if seq.request.request_id not in self.requests:  # failed with an earlier row of its own
+                continue
+            try:
+                result = sample(logits[r : r + 1], [row])
+            except Exception as exc:  # noqa: BLE001 - handed to the request's caller
+                self.fail_requests([seq.request.request_id], exc)
+                continue
+            sampled.append((seq, result.token_ids[0], result.logprobs[0]))
+        return [(seq, token, lp) for seq, token, lp in sampled if seq.request.request_id in self.requests]
 
     def _append(self, seq: Sequence, tokens: list[int], logprobs: list, touched: dict[str, list[Sequence]]) -> None:
         """Give `seq` its new tokens in order, stopping at the first that finishes it."""
@@ -282,6 +315,15 @@ class LLMEngine:
             spec_accepted_per_position=list(self.spec_accepted_per_position),
             spec_checked_per_position=list(self.spec_checked_per_position),
         )
+
+    def reset_counters(self) -> None:
+        """Zero the monotonic counters (after the warm-up, so /metrics counts served requests only)."""
+        self.prompt_tokens_total = self.generation_tokens_total = self.num_steps = 0
+        self.spec_num_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self.spec_checked_per_position = [0] * self.num_speculative_tokens
+        self.spec_accepted_per_position = [0] * self.num_speculative_tokens
+        self.bm.prefix_queries = self.bm.prefix_hits = 0
+        self.scheduler.num_preemptions = 0
 
     def live_sequences(self) -> list[Sequence]:
         return [s for state in self.requests.values() for s in state.seqs if not s.is_finished]

@@ -61,7 +61,7 @@ def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 def probabilities(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """The distribution a sampled row draws from: softmax(x / temperature) cut to top-k, top-p and min-p
     (not renormalised: `race` and speculative verification only need ratios)."""
-    temps = torch.tensor([row.params.temperature or 1.0 for row in rows], device=x.device)
+    temps = torch.tensor([1.0 if row.params.greedy else row.params.temperature for row in rows], device=x.device)
     return _truncate(torch.softmax(x / temps[:, None], dim=-1), rows)
 
 
@@ -103,7 +103,7 @@ def _truncate(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     token always survives)."""
     device = probs.device
     vocab = probs.shape[1]
-    top_k = torch.tensor([row.params.top_k if row.params.top_k > 0 else vocab for row in rows], device=device)
+    top_k = torch.tensor([row.params.effective_top_k(vocab) for row in rows], device=device)
     top_p = torch.tensor([row.params.top_p for row in rows], device=device)
     min_p = torch.tensor([row.params.min_p for row in rows], device=device)
     if bool((min_p > 0).any()):

@@ -99,7 +99,7 @@ def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[
         n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else None,
+        top_k=params.top_k if 0 < params.top_k < vocab_size else None,
         min_p=params.min_p or None,
         presence_penalty=params.presence_penalty or None,
         frequency_penalty=params.frequency_penalty or None,

@@ -25,6 +25,7 @@ from engines.base import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    RequestFailedError,
     RequestTimings,
     TokenLogprob,
     check_request_fits,
@@ -135,7 +136,7 @@ class TrtllmEngine(Engine):
         return self._stats
 
     async def abort(self, request_id: str) -> None:
-        result = self._results.get(request_id)
+        result = self._results.pop(request_id, None)
         if result is not None:
             result.abort()
 
@@ -144,7 +145,7 @@ class TrtllmEngine(Engine):
         if request.request_id in self._results:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_alive:
             raise EngineDeadError("The engine is not running.")
         self.check_request(request)
@@ -154,6 +155,10 @@ class TrtllmEngine(Engine):
         self._results[request.request_id] = result
         self._stats.prompt_tokens += len(request.prompt_token_ids)
         timings.first_scheduled = time.monotonic()
+        return self._outputs(request, result, timings)
+
+    async def _outputs(self, request: GenerationRequest, result, timings: RequestTimings
+                       ) -> AsyncIterator[GenerationOutput]:
         finished = False
         try:
             async for output in result:
@@ -169,7 +174,7 @@ class TrtllmEngine(Engine):
                 if finished:
                     return
         except Exception as exc:  # an executor error ends this request, not the server
-            raise EngineDeadError(f"TensorRT-LLM failed the request: {exc}") from exc
+            raise RequestFailedError(f"TensorRT-LLM failed the request: {exc}") from exc
         finally:
             self._results.pop(request.request_id, None)
             if not finished:

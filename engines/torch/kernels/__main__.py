@@ -9,18 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from engines.torch.kernels import amx_linear, argmax, bf16_linear, int_linear, paged_attention, rms_norm, rope_kv, silu_mul
-
-KERNELS = {
-    "kiln_rms_norm": rms_norm,
-    "kiln_bf16_gemv": bf16_linear,
-    "kiln_amx_linear": amx_linear,  # Intel AMX CPUs only
-    "kiln_int_gemv": int_linear,
-    "kiln_paged_attention": paged_attention,
-    "kiln_rope_kv": rope_kv,
-    "kiln_silu_mul": silu_mul,
-    "kiln_argmax": argmax,
-}
+from engines.torch.kernels.registry import KERNELS
 
 
 def main() -> int:
