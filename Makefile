@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-docker bench
+.PHONY: install serve test test-fuzz test-docker bench
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ serve: install
 # pytest's own exit status fails the target, including 5 when no test was collected.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# schemathesis against a live server (tests/fuzz; `make test` leaves the folder out, see norecursedirs)
+test-fuzz: install
+	$(BIN)/python -m pytest tests/fuzz -m fuzz $(PYTEST_ARGS)
 
 # compose.yaml end to end on a Docker engine with Compose v2 (CI starts one with ../shared/ci/docker-engine.sh)
 test-docker: install

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Callable
 
 from engines.base import Engine
 from engines.config import EngineConfig
+from engines.daemon import run_in_daemon_thread
 from server.errors import APIError, model_not_found, not_ready
 from server.logprobs import TokenStrings
 
@@ -71,30 +71,12 @@ class EngineHolder:
         self._load_task = asyncio.get_running_loop().create_task(self._load(config, on_failure))
 
     async def _load(self, config: EngineConfig, on_failure: Callable[[], None] | None) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def settle(setter, value) -> None:
-            if not future.done():
-                setter(value)
-
-        def load() -> None:
-            # A daemon thread rather than asyncio.to_thread: a SIGTERM during a long load must not
-            # wait for it at interpreter exit.
-            from engines import create_engine
-
-            try:
-                result = create_engine(config)
-            except BaseException as exc:  # noqa: BLE001 - reported to the event loop
-                loop.call_soon_threadsafe(settle, future.set_exception, exc)
-            else:
-                loop.call_soon_threadsafe(settle, future.set_result, result)
+        from engines import create_engine
 
         started = time.monotonic()
         logger.info("Loading model %s", config.model or "(embedded default SmolLM2-135M-Instruct)")
-        threading.Thread(target=load, name="kiln-engine-load", daemon=True).start()
         try:
-            engine = await future
+            engine = await run_in_daemon_thread(lambda: create_engine(config), "kiln-engine-load")
             await engine.start()
         except Exception as exc:
             self.error = str(exc) or type(exc).__name__

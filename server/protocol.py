@@ -213,13 +213,13 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any
+    prompt: PromptInput
     echo: bool = False
     logprobs: Int64 | None = None
     suffix: str | None = None
     best_of: Int64 | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")  # before the union's own errors, which are hard to read
     @classmethod
     def _check_prompt(cls, value: Any) -> PromptInput:
         shape = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"

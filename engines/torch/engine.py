@@ -24,6 +24,7 @@ from engines.base import (
     SamplingParams,
 )
 from engines.config import EngineConfig
+from engines.daemon import run_in_daemon_thread
 from engines.hardware import detect as detect_hardware
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.loader import LoadedModel, build_core, load_model
@@ -123,7 +124,7 @@ class AsyncTorchEngine(Engine):
     async def start(self) -> None:
         """Warm up, then start the step loop: a server is ready only once nothing is left to compile."""
         if self._thread is None:
-            await asyncio.to_thread(self._warm_up)
+            await run_in_daemon_thread(self._warm_up, "kiln-warm-up")
             self._thread = threading.Thread(target=self._loop, name="kiln-step-loop", daemon=True)
             self._thread.start()
 
