@@ -120,6 +120,7 @@ class Generation:
         self._cached_tokens = [0] * len(self.requests)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._ended = [False] * len(self.requests)  # its engine stream ended (finished or failed)
         self._last_output_at: list[float | None] = [None] * len(self.requests)
         self._reported = [False] * len(self.requests)  # its end-of-request metrics are observed
         self.has_output = False  # an engine output arrived (before it, the requests are queued)
@@ -133,8 +134,10 @@ class Generation:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._ended[index] = True
             self._queue.put_nowait((index, exc))
         else:
+            self._ended[index] = True
             self._queue.put_nowait((index, _END))
 
     async def start(self) -> None:
@@ -165,8 +168,9 @@ class Generation:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            for request in self.requests:
-                await self.engine.abort(request.request_id)
+            for request, ended in zip(self.requests, self._ended):
+                if not ended:
+                    await self.engine.abort(request.request_id)
 
     # ---- server side ----------------------------------------------------------------------------
     def _process(self, index: int, output: GenerationOutput) -> list[ChoiceDelta]:

@@ -133,6 +133,12 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
     @property
+    def num_content_chars(self) -> int:
+        """Characters of text in the messages (a lower bound on the rendered prompt's)."""
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
+                   for m in self.messages)
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 

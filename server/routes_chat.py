@@ -50,10 +50,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model = state.engine_holder.check_model(body.model)
     top_k = _check_request(body)
     check_text(body)
-    size = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
-               for m in body.messages) + len(body.messages)
-    check_prompt_chars(engine.tokenizer, size, engine.info.max_model_len, "messages")
-    prompt_ids = await run_sized(size, render_chat, engine.tokenizer, body.messages)
+    chars = body.num_content_chars
+    check_prompt_chars(engine.tokenizer, chars, engine.info.max_model_len, "messages")
+    # templating work grows with the messages too, not only with their text
+    prompt_ids = await run_sized(chars + len(body.messages), render_chat, engine.tokenizer, body.messages)
     params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(engine, state.metrics, model, response_id, [(prompt_ids, params)], body.stop_strings,

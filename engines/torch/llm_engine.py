@@ -49,8 +49,8 @@ class LLMEngine:
         # per draft position: how often a draft there was checked (every draft before it accepted), and accepted
         self.spec_checked_per_position = [0] * num_speculative_tokens
         self.spec_accepted_per_position = [0] * num_speculative_tokens
-        # requests the current (or last) step works on, and those failed on their own, with the error
-        self.step_request_ids: set[str] = set()
+        # the chunks the current (or last) step works on, and the requests failed on their own, with the error
+        self.step_chunks: list = []
         self.failed: list[tuple[str, BaseException]] = []
 
     # ---- requests -----------------------------------------------------------------------------
@@ -80,6 +80,10 @@ class LLMEngine:
                 outputs.append(self._delta(seq))
         return self._output(state, outputs)
 
+    @property
+    def step_request_ids(self) -> set[str]:
+        return {chunk.seq.request.request_id for chunk in self.step_chunks}
+
     def fail_requests(self, request_ids, exc: BaseException) -> None:
         """End these requests with `exc` (queued in `failed` for the caller) and free their blocks."""
         for request_id in request_ids:
@@ -99,12 +103,13 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
+        self.step_chunks = []
         if self.proposer is not None:
             self._propose()
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
             self._release_draft(victim)
-        self.step_request_ids = {chunk.seq.request.request_id for chunk in sched.chunks}
+        self.step_chunks = sched.chunks
         if not sched.chunks:
             return []
         logits, sampling = self.runner.execute(sched.chunks)
