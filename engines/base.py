@@ -40,6 +40,27 @@ class RequestFailedError(EngineError):
     """The engine failed while serving this one request; it goes on serving the others (HTTP 500)."""
 
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a request may generate; hashable, so compiled grammars are cached by it.
+
+    - json: `value` is a JSON schema as JSON text (the client's property order kept: it is the output's);
+    - json_object: any JSON object (`value` is "");
+    - regex: `value` is a regular expression the whole output matches;
+    - choice: the output is exactly one of `choices`;
+    - grammar: `value` is an EBNF grammar (xgrammar's / llama.cpp's GBNF dialect, or Lark) whose root rule
+      derives the whole output.
+    The output ends once the constraint is complete: the engine then allows only EOS (or stop tokens).
+    """
+
+    kind: StructuredKind
+    value: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings, with vLLM's meaning for each field.
@@ -65,6 +86,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError with one readable sentence for the first invalid field."""
@@ -102,6 +124,14 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if vocab_size is not None and not 0 <= token_id < vocab_size:
                 raise ValueError(f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
+        if self.structured is not None:
+            # the grammar ends the output with EOS; neither setting could be honoured without breaking it
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a structured output: the output ends where "
+                                 "the grammar is complete.")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with a structured output: the output ends where "
+                                 "the grammar is complete.")
 
     @property
     def greedy(self) -> bool:
@@ -274,6 +304,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Slow work a request needs before `generate()` (compiling its structured-output grammar, cached by
+        constraint), done off the event loop; raises ValueError for a constraint this backend cannot honour.
+        `generate()` does it too when a caller skipped this."""
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

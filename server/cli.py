@@ -66,6 +66,8 @@ def _add_serve(subparsers) -> None:
     add("--sse-keepalive-seconds", help="seconds between SSE comments that keep a waiting stream alive through "
         "proxies (default: 10)")
     add("--log-level", help="critical, error, warning, info or debug (default: info)")
+    add("--tool-call-parser", help="the model's tool-call format for tool_choice auto: hermes, llama3_json or "
+        "mistral (default: read from the chat template; Hermes when the template has no tool support)")
     serve.set_defaults(handler=serve_command)
 
 

@@ -145,6 +145,8 @@ class Generation:
         (ValueError, EngineOverloadedError, EngineDeadError) is raised here, after the requests already
         accepted are aborted, while the caller can still answer with an HTTP status."""
         try:
+            for request in self.requests:
+                await self.engine.prepare(request)
             for index, request in enumerate(self.requests):
                 outputs = self.engine.generate(request)
                 self._tasks.append(asyncio.create_task(self._pump(index, outputs)))

@@ -1,7 +1,9 @@
 """Pydantic models of every request and response body, shaped like OpenAI's API.
 
-Requests ignore fields they do not know (as vLLM does) but reject, with a 400, values they cannot
-honour. Responses are built explicitly so that `null` fields appear where OpenAI shows them.
+A request field kiln does not implement is refused with a 400 naming it (`unknown_fields`), except the
+metadata in METADATA_FIELDS, which changes nothing about the output; inside messages and other nested
+objects unknown keys are ignored (SDKs send back assistant messages with keys like `refusal: null`).
+Responses are built explicitly so that `null` fields appear where OpenAI shows them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_PROMPTS = 1024
+MAX_CHOICES = 1024  # structured-output choice strings
+MAX_TOOLS = 128
+
+# Accepted and ignored: they describe the request or how OpenAI would store it, not what to generate.
+METADATA_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 # Every integer of a request fits in 64 bits, so none can overflow a tensor or a C call later.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -54,8 +61,35 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# ---- structured outputs -------------------------------------------------------------------------
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of its fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, max_length=MAX_CHOICES)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 # ---- shared sampling fields ---------------------------------------------------------------------
 class SamplingFields(_Request):
+    # the top level keeps unknown fields so that `unknown_fields` can name them
+    model_config = ConfigDict(extra="allow")
+
     model: str | None = None
     max_tokens: Int64 | None = None
     temperature: float | None = None
@@ -78,6 +112,17 @@ class SamplingFields(_Request):
     stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # kiln's extension: false opts this request out of speculative decoding (when the server runs it)
     speculative: bool = True
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, max_length=MAX_CHOICES)
+    guided_grammar: str | None = None
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or ()) - METADATA_FIELDS)
 
     @field_validator("stop")
     @classmethod
@@ -105,11 +150,47 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -129,8 +210,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def num_content_chars(self) -> int:
@@ -143,9 +225,32 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first delta of a call has its id, type and name, later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler):
@@ -169,13 +274,14 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -202,7 +308,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -16,13 +16,15 @@ from server.prompt_bound import check_prompt_chars
 from server.prompts import tokenize_prompts
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from server.respond import respond
-from server.sampling import build_sampling_params
+from server.sampling import build_sampling_params, check_fields
+from server.structured import structured_output
 from server.text_check import check_text
 
 router = APIRouter()
 
 
 def _check_request(body: CompletionRequest) -> None:
+    check_fields(body)
     if body.suffix:
         raise bad_request("suffix is not supported: this server does not do fill-in-the-middle completions.",
                           param="suffix")
@@ -44,6 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine = state.engine_holder.get()
     model = state.engine_holder.check_model(body.model)
     _check_request(body)
+    structured = structured_output(body)
     check_text(body)
     info = engine.info
     for prompt in body.prompts:
@@ -51,7 +54,8 @@ async def create_completion(body: CompletionRequest, request: Request):
             check_prompt_chars(engine.tokenizer, len(prompt), info.max_model_len, "prompt")
     size = sum(len(prompt) if isinstance(prompt, str) else 0 for prompt in body.prompts)
     all_token_ids = await run_sized(size, tokenize_prompts, engine.tokenizer, body.prompts, info.vocab_size)
-    prompts = [(token_ids, build_sampling_params(body, body.max_tokens, body.logprobs, len(token_ids), info))
+    prompts = [(token_ids, build_sampling_params(body, body.max_tokens, body.logprobs, len(token_ids), info,
+                                                 structured))
                for token_ids in all_token_ids]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     generation = Generation(engine, state.metrics, model, response_id, prompts, body.stop_strings, body.speculative)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engines.base import EngineInfo, SamplingParams
+from engines.base import EngineInfo, SamplingParams, StructuredOutput
 from server.errors import bad_request
 from server.protocol import SamplingFields
 
@@ -13,6 +13,7 @@ def build_sampling_params(
     logprobs: int | None,
     num_prompt_tokens: int,
     info: EngineInfo,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt; 400 for any invalid value or a request longer than the context.
 
@@ -35,6 +36,7 @@ def build_sampling_params(
         ignore_eos=body.ignore_eos,
         stop_token_ids=list(body.stop_token_ids or []),
         logprobs=logprobs,
+        structured=structured,
     )
     try:
         params.validate(info.vocab_size)
@@ -50,3 +52,12 @@ def build_sampling_params(
             param="messages", code="context_length_exceeded",
         )
     return params
+
+
+def check_fields(body: SamplingFields) -> None:
+    """400 naming the request fields kiln does not implement (metadata fields pass: protocol.METADATA_FIELDS)."""
+    unknown = body.unknown_fields
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise bad_request(f"Unsupported request field{'s' if len(unknown) > 1 else ''} {names}: this server does "
+                          "not implement it, and ignoring it would change what you asked for.", param=unknown[0])

@@ -29,6 +29,8 @@ class ServerSettings(BaseSettings):
     max_request_body_bytes: int = Field(8 * 2**20, ge=1024)
     sse_keepalive_seconds: float = Field(10.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # tool_choice auto: the model's tool-call format (default: from the chat template; Hermes without one)
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
 
     # Engine (defaults are EngineConfig's)
     max_model_len: int | None = None
@@ -54,7 +56,7 @@ class ServerSettings(BaseSettings):
     scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = EngineConfig.scheduler_policy
 
     @field_validator("api_key", "served_model_name", "model", "engine_dir", "speculative_method", "speculative_draft",
-                     mode="before")
+                     "tool_call_parser", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

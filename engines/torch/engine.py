@@ -158,6 +158,10 @@ class AsyncTorchEngine(Engine):
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def prepare(self, request: GenerationRequest) -> None:
+        if request.sampling_params.structured is not None:
+            await asyncio.to_thread(self.core.compile_grammar, request)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self._dead is not None or self._stopping:
             raise EngineDeadError("The engine is not running.")

@@ -5,12 +5,15 @@ Not thread-safe; `AsyncTorchEngine` owns one and drives it from its step-loop th
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Callable
 
 import torch
 
 from engines.base import CompletionOutput, EngineStats, GenerationOutput, GenerationRequest, check_request_fits
 from engines.torch.block_manager import BlockManager
+from engines.torch.grammar import Grammars
 from engines.torch.model_runner import ModelRunner
 from engines.torch.sampler import SampleRow, sample
 from engines.torch.scheduler import Scheduler
@@ -29,6 +32,7 @@ class LLMEngine:
         max_model_len: int,
         proposer=None,
         num_speculative_tokens: int = 0,
+        grammars: Callable[[], Grammars] | None = None,
     ):
         self.runner = runner
         self.bm = block_manager
@@ -52,6 +56,24 @@ class LLMEngine:
         # the chunks the current (or last) step works on, and the requests failed on their own, with the error
         self.step_chunks: list = []
         self.failed: list[tuple[str, BaseException]] = []
+        # built on the first constrained request (it reads the whole vocabulary)
+        self._make_grammars = grammars
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self._make_grammars is None:
+                    raise ValueError("This engine has no tokenizer to compile structured-output constraints with.")
+                self._grammars = self._make_grammars()
+            return self._grammars
+
+    def compile_grammar(self, request: GenerationRequest):
+        """The request's compiled constraint (cached by constraint; thread-safe), or None without one."""
+        spec = request.sampling_params.structured
+        return self.grammars.compile(spec) if spec is not None else None
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -59,10 +81,12 @@ class LLMEngine:
         check_request_fits(request, self.vocab_size, self.max_model_len)
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
+        self.compile_grammar(request)
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)
-        state = RequestState(request)
+        grammar = self.compile_grammar(request)
+        state = RequestState(request, grammar, self.grammars.matcher if grammar is not None else None)
         self.requests[state.request_id] = state
         self.prompt_tokens_total += state.num_prompt_tokens
         self.scheduler.add(state.seqs[0])
@@ -179,6 +203,10 @@ class LLMEngine:
         """Give `seq` its new tokens in order, stopping at the first that finishes it."""
         now = time.monotonic()
         for token, lp in zip(tokens, logprobs):
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                # the mask allowed only tokens the grammar accepts: this is a bug, and this request's alone
+                self.fail_requests([seq.request.request_id], RuntimeError(f"token {token} broke the grammar"))
+                return
             seq.token_ids.append(token)
             if lp is not None:
                 seq.pending_logprobs.append(lp)
@@ -238,6 +266,7 @@ class LLMEngine:
             output_ids=seq.output_token_ids + list(extra) if needs_history else [],
             generator=seq.generator,
             blocked_ids=blocked,
+            grammar=(seq.matcher, list(extra)) if seq.matcher is not None else None,
         )
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -294,7 +323,9 @@ class LLMEngine:
     def _collect(self, touched: dict[str, list[Sequence]]) -> list[GenerationOutput]:
         results = []
         for request_id, seqs in touched.items():
-            state = self.requests[request_id]
+            state = self.requests.get(request_id)
+            if state is None:  # failed during this step
+                continue
             out = self._output(state, [self._delta(s) for s in seqs])
             if out.finished:
                 del self.requests[request_id]

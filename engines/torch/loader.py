@@ -12,6 +12,7 @@ from engines.model_source import model_display_name, resolve_model
 from engines.torch import host_malloc
 from engines.torch.block_manager import BlockManager
 from engines.torch.llm_engine import LLMEngine
+from engines.torch.grammar import Grammars
 from engines.torch.model_runner import KVCache, ModelRunner
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, assemble, load_llama
 from engines.torch.scheduler import Scheduler
@@ -176,8 +177,10 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len,
                          graphs)
     proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
-    return LLMEngine(runner, bm, scheduler, eos_token_ids(loaded), args.vocab_size, max_model_len,
-                     proposer, config.num_speculative_tokens if proposer else 0)
+    eos = eos_token_ids(loaded)
+    return LLMEngine(runner, bm, scheduler, eos, args.vocab_size, max_model_len,
+                     proposer, config.num_speculative_tokens if proposer else 0,
+                     grammars=lambda: Grammars(loaded.tokenizer, args.vocab_size, eos))
 
 
 def decode_graphs(config: EngineConfig, device: torch.device) -> bool:

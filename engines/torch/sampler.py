@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.base import SamplingParams, TokenLogprob
+from engines.torch.grammar import apply_bitmask, fill_bitmask
 from engines.torch.kernels.argmax import argmax_rows
 
 
@@ -23,6 +24,8 @@ class SampleRow:
     output_ids: list[int]
     generator: torch.Generator | None
     blocked_ids: list[int]  # EOS and stop ids while min_tokens is not yet reached
+    # the sequence's grammar matcher and the tokens (drafts) to take as generated before this row, or None
+    grammar: tuple[object, list[int]] | None = None
 
 
 @dataclass
@@ -43,11 +46,14 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
 
 
 def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """`logits` with penalties, logit bias and min_tokens blocking applied (greedy takes its argmax): a copy,
-    or `logits` itself when no row has any of them (callers never write into the result)."""
-    if not any(row.params.logit_bias or row.blocked_ids or _penalised(row.params) for row in rows):
+    """`logits` with penalties, logit bias, min_tokens blocking and grammar masks applied (greedy takes its
+    argmax): a copy, or `logits` itself when no row has any of them (callers never write into the result)."""
+    bitmask = fill_bitmask([row.grammar for row in rows], logits.shape[1])
+    if bitmask is None and not any(row.params.logit_bias or row.blocked_ids or _penalised(row.params) for row in rows):
         return logits
     x = logits.clone()
+    if bitmask is not None:
+        apply_bitmask(x, bitmask)
     _apply_penalties(x, rows)
     for i, row in enumerate(rows):
         if row.params.logit_bias:

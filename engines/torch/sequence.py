@@ -40,6 +40,8 @@ class Sequence:
         self.num_emitted = 0  # generated tokens already handed to the caller
         self.pending_logprobs: list[TokenLogprob] = []
         self.proposal: Proposal | None = None  # speculative tokens to verify in the next step
+        # the grammar's state after this choice's generated tokens (None: unconstrained)
+        self.matcher = request.new_matcher()
 
     @property
     def params(self) -> SamplingParams:
@@ -70,7 +72,10 @@ class Sequence:
 
 
 class RequestState:
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, grammar=None, make_matcher=None):
+        """`grammar`: the compiled constraint of the request, and `make_matcher` makes a matcher of it per choice."""
+        self.grammar = grammar
+        self._make_matcher = make_matcher
         self.request_id = request.request_id
         self.params = request.sampling_params
         self.speculative = request.speculative
@@ -81,6 +86,9 @@ class RequestState:
         first = Sequence(self, 0, list(self.prompt_token_ids), self.make_generator(0))
         self.seqs: list[Sequence] = [first]
         self.forked = self.params.n == 1
+
+    def new_matcher(self):
+        return self._make_matcher(self.grammar) if self.grammar is not None else None
 
     def make_generator(self, index: int) -> torch.Generator | None:
         """Seeded requests sample from their own generator per choice, so what else shares the

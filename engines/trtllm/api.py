@@ -17,7 +17,7 @@ class TrtllmUnsupported(ValueError):
 @dataclass
 class TrtllmApi:
     llm_class: type  # tensorrt_llm._tensorrt_engine.LLM: builds and runs TensorRT engines
-    llmapi: ModuleType  # tensorrt_llm.llmapi: QuantConfig, QuantAlgo, CalibConfig, BuildConfig, KvCacheConfig, ...
+    llmapi: ModuleType  # tensorrt_llm.llmapi: QuantConfig, ..., KvCacheConfig, SamplingParams, GuidedDecodingParams
     version: str
 
 

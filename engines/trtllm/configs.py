@@ -2,11 +2,17 @@
 BuildConfig, and the runtime's KvCacheConfig, SchedulerConfig and SamplingParams.
 
 Field names follow tensorrt_llm/llmapi/llm_args.py, tensorrt_llm/quantization/mode.py (QuantAlgo),
-tensorrt_llm/builder.py (BuildConfig) and tensorrt_llm/sampling_params.py of the 1.x releases."""
+tensorrt_llm/builder.py (BuildConfig) and tensorrt_llm/sampling_params.py (SamplingParams, GuidedDecodingParams) of
+the 1.x releases."""
 
 from __future__ import annotations
 
-from engines.base import SamplingParams
+import functools
+import json
+import re
+
+from engines.base import SamplingParams, StructuredOutput
+from engines.structured_schema import check_json_schema
 from engines.trtllm.api import TrtllmApi, TrtllmUnsupported
 
 # kiln precision -> QuantAlgo member name of the weights (None: no weight quantization, bf16)
@@ -88,10 +94,86 @@ def speculative_config(api: TrtllmApi, method: str | None, num_tokens: int, draf
                             "engine; use --speculative-method eagle with an EAGLE checkpoint, or kiln's torch backend.")
 
 
-def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int):
+# The LLM's guided_decoding_backend (llmapi/llm_args.py BaseLlmArgs: Literal["xgrammar", "llguidance"], default None).
+# _TrtLLM._build_model (llmapi/llm.py) gives a TensorRT engine's executor a GuidedDecodingConfig for "xgrammar" and
+# raises ValueError("Unsupported guided decoding backend ...") for anything else (llguidance is PyTorch-backend only);
+# without one, the C++ Executor::Impl::fetchNewRequests fails every guided request ("... but GuidedDecoder is not
+# setup"), which the LLM API raises as a RequestError while the result streams.
+GUIDED_DECODING_BACKEND = "xgrammar"
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+# The metacharacters of xgrammar's regex dialect (cpp/regex_converter.cc RegexConverter::Convert), which its escape
+# table (HandleCharEscape's CUSTOM_ESCAPE_MAP) accepts escaped. re.escape is Python's dialect: it also escapes space,
+# '-', '#', '&', '~' and whitespace, escapes xgrammar does not know: it warns and matches the character (an older
+# release matched the one after it), so choices are escaped with this set only.
+XGRAMMAR_REGEX_METACHARACTERS = frozenset("\\^$.*+?()[]{}|")
+
+
+def choice_regex(choices: tuple[str, ...]) -> str:
+    """The regex that matches exactly one of `choices`, in xgrammar's dialect. An empty choice goes last: xgrammar's
+    converter reads "(a|)" as an empty alternative, while older releases reject "(|a)"."""
+    options = sorted(dict.fromkeys(choices), key=lambda c: c == "")
+    escaped = ("".join("\\" + ch if ch in XGRAMMAR_REGEX_METACHARACTERS else ch for ch in o) for o in options)
+    return "(" + "|".join(escaped) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _check_compiles(field: str, text: str) -> None:
+    """Parse the guide with the xgrammar Python package (a tensorrt_llm dependency) before it reaches the executor:
+    there, GuidedDecoder::build (cpp/tensorrt_llm/batch_manager/guidedDecoder.cpp) compiles it inside forwardAsync,
+    and Executor::Impl::forwardAsync answers an exception by terminating every active request, not just this one."""
+    try:
+        import xgrammar
+    except ImportError:  # only outside the TensorRT-LLM image (kiln's CPU machines); nothing to protect there
+        return
+    parse = {"json": xgrammar.Grammar.from_json_schema, "regex": xgrammar.Grammar.from_regex,
+             "grammar": xgrammar.Grammar.from_ebnf}[field]
+    try:
+        parse(text)
+    except Exception as exc:  # xgrammar raises RuntimeError("[time] file.cc:line: message")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", first)[:300].rstrip(".")
+        raise ValueError(f"The {field} constraint is not valid: {reason}.") from exc
+
+
+def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: bool = False):
+    """kiln's StructuredOutput as TensorRT-LLM's GuidedDecodingParams (tensorrt_llm/sampling_params.py), which takes
+    one of json (schema text, passed on as is), json_object, regex, grammar (EBNF) or structural_tag; json_object
+    becomes the schema of any object and choice a regex alternation. Raises ValueError (TrtllmUnsupported for what TensorRT-LLM cannot do) in one sentence."""
+    if speculative:
+        # GuidedDecoder::build advances the grammar by one accepted token per step (getLastTokens(0)), which
+        # speculative decoding breaks; 1.0's PyTorch backend refuses the combination outright (create_py_executor).
+        raise TrtllmUnsupported("structured output cannot be combined with speculative decoding on the trtllm "
+                                "backend; serve without --speculative-method, or use kiln's torch backend.")
+    kind, value = structured.kind, structured.value
+    if kind == "json_object":
+        # not json_object=True: that compiles xgrammar's builtin JSON grammar, whose root is an object or an array,
+        # while kiln's json_object is an object (as in the torch backend)
+        return api.llmapi.GuidedDecodingParams(json=JSON_OBJECT_SCHEMA)
+    if kind == "choice":
+        if not structured.choices:
+            raise ValueError("A choice constraint needs at least one choice.")
+        field, value = "regex", choice_regex(structured.choices)
+    elif kind == "grammar":
+        if "::=" not in value:  # TensorRT-LLM hands grammars to xgrammar::Grammar::FromEBNF, which has no Lark reader
+            raise TrtllmUnsupported("the trtllm backend takes grammars in xgrammar's EBNF dialect (rules written "
+                                    "`root ::= ...`), not Lark.")
+        field = "grammar"
+    elif kind in ("json", "regex"):
+        field = kind
+        if kind == "json":  # TensorRT-LLM's xgrammar leaves the same keywords unenforced as kiln's
+            check_json_schema(json.loads(value))
+    else:
+        raise TrtllmUnsupported(f"the trtllm backend has no guided decoding for {kind!r} constraints.")
+    _check_compiles(field, value)
+    return api.llmapi.GuidedDecodingParams(**{field: value})
+
+
+def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int,
+                    speculative: bool = False):
     """kiln's SamplingParams as TensorRT-LLM's. Greedy is temperature 0 in both (TensorRT-LLM takes top_k 1
     for it, which is what it does with temperature 0 too); ignore_eos maps to an end_id outside the
-    vocabulary, TensorRT-LLM's way to never stop on EOS; logit_bias has no TensorRT-LLM field and is refused."""
+    vocabulary, TensorRT-LLM's way to never stop on EOS; logit_bias has no TensorRT-LLM field and is refused;
+    a structured constraint becomes guided_decoding (`speculative`: the LLM runs speculative decoding)."""
     if params.logit_bias:
         raise TrtllmUnsupported("logit_bias is not supported by the trtllm backend.")
     kwargs = dict(
@@ -110,6 +192,7 @@ def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[
         logprobs=params.logprobs,
         detokenize=False,  # kiln detokenizes (stop strings, incremental text) like for the torch backend
         end_id=-1 if params.ignore_eos else (eos_token_ids[0] if eos_token_ids else None),
+        guided_decoding=guided_decoding(api, params.structured, speculative) if params.structured else None,
     )
     if params.greedy:
         kwargs["top_k"] = 1

@@ -100,6 +100,7 @@ class TrtllmEngine(Engine):
             tokenizer=str(folder),
             kv_cache_config=configs.kv_cache_config(api, config.gpu_memory_fraction, config.enable_prefix_caching),
             scheduler_config=configs.scheduler_config(api, config.scheduler_policy),
+            guided_decoding_backend=configs.GUIDED_DECODING_BACKEND,  # structured output (see configs)
             **({"speculative_config": spec} if (spec := configs.speculative_config(
                 api, config.speculative_method, config.num_speculative_tokens, config.speculative_draft)) else {}),
         )
@@ -145,11 +146,18 @@ class TrtllmEngine(Engine):
         if request.request_id in self._results:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
 
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Check a structured constraint (xgrammar parses it, cached by constraint) off the event loop."""
+        if request.sampling_params.structured is not None:
+            await asyncio.to_thread(configs.guided_decoding, self.api, request.sampling_params.structured,
+                                    bool(self.config.speculative_method))
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_alive:
             raise EngineDeadError("The engine is not running.")
         self.check_request(request)
-        params = configs.sampling_params(self.api, request.sampling_params, self.eos_token_ids, self.vocab_size)
+        params = configs.sampling_params(self.api, request.sampling_params, self.eos_token_ids, self.vocab_size,
+                                         speculative=bool(self.config.speculative_method))
         timings = RequestTimings(arrival=request.arrival_time)
         result = self.llm.generate_async(request.prompt_token_ids, sampling_params=params, streaming=True)
         self._results[request.request_id] = result

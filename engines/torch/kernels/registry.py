@@ -3,7 +3,17 @@ the engine's warm-up loads before the server says it is ready."""
 
 from __future__ import annotations
 
-from engines.torch.kernels import amx_linear, argmax, bf16_linear, int_linear, paged_attention, rms_norm, rope_kv, silu_mul
+from engines.torch.kernels import (
+    amx_linear,
+    argmax,
+    bf16_linear,
+    int_linear,
+    paged_attention,
+    rms_norm,
+    rope_kv,
+    silu_mul,
+    token_mask,
+)
 
 KERNELS = {
     "kiln_rms_norm": rms_norm,
@@ -14,4 +24,5 @@ KERNELS = {
     "kiln_rope_kv": rope_kv,
     "kiln_silu_mul": silu_mul,
     "kiln_argmax": argmax,
+    "kiln_token_mask": token_mask,
 }

@@ -12,6 +12,10 @@ uses, checked against TensorRT-LLM 1.x sources:
   tensorrt_llm/builder.py (BuildConfig), tensorrt_llm/sampling_params.py (SamplingParams),
   tensorrt_llm/executor/result.py (CompletionOutput: token_ids_diff, logprobs_diff, finish_reason in
   stop/length/timeout/cancelled, stop_reason; GenerationResult.abort(); async iteration while streaming).
+- guided decoding: tensorrt_llm/sampling_params.py (GuidedDecodingParams, validated by SamplingParams), the LLM's
+  guided_decoding_backend (llmapi/llm_args.py, llmapi/llm.py _TrtLLM._build_model) and the executor's error for a
+  guided request without one (RequestError, tensorrt_llm/executor/utils.py); see sampling_params.py. The fake
+  records the guide the executor would get but does not constrain its generations.
 Every config class refuses a keyword the real one does not have, so a misspelt field fails the tests.
 Everything kiln does to the fake is appended to CALLS.
 """

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from tensorrt_llm._fake import Recorded
+from tensorrt_llm.sampling_params import GuidedDecodingParams, guide_for_executor  # noqa: F401
 
 
 class QuantAlgo(enum.Enum):  # tensorrt_llm/quantization/mode.py
@@ -85,6 +86,12 @@ class SamplingParams(Recorded):  # tensorrt_llm/sampling_params.py
         "return_encoder_output", "return_perf_metrics", "lookahead_config", "guided_decoding", "ignore_eos",
         "detokenize", "add_special_tokens", "truncate_prompt_tokens", "skip_special_tokens",
         "spaces_between_special_tokens"})
+
+    def __init__(self, **kwargs):
+        # SamplingParams.__post_init__ -> _validate() -> guided_decoding._validate(): two guides fail here
+        if kwargs.get("guided_decoding") is not None:
+            kwargs["guided_decoding"]._validate()
+        super().__init__(**kwargs)
 
 
 @dataclass

@@ -1,0 +1,59 @@
+// Grammar masks on float32 logits [R, V] in place: token t of row r keeps its logit when bit t % 32 of
+// bitmask[r][t / 32] is set (xgrammar's layout) and becomes -inf otherwise.
+// Why: xgrammar's CPU kernel and torch's bit unpacking take ~4 ms for 32 rows of a 49k vocabulary, several
+// percent of a decode step; a masked blend per 16 logits reads each row once.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+void mask_portable(float* x, const int32_t* bits, int64_t V) {
+  for (int64_t t = 0; t < V; ++t)
+    if (!((static_cast<uint32_t>(bits[t >> 5]) >> (t & 31)) & 1u)) x[t] = -INFINITY;
+}
+
+__attribute__((target("avx512f"))) void mask_avx512(float* x, const int32_t* bits, int64_t V) {
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 32 <= V; t += 32) {
+    const uint32_t word = static_cast<uint32_t>(bits[t >> 5]);
+    if (word == 0xFFFFFFFFu) continue;
+    // keep x where the bit is set, -inf elsewhere
+    _mm512_storeu_ps(x + t, _mm512_mask_blend_ps(static_cast<__mmask16>(word), neg_inf, _mm512_loadu_ps(x + t)));
+    _mm512_storeu_ps(x + t + 16,
+                     _mm512_mask_blend_ps(static_cast<__mmask16>(word >> 16), neg_inf, _mm512_loadu_ps(x + t + 16)));
+  }
+  if (t < V) mask_portable(x + t, bits + (t >> 5), V - t);
+}
+
+void apply_token_bitmask(torch::Tensor x, torch::Tensor bitmask) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 CPU matrix");
+  TORCH_CHECK(bitmask.device().is_cpu() && bitmask.scalar_type() == torch::kInt32 && bitmask.dim() == 2 &&
+                  bitmask.is_contiguous() && bitmask.size(0) == x.size(0) && bitmask.size(1) * 32 >= x.size(1),
+              "bitmask must be a contiguous int32 [R, ceil(V / 32)] CPU matrix");
+  const int64_t R = x.size(0), V = x.size(1), W = bitmask.size(1);
+  float* xp = x.data_ptr<float>();
+  const int32_t* bp = bitmask.data_ptr<int32_t>();
+  static const bool vector = __builtin_cpu_supports("avx512f");
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (vector)
+        mask_avx512(xp + r * V, bp + r * W, V);
+      else
+        mask_portable(xp + r * V, bp + r * W, V);
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("apply_token_bitmask", &apply_token_bitmask, "grammar bitmask on float32 CPU logits, in place", py::arg("x"),
+        py::arg("bitmask"), py::call_guard<py::gil_scoped_release>());
+}
