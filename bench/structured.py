@@ -3,12 +3,14 @@
 Over the 57 schemas of tests/structured_schemas.py:
   compile     in this process, before any server load: kiln's Grammars (the server's compiler) for the default
               model's tokenizer, built once; each schema's first compile (a cache miss) is timed.
-  throughput  on one server, chat completions at concurrency 1 and 32, temperature 0, max_tokens M: the same
-              prompts ("Produce a JSON document for the schema '<name>'.", schemas round-robin in a seeded
-              order) without a constraint and with response_format json_schema. A constrained output ends when
-              its JSON is complete and a free one at EOS or M, so the arms generate different token counts:
-              an arm's tok/s is its usage.completion_tokens summed over its wall time. Goal: constrained /
-              unconstrained >= 0.90 at each concurrency (exit status 1 if not).
+  throughput  on one server, chat completions at concurrency 1 and 32, temperature 0: the same prompts
+              ("Produce a JSON document for the schema '<name>'.", schemas round-robin in a seeded order) with
+              response_format json_schema (max_tokens M) and without a constraint. A constrained output ends
+              when its JSON is complete, so an untimed pass first learns each prompt's constrained length, and
+              the free request of that prompt generates exactly as many tokens (max_tokens = that length,
+              ignore_eos): both arms then do the same work at the same batch occupancy. An arm's tok/s is its
+              usage.completion_tokens summed over its wall time. Goal: constrained / unconstrained >= 0.90 at
+              each concurrency (exit status 1 if not).
   TTFT        at concurrency 1 the requests stream; time to first token is until the first chunk after the
               role-only one, with and without the schema.
 Before the arms, every schema is compiled on the server by a 1-token constrained request and both arms are
@@ -79,10 +81,13 @@ def compile_times() -> dict:
 
 # ---- requests ---------------------------------------------------------------------------------------
 def request_args(model: str, name: str, schema: dict, constrained: bool, max_tokens: int) -> dict:
+    """A constrained request stops where its JSON is complete; a free one generates exactly max_tokens."""
     args = {"model": model, "temperature": 0, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": f"Produce a JSON document for the schema '{name}'."}]}
     if constrained:
         args["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    else:
+        args["extra_body"] = {"ignore_eos": True}
     return args
 
 
@@ -171,12 +176,16 @@ async def serve_bench(base_url: str, api_key: str | None, args) -> dict:
         for concurrency, count, start in ((1, args.requests_1, 0), (32, args.requests_32, args.requests_1)):
             chosen = picks(start, count)
             stream = concurrency == 1  # TTFT is measured at concurrency 1; 32 parsed streams would tax the CPU
+            probe, _ = await run_all(client, [request_args(model, n, s, True, args.max_tokens) for n, s in chosen],
+                                     32, False)
+            lengths = [max(1, r["tokens"]) for r in probe]
             rounds = {False: [], True: []}
             for rnd in range(args.rounds):
-                part = chosen[rnd::args.rounds]
+                part = list(zip(chosen, lengths))[rnd::args.rounds]
                 for constrained in (False, True) if rnd % 2 == 0 else (True, False):
-                    results, wall = await run_all(client, [request_args(model, n, s, constrained, args.max_tokens)
-                                                           for n, s in part], concurrency, stream)
+                    results, wall = await run_all(
+                        client, [request_args(model, n, s, constrained, args.max_tokens if constrained else length)
+                                 for (n, s), length in part], concurrency, stream)
                     rounds[constrained].append({"wall_s": wall, "results": results})
                     tokens = sum(r["tokens"] for r in results)
                     print(f"  concurrency {concurrency}, round {rnd + 1}/{args.rounds}, "

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import torch
@@ -68,6 +69,9 @@ class AsyncTorchEngine(Engine):
         self._pending_adds = 0  # requests in the inbox not yet seen by the loop (aborts don't count)
         self._pending_lock = threading.Lock()
         self._consecutive_failures = 0  # steps failed in a row (see _step)
+        # Grammars compile one at a time, on one core: a schema that takes seconds to compile delays the
+        # constrained requests queued behind it, never the steps of the others.
+        self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-grammar")
         args = loaded.model.args
         self._info = EngineInfo(
             model_name=loaded.name,
@@ -151,6 +155,7 @@ class AsyncTorchEngine(Engine):
         self._inbox.put(("wake",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -160,7 +165,7 @@ class AsyncTorchEngine(Engine):
 
     async def prepare(self, request: GenerationRequest) -> None:
         if request.sampling_params.structured is not None:
-            await asyncio.to_thread(self.core.compile_grammar, request)
+            await asyncio.get_running_loop().run_in_executor(self._grammar_pool, self.core.compile_grammar, request)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self._dead is not None or self._stopping:

@@ -21,7 +21,7 @@ from engines.torch.kernels.token_mask import apply_token_bitmask
 
 # Compiled grammars kept (least recently used dropped): each holds per-token masks of the whole vocabulary.
 CACHE_ENTRIES = 256
-COMPILE_THREADS = 2
+COMPILE_THREADS = 1  # the other core keeps stepping
 # JSON without free whitespace: a small model can otherwise emit blanks until max_tokens.
 JSON_OPTIONS = {"any_whitespace": False}
 
