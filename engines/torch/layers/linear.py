@@ -14,6 +14,11 @@ bf16 weights on a CPU with avx512_bf16:
   CPU freezing pass emits). F.linear reorders the weight on every call: 1.2-1.6x slower at 9-32
   rows (bench/kernel_bf16_linear.py), with bit-identical results. The reordered copy costs one
   more weight's worth of memory; the [N, K] tensor stays for the small-M kernel.
+
+oneDNN compiles (JIT) and caches a kernel per row count: served at every batch size and prompt length a server
+meets, that cache grew the process by ~0.9 MiB per new count and weight shape (hundreds of MiB over a 10-minute
+soak, bench/soak.py). Rows are padded up to one of 4 sizes per octave (at most 25% more rows, 28 sizes up to
+512), which bounds the cache; each output row is bit-identical to the unpadded call's.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ class LinearDispatch:
         self.small: LinearFn = F.linear
         self.prepack = False
         self.amx = False
+        self.pad_rows = False  # F.linear's bf16 CPU path is oneDNN too
         if dtype == torch.bfloat16 and device.type == "cpu":
+            self.pad_rows = True
             from engines.torch.kernels import bf16_linear as kernel
 
             self.amx = amx_linear.available()
@@ -78,5 +85,24 @@ class DenseLinear(nn.Module):
         if x.shape[0] <= self.dispatch.small_m_max:
             return self.dispatch.small(x, self.weight, self.bias)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return _padded_rows(x, lambda padded: torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.bias,
+                                                                                      "none", [], ""))
+        if self.dispatch.pad_rows:
+            return _padded_rows(x, lambda padded: F.linear(padded, self.weight, self.bias))
         return F.linear(x, self.weight, self.bias)
+
+
+def onednn_rows(m: int) -> int:
+    """`m` rounded up to one of 4 sizes per octave above 16 rows (16, 20, 24, 28, 32, 40, ...)."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 3)
+    return -(-m // step) * step
+
+
+def _padded_rows(x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    m = x.shape[0]
+    rows = onednn_rows(m)
+    if rows == m:
+        return matmul(x)
+    return matmul(F.pad(x, (0, 0, 0, rows - m)))[:m]
