@@ -86,6 +86,8 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    # logprobs of the prompt's tokens (each given the tokens before it) and this many alternatives; None: none
+    prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -116,6 +118,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs}.")
         for token_id, bias in self.logit_bias.items():
             if vocab_size is not None and not 0 <= token_id < vocab_size:
                 raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
@@ -176,6 +180,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt logprobs report it, as vLLM's do)
 
 
 @dataclass
@@ -210,6 +215,9 @@ class GenerationOutput:
     num_cached_tokens: int
     finished: bool
     timings: RequestTimings
+    # with SamplingParams.prompt_logprobs, on the request's first output: one entry per prompt token, None for
+    # the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

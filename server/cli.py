@@ -39,6 +39,8 @@ def _add_serve(subparsers) -> None:
     add("--host", help="address to bind (default: 0.0.0.0)")
     add("--port", help="port to bind (default: 8000)")
     add("--api-key", help="require 'Authorization: Bearer <key>' on /v1 (health and metrics stay open)")
+    add("--allowed-origins", help="comma-separated origins browsers may call the API from (CORS), e.g. "
+        "https://app.example.com, or * for any (default: none, no CORS headers)")
     add("--max-model-len", help="context length (default: the model's, capped by the KV cache)")
     add("--max-num-seqs", help="most sequences in a batch (default: 64)")
     add("--max-num-batched-tokens", help="token budget of one engine step (default: 512 on CPU, 2048 on CUDA)")
@@ -218,9 +220,11 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.request_id import LOG_FORMAT, install_log_filter
     from server.uvicorn_server import KilnServer
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    install_log_filter()
     server: KilnServer | None = None
 
     def stop_on_failure() -> None:
@@ -233,6 +237,9 @@ def serve_command(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # no logging config of uvicorn's own: its records go to kiln's handler, so that every line, the
+        # access log's included, has one format and its request id
+        log_config=None,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
     )
     server = KilnServer(config, app.state.in_flight, settings.graceful_shutdown_timeout)

@@ -10,6 +10,7 @@ output. `aclose()` aborts whatever is still running; it is safe to call more tha
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.protocol import PromptTokensDetails, Usage
 from server.stop_strings import StopStringDetector
+
+logger = logging.getLogger("kiln.server")
 
 _END = object()
 
@@ -102,6 +105,7 @@ class Generation:
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
+        self.request_id = request_id  # the engine request ids are <request_id>-<i>
         self.requests = [
             GenerationRequest(f"{request_id}-{i}", token_ids, params, speculative=speculative)
             for i, (token_ids, params) in enumerate(prompts)
@@ -124,6 +128,9 @@ class Generation:
         self._last_output_at: list[float | None] = [None] * len(self.requests)
         self._reported = [False] * len(self.requests)  # its end-of-request metrics are observed
         self.has_output = False  # an engine output arrived (before it, the requests are queued)
+        # choice index -> its request's prompt logprobs (when asked for), from the request's first output
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self._started_at: float | None = None
         self._closed = False
 
     # ---- engine side ----------------------------------------------------------------------------
@@ -144,6 +151,7 @@ class Generation:
         """Submit every engine request. The engine accepts or refuses each at once, so a refusal
         (ValueError, EngineOverloadedError, EngineDeadError) is raised here, after the requests already
         accepted are aborted, while the caller can still answer with an HTTP status."""
+        self._started_at = time.monotonic()
         try:
             for request in self.requests:
                 await self.engine.prepare(request)
@@ -173,6 +181,16 @@ class Generation:
             for request, ended in zip(self.requests, self._ended):
                 if not ended:
                     await self.engine.abort(request.request_id)
+        self._log_end()
+
+    def _log_end(self) -> None:
+        """One line per API request that reached the engine, found by its request id in the log."""
+        if self._started_at is None:
+            return
+        usage = self.usage()
+        reasons = ",".join(choice.finish_reason or "unfinished" for choice in self.choices)
+        logger.info("Engine requests %s-* ended after %.3f s (%s): %d prompt, %d completion tokens", self.request_id,
+                    time.monotonic() - self._started_at, reasons, usage.prompt_tokens, usage.completion_tokens)
 
     # ---- server side ----------------------------------------------------------------------------
     def _process(self, index: int, output: GenerationOutput) -> list[ChoiceDelta]:
@@ -186,6 +204,9 @@ class Generation:
         self._last_output_at[index] = now
         self._cached_tokens[index] = max(self._cached_tokens[index], output.num_cached_tokens)
         own = self._choices_of[index]
+        if output.prompt_logprobs is not None:
+            for choice in own:
+                self.prompt_logprobs[choice.index] = output.prompt_logprobs
         deltas = []
         for completion in output.outputs:
             delta = own[completion.index].process(completion)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engines.base import TokenLogprob
-from server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.protocol import ChatTokenLogprob, CompletionLogprobs, PromptLogprobs, PromptTokenLogprob, TopLogprob
 
 # JSON has no -inf; OpenAI and vLLM report impossible tokens with a large negative number instead.
 MIN_LOGPROB = -9999.0
@@ -74,3 +74,39 @@ def completion_logprobs(
         else:
             out.top_logprobs.append(None)
     return out, text_offset
+
+
+def echoed_prompt_logprobs(prompt_ids: list[int], entries: list[TokenLogprob | None], top_k: int,
+                           strings: TokenStrings) -> tuple[CompletionLogprobs, int]:
+    """An echoed prompt's logprobs in the completions shape (its first token has none: null), and the text
+    offset after it."""
+    out, offset = CompletionLogprobs(), 0
+    for token_id, entry in zip(prompt_ids, entries):
+        if entry is None:
+            text = strings.text(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(text)
+            continue
+        one, offset = completion_logprobs([entry], top_k, strings, offset)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(out, name).extend(getattr(one, name))
+    return out, offset
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None], strings: TokenStrings) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: for each prompt token after the first, itself and its top alternatives by token id."""
+    result: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        tokens = {str(entry.token_id): PromptTokenLogprob(logprob=_clamp(entry.logprob), rank=entry.rank,
+                                                          decoded_token=strings.text(entry.token_id))}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            tokens.setdefault(str(token_id), PromptTokenLogprob(logprob=_clamp(logprob), rank=rank,
+                                                               decoded_token=strings.text(token_id)))
+        result.append(tokens)
+    return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from engines.base import SEED_RANGE
 
@@ -112,6 +112,8 @@ class SamplingFields(_Request):
     stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # kiln's extension: false opts this request out of speculative decoding (when the server runs it)
     speculative: bool = True
+    # vLLM's: the prompt tokens' logprobs and this many alternatives (a response field of that name)
+    prompt_logprobs: Int64 | None = None
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -302,6 +304,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -326,6 +329,7 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
+    max_tokens: Int64 | None = 16  # OpenAI's and vLLM's default; null: up to the rest of the context, as in chat
     echo: bool = False
     logprobs: Int64 | None = None
     suffix: str | None = None
@@ -369,11 +373,22 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(BaseModel):
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (None for the first), token id -> its logprob, rank and text
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -426,3 +441,58 @@ class MetadataResponse(BaseModel):
     speculative: dict[str, Any] | None  # configuration and counters; None when speculative decoding is off
     versions: dict[str, str]
     extra: dict[str, Any]
+
+
+# ---- tokenizer (vLLM's /tokenize and /detokenize) ----------------------------------------------
+class _TokenizerRequest(_Request):
+    # the top level keeps unknown fields so that check_fields can name them (as SamplingFields does)
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or ()) - METADATA_FIELDS)
+
+
+class TokenizeRequest(_TokenizerRequest):
+    """vLLM's TokenizeCompletionRequest (`prompt`) and TokenizeChatRequest (`messages`) in one body."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    add_generation_prompt: bool = True
+    # None: true for a prompt, false for messages (the chat template adds the special tokens itself)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("the request must give exactly one of prompt (a string) and messages")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools are only allowed with messages")
+        return self
+
+    @property
+    def num_content_chars(self) -> int:
+        """Characters of text in the prompt or the messages (a lower bound on the rendered prompt's)."""
+        if self.messages is None:
+            return len(self.prompt)
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
+                   for m in self.messages)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_TokenizerRequest):
+    tokens: list[Int64]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from server.chat_tools import ToolPlan, assemble, output_reader, plan_tools
 from server.errors import bad_request
 from server.generation import Generation
-from server.logprobs import chat_logprobs
+from server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.offload import run_sized
 from server.prompt_bound import check_prompt_chars
 from server.prompts import render_chat
@@ -26,6 +26,7 @@ from server.protocol import (
     FunctionCallDelta,
     ToolCallDelta,
 )
+from server.request_id import engine_request_id
 from server.respond import respond
 from server.sampling import build_sampling_params, check_fields
 from server.structured import structured_output
@@ -42,6 +43,8 @@ def _check_request(body: ChatCompletionRequest) -> int | None:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs is not supported with stream.", param="prompt_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
@@ -59,10 +62,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     # templating work grows with the messages too, not only with their text
     prompt_ids = await run_sized(chars + len(body.messages), render_chat, engine.tokenizer, body.messages,
                                  plan.prompt_tools)
-    params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info, structured)
+    params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info, structured,
+                                   body.prompt_logprobs)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(engine, state.metrics, model, response_id, [(prompt_ids, params)], body.stop_strings,
-                            body.speculative)
+    generation = Generation(engine, state.metrics, model, engine_request_id(request), [(prompt_ids, params)],
+                            body.stop_strings, body.speculative)
     strings = state.engine_holder.token_strings
 
     def logprobs_of(entries) -> ChatChoiceLogprobs | None:
@@ -77,8 +81,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                           logprobs=logprobs_of(r.logprobs), finish_reason=_finish_reason(r.finish_reason, tool_calls))
 
     def make_response(results):
+        prompt = (vllm_prompt_logprobs(generation.prompt_logprobs[0], strings)
+                  if body.prompt_logprobs is not None else None)
         return ChatCompletionResponse(id=response_id, model=model, choices=[make_choice(r) for r in results],
-                                      usage=generation.usage())
+                                      usage=generation.usage(), prompt_logprobs=prompt)
 
     created = int(time.time())
 

@@ -14,10 +14,11 @@ def build_sampling_params(
     num_prompt_tokens: int,
     info: EngineInfo,
     structured: StructuredOutput | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt; 400 for any invalid value or a request longer than the context.
 
-    Without max_tokens the completion may fill the rest of the context (vLLM's default)."""
+    Without max_tokens (chat; a completion whose client sent null) the output may fill the rest of the context."""
     context = info.max_model_len
     max_tokens = requested_max_tokens if requested_max_tokens is not None else max(1, context - num_prompt_tokens)
     params = SamplingParams(
@@ -37,6 +38,7 @@ def build_sampling_params(
         stop_token_ids=list(body.stop_token_ids or []),
         logprobs=logprobs,
         structured=structured,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         params.validate(info.vocab_size)

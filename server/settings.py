@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engines.build.manifest import is_engine_dir
 from engines.config import MAX_SPECULATIVE_TOKENS, EngineConfig
@@ -25,6 +26,9 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
+    # CORS: origins browsers may call the API from ("*": any); none sends no CORS headers.
+    # NoDecode: the variable is a comma-separated list, not the JSON pydantic-settings expects of a list.
+    allowed_origins: Annotated[list[str], NoDecode] = []
     graceful_shutdown_timeout: float = Field(30.0, ge=0)
     max_request_body_bytes: int = Field(8 * 2**20, ge=1024)
     sse_keepalive_seconds: float = Field(10.0, gt=0)
@@ -60,6 +64,18 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value):
+        if isinstance(value, str):
+            value = [origin.strip() for origin in value.split(",") if origin.strip()]
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give * or scheme://host[:port] without a path, "
+                                 "e.g. https://app.example.com")
+        # Browsers send origins in lower case and CORSMiddleware compares them exactly.
+        return [origin.lower() for origin in value]
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -122,6 +138,9 @@ class ServerSettings(BaseSettings):
             gpu_memory_fraction=self.gpu_memory_fraction,
             scheduler_policy=self.scheduler_policy,
         )
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+", re.IGNORECASE)
 
 
 def _plausible_model_source(source: str) -> bool:

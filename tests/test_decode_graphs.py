@@ -51,12 +51,12 @@ def _watch(core) -> dict:
             scratch = runner.kv_cache.scratch_block
             assert all(scratch not in c.seq.block_table for c in chunks)
             before = len(seen["padded"])
-        logits, sampling = execute(chunks)
+        result = execute(chunks)
         if graphs is not None:
             plain_decodes = all(c.num_query_tokens == 1 and c.seq.num_computed_tokens > 0 for c in chunks)
             assert (len(seen["padded"]) > before) == plain_decodes
-        seen["logits"].append(logits)
-        return logits, sampling
+        seen["logits"].append(result.logits)
+        return result
 
     runner.execute = spy
     draft_graphs = getattr(getattr(core.proposer, "runner", None), "graphs", None)

@@ -162,3 +162,31 @@ def test_an_invalid_regex_is_a_readable_error(default_model, make_engine):
     request = GenerationRequest("r", [1, 2, 3], SamplingParams(structured=StructuredOutput("regex", "(unclosed")))
     with pytest.raises(ValueError, match="regex constraint could not be compiled"):
         make_engine(default_model).check_request(request)
+
+
+class DeadEndMatcher:
+    """A matcher whose grammar allows no next token at all."""
+
+    stop_token_ids = [2, 40]
+
+    def accept_token(self, token):
+        return True
+
+    def rollback(self, n):
+        pass
+
+    def is_terminated(self):
+        return False
+
+    def fill_next_token_bitmask(self, bitmask, index):
+        bitmask[index].zero_()
+
+
+def test_a_grammar_dead_end_allows_only_the_stop_tokens():
+    from engines.torch.grammar import fill_bitmask
+
+    bitmask = fill_bitmask([None, (DeadEndMatcher(), [])], 100)
+    logits = torch.zeros(2, 100)
+    apply_bitmask(logits, bitmask)
+    assert bool((logits[0] == 0).all())
+    assert (logits[1] == 0).nonzero().flatten().tolist() == [2, 40]

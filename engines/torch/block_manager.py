@@ -128,8 +128,9 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding `seq`'s leading tokens. At most num_tokens - 1 tokens are matched,
-        so at least one token is computed and yields logits."""
-        if not self.enable_prefix_caching:
+        so at least one token is computed and yields logits. A request that wants its prompt's logprobs matches
+        nothing: cached positions would have none, so its prompt is computed in full (vLLM does the same)."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs = self.block_size
         hashes = self._full_block_hashes(seq, (seq.num_tokens - 1) // bs)

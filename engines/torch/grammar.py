@@ -9,6 +9,7 @@ accept the same grammars.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 
@@ -18,6 +19,8 @@ import xgrammar as xgr
 from engines.base import StructuredOutput
 from engines.structured_schema import check_json_schema
 from engines.torch.kernels.token_mask import apply_token_bitmask
+
+log = logging.getLogger("kiln.engine")
 
 # Compiled grammars kept (least recently used dropped): each holds per-token masks of the whole vocabulary.
 CACHE_ENTRIES = 256
@@ -127,6 +130,11 @@ def fill_bitmask(rows: list[tuple[xgr.GrammarMatcher, list[int]] | None], vocab_
             accepted += 1
         if accepted == len(extra) and not matcher.is_terminated():
             matcher.fill_next_token_bitmask(bitmask, i)
+            if not bool(bitmask[i].any()):
+                # a dead end (no token continues the grammar): end the output rather than sample from nothing
+                log.warning("a grammar allows no next token; the output ends here")
+                for token in matcher.stop_token_ids:
+                    bitmask[i, token // 32] |= 1 << (token % 32)
         if accepted:
             matcher.rollback(accepted)
     return bitmask

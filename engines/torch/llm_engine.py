@@ -11,7 +11,14 @@ from typing import Callable
 
 import torch
 
-from engines.base import CompletionOutput, EngineStats, GenerationOutput, GenerationRequest, check_request_fits
+from engines.base import (
+    CompletionOutput,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    TokenLogprob,
+    check_request_fits,
+)
 from engines.torch.block_manager import BlockManager
 from engines.torch.grammar import Grammars
 from engines.torch.model_runner import ModelRunner
@@ -136,8 +143,10 @@ class LLMEngine:
         self.step_chunks = sched.chunks
         if not sched.chunks:
             return []
-        logits, sampling = self.runner.execute(sched.chunks)
+        logits, sampling, prompt_logits = self.runner.execute(sched.chunks)
         self.num_steps += 1
+        for chunk, first, rows in prompt_logits:
+            self._score_prompt(chunk.seq, first, rows)
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.bm.register_full_blocks(chunk.seq)
@@ -179,6 +188,20 @@ class LLMEngine:
                     self.bm.register_full_blocks(seq)
         return self._collect(touched)
 
+    def _score_prompt(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """Prompt logprobs of the tokens after positions first .. first + len(logits) - 1: the raw distribution's,
+        like sampled tokens' logprobs."""
+        state = seq.request
+        k = state.params.prompt_logprobs
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = seq.token_ids[first + 1 : first + 1 + logits.shape[0]]
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+        for j, (token, lp, rank) in enumerate(zip(targets, chosen.squeeze(1).tolist(), ranks)):
+            top = list(zip(top_ids[j].tolist(), top_vals[j].tolist())) if k else []
+            state.prompt_logprobs[first + 1 + j] = TokenLogprob(token, lp, top, rank)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SampleRow], row_of: list[int]):
         """(seq, token, logprob) per row. Sampling depends on each request's own parameters, so when the
         batch fails, rows are sampled one at a time and only the requests whose rows fail are ended."""
@@ -203,7 +226,8 @@ class LLMEngine:
         """Give `seq` its new tokens in order, stopping at the first that finishes it."""
         now = time.monotonic()
         for token, lp in zip(tokens, logprobs):
-            if seq.matcher is not None and not seq.matcher.accept_token(token):
+            refused = seq.matcher is not None and not seq.matcher.accept_token(token)
+            if refused and token not in self.eos_token_ids:  # EOS out of a dead end (grammar.fill_bitmask) just ends
                 # the mask allowed only tokens the grammar accepts: this is a bug, and this request's alone
                 self.fail_requests([seq.request.request_id], RuntimeError(f"token {token} broke the grammar"))
                 return
@@ -311,6 +335,9 @@ class LLMEngine:
         finished = all(s.is_finished for s in state.seqs) and (state.forked or aborted)
         if finished:
             state.timings.finished = time.monotonic()
+        prompt_logprobs = None
+        if state.prompt_logprobs is not None and any(s.num_generated for s in state.seqs):  # the prompt is done
+            prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
         return GenerationOutput(
             request_id=state.request_id,
             outputs=outputs,
@@ -318,6 +345,7 @@ class LLMEngine:
             num_cached_tokens=state.num_cached_tokens,
             finished=finished,
             timings=state.timings,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _collect(self, touched: dict[str, list[Sequence]]) -> list[GenerationOutput]:

@@ -5,6 +5,7 @@ Steps of plain decodes can run padded to a fixed batch size through DecodeGraphs
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -160,6 +161,13 @@ class DecodeGraphs:
         return graph, hidden
 
 
+class StepLogits(NamedTuple):
+    logits: torch.Tensor
+    sampling: list[ScheduledChunk]
+    # (chunk, first position, float32 logits [count, vocab]) of the prompt positions whose logprobs were asked for
+    prompt: list[tuple[ScheduledChunk, int, torch.Tensor]]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
                  max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False):
@@ -187,9 +195,10 @@ class ModelRunner:
         return False
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Run one step. Returns (float32 logits, the chunks that sample, in row order). A sampling chunk
-        owns 1 + len(draft_token_ids) consecutive rows: its last token's, then one per speculative token."""
+    def execute(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Run one step: float32 logits of the chunks that sample (in row order; a sampling chunk owns
+        1 + len(draft_token_ids) consecutive rows: its last token's, then one per speculative token), and
+        those of the prompt positions whose logprobs were asked for."""
         if self.graphs is not None and self.graphs.fits(chunks):
             try:
                 return self._logits(self.graphs.run(chunks), chunks)
@@ -253,13 +262,18 @@ class ModelRunner:
         )
         return self._logits(self.model(to_tensor(input_ids), position_ids, meta, self.kv_cache.layers), ordered)
 
-    def _logits(self, hidden: torch.Tensor, ordered: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    def _logits(self, hidden: torch.Tensor, ordered: list[ScheduledChunk]) -> StepLogits:
         sampling = [c for c in ordered if c.completes]
         rows, end = [], 0
+        prompt = []
         for c in ordered:
+            start = end
             end += c.num_query_tokens
             if c.completes:
                 rows.extend(range(end - 1 - len(c.draft_token_ids), end))
+            first, count = c.prompt_logprob_positions()
+            if count:
+                prompt.append((c, first, self.model.compute_logits(hidden[start + first - c.seq.num_computed_tokens:][:count])))
         logits = (self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
                   if rows else hidden.new_empty((0, 0)))
-        return logits, sampling
+        return StepLogits(logits, sampling, prompt)

@@ -37,6 +37,16 @@ class ScheduledChunk:
         return self.num_query_tokens == 1 or (
             (bool(self.draft_token_ids) or self.catch_up) and self.num_query_tokens <= MAX_DECODE_ROWS)
 
+    def prompt_logprob_positions(self) -> tuple[int, int]:
+        """(first position, count) of this chunk's positions whose logits score a later prompt token, when the
+        request still waits for its prompt logprobs; count 0 otherwise."""
+        state = getattr(self.seq, "request", None)  # a draft model's DraftState has none
+        if state is None or state.prompt_logprobs is None or self.seq.index != 0:
+            return 0, 0
+        first = self.seq.num_computed_tokens
+        last = min(first + self.num_tokens, self.seq.num_prompt_tokens - 1)  # the last prompt token scores nothing
+        return first, max(0, last - first)
+
     @property
     def completes(self) -> bool:
         """True when this chunk reaches the sequence's last token, so the step samples for it."""

@@ -86,6 +86,10 @@ class RequestState:
         first = Sequence(self, 0, list(self.prompt_token_ids), self.make_generator(0))
         self.seqs: list[Sequence] = [first]
         self.forked = self.params.n == 1
+        # per prompt position, filled as its chunk is computed (again, identically, after a preemption) and
+        # handed out with the first output; None once handed out or when not asked for
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] * self.num_prompt_tokens if self.params.prompt_logprobs is not None else None)
 
     def new_matcher(self):
         return self._make_matcher(self.grammar) if self.grammar is not None else None

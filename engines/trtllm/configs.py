@@ -176,6 +176,11 @@ def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[
     a structured constraint becomes guided_decoding (`speculative`: the LLM runs speculative decoding)."""
     if params.logit_bias:
         raise TrtllmUnsupported("logit_bias is not supported by the trtllm backend.")
+    if params.prompt_logprobs is not None:
+        # a TensorRT engine returns prompt logits only when built with gather_context_logits, which kiln's
+        # builds do not set (it would keep [prompt, vocab] logits of every request)
+        raise TrtllmUnsupported("prompt logprobs (echo with logprobs, prompt_logprobs) are not supported by the "
+                                "trtllm backend.")
     kwargs = dict(
         max_tokens=params.max_tokens,
         n=params.n,

@@ -61,7 +61,8 @@ def test_invalid_chat_values_are_400(http, model_name, override, param):
     [
         ({"suffix": "and then"}, "suffix"),
         ({"logprobs": 21}, "logprobs"),
-        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"max_tokens": 0}, "echo"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"best_of": 3}, "best_of"),
         ({"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
         ({"prompt": [[1, 2], [-5]]}, "outside the vocabulary"),

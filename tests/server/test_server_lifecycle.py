@@ -47,12 +47,13 @@ def test_no_api_key_means_open_and_served_name_applies(client):
     assert_error(client.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "messages": HI}), 404)
 
 
-def test_omitted_max_tokens_fills_the_context(client):
-    response = client.post("/v1/completions", json={"prompt": "Once upon a time", "ignore_eos": True,
-                                                     "temperature": 0})
-    body = response.json()
-    assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["total_tokens"] == CONTEXT
+def test_chat_without_max_tokens_and_completions_with_null_fill_the_context(client):
+    """(Completions without max_tokens stop at 16, OpenAI's default: test_server_tokenize.py.)"""
+    for path, body in (("/v1/chat/completions", {"messages": HI}),
+                       ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": None})):
+        response = client.post(path, json={**body, "ignore_eos": True, "temperature": 0}).json()
+        assert response["choices"][0]["finish_reason"] == "length"
+        assert response["usage"]["total_tokens"] == CONTEXT
 
 
 def test_full_queue_is_429(small_server, client):

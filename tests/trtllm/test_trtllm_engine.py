@@ -102,6 +102,8 @@ def test_extra_eos_ids_stop_too_and_logit_bias_is_refused(fake_trtllm):
     assert (mapped.end_id, mapped.stop_token_ids) == (EOS, [9, 0])
     with pytest.raises(TrtllmUnsupported, match="logit_bias is not supported"):
         configs.sampling_params(load(), SamplingParams(logit_bias={5: 1.0}), [EOS], 49152)
+    with pytest.raises(TrtllmUnsupported, match="prompt logprobs"):
+        configs.sampling_params(load(), SamplingParams(prompt_logprobs=1), [EOS], 49152)
 
 
 def test_streaming_maps_token_diffs_and_finish_reasons(engine_dir, fake_trtllm):

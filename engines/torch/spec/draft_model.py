@@ -66,7 +66,7 @@ class DraftModelProposer:
             if not active:
                 break
             chunks = [ScheduledChunk(state, state.num_uncomputed, catch_up=True) for _, state, _ in active]
-            logits, _ = self.runner.execute(chunks)  # every chunk reaches its state's last token
+            logits = self.runner.execute(chunks).logits  # every chunk reaches its state's last token
             for chunk in chunks:
                 chunk.seq.num_computed_tokens += chunk.num_tokens
             rows = [make_row(seq, drafts[seq.seq_id]) for seq, _, _ in active]
