@@ -17,6 +17,7 @@ from server import (
     routes_health,
     routes_metadata,
     routes_models,
+    routes_responses,
     routes_tokenize,
 )
 from server.auth import ApiKeyMiddleware
@@ -103,6 +104,7 @@ def create_app(
     async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
-    for module in (routes_health, routes_models, routes_metadata, routes_chat, routes_completions, routes_tokenize):
+    for module in (routes_health, routes_models, routes_metadata, routes_chat, routes_completions, routes_tokenize,
+                   routes_responses):
         app.include_router(module.router)
     return app

@@ -496,3 +496,199 @@ class DetokenizeRequest(_TokenizerRequest):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---- responses (OpenAI's Responses API: server/routes_responses.py) ------------------------------
+from pydantic import Discriminator, Tag  # noqa: E402 - here so that the lines above stay as they are
+
+
+class ResponsesInputText(_Request):
+    # output_text: an assistant message sent back as it came out
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class ResponsesMessageItem(_Request):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: list[ResponsesInputText]
+
+    @field_validator("content", mode="before")  # a list only, so that a bad part's error names that part
+    @classmethod
+    def _text_as_part(cls, value: Any) -> Any:
+        return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+
+    def text(self) -> str:
+        return "".join(part.text for part in self.content)
+
+
+class ResponsesFunctionCallItem(_Request):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ResponsesFunctionCallOutputItem(_Request):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+def _item_kind(value: Any) -> str:
+    """Messages may leave out their type; any other type (reasoning, item_reference...) matches no tag: a 400."""
+    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+
+
+ResponsesInputItem = Annotated[
+    Annotated[ResponsesMessageItem, Tag("message")]
+    | Annotated[ResponsesFunctionCallItem, Tag("function_call")]
+    | Annotated[ResponsesFunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_kind),
+]
+
+
+class ResponsesFunctionTool(_Request):
+    """The Responses API's flat function tool (chat nests these fields under `function`)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedToolChoice(_Request):
+    type: Literal["function"]
+    name: str
+
+
+ResponsesToolChoice = Literal["none", "auto", "required"] | ResponsesNamedToolChoice
+
+
+class ResponsesTextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesTextConfig(BaseModel):
+    # forbid: `verbosity` and future keys change the output, so they are refused, not ignored
+    model_config = ConfigDict(extra="forbid")
+    format: ResponsesTextFormat = ResponsesTextFormat(type="text")
+
+
+class ResponsesRequest(_Request):
+    # the top level keeps unknown fields so that check_fields can name them (as SamplingFields does)
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: list[ResponsesInputItem] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: Int64 | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: ResponsesTextConfig = ResponsesTextConfig()
+    tools: list[ResponsesFunctionTool] = Field(default_factory=list, max_length=MAX_TOOLS)
+    tool_choice: ResponsesToolChoice | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    truncation: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    # Unions report an error once per member (`input.str`, `input.list[...]`); these make one error name its field.
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_as_message(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a function, got {value!r}")
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise ValueError(f"tool_choice of type {value.get('type')!r} is not supported; only functions are")
+        return value
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or ()) - METADATA_FIELDS)
+
+
+class ResponsesOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str = ""
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class ResponsesOutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponsesOutputText] = Field(default_factory=list)
+
+
+class ResponsesOutputFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str = ""
+    status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+
+
+ResponsesOutputItem = ResponsesOutputMessage | ResponsesOutputFunctionCall
+
+
+class ResponsesInputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0  # the SDK requires it; kiln's prefix cache has no separate write cost
+
+
+class ResponsesOutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponsesUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: ResponsesInputTokensDetails
+    output_tokens: int
+    output_tokens_details: ResponsesOutputTokensDetails = ResponsesOutputTokensDetails()
+    total_tokens: int
+
+
+class ResponsesIncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    error: None = None
+    incomplete_details: ResponsesIncompleteDetails | None = None
+    model: str
+    output: list[ResponsesOutputItem] = Field(default_factory=list)
+    usage: ResponsesUsage | None = None
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float
+    top_p: float
+    tools: list[ResponsesFunctionTool]
+    tool_choice: ResponsesToolChoice
+    parallel_tool_calls: bool
+    text: ResponsesTextConfig
+    truncation: Literal["disabled"] = "disabled"
+    previous_response_id: str | None
+    store: bool
+    metadata: dict[str, str]
+    user: str | None

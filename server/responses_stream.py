@@ -1,0 +1,47 @@
+"""A Responses API stream: every event as `event: <type>` and `data: <json>` with its sequence_number, and no
+`[DONE]` (chat's framing in server/streaming.py has only `data:` lines). An error met mid-stream ends it with
+an `error` event. Otherwise as server/respond.py: the engine requests are aborted however the stream ends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from server.errors import from_exception
+from server.generation import Generation
+from server.streaming import sse_response
+
+
+async def stream_response(request: Request, generation: Generation, events: AsyncIterator[dict]):
+    """`events`: dicts with their "type"; a refusal by the engine is still an HTTP status (start() raises)."""
+    in_flight = request.app.state.in_flight
+    await generation.start()
+    in_flight.add(generation)
+
+    async def close() -> None:
+        in_flight.discard(generation)
+        await generation.aclose()
+
+    async def framed():
+        sequence = itertools.count()
+        try:
+            async for event in events:
+                yield _frame({**event, "sequence_number": next(sequence)})
+        except Exception as exc:  # noqa: BLE001 - the status line is long gone; the client reads the event
+            error = from_exception(exc)
+            yield _frame({"type": "error", "code": error.code, "message": error.message, "param": error.param,
+                          "sequence_number": next(sequence)})
+        finally:
+            await close()
+
+    settings = request.app.state.settings
+    return sse_response(framed(), close, settings.stream_grace_period,
+                        keepalive_seconds=settings.sse_keepalive_seconds,
+                        keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued")
+
+
+def _frame(event: dict) -> dict:
+    return {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
