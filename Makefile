@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fuzz test-docker bench
+.PHONY: install serve test test-fuzz test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -38,3 +38,7 @@ test-docker: install
 # kiln's three engines over HTTP with bench/serve.py (peers too once `bench/peers.py install` has run)
 bench: install
 	$(BIN)/python bench/peers.py run --only "kiln bf16" "kiln int8" "kiln int4"
+
+# lm-evaluation-harness on tests/lm_eval's local tasks: transformers float32 vs kiln float32 and bf16
+bench-lm-eval: install
+	$(BIN)/python bench/lm_eval_accuracy.py
