@@ -4,16 +4,19 @@ next to Hugging Face transformers float32 on the same model.
 
     .venv/bin/python bench/lm_eval_accuracy.py
 
-Backends: `hf` (transformers, float32, CPU) and `kiln serve --dtype float32|bfloat16` over HTTP
-(local-completions for kiln_mc, local-chat-completions for kiln_gen). Prints a Markdown table and writes
-JSON and PNG to bench/results/. Exits 1 unless float32 kiln's kiln_mc accuracy equals transformers' exactly:
-both compute the same float32 log-likelihoods, so any argmax flip means kiln's prompt scoring is off.
-(No quantized engine: `kiln build` takes longer than this benchmark's budget on CPU.)"""
+Backends: `hf` (transformers, float32, CPU), `kiln serve --dtype float32|bfloat16`, and kiln engines built
+at the --engines precisions (default int8-wo and int4-rtn: no calibration search, about a minute each on 2
+cores; built into bench/results/engines/ and reused) over HTTP (local-completions for kiln_mc,
+local-chat-completions for kiln_gen). Prints a Markdown table and writes JSON and PNG to bench/results/.
+Exits 1 unless float32 kiln's kiln_mc accuracy equals transformers' exactly: both compute the same float32
+log-likelihoods, so any argmax flip means kiln's prompt scoring is off."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -47,9 +50,19 @@ def run_backend(name: str, mc_model: tuple[str, dict], gen_model: tuple[str, dic
             "seconds": round(time.monotonic() - start, 1)}
 
 
-def kiln(dtype: str, folder: Path, stamp: str) -> dict:
-    log_path = RESULTS / f"lm_eval_accuracy-{stamp}-kiln-{dtype}.log"
-    process, base_url = start_server({"KILN_DTYPE": dtype}, log_path)  # start_server takes no CLI flags
+def build_engine(precision: str) -> Path:
+    """An engine of the default model at `precision` (kiln build reuses an up-to-date one)."""
+    out = RESULTS / "engines" / precision
+    print(f"building (or reusing) the {precision} engine in {out} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "server.cli", "build", "--precision", precision, "--output", str(out),
+                    "--calib-samples", "16", "--eval-samples", "16", "--eval-tokens", "8", "--no-bench"],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def kiln(label: str, env: dict, folder: Path, stamp: str) -> dict:
+    log_path = RESULTS / f"lm_eval_accuracy-{stamp}-kiln-{label}.log"
+    process, base_url = start_server(env, log_path)  # start_server takes no CLI flags
     try:
         import httpx
 
@@ -57,7 +70,7 @@ def kiln(dtype: str, folder: Path, stamp: str) -> dict:
         # num_concurrent > 1: lm_eval's async path raises on a failed request instead of skipping it
         common = dict(model=served, num_concurrent=2, max_retries=1)
         return run_backend(
-            f"kiln {dtype}",
+            f"kiln {label}",
             ("local-completions", common | dict(base_url=f"{base_url}/v1/completions", tokenizer=str(folder),
                                                 tokenizer_backend="huggingface", tokenized_requests=True)),
             ("local-chat-completions", common | dict(base_url=f"{base_url}/v1/chat/completions",
@@ -92,13 +105,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", default="int8-wo,int4-rtn",
+                        help="precisions to build and evaluate as engines, comma-separated ('' for none)")
+    args = parser.parse_args()
     os.chdir(REPO)  # the task YAMLs' data_files are relative to the working directory
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = resolve_model(None)
     hf_args = dict(pretrained=str(folder), dtype="float32", device="cpu", batch_size=8)
     rows = [run_backend("transformers float32", ("hf", hf_args), ("hf", hf_args))]
-    rows += [kiln(dtype, folder, stamp) for dtype in ("float32", "bfloat16")]
+    rows += [kiln(dtype, {"KILN_DTYPE": dtype}, folder, stamp) for dtype in ("float32", "bfloat16")]
+    rows += [kiln(f"{p} engine", {"KILN_ENGINE_DIR": str(build_engine(p))}, folder, stamp)
+             for p in filter(None, args.engines.split(","))]
     print(markdown(rows))
     equal = rows[1]["mc_acc"] == rows[0]["mc_acc"]
     print(f"float32 kiln's MC accuracy {'equals' if equal else 'DIFFERS FROM'} transformers' "
