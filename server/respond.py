@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -22,14 +22,7 @@ async def respond(
     """A refusal by the engine (invalid, queue full, engine dead) is an HTTP status; a stream's headers go
     out as soon as its requests are accepted, and later errors are error events in it. The engine requests
     are aborted however the response ends (including client disconnects and the shutdown deadline)."""
-    in_flight = request.app.state.in_flight
-    await generation.start()
-    in_flight.add(generation)
-
-    async def close() -> None:
-        in_flight.discard(generation)
-        await generation.aclose()
-
+    close = await start_in_flight(request, generation)
     if not stream:
         try:
             return make_response(await run_until_disconnected(request, generation.collect()))
@@ -43,7 +36,27 @@ async def respond(
         finally:
             await close()
 
+    return generation_sse(request, generation, openai_events(chunks()), close)
+
+
+async def start_in_flight(request: Request, generation: Generation) -> Callable[[], Awaitable[None]]:
+    """Submit the generation's engine requests (a refusal raises here, while an HTTP status can still answer it)
+    and count it in flight (the shutdown deadline ends what is in flight); the returned close() aborts what is
+    left and uncounts it."""
+    in_flight = request.app.state.in_flight
+    await generation.start()
+    in_flight.add(generation)
+
+    async def close() -> None:
+        in_flight.discard(generation)
+        await generation.aclose()
+
+    return close
+
+
+def generation_sse(request: Request, generation: Generation, events: AsyncIterator[dict],
+                   close: Callable[[], Awaitable[None]]):
+    """The SSE response of a generation's events, with keep-alive comments that say whether it is still queued."""
     settings = request.app.state.settings
-    return sse_response(openai_events(chunks()), close, settings.stream_grace_period,
-                        keepalive_seconds=settings.sse_keepalive_seconds,
+    return sse_response(events, close, settings.stream_grace_period, keepalive_seconds=settings.sse_keepalive_seconds,
                         keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued")

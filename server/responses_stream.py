@@ -12,18 +12,12 @@ from fastapi import Request
 
 from server.errors import from_exception
 from server.generation import Generation
-from server.streaming import sse_response
+from server.respond import generation_sse, start_in_flight
 
 
 async def stream_response(request: Request, generation: Generation, events: AsyncIterator[dict]):
     """`events`: dicts with their "type"; a refusal by the engine is still an HTTP status (start() raises)."""
-    in_flight = request.app.state.in_flight
-    await generation.start()
-    in_flight.add(generation)
-
-    async def close() -> None:
-        in_flight.discard(generation)
-        await generation.aclose()
+    close = await start_in_flight(request, generation)
 
     async def framed():
         sequence = itertools.count()
@@ -37,10 +31,7 @@ async def stream_response(request: Request, generation: Generation, events: Asyn
         finally:
             await close()
 
-    settings = request.app.state.settings
-    return sse_response(framed(), close, settings.stream_grace_period,
-                        keepalive_seconds=settings.sse_keepalive_seconds,
-                        keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued")
+    return generation_sse(request, generation, framed(), close)
 
 
 def _frame(event: dict) -> dict:

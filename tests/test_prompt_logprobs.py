@@ -87,3 +87,8 @@ def test_ranks(default_model, make_engine, prompt, reference):
     for position, entry in enumerate(entries[1:], start=1):
         expected = reference[position - 1]
         assert entry.rank == int((expected > expected[prompt[position]]).sum()) + 1
+
+
+def test_with_speculative_decoding(default_model, make_engine, prompt, reference):
+    core = make_engine(default_model, speculative_method="ngram", ngram_min=1, max_num_batched_tokens=32)
+    _check(_prompt_logprobs(core, prompt, temperature=0.0), prompt, reference)

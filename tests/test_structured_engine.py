@@ -190,3 +190,13 @@ def test_a_grammar_dead_end_allows_only_the_stop_tokens():
     apply_bitmask(logits, bitmask)
     assert bool((logits[0] == 0).all())
     assert (logits[1] == 0).nonzero().flatten().tolist() == [2, 40]
+
+
+def test_chunked_prefill_then_the_grammar(default_model, make_engine):
+    tok = default_model.tokenizer
+    prompt = _prompt(tok, "Describe a user of a web site as JSON. " * 8)
+    core = make_engine(default_model, max_num_batched_tokens=32)
+    assert len(prompt) > 32
+    out = _run(core, prompt, temperature=0.0, max_tokens=120, structured=JSON_PERSON)
+    _valid(tok, out[0])
+    assert out == _run(make_engine(default_model), prompt, temperature=0.0, max_tokens=120, structured=JSON_PERSON)
