@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.quant.fp8 import dequantize_fp8, quantize_fp8
-from engines.quant.rtn import dequantize, pack_int4, quantize_rtn
+from engines.quant.rtn import dequantize, pack_int4, quantize_rtn, unpack_int4
 from engines.quant.smoothquant import quantize_w8a8, w8a8_linear_reference
 from engines.quant.types import QuantizedWeight
 from engines.torch.layers.quantized import (
@@ -15,7 +15,6 @@ from engines.torch.layers.quantized import (
     Int8WeightOnlyLinear,
     W8A8Int8Linear,
     fp8_upcast_linear,
-    int4_from_portable_packed,
     int4_to_torch_cpu_format,
     int4_weight_only_fallback,
     int8_weight_only_fallback,
@@ -98,7 +97,7 @@ def test_int4_repack_round_trip_exact(g, symmetric):
     _, w = _data(1, 1536, 960, seed=1)
     qw = quantize_rtn(w, 4, group_size=g, symmetric=symmetric)
     packed = pack_int4(qw.qweight)
-    codes = int4_from_portable_packed(packed)
+    codes = unpack_int4(packed, signed=True)
     assert torch.equal(codes, qw.qweight)
     u, sz = int4_to_torch_cpu_format(QuantizedWeight(codes, qw.scales, qw.zeros, 4, g, symmetric))
     assert u.dtype == torch.int32 and int(u.min()) >= 0 and int(u.max()) <= 15
@@ -108,7 +107,7 @@ def test_int4_repack_round_trip_exact(g, symmetric):
     torch_deq = (u.float() - 8) * scale + zero
     torch.testing.assert_close(torch_deq, dequantize(qw), rtol=0, atol=1e-6)
     # and the kernel itself (fp32) on identity input reproduces the dequantized weight columns
-    layer = Int4WeightOnlyLinear.from_packed(packed, qw.scales, qw.zeros, g)
+    layer = Int4WeightOnlyLinear(QuantizedWeight(codes, qw.scales, qw.zeros, 4, g, symmetric))
     eye = torch.eye(1536)[:64]
     torch.testing.assert_close(layer(eye), dequantize(qw)[:, :64].t(), rtol=0, atol=1e-6)
 

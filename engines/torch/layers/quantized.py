@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
-from engines.quant.rtn import dequantize, qrange, unpack_int4
+from engines.quant.rtn import dequantize, qrange
 from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
 from engines.torch.kernels import amx_linear, int_linear
@@ -157,11 +157,6 @@ def int4_to_torch_cpu_format(qw: QuantizedWeight, dtype: torch.dtype = torch.flo
     return u, sz
 
 
-def int4_from_portable_packed(packed: torch.Tensor) -> torch.Tensor:
-    """Portable packed int4 (engines.quant.rtn.pack_int4, signed) uint8 [N, K/2] -> int8 codes [N, K]."""
-    return unpack_int4(packed, signed=True)
-
-
 def int4_weight_only_fallback(x: torch.Tensor, qw: QuantizedWeight,
                               bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize-on-the-fly reference path: y = x dequantize(qw)^T in x's dtype. x [..., K]."""
@@ -245,13 +240,6 @@ class Int4WeightOnlyLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
         return cls(qw, bias)
-
-    @classmethod
-    def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    group_size: int, bias: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
-        """From the portable on-disk form: packed uint8 [N, K/2] (pack_int4 of signed codes)."""
-        q = int4_from_portable_packed(packed)
-        return cls(QuantizedWeight(q, scales, zeros, 4, group_size, zeros is None), bias)
 
     @property
     def weight_bytes(self) -> int:
