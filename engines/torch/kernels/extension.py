@@ -7,6 +7,10 @@ TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and loaded in about a s
 When the CPU lacks a flag or the build fails, get() returns None after one warning, never raises,
 and the kernel module uses its torch fallback. Explicit ISA flags rather than -march=native keep a
 cached binary valid on any CPU that has them.
+
+Every build gets this folder on its include path, for the headers the kernels share (kiln_bf16.h): a
+source compiled from elsewhere (a test's probe) finds them too. torch's version hash covers the sources
+and flags only; a changed header is rebuilt through ninja's header dependencies.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import threading
 from pathlib import Path
 
 log = logging.getLogger("kiln.kernels")
+
+HEADERS_DIR = Path(__file__).parent  # kiln_bf16.h and any other header the kernels share
 
 
 def cpu_flags() -> set[str]:
@@ -53,7 +59,8 @@ class LazyExtension:
                     from torch.utils.cpp_extension import load
 
                     self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
-                                       extra_ldflags=self.ldflags, verbose=False)
+                                       extra_ldflags=self.ldflags, extra_include_paths=[str(HEADERS_DIR)],
+                                       verbose=False)
                 except Exception as e:  # no compiler, no ninja, unsupported CPU...
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     log.warning("%s kernel unavailable, %s is used instead: %s", self.name, self.fallback, first)

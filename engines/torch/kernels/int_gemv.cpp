@@ -36,6 +36,8 @@
 //  - The GIL is released by the bindings.
 #include <torch/extension.h>
 
+#include "kiln_bf16.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -74,14 +76,8 @@ static KILN_INLINE __m512 hsum16(const __m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
 }
 
-// 16 fp32 -> bf16 bits in the low half of each dword: round to nearest even, NaN -> 0x7FC0, as
-// at::BFloat16(float) and torch's .to(bfloat16).
-static KILN_INLINE __m512i f32_to_bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-}
+// 16 fp32 -> bf16 bits in the low half of each dword, as torch's .to(bfloat16) (kiln_bf16.h)
+using kiln::to_bf16_bits;
 
 // Output: fp32 or bf16 [M, N] with row stride ld (elements), p at element (m0, n0).
 struct Out {
@@ -105,7 +101,7 @@ static KILN_INLINE void epilogue(__m512 sum, const float* sc, const float* bias,
   const __mmask16 rm = (__mmask16)((1u << R) - 1);
   if (sc) sum = _mm512_mul_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, sc)));
   if (bias) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, bias)));
-  const __m512i bits = y.bf16 ? f32_to_bf16_bits(sum) : _mm512_castps_si512(sum);
+  const __m512i bits = y.bf16 ? to_bf16_bits(sum) : _mm512_castps_si512(sum);
   KILN_UNROLL
   for (int m = 0; m < MB; ++m) {
     const __m512i v = m ? _mm512_permutexvar_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(m * R)), bits) : bits;
@@ -552,7 +548,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
 
 static inline void store16(void* out, bool bf16, int64_t off, __m512 v, __mmask16 mask) {
   if (bf16)
-    _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(out) + off, mask, f32_to_bf16_bits(v));
+    _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(out) + off, mask, to_bf16_bits(v));
   else
     _mm512_mask_storeu_ps(static_cast<float*>(out) + off, mask, v);
 }

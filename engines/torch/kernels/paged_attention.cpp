@@ -11,6 +11,8 @@
 // depend on the batch it is in, nor on the number of threads.
 #include <torch/extension.h>
 
+#include "kiln_bf16.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -27,20 +29,8 @@ namespace {
 
 constexpr int kLanes = 16;  // one zmm of fp32: the dot products keep 16 independent partial sums
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using kiln::bf16_to_float;
+using kiln::float_to_bf16;
 
 struct Fp8Table {
   float v[256];

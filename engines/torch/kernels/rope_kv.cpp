@@ -12,6 +12,8 @@
 // round, clamp, index_copy_), ~2-3 ms of a ~20 ms decode step at batch 1 on SmolLM2-135M.
 #include <torch/extension.h>
 
+#include "kiln_bf16.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 
@@ -30,7 +32,12 @@ namespace {
 
 template <typename T>
 inline T round_to(float v) {
-  return static_cast<T>(v);  // c10::BFloat16(float) rounds to nearest even, as torch's ops do
+  return static_cast<T>(v);
+}
+
+template <>
+inline at::BFloat16 round_to<at::BFloat16>(float v) {  // torch's vectorised ops' rounding (kiln_bf16.h)
+  return at::BFloat16(kiln::float_to_bf16(v), at::BFloat16::from_bits());
 }
 
 // out[i] = x[i] * cos[i] + swapped(x)[i] * sin[i] for one head, each product rounded to T first
@@ -50,20 +57,10 @@ inline void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
 // Why: the scalar loop costs as much as torch's ops at a 2048-token prefill (~2.5 ms a layer).
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-AVX512 inline __m512 widen16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+AVX512 inline __m512 widen16(const at::BFloat16* p) { return kiln::widen16(reinterpret_cast<const uint16_t*>(p)); }
 
-AVX512 inline __m512i to_bf16_bits(__m512 v) {  // c10::BFloat16(float): nearest even, NaN -> 0x7FC0
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-}
-
-AVX512 inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(to_bf16_bits(v), 16)); }
+using kiln::round_bf16;
+using kiln::to_bf16_bits;
 
 AVX512 void rotate_bf16_avx512(const at::BFloat16* x, const at::BFloat16* cos, const at::BFloat16* sin,
                                at::BFloat16* out, int64_t d) {

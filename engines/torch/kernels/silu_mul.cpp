@@ -4,6 +4,8 @@
 // (~15% of the step); this is one pass (read the row once, write half of it).
 #include <torch/extension.h>
 
+#include "kiln_bf16.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -13,20 +15,10 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using kiln::bf16_to_float;
+using kiln::float_to_bf16;
+using kiln::to_bf16_bits;
+using kiln::widen16;
 
 void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -37,18 +29,6 @@ void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t n) 
 }
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-AVX512 inline __m512i to_bf16_bits(__m512 v) {  // round to nearest even; NaN stays NaN (quietened)
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-}
 
 // exp(x), Cephes expf polynomial with range reduction (~1-2 ulp, like torch's Sleef exp); clamped to
 // the float range, so silu(x) -> 0 for x -> -inf and x for x -> +inf
