@@ -39,6 +39,9 @@ def _onednn_prepack_available() -> bool:
 
 
 class LinearDispatch:
+    """The dense matmuls of one engine's model dtype and device, chosen once when its model is assembled (every
+    DenseLinear shares it); a layer then picks among them by its weight's shape and each step's row count."""
+
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.small_m_max = 0
         self.small: LinearFn = F.linear
@@ -55,6 +58,16 @@ class LinearDispatch:
                 self.small_m_max = kernel.SMALL_M_MAX
                 self.small = kernel.bf16_linear
             self.prepack = _onednn_prepack_available()
+
+    def describe(self) -> str:
+        """For the load log: the matmul of each row range, smallest first."""
+        paths = []
+        if self.amx:
+            paths.append(f"AMX up to {amx_linear.MAX_ROWS} rows (weights with sides of multiples of 32)")
+        if self.small_m_max:
+            paths.append(f"bf16_gemv up to {self.small_m_max} rows")
+        paths.append("oneDNN prepacked" if self.prepack else "F.linear")
+        return ", then ".join(paths)
 
 
 class DenseLinear(nn.Module):

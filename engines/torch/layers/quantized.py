@@ -41,6 +41,21 @@ def _has_op(name: str) -> bool:
         return False
 
 
+def _amx_codes(qweight: torch.Tensor) -> torch.Tensor | None:
+    """int8 codes [N, K] once more in AMX tile order, chosen at construction: None where the AMX kernel does
+    not run here (no AMX, another device) or does not take the shape."""
+    if qweight.device.type == "cpu" and amx_linear.fits(qweight) and amx_linear.available():
+        return amx_linear.pack(qweight)
+    return None
+
+
+def _amx_step(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a layer holding AMX-packed codes runs x on them: bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
+    (numel bounds: numel = rows * in_features, without a reshape)."""
+    return (x.dtype == torch.bfloat16
+            and AMX_INT8_MIN_ROWS * in_features <= x.numel() <= amx_linear.MAX_ROWS * in_features)
+
+
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
     # x: [..., K] -> x2 [M, K] contiguous, plus the leading shape to restore
     return x.reshape(-1, x.shape[-1]).contiguous(), x.shape[:-1]
@@ -90,8 +105,7 @@ class Int8WeightOnlyLinear(nn.Module):
                             if self.qweight.device.type == "cpu" and int_linear.available() else 0)
         self.use_kernel = self._int8pack_mm or self.small_m_max > 0  # False: always the fallback
         # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
-        self.amx_packed = (amx_linear.pack(self.qweight) if self.qweight.device.type == "cpu"
-                           and amx_linear.fits(self.qweight) and amx_linear.available() else None)
+        self.amx_packed = _amx_codes(self.qweight)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
@@ -111,8 +125,7 @@ class Int8WeightOnlyLinear(nn.Module):
         return int_linear.int8_dequantize(self.qweight, self.scales, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.amx_packed is not None and x.dtype == torch.bfloat16
-                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+        if self.amx_packed is not None and _amx_step(x, self.in_features):
             return amx_linear.amx_int8_linear(x, self.amx_packed, self.scales, self.bias)
         # decode-sized steps first, with the cheapest checks (this runs ~120 times per decode step):
         # numel <= small_m_max * K is M <= small_m_max
@@ -275,8 +288,7 @@ class Int4WeightOnlyLinear(nn.Module):
         return w.contiguous() if out is None else out.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.amx is not None and x.dtype == torch.bfloat16
-                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+        if self.amx is not None and _amx_step(x, self.in_features):
             xg = x if self.perm is None else x.index_select(-1, self.perm)  # grouped column order
             return amx_linear.amx_int4_linear(xg, *self.amx, self.group_size, self.bias)
         if (self.small_m_max and x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features
@@ -366,8 +378,7 @@ class W8A8Int8Linear(nn.Module):
         self.small_m_max = (W8A16_MAX_ROWS if self.qweight.device.type == "cpu" and int_linear.available() else 0)
         self._w_scales_flat = self.w_scales.reshape(n).contiguous()
         # Intel AMX: W8A16 on the same codes for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows (class doc)
-        self.amx_packed = (amx_linear.pack(self.qweight) if self.qweight.device.type == "cpu"
-                           and amx_linear.fits(self.qweight) and amx_linear.available() else None)
+        self.amx_packed = _amx_codes(self.qweight)
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor | QuantizedWeight, w_scales: torch.Tensor | None = None,
@@ -387,8 +398,7 @@ class W8A8Int8Linear(nn.Module):
         return self.qweight.numel() + self.w_scales.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.amx_packed is not None and x.dtype == torch.bfloat16
-                and AMX_INT8_MIN_ROWS * self.in_features <= x.numel() <= amx_linear.MAX_ROWS * self.in_features):
+        if self.amx_packed is not None and _amx_step(x, self.in_features):
             return amx_linear.amx_int8_linear(x, self.amx_packed, self._w_scales_flat, self.bias)
         if x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features and x.dtype in _INT_KERNEL_DTYPES:
             return int_linear.int8_linear(x, self.qweight, self._w_scales_flat, self.bias)  # [..., N]
