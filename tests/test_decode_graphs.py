@@ -7,6 +7,7 @@ pool's blocks that the plain path does not write, the scratch block never in a b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # the Triton variant runs the CUDA kernel in Triton's interpreter
@@ -16,7 +17,8 @@ import torch  # noqa: E402
 
 from engines.base import GenerationRequest  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
-from engines.torch import attention, loader  # noqa: E402
+from engines.torch import loader, model_runner  # noqa: E402
+from engines.torch.attention_backend import TRITON_ATTENTION  # noqa: E402
 from engines.torch.model_runner import decode_buckets  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 from tests.conftest import greedy, run_to_completion  # noqa: E402
@@ -125,10 +127,9 @@ def test_padded_decode_with_triton_kernel(tiny_models, make_engine, monkeypatch)
     """The attention a CUDA graph replays: the Triton kernel (interpreted), fed only the static tables and
     context lengths, on both engines' decode rows."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(attention.paged_kernel, "supports", lambda q, cache: False)
-    monkeypatch.setattr(attention.triton_paged_kernel, "supports", lambda q, cache: True)
     calls = []
-    decode = attention.triton_paged_kernel.decode_attention
-    monkeypatch.setattr(attention.triton_paged_kernel, "decode_attention", lambda *a: calls.append(1) or decode(*a))
+    decode = TRITON_ATTENTION.decode_kernel
+    triton = dataclasses.replace(TRITON_ATTENTION, decode_kernel=lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: triton)  # as on CUDA
     sizes = _compare(tiny_models, make_engine, monkeypatch, "llama-gqa", _prompts([3, 20, 9]), [10, 6, 8])["padded"]
     assert 3 in sizes and calls

@@ -11,6 +11,7 @@ import torch
 
 from engines.base import GenerationRequest
 from engines.torch import model_runner
+from engines.torch.attention_backend import CPP_ATTENTION
 from engines.torch.kernels import paged_attention, rope_kv
 from engines.torch.models.llama import load_llama
 from tests.conftest import greedy, run_to_completion
@@ -49,7 +50,7 @@ def test_fused_steps_equal_the_torch_path(tiny_models, make_engine, monkeypatch,
     loaded = base if dtype == base.dtype else dataclasses.replace(
         base, model=load_llama(base.folder, base.hf_config, dtype, base.device), dtype=dtype)
     fused_tokens, fused_logits = _run(loaded, make_engine, cache)
-    monkeypatch.setattr(model_runner, "can_fuse_rope", lambda *args: False)
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)  # unfused
     torch_tokens, torch_logits = _run(loaded, make_engine, cache)
     assert fused_tokens == torch_tokens
     assert len(fused_logits) == len(torch_logits) > 10

@@ -8,11 +8,14 @@ results straddle a rounding boundary; the kernel must also be within half an ulp
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from engines.quant.fp8 import FP8_DTYPE
 from engines.torch.attention import AttentionMetadata, KVLayer, _decode, _decode_reference
+from engines.torch.attention_backend import select_attention_backend
 from engines.torch.kernels import paged_attention
 
 pytestmark = pytest.mark.skipif(not paged_attention.available(), reason="paged_attention kernel unavailable")
@@ -114,7 +117,8 @@ def test_head_dim_not_multiple_of_16(kind):
 def test_decode_dispatches_to_kernel():
     for kind in ("model", "int8"):
         q, cache, meta = _case(kind, torch.bfloat16, 9, 3, 64, LENS, seed=2)
-        assert torch.equal(_decode(q, cache, meta, 0.125), _kernel(q, cache, meta, 0.125))
+        selected = dataclasses.replace(meta, backend=select_attention_backend(torch.device("cpu"), torch.bfloat16, 64))
+        assert torch.equal(_decode(q, cache, selected, 0.125), _kernel(q, cache, meta, 0.125))
 
 
 @pytest.mark.parametrize("kind", ["model", "fp8"])

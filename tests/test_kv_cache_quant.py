@@ -10,6 +10,7 @@ from engines.base import GenerationRequest
 from engines.config import EngineConfig
 from engines.torch import attention
 from engines.torch.attention import AttentionMetadata, PrefillSpan, paged_attention
+from engines.torch.attention_backend import select_attention_backend
 from engines.torch.engine import AsyncTorchEngine
 from engines.torch.loader import build_core
 from engines.torch.model_runner import KVCache
@@ -66,7 +67,8 @@ def _run_attention(kind: str, scales, data) -> dict[tuple[int, int], torch.Tenso
         for s, a, n in order[len(decodes):]:
             spans.append(PrefillSpan(q_start, n, a + n, tables[s][: -(-(a + n) // BS)]))
             q_start += n
-        meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, dec_lens, max_ctx, spans)
+        meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, dec_lens, max_ctx, spans,
+                                 backend=select_attention_backend(torch.device("cpu"), torch.float32, HEAD_DIM))
         out = paged_attention(cat(q_all), cat(k_all), cat(v_all), layer, meta, SCALE)
         row = 0
         for s, a, n in order:

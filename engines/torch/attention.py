@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
-from engines.torch.kernels import paged_attention as paged_kernel
+from engines.torch.attention_backend import TORCH_ATTENTION, AttentionBackend
 from engines.torch.kernels import rope_kv
-from engines.torch.kernels import triton_paged_attention as triton_paged_kernel
 from engines.torch.layers.quantized import fp8_e4m3_to_scaled
 
 
@@ -53,14 +52,14 @@ class AttentionMetadata:
     decode_max_context: int
     prefills: list[PrefillSpan]
     positions: torch.Tensor | None = None  # [T] int64; set when the step runs fused_attention
-    fused: bool = False  # RoPE and the cache write by the rope_kv kernel (a CPU where it is built)
+    # the engine's kernels, chosen once (attention_backend.select_attention_backend); the default is the torch
+    # path, e.g. for SequenceRunner's prefills
+    backend: AttentionBackend = TORCH_ATTENTION
 
-
-def can_fuse_rope(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a step can run fused_attention: RoPE and the cache write in the rope_kv kernel, for a bf16 or
-    fp32 model on a CPU where it and the paged-attention kernel are built."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-            and rope_kv.available() and paged_kernel.available())
+    @property
+    def fused(self) -> bool:
+        """RoPE and the cache write by the rope_kv kernel (fused_attention)."""
+        return self.backend.fused_rope
 
 
 @dataclass
@@ -196,16 +195,14 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
 
 
 def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    quant = kv_cache if isinstance(kv_cache, KVLayer) else None
-    cache = quant.codes if quant else kv_cache
     # one op, same math as _decode_reference: C++ on CPU; Triton on CUDA, which reads no Python int per step
     # (CUDA-graph safe, model_runner.DecodeGraphs)
-    for kernel in (paged_kernel, triton_paged_kernel):
-        if kernel.supports(q, cache):
-            return kernel.decode_attention(
-                q, cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-                quant.k_scale if quant else None, quant.v_scale if quant else None, quant.kind if quant else "model")
-    return _decode_reference(q, kv_cache, meta, scale)
+    kernel = meta.backend.decode_kernel
+    if kernel is None:
+        return _decode_reference(q, kv_cache, meta, scale)
+    quant = kv_cache if isinstance(kv_cache, KVLayer) else None
+    return kernel(q, quant.codes if quant else kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+                  quant.k_scale if quant else None, quant.v_scale if quant else None, quant.kind if quant else "model")
 
 
 def _decode_reference(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from engines.torch import host_malloc
 from engines.torch.block_manager import BlockManager
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.grammar import Grammars
+from engines.torch.layers.linear import DenseLinear
 from engines.torch.model_runner import KVCache, ModelRunner
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, assemble, load_llama
 from engines.torch.scheduler import Scheduler
+
+log = logging.getLogger("kiln.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -176,11 +180,20 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     scheduler = Scheduler(bm, config.max_num_seqs, budget)
     runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len,
                          graphs)
+    log_kernels(runner)
     proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
     eos = eos_token_ids(loaded)
     return LLMEngine(runner, bm, scheduler, eos, args.vocab_size, max_model_len,
                      proposer, config.num_speculative_tokens if proposer else 0,
                      grammars=lambda: Grammars(loaded.tokenizer, args.vocab_size, eos))
+
+
+def log_kernels(runner: ModelRunner) -> None:
+    """Which kernels the engine chose at load (each op's choice is made once, see attention_backend and
+    layers/linear.LinearDispatch)."""
+    dense = next((m.dispatch for m in runner.model.modules() if isinstance(m, DenseLinear)), None)
+    log.info("Kernels: attention %s; dense linear layers: %s", runner.attention.describe(),
+             dense.describe() if dense else "none")
 
 
 def decode_graphs(config: EngineConfig, device: torch.device) -> bool:

@@ -10,8 +10,8 @@ from typing import NamedTuple
 import torch
 
 from engines.quant.fp8 import FP8_DTYPE
-from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan, can_fuse_rope
-from engines.torch.kernels import triton_paged_attention
+from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan
+from engines.torch.attention_backend import AttentionBackend, select_attention_backend
 from engines.torch.models.llama import LlamaForCausalLM
 from engines.torch.scheduler import ScheduledChunk
 
@@ -91,10 +91,11 @@ class DecodeGraphs:
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
-                 max_num_seqs: int, max_model_len: int):
+                 max_num_seqs: int, max_model_len: int, attention: AttentionBackend):
         if kv_cache.scratch_block is None:
             raise ValueError("decode graphs need a KV cache with a scratch block (KVCache(scratch_block=True)).")
         self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+        self.attention = attention
         self.buckets = decode_buckets(max_num_seqs)
         self.width = -(-max_model_len // block_size)
         rows = self.buckets[-1]
@@ -132,11 +133,10 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int, max_context: int) -> torch.Tensor:
         ids, positions, slots, lens = self.inputs[:, :bucket]
-        fused = can_fuse_rope(self.device, self.model.cos.dtype)
         meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=bucket,
                                  decode_block_tables=self.block_tables[:bucket], decode_context_lens=lens,
-                                 decode_max_context=max_context, prefills=[], positions=positions if fused else None,
-                                 fused=fused)
+                                 decode_max_context=max_context, prefills=[],
+                                 positions=positions if self.attention.fused_rope else None, backend=self.attention)
         return self.model(ids, positions, meta, self.kv_cache.layers)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -170,25 +170,24 @@ class StepLogits(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
-                 max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False):
+                 max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False,
+                 attention: AttentionBackend | None = None):
         """decode_graphs: run plain decode steps through DecodeGraphs (kv_cache needs its scratch block), whose
-        static buffers hold max_num_seqs sequences of up to max_model_len tokens."""
+        static buffers hold max_num_seqs sequences of up to max_model_len tokens. attention: the kernels every
+        step runs; None selects them here, once (init_rope has set the model's dtype)."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        self.attention = attention or select_attention_backend(device, model.cos.dtype, model.args.head_dim)
         self.graphs = None
         if decode_graphs and self._graph_attention_runs():
-            self.graphs = DecodeGraphs(model, kv_cache, block_size, device, max_num_seqs, max_model_len)
+            self.graphs = DecodeGraphs(model, kv_cache, block_size, device, max_num_seqs, max_model_len, self.attention)
 
     def _graph_attention_runs(self) -> bool:
-        """On CUDA, whether the Triton decode kernel takes this model's queries and cache (a graph would
-        freeze the torch path's per-step context length)."""
-        if self.device.type != "cuda":
-            return True
-        a, layer = self.model.args, self.kv_cache.layers[0]
-        q = torch.empty(1, a.num_heads, a.head_dim, dtype=self.model.cos.dtype, device=self.device)
-        if triton_paged_attention.supports(q, layer.codes if isinstance(layer, KVLayer) else layer):
+        """On CUDA, whether the decode attention reads context lengths from tensors only (the Triton kernel; a
+        graph would freeze the torch path's per-step context length)."""
+        if self.device.type != "cuda" or self.attention.graph_safe:
             return True
         log.warning("CUDA graphs are off: the Triton decode attention kernel cannot run here (triton missing, "
                     "a GPU below compute capability 8.0, or head_dim over 256); decode steps run eagerly.")
@@ -249,7 +248,6 @@ class ModelRunner:
             spans.append(PrefillSpan(q_start, c.num_query_tokens, ctx, table))
             q_start += c.num_query_tokens
         position_ids = to_tensor(positions)
-        fused = can_fuse_rope(self.device, self.model.cos.dtype)
         meta = AttentionMetadata(
             slot_mapping=to_tensor(slots),
             num_decode_tokens=num_decode_rows,
@@ -257,8 +255,8 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             decode_max_context=max_ctx,
             prefills=spans,
-            positions=position_ids if fused else None,
-            fused=fused,
+            positions=position_ids if self.attention.fused_rope else None,
+            backend=self.attention,
         )
         return self._logits(self.model(to_tensor(input_ids), position_ids, meta, self.kv_cache.layers), ordered)
 

@@ -6,7 +6,8 @@ The kernel walks each sequence's block table directly, one task per (sequence, K
 same semantics (quantized caches: value = code * scale per KV head; fp8 e4m3fn decoded by table).
 Compiled on first use like rms_norm (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), with AVX-512 flags,
 so available() is False on a CPU without avx512f/avx512bw, or when the build fails (one warning);
-callers then keep the torch path.
+callers then keep the torch path. Takes bf16/fp32 q over a contiguous CPU cache of q's dtype or int8 codes:
+attention_backend.select_attention_backend picks it once per engine where that always holds.
 """
 
 from __future__ import annotations
@@ -26,18 +27,6 @@ _EXT = LazyExtension("kiln_paged_attention", _SOURCE, _CFLAGS, required_cpu_flag
 def available() -> bool:
     """True when the compiled kernel can be used (compiles or loads it on the first call)."""
     return _EXT.available()
-
-
-def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether decode_attention takes these tensors (CPU, bf16/fp32 q, contiguous) and the kernel is built."""
-    return (
-        q.device.type == "cpu"
-        and cache.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float32)
-        and cache.dtype in (torch.bfloat16, torch.float32, torch.int8)
-        and cache.is_contiguous()
-        and available()
-    )
 
 
 def decode_attention(
