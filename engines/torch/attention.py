@@ -17,6 +17,9 @@ quantizes on write and dequantizes after the gather. Decode folds the key scale 
 the value scale into the output (a [kv_heads] multiply instead of one over the whole context).
 Prefill attends to the dequantized codes of its own chunk too, never the raw keys/values, so its
 output does not depend on whether a prefix came from the cache or on how the prompt was chunked.
+
+Which kernel runs the decode rows, and whether RoPE and the cache write are fused, is the engine's
+AttentionBackend (attention_backend.py), chosen once at load and carried by each step's AttentionMetadata.
 """
 
 from __future__ import annotations
