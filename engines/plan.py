@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines import schemes
 from engines.hardware import Hardware
-from engines.profiles import Profile, bytes_per_param, load_profiles, pick, supported_on
+from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 
 HEADROOM = 0.10
 GB = 1e9
@@ -43,13 +44,8 @@ GPUS = (
     GpuSpec("RTX-4090", 24564 * MiB, 89, ("4090", "RTX4090", "GeForce-RTX-4090")),
 )
 
-# precision row -> (profile precision for weight bytes, KV dtype name, KV bytes per element)
-PRECISIONS = {
-    "bf16": ("bf16", "bf16", 2),
-    "fp8": ("fp8", "fp8", 1),
-    "int8": ("int8-wo", "int8", 1),
-    "int4": ("int4-awq", "int8", 1),
-}
+# KV dtype -> (name in the table, bytes per element); "model" is the bf16 the GPU engines run in
+KV_SIZES = {"model": ("bf16", 2), "int8": ("int8", 1), "fp8": ("fp8", 1)}
 
 
 class PlanError(ValueError):
@@ -174,28 +170,32 @@ def make_plan(shape: ModelShape, target: Hardware, batch: int = 1, max_model_len
     memory = target.total_memory_bytes
     tokens = batch * max_model_len
     rows = []
-    for row_name, (precision, kv_dtype, kv_bytes_per_element) in PRECISIONS.items():
-        weights = shape.params * bytes_per_param(precision)
+    for scheme in schemes.schemes():  # one row per family, for the scheme that stands for it
+        if not scheme.plan_row:
+            continue
+        kv_dtype, kv_bytes_per_element = KV_SIZES[scheme.default_kv]
+        weights = shape.params * scheme.bytes_per_param(DEFAULT_GROUP_SIZE)
         kv = tokens * shape.kv_bytes_per_token(kv_bytes_per_element)
         headroom = HEADROOM * (weights + kv)
         total = weights + kv + headroom
-        rows.append(PlanRow(row_name, weights, kv_dtype, kv, headroom, total, total <= memory))
+        rows.append(PlanRow(scheme.family, weights, kv_dtype, kv, headroom, total, total <= memory))
 
     recommended = pick(target, shape.params * 2, memory, profiles)
-    recommended_fits = next((r.fits for r in rows if r.precision == _row_precision(recommended.precision)), False)
-    if recommended.precision == "fp32":
-        recommended_fits = shape.params * 4 * (1 + HEADROOM) <= memory
+    recommended_scheme = schemes.get(recommended.precision)
+    row = next((r for r in rows if r.precision == recommended_scheme.family), None)
+    if row is not None:
+        recommended_fits = row.fits
+    else:  # a family without a row (fp32): its weights and headroom alone
+        recommended_fits = (shape.params * recommended_scheme.bytes_per_param(DEFAULT_GROUP_SIZE) * (1 + HEADROOM)
+                            <= memory)
+    row_names = {r.precision for r in rows}
     profile_by_precision = {}
     for profile in load_profiles() if profiles is None else profiles:
-        row_name = _row_precision(profile.precision)
-        if row_name in PRECISIONS and row_name not in profile_by_precision and supported_on(profile, target)[0]:
+        row_name = schemes.get(profile.precision).family
+        if row_name in row_names and row_name not in profile_by_precision and supported_on(profile, target)[0]:
             profile_by_precision[row_name] = profile.name  # profiles come highest priority first
     return Plan(shape, target, memory, batch, max_model_len, tuple(rows), recommended, recommended_fits,
                 profile_by_precision)
-
-
-def _row_precision(precision: str) -> str:
-    return precision.split("-")[0]
 
 
 def _gb(value: float) -> str:

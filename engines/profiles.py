@@ -36,12 +36,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from engines import schemes
 from engines.hardware import CPU_FLAGS_OF_INTEREST, Hardware
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "build" / "profiles"
 
 BACKENDS = ("torch", "trtllm")
-PRECISIONS = ("fp32", "bf16", "fp8", "int8-wo", "int8-sq", "int4-rtn", "int4-awq", "int4-gptq")
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
 DEVICES = ("cpu", "cuda")
 DEFAULT_GROUP_SIZE = 128
@@ -95,17 +95,8 @@ class Profile:
 
 
 def bytes_per_param(precision: str, group_size: int = DEFAULT_GROUP_SIZE) -> float:
-    """Stored bytes per weight. Per-channel scales of fp8/int8 are negligible (one per row); int4 keeps
-    an fp16 scale and a 4-bit zero point per group, 2.5 bytes per `group_size` weights."""
-    if precision == "fp32":
-        return 4.0
-    if precision == "bf16":
-        return 2.0
-    if precision in ("fp8", "int8-wo", "int8-sq"):
-        return 1.0
-    if precision.startswith("int4"):
-        return 0.5 + 2.5 / group_size
-    raise ValueError(f"unknown precision {precision!r}")
+    """Stored bytes per weight of `precision` (its scheme's bytes_per_param)."""
+    return schemes.get(precision).bytes_per_param(group_size)
 
 
 _FIELDS = {"name", "description", "backend", "precision", "kv_cache_dtype", "requires", "priority", "group_size"}
@@ -143,15 +134,16 @@ def load_profile(path: Path) -> Profile:
     backend = [backend] if isinstance(backend, str) else backend
     if not isinstance(backend, list) or not backend or any(b not in BACKENDS for b in backend):
         raise fail(f"'backend' must be one or a list of {', '.join(BACKENDS)}, got {data['backend']!r}")
-    if data["precision"] not in PRECISIONS:
-        raise fail(f"'precision' must be one of {', '.join(PRECISIONS)}, got {data['precision']!r}")
+    precisions = schemes.torch_names()
+    if data["precision"] not in precisions:
+        raise fail(f"'precision' must be one of {', '.join(precisions)}, got {data['precision']!r}")
     if data["kv_cache_dtype"] not in KV_CACHE_DTYPES:
         raise fail(f"'kv_cache_dtype' must be one of {', '.join(KV_CACHE_DTYPES)}, got {data['kv_cache_dtype']!r}")
     if not isinstance(data["priority"], int) or isinstance(data["priority"], bool):
         raise fail(f"'priority' must be an integer, got {data['priority']!r}")
     group_size = data.get("group_size")
     if group_size is not None:
-        if not data["precision"].startswith("int4"):
+        if not schemes.get(data["precision"]).grouped:
             raise fail("'group_size' applies to int4 precisions only")
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise fail(f"'group_size' must be a positive integer, got {group_size!r}")
@@ -233,11 +225,8 @@ def supported_on(profile: Profile, hardware: Hardware) -> tuple[bool, str]:
 
 
 def _why_sm(profile: Profile) -> str:
-    if profile.precision == "fp8":
-        return " (FP8 tensor cores)"
-    if profile.precision == "int8-sq":
-        return " (INT8 tensor cores)"
-    return ""
+    reason = schemes.get(profile.precision).sm_reason
+    return f" ({reason})" if reason else ""
 
 
 def memory_budget(hardware: Hardware, memory_bytes: float) -> float:

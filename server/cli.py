@@ -75,7 +75,7 @@ def _add_serve(subparsers) -> None:
 
 def _add_build(subparsers) -> None:
     from engines.calibration import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES
-    from engines.profiles import PRECISIONS
+    from engines import schemes
 
     build = subparsers.add_parser(
         "build",
@@ -86,7 +86,9 @@ def _add_build(subparsers) -> None:
     add = build.add_argument
     add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     add("--output", required=True, help="engine directory to write (created; replaced when it holds an older engine)")
-    add("--precision", default="auto", help=f"auto or one of {', '.join(PRECISIONS)}, or nvfp4 with --backend trtllm "
+    trtllm_only = [s.name for s in schemes.schemes() if not s.torch_build]
+    add("--precision", default="auto", help=f"auto or one of {', '.join(schemes.torch_names())}, or "
+        f"{' or '.join(trtllm_only)} with --backend trtllm "
         "(default: auto, the profile `kiln profiles` names for this machine)")
     add("--kv-cache-dtype", default="auto", help="auto (the profile's), model, int8 or fp8 (default: auto)")
     add("--calib", help="JSONL of chat requests ({\"messages\": [...]} per line) to calibrate with (default: kiln's "

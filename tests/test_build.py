@@ -17,7 +17,7 @@ from engines.build.builder import BuildError, BuildOptions, build
 from engines.config import EngineConfig
 from engines.hardware import Hardware
 from engines.model_source import ModelNotFoundError, resolve_model
-from engines.profiles import PRECISIONS
+from engines.schemes import torch_names
 from engines.torch.loader import LoadedModel, build_core, load_engine_dir
 from tests.conftest import greedy, run_to_completion
 
@@ -58,7 +58,7 @@ def greedy_tokens(loaded: LoadedModel, config: EngineConfig, prompts: list[list[
 PROMPTS = [[1, 500, 600, 700, 800, 900], [1, 42, 4242, 31337, 7, 7, 7, 9000]]
 
 
-@pytest.mark.parametrize("precision", [p for p in PRECISIONS])
+@pytest.mark.parametrize("precision", torch_names())
 def test_every_precision_builds_and_round_trips(tiny_chat_model, tmp_path, precision):
     out = tmp_path / "engine"
     result = build(options(tiny_chat_model, out, precision=precision))

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.quant.fp8 import activation_scale, fp8_linear_reference, quantize_fp8, quantize_fp8_activation
+from engines.quant.fp8 import quantize_fp8
 from engines.torch.layers import quantized
 from engines.torch.layers.quantized import (Fp8Linear, _cuda_scaled_mm_ok, _scaled_mm_supported,
                                             fp8_scaled_mm_linear, fp8_upcast_linear)
+from tests.quant_reference import activation_scale, fp8_linear_reference, quantize_fp8_activation
 
 K, N = 64, 48  # multiples of 16, as CUDA's _scaled_mm requires
 
@@ -68,7 +69,7 @@ def test_cpu_keeps_the_upcast_path():
 
 
 def test_scaled_mm_takes_only_matching_scale_pairings():
-    """engines/quant/fp8.py's fp8_linear_reference names _scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale,
+    """tests/quant_reference.py's fp8_linear_reference names _scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale,
     scale_b=w_scale.t()) as its production form. With a per-channel weight that call needs scale_a as a
     contiguous [M, 1] (row-wise): a 0-d static x_scale against a [1, N] scale_b is refused."""
     x, wq, s, _ = _data(5, True, False)

@@ -3,8 +3,8 @@
 import torch
 
 from engines.quant.calibrators import minmax
-from engines.quant.fp8 import (FP8_DTYPE, activation_scale, dequantize_fp8, fp8_linear_reference, quantize_fp8,
-                               quantize_fp8_activation)
+from engines.quant.fp8 import FP8_DTYPE, quantize_fp8
+from tests.quant_reference import activation_scale, dequantize_fp8, fp8_linear_reference, quantize_fp8_activation
 
 
 def _rows_of_different_magnitude():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engines.quant.calibrators import RangeObserver
-from engines.quant.smoothquant import (apply_smoothing, dynamic_quantize_per_token, quantize_w8a8,
-                                        smooth_scales, w8a8_linear_reference)
+from engines.quant.smoothquant import dynamic_quantize_per_token, quantize_w8a8, smooth_scales
+from tests.quant_reference import apply_smoothing, w8a8_linear_reference
 
 
 def _outlier_layer():

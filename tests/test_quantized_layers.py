@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.quant.fp8 import dequantize_fp8, quantize_fp8
+from engines.quant.fp8 import quantize_fp8
 from engines.quant.rtn import dequantize, pack_int4, quantize_rtn, unpack_int4
-from engines.quant.smoothquant import quantize_w8a8, w8a8_linear_reference
+from engines.quant.smoothquant import quantize_w8a8
 from engines.quant.types import QuantizedWeight
 from engines.torch.layers.quantized import (
     INT_MM_MAX_ROWS,
@@ -20,6 +20,7 @@ from engines.torch.layers.quantized import (
     int8_weight_only_fallback,
     w8a8_fallback,
 )
+from tests.quant_reference import dequantize_fp8, w8a8_linear_reference
 
 MS = (1, 7, 32)
 KS = (576, 1536)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from engines import calibration
+from engines import calibration, schemes
 from engines.build import manifest as mf
 from engines.build.calibrate import calibrate
 from engines.build.evaluate import Accuracy, compare, greedy_answers
@@ -34,16 +34,13 @@ from engines.build.report import write_report
 from engines.build.speed import decode_speed
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
-from engines.profiles import DEFAULT_GROUP_SIZE, PRECISIONS, Profile, load_profiles, pick, supported_on
-from engines.trtllm.api import MIN_SM as TRTLLM_MIN_SM
+from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 
 log = logging.getLogger("kiln.build")
 
 CALIBRATORS = ("minmax", "percentile", "entropy")
 KV_CHOICES = ("auto", "model", "int8", "fp8")
 CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
-# Precisions only TensorRT-LLM builds, with the GPU SM they need (NVFP4: Blackwell).
-TRTLLM_ONLY_PRECISIONS = {name: sm for name, sm in TRTLLM_MIN_SM.items() if name not in PRECISIONS}
 DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -75,11 +72,14 @@ class BuildOptions:
     draft_of: str | None = None  # build a speculative-decoding draft for this engine directory
 
     def validate(self) -> None:
-        if self.precision in TRTLLM_ONLY_PRECISIONS and self.backend != "trtllm":
-            raise BuildError(f"--precision {self.precision} needs --backend trtllm and an NVIDIA GPU with SM >= "
-                             f"{TRTLLM_ONLY_PRECISIONS[self.precision]}; kiln's torch engine builds {', '.join(PRECISIONS)}.")
-        if self.precision != "auto" and self.precision not in (*PRECISIONS, *TRTLLM_ONLY_PRECISIONS):
-            raise BuildError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        torch_precisions = schemes.torch_names()
+        if self.precision != "auto" and self.precision not in schemes.names():
+            raise BuildError(f"--precision must be auto or one of {', '.join(torch_precisions)}, got {self.precision!r}.")
+        scheme = None if self.precision == "auto" else schemes.get(self.precision)
+        if scheme is not None and not scheme.torch_build and self.backend != "trtllm":
+            trtllm_sm = f" with SM >= {scheme.trtllm.min_sm}" if scheme.trtllm else ""
+            raise BuildError(f"--precision {self.precision} needs --backend trtllm and an NVIDIA GPU{trtllm_sm}; "
+                             f"kiln's torch engine builds {', '.join(torch_precisions)}.")
         if self.kv_cache_dtype not in KV_CHOICES:
             raise BuildError(f"--kv-cache-dtype must be one of {', '.join(KV_CHOICES)}, got {self.kv_cache_dtype!r}.")
         if self.calibrator not in CALIBRATORS:
@@ -187,7 +187,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         if cand.kv_cache_dtype in ("int8", "fp8"):
             cand.kv_scales = _kv_scales(calib, options.calibrator, cand.kv_cache_dtype)
         cand.quantize_seconds = time.perf_counter() - t0
-        test_dtype = fp32 if cand.precision == "fp32" else runtime_dtype
+        test_dtype = _engine_dtype(cand.precision, runtime_dtype)
         model = assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
         runner = SequenceRunner(model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype,
                                 kv_cache_scales=cand.kv_scales)
@@ -209,7 +209,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     speeds = []
     if options.bench:
         speeds = _measure_speed(args, chosen, hf_config, tokenizer, folder, device,
-                                fp32 if chosen.precision == "fp32" else runtime_dtype)
+                                _engine_dtype(chosen.precision, runtime_dtype))
 
     manifest = _write_engine(output, folder, options, hardware, args, hf_config, chosen, candidates, build_hash,
                              calib, calib_requests, calib_seconds, speeds, started, target)
@@ -288,6 +288,12 @@ def _auto_kv(hardware: Hardware) -> str:
     if hardware.device == "cuda":
         return "fp8" if (hardware.sm or 0) >= 89 else "int8" if (hardware.sm or 0) >= 80 else "model"
     return "int8"
+
+
+def _engine_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
+    """The dtype an engine of `precision` runs in: its scheme's (fp32: float32), else the device's `auto`."""
+    runtime = schemes.get(precision).runtime_dtype
+    return auto if runtime == "auto" else getattr(torch, runtime)
 
 
 def _param_count(args) -> int:
@@ -398,8 +404,9 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
         shutil.copy2(folder / name, tmp / name)
 
     weight_bytes = (tmp / mf.WEIGHTS).stat().st_size
+    scheme = schemes.get(chosen.precision)
     bf16_bytes = _param_count(args) * 2
-    kv_elem = {"model": 2 if chosen.precision != "fp32" else 4, "int8": 1, "fp8": 1}[chosen.kv_cache_dtype]
+    kv_elem = {"model": scheme.store_dtype().itemsize, "int8": 1, "fp8": 1}[chosen.kv_cache_dtype]
     kv_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * kv_elem
     report = {
         "model": model_display_name(options.model) if options.model else "SmolLM2-135M-Instruct",
@@ -437,7 +444,7 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
         "weight_formats": chosen.quantized.formats,
         "group_sizes": chosen.quantized.group_sizes,
         "kv_cache_dtype": chosen.kv_cache_dtype,
-        "dtype": "float32" if chosen.precision == "fp32" else "auto",
+        "dtype": scheme.runtime_dtype,
         "target": {"device": hardware.device, "description": hardware.describe(), "sm": hardware.sm,
                    "cpu_flags": sorted(hardware.cpu_flags), "requires": mf.requirements(chosen.precision, hardware.device)},
         "calibration": None if calib is None else {

@@ -13,15 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from engines import schemes
 from engines.hardware import Hardware
 
 SCHEMA_VERSION = 1
 MANIFEST = "engine.json"
 WEIGHTS = "weights.safetensors"
-
-# TensorRT-LLM's support matrix, which kiln's CUDA paths follow: FP8 needs Ada/Hopper tensor
-# cores; INT8 W8A8 and INT4 weight-only kernels need Ampere.
-MIN_SM = {"fp8": 89, "int8-sq": 80, "int4-rtn": 80, "int4-awq": 80, "int4-gptq": 80}
 
 
 class EngineDirError(ValueError):
@@ -29,7 +26,8 @@ class EngineDirError(ValueError):
 
 
 def requirements(precision: str, device: str) -> dict:
-    return {"device": device, "min_sm": MIN_SM.get(precision) if device == "cuda" else None}
+    """What a torch engine at `precision` needs: the device, and on CUDA its scheme's minimum SM."""
+    return {"device": device, "min_sm": schemes.get(precision).min_sm if device == "cuda" else None}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

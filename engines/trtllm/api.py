@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+from engines import schemes
+from engines.schemes import TrtllmMapping
+
 
 class TrtllmUnavailable(RuntimeError):
     """tensorrt_llm (or a GPU for it) is missing; the message says what to do."""
@@ -33,28 +36,31 @@ def load() -> TrtllmApi:
     return TrtllmApi(LLM, llmapi, getattr(tensorrt_llm, "__version__", "unknown"))
 
 
-def is_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt_llm") is not None
-
-
-# TensorRT-LLM's support matrix (docs/source/reference/support-matrix.md): FP8 needs Ada or Hopper and
-# later (SM >= 89); INT8 SmoothQuant, INT8/INT4 weight-only, AWQ and GPTQ need Ampere or later (SM >= 80);
-# NVFP4 needs Blackwell (SM >= 100). bf16 engines need SM >= 80 for bf16 math.
-MIN_SM = {"bf16": 80, "fp8": 89, "int8-sq": 80, "int8-wo": 80, "int4-rtn": 80, "int4-awq": 80, "int4-gptq": 80,
-          "nvfp4": 100}
+# TensorRT-LLM's support matrix (docs/source/reference/support-matrix.md) for the KV cache: an INT8 cache
+# needs Ampere, an FP8 cache Ada or Hopper. Each precision's minimum SM is its scheme's (engines/schemes).
 KV_MIN_SM = {"model": 0, "int8": 80, "fp8": 89}
+
+
+def min_sm(precision: str, kv_cache_dtype: str) -> int:
+    """The SM a TensorRT-LLM engine of this precision and KV dtype needs."""
+    return max(trtllm_mapping(precision).min_sm, KV_MIN_SM.get(kv_cache_dtype, 0))
+
+
+def trtllm_mapping(precision: str) -> TrtllmMapping:
+    """How TensorRT-LLM builds `precision` (its scheme's mapping); TrtllmUnsupported if it does not."""
+    found = schemes.get(precision).trtllm if precision in schemes.names() else None
+    if found is None:
+        raise TrtllmUnsupported(f"TensorRT-LLM engines are built at {', '.join(schemes.trtllm_names())}; "
+                                f"{precision!r} is not one of them (use --backend torch).")
+    return found
 
 
 def check_gpu(precision: str, kv_cache_dtype: str, sm: int | None, gpu_name: str) -> None:
     """Raise TrtllmUnsupported in one sentence when this GPU cannot run the combination."""
-    if precision not in MIN_SM:
-        raise TrtllmUnsupported(f"TensorRT-LLM engines are built at {', '.join(MIN_SM)}; {precision!r} is not one "
-                                "of them (use --backend torch).")
+    weights_sm = trtllm_mapping(precision).min_sm
     if sm is None:
         raise TrtllmUnavailable("the trtllm backend needs an NVIDIA GPU and torch sees none; use --backend torch.")
-    need = max(MIN_SM[precision], KV_MIN_SM.get(kv_cache_dtype, 0))
+    need = min_sm(precision, kv_cache_dtype)
     if sm < need:
-        what = precision if MIN_SM[precision] >= KV_MIN_SM.get(kv_cache_dtype, 0) else f"an {kv_cache_dtype} KV cache"
+        what = precision if weights_sm >= KV_MIN_SM.get(kv_cache_dtype, 0) else f"an {kv_cache_dtype} KV cache"
         raise TrtllmUnsupported(f"{what} needs a GPU with SM >= {need} in TensorRT-LLM, and {gpu_name} is SM {sm}.")

@@ -180,7 +180,7 @@ def _manifest(options, hardware, precision, kv, quant, build, version, calib_sou
         "kv_cache_dtype": kv,
         "max_model_len": max_seq_len,
         "target": {"device": "cuda", "description": hardware.describe(), "sm": hardware.sm,
-                   "requires": {"device": "cuda", "min_sm": max(trt.MIN_SM[precision], trt.KV_MIN_SM[kv])}},
+                   "requires": {"device": "cuda", "min_sm": trt.min_sm(precision, kv)}},
         "trtllm": {"version": version, "engine_dir": "trtllm", "quant_config": _describe(quant),
                    "build_config": _describe(build), "build_seconds": round(seconds, 1)},
         "calibration": calib_source,

@@ -13,42 +13,28 @@ import re
 
 from engines.base import SamplingParams, StructuredOutput
 from engines.structured_schema import check_json_schema
-from engines.trtllm.api import TrtllmApi, TrtllmUnsupported
+from engines.trtllm.api import TrtllmApi, TrtllmUnsupported, trtllm_mapping
 
-# kiln precision -> QuantAlgo member name of the weights (None: no weight quantization, bf16)
-WEIGHT_ALGO = {
-    "bf16": None,
-    "fp8": "FP8",
-    "int8-sq": "W8A8_SQ_PER_CHANNEL",
-    "int8-wo": "W8A16",
-    "int4-rtn": "W4A16",
-    "int4-awq": "W4A16_AWQ",
-    "int4-gptq": "W4A16_GPTQ",
-    "nvfp4": "NVFP4",
-}
+# kiln KV dtype -> QuantAlgo member name of the KV cache; each precision's QuantAlgo is its scheme's (engines/schemes)
 KV_ALGO = {"model": None, "int8": "INT8", "fp8": "FP8"}
-CALIBRATED = {"fp8", "int8-sq", "int4-awq", "int4-gptq", "nvfp4"}  # algorithms that run calibration data
-SMOOTHQUANT_ALPHA = 0.5  # the same α kiln's torch build uses
 
 
 def quant_config(api: TrtllmApi, precision: str, kv_cache_dtype: str, group_size: int):
-    if precision not in WEIGHT_ALGO:
-        raise TrtllmUnsupported(f"--backend trtllm builds {', '.join(WEIGHT_ALGO)}; {precision!r} is not one of them.")
+    mapping = trtllm_mapping(precision)
     algo = api.llmapi.QuantAlgo
-    kwargs = {}
-    if WEIGHT_ALGO[precision]:
-        kwargs["quant_algo"] = getattr(algo, WEIGHT_ALGO[precision])
+    kwargs: dict[str, object] = {}
+    if mapping.quant_algo:
+        kwargs["quant_algo"] = getattr(algo, mapping.quant_algo)
     if KV_ALGO[kv_cache_dtype]:
         kwargs["kv_cache_quant_algo"] = getattr(algo, KV_ALGO[kv_cache_dtype])
-    if precision.startswith("int4"):
+    if mapping.grouped:
         kwargs["group_size"] = group_size
-    if precision == "int8-sq":
-        kwargs["smoothquant_val"] = SMOOTHQUANT_ALPHA
+    kwargs.update(mapping.quant_config)
     return api.llmapi.QuantConfig(**kwargs)
 
 
 def needs_calibration(precision: str, kv_cache_dtype: str) -> bool:
-    return precision in CALIBRATED or KV_ALGO[kv_cache_dtype] is not None
+    return trtllm_mapping(precision).calibrated or KV_ALGO[kv_cache_dtype] is not None
 
 
 def calib_config(api: TrtllmApi, dataset_dir: str, samples: int, max_seq_length: int):

@@ -14,9 +14,16 @@ Names are `<prefix>.<field>` with prefix e.g. `layers.3.qkv_proj` or `lm_head`:
 
 int4 is stored in the portable nibble order of engines.quant.rtn.pack_int4 and repacked for the
 CPU kernel when loaded; loading never quantizes anything.
+
+Each format is a WeightFormat in a registry by name (the name the manifest's weight_formats records);
+a quantization scheme (engines/schemes) that stores a new layout brings its WeightFormat along and
+registering the scheme registers it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +32,6 @@ from engines.quant.rtn import pack_int4, unpack_int4
 from engines.quant.types import QuantizedWeight
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
-FORMATS = ("dense", "int8", "int4", "w8a8", "fp8")
 
 
 def encode_dense(prefix: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -66,36 +72,96 @@ def _with_bias(out: dict, prefix: str, bias: torch.Tensor | None, dtype: torch.d
     return out
 
 
-def make_linear(fmt: str, tensors: dict[str, torch.Tensor], prefix: str, dispatch: LinearDispatch,
-                dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The runtime module for `prefix`, consuming its tensors from `tensors`."""
-    from engines.torch.layers.quantized import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Int8Linear
+class WeightFormat:
+    """A stored weight layout: its name in the manifest and the runtime module it becomes at load."""
 
-    def take(field: str, required: bool = True) -> torch.Tensor | None:
-        name = f"{prefix}.{field}"
-        if name not in tensors:
-            if required:
-                raise KeyError(f"Weights lack tensor {name!r} (format {fmt}).")
-            return None
-        return tensors.pop(name).to(device)
+    name: ClassVar[str]
 
-    bias = take("bias", required=False)
-    bias = None if bias is None else bias.to(dtype)
-    if fmt == "dense":
+    def load(self, take: Callable[[str], torch.Tensor], take_optional: Callable[[str], torch.Tensor | None],
+             prefix: str, bias: torch.Tensor | None, dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+        """The module for `prefix`; take(field) pops `<prefix>.<field>` (on the target device)."""
+        raise NotImplementedError
+
+
+class Dense(WeightFormat):
+    name = "dense"
+
+    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
         return DenseLinear(take("weight").to(dtype), bias, dispatch)
-    if fmt == "int8":
+
+
+class Int8(WeightFormat):
+    name = "int8"
+
+    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+        from engines.torch.layers.quantized import Int8WeightOnlyLinear
+
         return Int8WeightOnlyLinear(take("qweight"), take("scales"), bias)
-    if fmt == "w8a8":
+
+
+class W8A8(WeightFormat):
+    name = "w8a8"
+
+    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+        from engines.torch.layers.quantized import W8A8Int8Linear
+
         return W8A8Int8Linear(take("qweight"), take("scales"), bias)
-    if fmt == "int4":
+
+
+class Int4(WeightFormat):
+    name = "int4"
+
+    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+        from engines.torch.layers.quantized import Int4WeightOnlyLinear
+
         packed, scales = take("qweight_packed"), take("scales")
-        zeros, g_idx = take("zeros", required=False), take("g_idx", required=False)
+        zeros, g_idx = take_optional("zeros"), take_optional("g_idx")
         k = packed.shape[1] * 2
         if k % scales.shape[1]:
             raise ValueError(f"{prefix}: {scales.shape[1]} groups do not divide K={k}.")
         qw = QuantizedWeight(unpack_int4(packed, signed=True), scales, zeros, 4, k // scales.shape[1],
                              zeros is None, g_idx)
         return Int4WeightOnlyLinear(qw, bias)
-    if fmt == "fp8":
+
+
+class Fp8(WeightFormat):
+    name = "fp8"
+
+    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+        from engines.torch.layers.quantized import Fp8Linear
+
         return Fp8Linear(take("weight_fp8"), take("weight_scale"), bias)
-    raise ValueError(f"{prefix}: unknown weight format {fmt!r}; kiln knows {', '.join(FORMATS)}.")
+
+
+_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Dense(), Int8(), Int4(), W8A8(), Fp8())}
+
+
+def register_format(weight_format: WeightFormat) -> None:
+    if weight_format.name in _FORMATS and _FORMATS[weight_format.name] is not weight_format:
+        raise ValueError(f"weight format {weight_format.name!r} is already registered")
+    _FORMATS[weight_format.name] = weight_format
+
+
+def unregister_format(name: str) -> None:
+    _FORMATS.pop(name, None)
+
+
+def make_linear(fmt: str, tensors: dict[str, torch.Tensor], prefix: str, dispatch: LinearDispatch,
+                dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The runtime module for `prefix`, consuming its tensors from `tensors`."""
+    if fmt not in _FORMATS:
+        raise ValueError(f"{prefix}: unknown weight format {fmt!r}; kiln knows {', '.join(_FORMATS)}.")
+
+    def take_optional(field: str) -> torch.Tensor | None:
+        name = f"{prefix}.{field}"
+        return tensors.pop(name).to(device) if name in tensors else None
+
+    def take(field: str) -> torch.Tensor:
+        tensor = take_optional(field)
+        if tensor is None:
+            name = f"{prefix}.{field}"
+            raise KeyError(f"Weights lack tensor {name!r} (format {fmt}).")
+        return tensor
+
+    bias = take_optional("bias")
+    return _FORMATS[fmt].load(take, take_optional, prefix, None if bias is None else bias.to(dtype), dispatch, dtype)

@@ -1,0 +1,104 @@
+"""The int4 weight-only schemes (W4A16, asymmetric, group-wise scales and zero points); they store the
+same format and differ in how they choose the codes:
+
+- int4-rtn: round to nearest.
+- int4-awq: AWQ's per-channel scale and clip search on input-row samples; the scale is folded into the op
+  producing each projection's input (a projection without one gets only the clip search).
+- int4-gptq: GPTQ (Hessian-guided rounding, 1% damping, 128-column blocks).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+MIN_GROUP_SIZE = 32
+# Consumers before producers: down's scale goes into the `up` rows before gate_up is searched.
+AWQ_ORDER = ("down_proj", "o_proj", "qkv_proj", "gate_up_proj")
+
+
+def effective_group_size(k: int, group_size: int) -> int:
+    """group_size if it divides K, else the largest halving of it (down to 32) that does: SmolLM2's
+    hidden size 576 is not a multiple of 128, so its K=576 projections get groups of 64."""
+    g = group_size
+    while g >= MIN_GROUP_SIZE:
+        if k % g == 0:
+            return g
+        g //= 2
+    raise ValueError(f"No group size between {MIN_GROUP_SIZE} and {group_size} divides the input size {k}; "
+                     "pick another --group-size.")
+
+
+class _Int4(Scheme):
+    projection_format = "int4"
+    family = "int4"
+    bits_per_weight = 4.0
+    grouped = True
+    min_sm = 80  # kiln's CUDA int4 kernels follow TensorRT-LLM's support matrix: Ampere
+
+    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+        from engines.torch.layers import formats as fmt
+
+        qws = self.quantize_weights(layer, ctx)
+        return {kind: LayerResult(fmt.encode_int4(layer.name(kind), qws[kind], layer.bias(kind), ctx.store),
+                                  qws[kind].group_size)
+                for kind in layer.weights}
+
+    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+        raise NotImplementedError
+
+
+class Int4Rtn(_Int4):
+    name = "int4-rtn"
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16", min_sm=80, grouped=True)
+
+    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+        from engines.quant.rtn import quantize_rtn
+
+        return {kind: quantize_rtn(w, 4, effective_group_size(w.shape[1], ctx.group_size), False)
+                for kind, w in layer.weights.items()}
+
+
+class Int4Awq(_Int4):
+    name = "int4-awq"
+    calibration = frozenset({"samples"})
+    plan_row = True
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_AWQ", min_sm=80, calibrated=True,
+                                                           grouped=True)
+
+    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+        from engines.quant.awq import awq_quantize, search_clip
+        from engines.quant.rtn import quantize_rtn
+
+        qws = {}
+        for kind in AWQ_ORDER:
+            w = layer.weights[kind]
+            g = effective_group_size(w.shape[1], ctx.group_size)
+            x = ctx.stats(layer.name(kind)).sample_matrix()
+            if not layer.can_fold(kind):
+                qws[kind] = quantize_rtn(w, 4, g, False, clip_ratio=search_clip(x, w, 4, g, False))
+                continue
+            res = awq_quantize(x, w, bits=4, group_size=g, symmetric=False)
+            qws[kind] = res.qweights[0]
+            ctx.collect("awq_alpha", res.alpha)
+            layer.divide_producer(kind, res.scales)  # the weight itself was scaled inside awq_quantize
+        return qws
+
+    def details(self, ctx: QuantizeContext) -> dict[str, object]:
+        alphas = ctx.collected.get("awq_alpha")
+        return {"awq_alpha_mean": round(sum(alphas) / len(alphas), 3)} if alphas else {}
+
+
+class Int4Gptq(_Int4):
+    name = "int4-gptq"
+    calibration = frozenset({"hessian"})
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_GPTQ", min_sm=80, calibrated=True,
+                                                           grouped=True)
+
+    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+        from engines.quant.gptq import gptq_quantize
+
+        return {kind: gptq_quantize(w, h=ctx.stats(layer.name(kind)).hessian_mean(), bits=4,
+                                    group_size=effective_group_size(w.shape[1], ctx.group_size), symmetric=False)
+                for kind, w in layer.weights.items()}

@@ -1,0 +1,46 @@
+"""int8-sq: SmoothQuant, then int8 weights and per-token int8 activations (W8A8).
+
+Per input channel j, s_j = max|X_j|^ALPHA / max|W_j|^(1-ALPHA) (engines/quant/smoothquant.py): each
+smoothed projection's weight is multiplied by s along K and the op producing its input divided by s, so
+X W^T is unchanged in exact arithmetic while X/s has a flatter range that per-token int8 represents well.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+# SmoothQuant's migration strength; kiln's torch build and its TensorRT-LLM build (smoothquant_val) both use it.
+ALPHA = 0.5
+# Consumers before producers: down's scale goes into the `up` rows of gate_up before gate_up is smoothed.
+# o_proj is not smoothed (under grouped-query attention its input has no per-channel producer).
+SMOOTHED = ("down_proj", "qkv_proj", "gate_up_proj")
+
+
+class Int8SmoothQuant(Scheme):
+    name = "int8-sq"
+    projection_format = "w8a8"
+    family = "int8"
+    calibration = frozenset({"channel_amax"})
+    min_sm = 80  # INT8 tensor cores: Ampere
+    sm_reason = "INT8 tensor cores"
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
+        quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True, quant_config={"smoothquant_val": ALPHA})
+
+    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+        from engines.quant.smoothquant import quantize_w8a8, smooth_scales
+        from engines.quant.types import QuantizedWeight
+        from engines.torch.layers import formats as fmt
+
+        for kind in SMOOTHED:
+            layer.scale_input(kind, smooth_scales(ctx.stats(layer.name(kind)).observer.amax, layer.weights[kind], ALPHA))
+        out = {}
+        for kind, w in layer.weights.items():
+            qweight, scales = quantize_w8a8(w)
+            qw = QuantizedWeight(qweight, scales.reshape(-1, 1), None, 8, None, True)
+            out[kind] = LayerResult(fmt.encode_int8(layer.name(kind), qw, layer.bias(kind), ctx.store))
+        return out
+
+    def details(self, ctx: QuantizeContext) -> dict[str, object]:
+        return {"smoothquant_alpha": ALPHA}
