@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+if TYPE_CHECKING:
+    from engines.build.quantize import LayerWeights
 
 
 class _Dense(Scheme):
@@ -12,7 +15,7 @@ class _Dense(Scheme):
     head_format = "dense"
     default_kv = "model"
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.torch.layers import formats as fmt
 
         return {kind: LayerResult(fmt.encode_dense(layer.name(kind), w, layer.bias(kind), ctx.store))

@@ -3,9 +3,12 @@ The LM head stays dense."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+if TYPE_CHECKING:
+    from engines.build.quantize import LayerWeights
 
 
 class Fp8(Scheme):
@@ -19,7 +22,7 @@ class Fp8(Scheme):
     sm_reason = "FP8 tensor cores"
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="FP8", min_sm=89, calibrated=True)
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.quant.fp8 import quantize_fp8
         from engines.torch.layers import formats as fmt
 

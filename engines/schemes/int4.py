@@ -9,9 +9,13 @@ same format and differ in how they choose the codes:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+if TYPE_CHECKING:
+    from engines.build.quantize import LayerWeights
+    from engines.quant.types import QuantizedWeight
 
 MIN_GROUP_SIZE = 32
 # Consumers before producers: down's scale goes into the `up` rows before gate_up is searched.
@@ -37,7 +41,7 @@ class _Int4(Scheme):
     grouped = True
     min_sm = 80  # kiln's CUDA int4 kernels follow TensorRT-LLM's support matrix: Ampere
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.torch.layers import formats as fmt
 
         qws = self.quantize_weights(layer, ctx)
@@ -45,7 +49,7 @@ class _Int4(Scheme):
                                   qws[kind].group_size)
                 for kind in layer.weights}
 
-    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+    def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         raise NotImplementedError
 
 
@@ -53,7 +57,7 @@ class Int4Rtn(_Int4):
     name = "int4-rtn"
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16", min_sm=80, grouped=True)
 
-    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+    def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.rtn import quantize_rtn
 
         return {kind: quantize_rtn(w, 4, effective_group_size(w.shape[1], ctx.group_size), False)
@@ -67,11 +71,11 @@ class Int4Awq(_Int4):
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_AWQ", min_sm=80, calibrated=True,
                                                            grouped=True)
 
-    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+    def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.awq import awq_quantize, search_clip
         from engines.quant.rtn import quantize_rtn
 
-        qws = {}
+        qws: dict[str, QuantizedWeight] = {}
         for kind in AWQ_ORDER:
             w = layer.weights[kind]
             g = effective_group_size(w.shape[1], ctx.group_size)
@@ -96,7 +100,7 @@ class Int4Gptq(_Int4):
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_GPTQ", min_sm=80, calibrated=True,
                                                            grouped=True)
 
-    def quantize_weights(self, layer, ctx: QuantizeContext) -> dict:
+    def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.gptq import gptq_quantize
 
         return {kind: gptq_quantize(w, h=ctx.stats(layer.name(kind)).hessian_mean(), bits=4,

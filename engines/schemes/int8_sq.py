@@ -7,9 +7,12 @@ X W^T is unchanged in exact arithmetic while X/s has a flatter range that per-to
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+if TYPE_CHECKING:
+    from engines.build.quantize import LayerWeights
 
 # SmoothQuant's migration strength; kiln's torch build and its TensorRT-LLM build (smoothquant_val) both use it.
 ALPHA = 0.5
@@ -28,14 +31,14 @@ class Int8SmoothQuant(Scheme):
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
         quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True, quant_config={"smoothquant_val": ALPHA})
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.quant.smoothquant import quantize_w8a8, smooth_scales
         from engines.quant.types import QuantizedWeight
         from engines.torch.layers import formats as fmt
 
         for kind in SMOOTHED:
             layer.scale_input(kind, smooth_scales(ctx.stats(layer.name(kind)).observer.amax, layer.weights[kind], ALPHA))
-        out = {}
+        out: dict[str, LayerResult] = {}
         for kind, w in layer.weights.items():
             qweight, scales = quantize_w8a8(w)
             qw = QuantizedWeight(qweight, scales.reshape(-1, 1), None, 8, None, True)

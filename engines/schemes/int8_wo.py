@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
+
+if TYPE_CHECKING:
+    from engines.build.quantize import LayerWeights
 
 
 class Int8WeightOnly(Scheme):
@@ -14,7 +17,7 @@ class Int8WeightOnly(Scheme):
     plan_row = True
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W8A16", min_sm=80)
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.quant.rtn import quantize_rtn
         from engines.torch.layers import formats as fmt
 

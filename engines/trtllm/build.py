@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engines import calibration
+from engines import calibration, schemes
 from engines.build import manifest as mf
 from engines.hardware import Hardware
 from engines.model_source import resolve_model
@@ -37,15 +37,20 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_NUM_TOKENS = 8192
 
 
+# What `--precision auto` builds with TensorRT-LLM, best first, each with its scheme's KV dtype: FP8 weights and KV
+# on Ada/Hopper and later, SmoothQuant INT8 with an INT8 KV cache on Ampere.
+AUTO_PRECISIONS = ("fp8", "int8-sq")
+
+
 def auto_precision(hardware: Hardware) -> tuple[str, str]:
-    """FP8 weights and KV on Ada/Hopper and later; SmoothQuant INT8 with an INT8 KV cache on Ampere."""
     sm = hardware.sm or 0
-    if sm >= 89:
-        return "fp8", "fp8"
-    if sm >= 80:
-        return "int8-sq", "int8"
-    raise trt.TrtllmUnsupported(f"TensorRT-LLM's quantized engines need a GPU with SM >= 80 and {hardware.name} is "
-                                f"SM {hardware.sm}; use --backend torch.")
+    for name in AUTO_PRECISIONS:
+        kv = schemes.get(name).default_kv
+        if sm >= trt.min_sm(name, kv):
+            return name, kv
+    oldest = min(trt.min_sm(name, schemes.get(name).default_kv) for name in AUTO_PRECISIONS)
+    raise trt.TrtllmUnsupported(f"TensorRT-LLM's quantized engines need a GPU with SM >= {oldest} and {hardware.name} "
+                                f"is SM {hardware.sm}; use --backend torch.")
 
 
 def build_trtllm(options, hardware: Hardware):
