@@ -15,12 +15,14 @@ from torch import nn
 from engines import schemes
 from engines.build import manifest as mf
 from engines.build.builder import build
+from engines.build.quantize import LayerWeights
 from engines.config import EngineConfig
 from engines.hardware import Hardware
 from engines.plan import ModelShape, format_plan, gpu_hardware, make_plan
 from engines.profiles import ProfileError, bytes_per_param, load_profile, supported_on
 from engines.schemes import LayerResult, QuantizeContext, Scheme
-from engines.torch.layers.formats import WeightFormat
+from engines.torch.layers.formats import Take, TakeOptional, WeightFormat
+from engines.torch.layers.linear import LinearDispatch
 from engines.torch.loader import load_engine_dir
 from engines.torch.models.llama import PROJECTIONS
 from engines.trtllm import api as trt
@@ -42,7 +44,8 @@ class ToyHalfLinear(nn.Module):
 class ToyHalfFormat(WeightFormat):
     name = "toy-half"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         return ToyHalfLinear(take("weight_half"), bias)
 
 
@@ -59,13 +62,16 @@ class ToyHalf(Scheme):
     sm_reason = "toy tensor cores"
     formats: ClassVar[tuple[WeightFormat, ...]] = (ToyHalfFormat(),)
 
-    def quantize_layer(self, layer, ctx: QuantizeContext) -> dict[str, LayerResult]:
+    def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         out = {}
         for kind, w in layer.weights.items():
-            ctx.collect("amax", float(ctx.stats(layer.name(kind)).observer.amax.max()))
+            observer = ctx.stats(layer.name(kind)).observer
+            assert observer is not None
+            ctx.collect("amax", float(observer.amax.max()))
             tensors = {f"{layer.name(kind)}.weight_half": w.half()}
-            if layer.bias(kind) is not None:
-                tensors[f"{layer.name(kind)}.bias"] = layer.bias(kind).to(ctx.store)
+            bias = layer.bias(kind)
+            if bias is not None:
+                tensors[f"{layer.name(kind)}.bias"] = bias.to(ctx.store)
             out[kind] = LayerResult(tensors)
         return out
 

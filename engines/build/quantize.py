@@ -108,9 +108,10 @@ def quantize_model(float_tensors: dict[str, torch.Tensor], args: LlamaArgs, prec
         out[layer.prefix + "input_norm.weight"] = layer.norms["qkv_proj"].to(store)
         out[layer.prefix + "post_norm.weight"] = layer.norms["gate_up_proj"].to(store)
         for kind in PROJECTIONS:
-            out.update(projections[kind].tensors)
-            if projections[kind].group_size is not None:
-                q.group_sizes[kind] = projections[kind].group_size
+            result = projections[kind]
+            out.update(result.tensors)
+            if result.group_size is not None:
+                q.group_sizes[kind] = result.group_size
 
     out["embed_tokens.weight"] = t["embed_tokens.weight"].to(store)
     out["norm.weight"] = t["norm.weight"].to(store)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, ClassVar
 from engines.schemes.base import LayerResult, QuantizeContext, Scheme, TrtllmMapping
 
 if TYPE_CHECKING:
+    import torch
+
     from engines.build.quantize import LayerWeights
 
 # SmoothQuant's migration strength; kiln's torch build and its TensorRT-LLM build (smoothquant_val) both use it.
@@ -37,7 +39,7 @@ class Int8SmoothQuant(Scheme):
         from engines.torch.layers import formats as fmt
 
         for kind in SMOOTHED:
-            layer.scale_input(kind, smooth_scales(ctx.stats(layer.name(kind)).observer.amax, layer.weights[kind], ALPHA))
+            layer.scale_input(kind, smooth_scales(_channel_amax(ctx, layer.name(kind)), layer.weights[kind], ALPHA))
         out: dict[str, LayerResult] = {}
         for kind, w in layer.weights.items():
             qweight, scales = quantize_w8a8(w)
@@ -47,3 +49,10 @@ class Int8SmoothQuant(Scheme):
 
     def details(self, ctx: QuantizeContext) -> dict[str, object]:
         return {"smoothquant_alpha": ALPHA}
+
+
+def _channel_amax(ctx: QuantizeContext, name: str) -> torch.Tensor:
+    observer = ctx.stats(name).observer
+    if observer is None:
+        raise RuntimeError(f"{name}: the calibration pass collected no per-channel input max")
+    return observer.amax

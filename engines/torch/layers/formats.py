@@ -72,13 +72,17 @@ def _with_bias(out: dict, prefix: str, bias: torch.Tensor | None, dtype: torch.d
     return out
 
 
+Take = Callable[[str], torch.Tensor]  # pops `<prefix>.<field>` onto the target device, KeyError if missing
+TakeOptional = Callable[[str], "torch.Tensor | None"]
+
+
 class WeightFormat:
     """A stored weight layout: its name in the manifest and the runtime module it becomes at load."""
 
     name: ClassVar[str]
 
-    def load(self, take: Callable[[str], torch.Tensor], take_optional: Callable[[str], torch.Tensor | None],
-             prefix: str, bias: torch.Tensor | None, dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         """The module for `prefix`; take(field) pops `<prefix>.<field>` (on the target device)."""
         raise NotImplementedError
 
@@ -86,14 +90,16 @@ class WeightFormat:
 class Dense(WeightFormat):
     name = "dense"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         return DenseLinear(take("weight").to(dtype), bias, dispatch)
 
 
 class Int8(WeightFormat):
     name = "int8"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         from engines.torch.layers.quantized import Int8WeightOnlyLinear
 
         return Int8WeightOnlyLinear(take("qweight"), take("scales"), bias)
@@ -102,7 +108,8 @@ class Int8(WeightFormat):
 class W8A8(WeightFormat):
     name = "w8a8"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         from engines.torch.layers.quantized import W8A8Int8Linear
 
         return W8A8Int8Linear(take("qweight"), take("scales"), bias)
@@ -111,7 +118,8 @@ class W8A8(WeightFormat):
 class Int4(WeightFormat):
     name = "int4"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         from engines.torch.layers.quantized import Int4WeightOnlyLinear
 
         packed, scales = take("qweight_packed"), take("scales")
@@ -127,7 +135,8 @@ class Int4(WeightFormat):
 class Fp8(WeightFormat):
     name = "fp8"
 
-    def load(self, take, take_optional, prefix, bias, dispatch, dtype) -> nn.Module:
+    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
+             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
         from engines.torch.layers.quantized import Fp8Linear
 
         return Fp8Linear(take("weight_fp8"), take("weight_scale"), bias)
