@@ -332,7 +332,8 @@ _INT_MM_MIN_M = 17  # torch._int_mm on CPU/CUDA requires M > 16 (and K, N multip
 
 
 def w8a8_fallback(x2: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
-    """Exact int32 accumulation without _int_mm (as w8a8_linear_reference's CPU path). x2 [M, K]."""
+    """Exact int32 accumulation without _int_mm (as the CPU path of w8a8_linear_reference, tests/quant_reference.py).
+    x2 [M, K]."""
     xq, xs = dynamic_quantize_per_token(x2)  # int8 [M, K], fp32 [M, 1]
     acc = xq.to(torch.int32) @ qweight.t().to(torch.int32)  # [M, N] int32
     return (acc.float() * xs * w_scales.float().reshape(1, -1)).to(x2.dtype)
