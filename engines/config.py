@@ -16,7 +16,9 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 MAX_SPECULATIVE_TOKENS = 16
 
 
-@dataclass
+# frozen: an engine is built from one config, and whatever resolves a setting later (an engine directory's
+# KV-cache dtype, for one) returns the resolved value instead of writing it back into the caller's config
+@dataclass(frozen=True)
 class EngineConfig:
     # A Hugging Face model folder, a .gguf file, a hub id, or None for the embedded default model.
     model: str | None = None

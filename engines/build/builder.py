@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,7 +51,7 @@ class BuildError(ValueError):
     """A build that cannot go ahead, with the one-sentence reason."""
 
 
-@dataclass
+@dataclass(frozen=True)  # what --draft-of resolves comes back as a new BuildOptions (_resolve_draft_of)
 class BuildOptions:
     model: str | None = None
     output: str = "engine"
@@ -120,7 +120,9 @@ class _Candidate:
 
 def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
     options.validate()
-    target = _resolve_draft_of(options) if options.draft_of else None
+    target = None
+    if options.draft_of:
+        options, target = _resolve_draft_of(options)
     if options.backend == "trtllm":
         from engines.trtllm.build import build_trtllm
 
@@ -230,9 +232,10 @@ def up_to_date_engine(output: Path, build_hash: str, force: bool) -> dict | None
     return existing
 
 
-def _resolve_draft_of(options: BuildOptions) -> dict:
+def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, dict]:
     """--draft-of ENGINE: the draft is, unless --model says otherwise, the target's own model, and unless
-    --precision says otherwise its INT4 (AWQ) build: the smallest weights that still agree often."""
+    --precision says otherwise its INT4 (AWQ) build: the smallest weights that still agree often. Returns
+    the options with those filled in, and the target's manifest."""
     if not mf.is_engine_dir(options.draft_of):
         raise BuildError(f"--draft-of {options.draft_of} is not a kiln engine directory (it has no engine.json).")
     try:
@@ -241,10 +244,10 @@ def _resolve_draft_of(options: BuildOptions) -> dict:
         raise BuildError(f"--draft-of {options.draft_of}: {exc}") from exc
     if options.model is None:
         source = target.get("model", {}).get("source", "")
-        options.model = None if source.startswith("embedded:") else source
+        options = replace(options, model=None if source.startswith("embedded:") else source)
     if options.precision == "auto":
-        options.precision = DRAFT_PRECISION
-    return target | {"path": str(Path(options.draft_of).expanduser().resolve())}
+        options = replace(options, precision=DRAFT_PRECISION)
+    return options, target | {"path": str(Path(options.draft_of).expanduser().resolve())}
 
 
 def _check_same_vocabulary(tokenizer, target: dict) -> None:

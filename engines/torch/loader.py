@@ -76,8 +76,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 def load_engine_dir(config: EngineConfig) -> LoadedModel:
     """An engine directory written by `kiln build`: its manifest is checked (schema, checksums, hardware)
-    before anything loads, the stored (already quantized) weights become their runtime modules, and the
-    engine's KV-cache dtype and calibrated scales are put into `config` for build_core."""
+    before anything loads, and the stored (already quantized) weights become their runtime modules. The
+    engine's KV-cache dtype and calibrated scales travel in the LoadedModel (see kv_cache_settings)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -98,10 +98,9 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
     tensors = {name: _aligned(t) for name, t in load_file(str(folder / mf.WEIGHTS), device=str(device)).items()}
     scales = tensors.pop("kv_cache.scales", None)
     model = assemble(LlamaArgs.from_hf_config(hf_config), tensors, manifest["weight_formats"], dtype, device)
-    config.kv_cache_dtype = manifest.get("kv_cache_dtype", "model")
-    config.kv_cache_scales = scales
     name = config.served_model_name or manifest.get("served_model_name") or _engine_model_name(manifest, folder)
-    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest, config.kv_cache_dtype, scales)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest,
+                       manifest.get("kv_cache_dtype", "model"), scales)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -138,15 +137,17 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     if loaded.device.type == "cpu":
         host_malloc.tune()  # activations of every step are host memory here
     args = loaded.model.args
-    kv_scales = config.kv_cache_scales if config.kv_cache_dtype != "model" else None
-    if config.kv_cache_dtype == "int8" and kv_scales is None:
+    kv_cache_dtype, kv_scales = kv_cache_settings(config, loaded)
+    if kv_cache_dtype == "model":
+        kv_scales = None
+    if kv_cache_dtype == "int8" and kv_scales is None:
         raise ValueError(KVCache.INT8_NEEDS_SCALES)
     if kv_scales is not None and tuple(kv_scales.shape) != (args.num_layers, 2, args.num_kv_heads):
         raise ValueError(
             f"kv_cache_scales has shape {list(kv_scales.shape)} but this model needs "
             f"[{args.num_layers}, 2, {args.num_kv_heads}] (layers, key/value, KV heads)."
         )
-    kv_dtype = KVCache.storage_dtype(config.kv_cache_dtype, loaded.dtype)
+    kv_dtype = KVCache.storage_dtype(kv_cache_dtype, loaded.dtype)
     per_block = KVCache.bytes_per_block(args.num_layers, config.block_size, args.num_kv_heads, args.head_dim, kv_dtype)
     num_blocks = kv_budget_bytes(config, loaded.device) // per_block
     if num_blocks < 2:
@@ -174,7 +175,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
     loaded.model.init_rope(max_model_len, loaded.dtype, loaded.device)
     graphs = decode_graphs(config, loaded.device)
     kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype,
-                       loaded.device, config.kv_cache_dtype, kv_scales, scratch_block=graphs)
+                       loaded.device, kv_cache_dtype, kv_scales, scratch_block=graphs)
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     budget = config.max_num_batched_tokens or default_batched_tokens(loaded.device)
     scheduler = Scheduler(bm, config.max_num_seqs, budget)
@@ -194,6 +195,14 @@ def log_kernels(runner: ModelRunner) -> None:
     dense = next((m.dispatch for m in runner.model.modules() if isinstance(m, DenseLinear)), None)
     log.info("Kernels: attention %s; dense linear layers: %s", runner.attention.describe(),
              dense.describe() if dense else "none")
+
+
+def kv_cache_settings(config: EngineConfig, loaded: LoadedModel) -> tuple[str, torch.Tensor | None]:
+    """The KV-cache dtype and scales to build with: a built engine's own (its manifest and calibrated scales
+    decide them), else the config's."""
+    if loaded.manifest is not None:
+        return loaded.kv_cache_dtype, loaded.kv_cache_scales
+    return config.kv_cache_dtype, config.kv_cache_scales
 
 
 def decode_graphs(config: EngineConfig, device: torch.device) -> bool:
