@@ -19,7 +19,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "build" / "calibration"
+from engines.data_files import data_dir
+
+CALIBRATION_DIR = data_dir("calibration")
 CALIBRATION_FILE = "calib.jsonl"
 EVAL_FILE = "eval.jsonl"
 

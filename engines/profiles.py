@@ -37,9 +37,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from engines import schemes
+from engines.data_files import data_dir
 from engines.hardware import CPU_FLAGS_OF_INTEREST, Hardware
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "build" / "profiles"
+PROFILES_DIR = data_dir("profiles")
 
 BACKENDS = ("torch", "trtllm")
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
