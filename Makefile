@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fuzz test-docker bench bench-lm-eval
+.PHONY: install serve test test-fuzz test-wheel test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -31,14 +31,19 @@ test: install
 test-fuzz: install
 	$(BIN)/python -m pytest tests/fuzz -m fuzz $(PYTEST_ARGS)
 
+# the built wheel in a fresh venv: `kiln profiles` and one chat completion from it (tests/wheel; `make test`
+# leaves the folder out, see norecursedirs)
+test-wheel: install
+	$(BIN)/python -m pytest tests/wheel -m wheel $(PYTEST_ARGS)
+
 # compose.yaml end to end on a Docker engine with Compose v2 (CI starts one with ../shared/ci/docker-engine.sh)
 test-docker: install
 	PYTHON=$(BIN)/python bash scripts/compose-check.sh
 
 # kiln's three engines over HTTP with bench/serve.py (peers too once `bench/peers.py install` has run)
 bench: install
-	$(BIN)/python bench/peers.py run --only "kiln bf16" "kiln int8" "kiln int4"
+	$(BIN)/python -m bench.peers run --only "kiln bf16" "kiln int8" "kiln int4"
 
 # lm-evaluation-harness on tests/lm_eval's local tasks: transformers float32 vs kiln float32 and bf16
 bench-lm-eval: install
-	$(BIN)/python bench/lm_eval_accuracy.py
+	$(BIN)/python -m bench.lm_eval_accuracy

@@ -6,8 +6,8 @@ against the unquantized float32 model, decode tok/s is measured by each build at
 32. Prints the Markdown table, writes bench/results/build_matrix.{json,md,png}. Run it alone on the
 machine: the speeds are only comparable when nothing else competes for the cores.
 
-    .venv/bin/python bench/build_matrix.py                         # the full matrix (~30-60 min on 2 cores)
-    .venv/bin/python bench/build_matrix.py --rows int8-wo:int8 int4-awq:model --eval-samples 32
+    .venv/bin/python -m bench.build_matrix                         # the full matrix (~30-60 min on 2 cores)
+    .venv/bin/python -m bench.build_matrix --rows int8-wo:int8 int4-awq:model --eval-samples 32
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.build.builder import BuildOptions, build  # noqa: E402
-from engines.build.report import markdown_table, report_row  # noqa: E402
+from engines.build.builder import BuildOptions, build
+from engines.build.report import markdown_table, report_row
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_ROWS = ["fp32:model", "bf16:model", "bf16:int8", "bf16:fp8", "fp8:fp8", "int8-wo:model", "int8-wo:int8",

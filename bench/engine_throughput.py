@@ -4,8 +4,8 @@ Default model, fixed-length prompts and outputs (ignore_eos), concurrency 1, 8, 
 float32; in the same run transformers generates batch-1 sequentially and as padded static batches.
 Prints a Markdown table and writes JSON (and a PNG plot) to bench/results/.
 
-    .venv/bin/python bench/engine_throughput.py                 # the full table
-    .venv/bin/python bench/engine_throughput.py --dtypes bfloat16 --concurrency 1 32 --no-hf
+    .venv/bin/python -m bench.engine_throughput                 # the full table
+    .venv/bin/python -m bench.engine_throughput --dtypes bfloat16 --concurrency 1 32 --no-hf
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from engines.config import EngineConfig  # noqa: E402
-from engines.torch.loader import build_core, load_model  # noqa: E402
+from engines.base import GenerationRequest, SamplingParams
+from engines.config import EngineConfig
+from engines.torch.loader import build_core, load_model
 
 RESULTS = Path(__file__).parent / "results"
 MEM_BANDWIDTH = 33e9  # bytes/s, measured on this machine kind (PERF-NOTES.md)

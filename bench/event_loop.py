@@ -16,8 +16,8 @@ probe is a separate process so that the load this script generates cannot delay 
 Each scenario's probes are those sent from the start of its load until 1 s after it ends (leftover work, such as
 tokenizing a prompt whose request has already failed, shows there). The goal is probe p99 < 100 ms in every one.
 
-    python bench/event_loop.py                                   # starts `kiln serve` on a free port, stops it after
-    python bench/event_loop.py --base-url http://127.0.0.1:8000 --body-limit 33554432   # a running server
+    python -m bench.event_loop                                   # starts `kiln serve` on a free port, stops it after
+    python -m bench.event_loop --base-url http://127.0.0.1:8000 --body-limit 33554432   # a running server
 Prints a Markdown table and writes JSON and PNG (probe latency over time, p99 per scenario) to bench/results/.
 """
 

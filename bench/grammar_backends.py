@@ -13,7 +13,7 @@ Over the schemas of tests/structured_schemas.py, for each library:
   batch of 32  32 matchers mid-walk, one mask each into a [32, 49152] bitmask: 32 sequential fills vs
                xgrammar's BatchGrammarMatcher and llguidance's LLExecutor, both given every core.
 
-    python bench/grammar_backends.py
+    python -m bench.grammar_backends
 Prints a Markdown table and writes JSON and PNG (CDFs of compile time and of per-token mask time) to bench/results/.
 """
 
@@ -33,9 +33,8 @@ import numpy as np
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from event_loop import RESULTS, cpu_model  # noqa: E402
-from tests.structured_schemas import EXAMPLES, SCHEMAS  # noqa: E402
+from bench.event_loop import RESULTS, cpu_model
+from tests.structured_schemas import EXAMPLES, SCHEMAS
 
 VOCAB = 49152
 BATCH = 32

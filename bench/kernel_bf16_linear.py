@@ -8,8 +8,8 @@ does. For each M the variants run interleaved, stack after stack, so machine noi
 shared) hits them alike; the table reports medians. A read-only pass over the same tensors
 (`torch.sum` of their bytes seen as float32) is timed alongside as the memory-read reference.
 
-    .venv/bin/python bench/kernel_bf16_linear.py                  # M = 1 2 4 8 16
-    .venv/bin/python bench/kernel_bf16_linear.py --ms 8 16 32 64 512 --reps 7
+    .venv/bin/python -m bench.kernel_bf16_linear                  # M = 1 2 4 8 16
+    .venv/bin/python -m bench.kernel_bf16_linear --ms 8 16 32 64 512 --reps 7
 
 Each variant gets its own copy of the weights in the layout it reads ("oneDNN packed": reordered once
 by torch.ops.mkldnn._reorder_linear_weight, as DenseLinear does; "amx_linear": amx_linear.pack).
@@ -21,15 +21,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.torch.kernels import amx_linear  # noqa: E402
-from engines.torch.kernels import bf16_linear as kernel  # noqa: E402
+from engines.torch.kernels import amx_linear
+from engines.torch.kernels import bf16_linear as kernel
 
 MEM_BANDWIDTH = 33e9  # bytes/s, fp32 sum, measured on this machine kind (PERF-NOTES.md)
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down

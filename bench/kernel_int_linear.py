@@ -7,10 +7,10 @@ bf16 weight-streaming kernel (bf16_linear) on the same shapes is the bar to beat
 variants run interleaved, stack after stack, so machine noise hits them alike; the table reports medians
 of ms per stack and effective GB/s = bytes of weight (codes + scales + zero points) / time.
 
-    .venv/bin/python bench/kernel_int_linear.py                       # M = 1 2 4 8 16
-    .venv/bin/python bench/kernel_int_linear.py --wait-idle 600       # on a shared machine
-    .venv/bin/python bench/kernel_int_linear.py --ms 8 12 16 24 32 --reps 9 --group 64
-    .venv/bin/python bench/kernel_int_linear.py --only "int4 kernel" "int4 torch" --asym
+    .venv/bin/python -m bench.kernel_int_linear                       # M = 1 2 4 8 16
+    .venv/bin/python -m bench.kernel_int_linear --wait-idle 600       # on a shared machine
+    .venv/bin/python -m bench.kernel_int_linear --ms 8 12 16 24 32 --reps 9 --group 64
+    .venv/bin/python -m bench.kernel_int_linear --only "int4 kernel" "int4 torch" --asym
 
 "int8 amx" / "int4 amx" (Intel AMX CPUs only) are engines/torch/kernels/amx_linear's W8A16 / W4A16 paths
 on the same codes.
@@ -24,18 +24,16 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.quant.rtn import quantize_rtn  # noqa: E402
-from engines.torch.kernels import amx_linear  # noqa: E402
-from engines.torch.kernels import bf16_linear as bf16k  # noqa: E402
-from engines.torch.kernels import int_linear as kernel  # noqa: E402
-from engines.torch.layers.quantized import int4_to_torch_cpu_format  # noqa: E402
+from engines.quant.rtn import quantize_rtn
+from engines.torch.kernels import amx_linear
+from engines.torch.kernels import bf16_linear as bf16k
+from engines.torch.kernels import int_linear as kernel
+from engines.torch.layers.quantized import int4_to_torch_cpu_format
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down
 LM_HEAD = (49152, 576)

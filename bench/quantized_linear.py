@@ -5,7 +5,7 @@ tensors, plus the [49152x576] LM head, all [N x K]. Each layer's weights are sep
 streams the whole stack from memory (no cache reuse), like one decode step. Reports ms per stack
 (median) and effective GB/s = weight bytes read / time, as a Markdown table.
 
-    python bench/quantized_linear.py [--reps 7] [--ms 1,8,32] [--threads N]
+    python -m bench.quantized_linear [--reps 7] [--ms 1,8,32] [--threads N]
 
 The int8 / int4 rows measure the layers as the engine runs them: kiln's AVX-512 kernels
 (engines/torch/kernels/int_linear) for M <= SMALL_M_MAX_INT8/INT4 where available, torch's kernels or
@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.quant.fp8 import quantize_fp8  # noqa: E402
-from engines.quant.rtn import quantize_rtn  # noqa: E402
-from engines.torch.layers.quantized import (  # noqa: E402
+from engines.quant.fp8 import quantize_fp8
+from engines.quant.rtn import quantize_rtn
+from engines.torch.layers.quantized import (
     Fp8Linear,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,

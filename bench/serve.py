@@ -12,8 +12,8 @@ Metrics follow vLLM's `benchmark_serving` definitions:
   E2E   last chunk - request sent                           (per request)
   request and output-token throughput over the level's wall time; goodput: requests/s meeting every SLO.
 
-    python bench/serve.py --base-url http://127.0.0.1:8000 --concurrency 1 8 32
-    python bench/serve.py --base-url http://127.0.0.1:8000 --request-rate 1 4 --goodput ttft:500 tpot:50
+    python -m bench.serve --base-url http://127.0.0.1:8000 --concurrency 1 8 32
+    python -m bench.serve --base-url http://127.0.0.1:8000 --request-rate 1 4 --goodput ttft:500 tpot:50
 Prints a Markdown table and writes JSON and PNG (throughput vs load, latency percentiles) to bench/results/.
 """
 
@@ -55,7 +55,6 @@ class RequestResult:
 
 def default_tokenizer() -> str:
     """The default model's Hugging Face folder (converted from its GGUF by kiln, once)."""
-    sys.path.insert(0, str(REPO))
     from engines.model_source import resolve_model
 
     return str(resolve_model(None))

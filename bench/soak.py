@@ -17,9 +17,9 @@ the load it waits for the server to go idle, then checks the goals (exit status 
     at idle is a leak;
   - RSS growth < 5% from the warm-up point (60 s into the load, or half of a shorter run) to the end.
 
-    python bench/soak.py                                    # starts `kiln serve` on a free port, stops it after
-    python bench/soak.py --duration 60 --concurrency 8
-    python bench/soak.py --base-url http://127.0.0.1:8000 --pid 1234
+    python -m bench.soak                                    # starts `kiln serve` on a free port, stops it after
+    python -m bench.soak --duration 60 --concurrency 8
+    python -m bench.soak --base-url http://127.0.0.1:8000 --pid 1234
 Prints progress every 30 s and a Markdown table at the end; writes JSON and PNG (RSS and KV usage over time) to
 bench/results/.
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from event_loop import RESULTS, auth, cpu_model, start_server, stop_server, words
+from bench.event_loop import RESULTS, auth, cpu_model, start_server, stop_server, words
 
 ABANDON_FRACTION = 0.2
 BAD_CASES = ("temperature -1", "unknown model", "malformed JSON", "top_k 2**63", "lone surrogate")

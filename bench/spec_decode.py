@@ -11,8 +11,8 @@ For each speculative row: acceptance rate (accepted / proposed), α (accepted / 
 the per-token acceptance probability of the geometric model), and tokens per verification step measured
 (1 + accepted drafts per step) next to what α predicts: (1 - α^(k+1)) / (1 - α).
 
-    .venv/bin/python bench/spec_decode.py                      # builds the INT4 draft once (a few minutes)
-    .venv/bin/python bench/spec_decode.py --draft DIR --new-tokens 64 --requests 4
+    .venv/bin/python -m bench.spec_decode                      # builds the INT4 draft once (a few minutes)
+    .venv/bin/python -m bench.spec_decode --draft DIR --new-tokens 64 --requests 4
 
 Prints a Markdown table and writes JSON and a PNG to bench/results/.
 """
@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines import calibration  # noqa: E402
-from engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from engines.config import EngineConfig  # noqa: E402
-from engines.torch.loader import build_core, load_draft, load_model  # noqa: E402
+from engines import calibration
+from engines.base import GenerationRequest, SamplingParams
+from engines.config import EngineConfig
+from engines.torch.loader import build_core, load_draft, load_model
 
 RESULTS = Path(__file__).parent / "results"
 REWRITE = "Rewrite the following text, keeping every sentence and detail, with correct punctuation:\n\n{text}"

@@ -17,9 +17,9 @@ Before the arms, every schema is compiled on the server by a 1-token constrained
 warmed, so neither compile time nor first-call costs fall inside an arm. Each arm's requests are split into
 --rounds rounds run in the order U C, C U, U C, ...: drift on a noisy machine then weighs on both arms alike.
 
-    python bench/structured.py                                   # starts `kiln serve` on a free port, stops it after
-    python bench/structured.py --requests-1 2 --requests-32 8 --max-tokens 32    # a quick check
-    python bench/structured.py --base-url http://127.0.0.1:8000
+    python -m bench.structured                                   # starts `kiln serve` on a free port, stops it after
+    python -m bench.structured --requests-1 2 --requests-32 8 --max-tokens 32    # a quick check
+    python -m bench.structured --base-url http://127.0.0.1:8000
 Prints progress and Markdown tables; writes JSON and PNG (tok/s per arm, compile time per schema, TTFT) to
 bench/results/.
 """
@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 from openai import AsyncOpenAI
 
-from event_loop import RESULTS, cpu_model, start_server, stop_server
+from bench.event_loop import RESULTS, cpu_model, start_server, stop_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.structured_schemas import SCHEMAS  # noqa: E402
+from tests.structured_schemas import SCHEMAS
 
 REQUEST_TIMEOUT_S = 600
 GOAL_RATIO = 0.90

@@ -14,6 +14,6 @@ if ! "$PY" -c "import torch, transformers, safetensors, tqdm" 2>/dev/null; then
   PY=.venv-gpu/bin/python
 fi
 status=0
-"$PY" scripts/gpu_check.py "$@" || status=$?
-"$PY" scripts/gpu_bench_8b.py || status=$?
+"$PY" -m scripts.gpu_check "$@" || status=$?
+"$PY" -m scripts.gpu_bench_8b || status=$?
 exit "$status"

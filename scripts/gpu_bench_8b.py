@@ -1,7 +1,7 @@
 """Decode speed of kiln's torch engine on a Llama-3-8B-shaped model, bf16 vs FP8 weights: one Markdown table.
 
-    python scripts/gpu_bench_8b.py                   # on a CUDA GPU (defaults: Llama-3-8B shapes, H200 peak)
-    python scripts/gpu_bench_8b.py --device cpu --layers 2 --hidden 256 --intermediate 512 --vocab 1000 \\
+    python -m scripts.gpu_bench_8b                   # on a CUDA GPU (defaults: Llama-3-8B shapes, H200 peak)
+    python -m scripts.gpu_bench_8b --device cpu --layers 2 --hidden 256 --intermediate 512 --vocab 1000 \\
         --heads 4 --kv-heads 2                       # dry run on a CPU
 
 Weights are random (nothing is saved or loaded) and created on the device, then go through the code an
@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from engines.build.quantize import quantize_model  # noqa: E402
-from engines.config import EngineConfig  # noqa: E402
-from engines.torch.loader import LoadedModel, build_core  # noqa: E402
-from engines.torch.model_runner import KVCache  # noqa: E402
-from engines.torch.models.llama import PROJECTIONS, LlamaArgs, assemble  # noqa: E402
+from engines.base import GenerationRequest, SamplingParams
+from engines.build.quantize import quantize_model
+from engines.config import EngineConfig
+from engines.torch.loader import LoadedModel, build_core
+from engines.torch.model_runner import KVCache
+from engines.torch.models.llama import PROJECTIONS, LlamaArgs, assemble
 
 DTYPE = torch.bfloat16  # the model's (activation) dtype in both precisions
 INIT_STD = 0.02  # Llama's initializer_range

@@ -1,8 +1,8 @@
 """One prepared device check: build FP8, INT8 (SmoothQuant) and INT4 (AWQ) engines of a Llama-shaped
 random model on the GPU, check each against float32 and time decode, print one table.
 
-    .venv/bin/python scripts/gpu_check.py                      # on a CUDA machine (the point of it)
-    .venv/bin/python scripts/gpu_check.py --device cpu --hidden 256 --layers 2   # dry run on a CPU
+    .venv/bin/python -m scripts.gpu_check                      # on a CUDA machine (the point of it)
+    .venv/bin/python -m scripts.gpu_check --device cpu --hidden 256 --layers 2   # dry run on a CPU
 
 The model is random (Llama architecture, GQA, the default model's tokenizer), so accuracy figures
 only say the quantized paths compute what float does; the KL bound checked is loose on purpose.
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.build.builder import BuildError, BuildOptions, build  # noqa: E402
-from engines.model_source import resolve_model  # noqa: E402
+from engines.build.builder import BuildError, BuildOptions, build
+from engines.model_source import resolve_model
 
 PRECISIONS = [("bf16", "model"), ("fp8", "fp8"), ("int8-sq", "int8"), ("int4-awq", "int8")]
 MAX_KL = 0.5  # random weights make peaked but fragile distributions; a broken path gives KL >> 1
