@@ -106,7 +106,7 @@ class ServerSettings(BaseSettings):
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
-    def _origin_list(cls, value):
+    def _origin_list(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             value = [origin.strip() for origin in value.split(",") if origin.strip()]
         for origin in value:
@@ -118,7 +118,7 @@ class ServerSettings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _lowercase(cls, value):
+    def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="before")
