@@ -58,10 +58,28 @@ def greedy_tokens(loaded: LoadedModel, config: EngineConfig, prompts: list[list[
 PROMPTS = [[1, 500, 600, 700, 800, 900], [1, 42, 4242, 31337, 7, 7, 7, 9000]]
 
 
+# Calibrated precisions: rebuilding them in memory would need the same calibration pass, so only the others are
+# compared with an in-memory quantization (the uncalibrated code paths they share are covered there).
+CALIBRATED = ("int4-awq", "int4-gptq", "int8-sq")
+
+
+@pytest.fixture(scope="module")
+def engine_of(tiny_chat_model, tmp_path_factory):
+    """precision -> (engine directory, BuildResult), built once per module."""
+    built: dict[str, tuple[Path, object]] = {}
+
+    def get(precision: str):
+        if precision not in built:
+            out = tmp_path_factory.mktemp(precision) / "engine"
+            built[precision] = (out, build(options(tiny_chat_model, out, precision=precision)))
+        return built[precision]
+
+    return get
+
+
 @pytest.mark.parametrize("precision", torch_names())
-def test_every_precision_builds_and_round_trips(tiny_chat_model, tmp_path, precision):
-    out = tmp_path / "engine"
-    result = build(options(tiny_chat_model, out, precision=precision))
+def test_every_precision_builds_and_round_trips(engine_of, precision):
+    out, result = engine_of(precision)
     assert not result.reused
     m = result.manifest
     assert m["schema_version"] == mf.SCHEMA_VERSION and m["precision"] == precision and m["backend"] == "torch"
@@ -71,15 +89,22 @@ def test_every_precision_builds_and_round_trips(tiny_chat_model, tmp_path, preci
     assert report["accuracy"]["positions"] > 0 and 0 <= report["accuracy"]["top1_agreement"] <= 1
     assert "| precision |" in (out / "build-report.md").read_text()
 
-    # The served engine (loaded from disk) answers like the model the build evaluated in memory.
-    config = EngineConfig(engine_dir=str(out), kv_cache_memory=16 << 20)
-    loaded = load_engine_dir(config)
+    # The engine loads from disk into its precision's runtime layers.
+    loaded = load_engine_dir(EngineConfig(engine_dir=str(out), kv_cache_memory=16 << 20))
     from engines.torch.models.llama import PROJECTIONS
 
     expected_format = {"fp32": "DenseLinear", "bf16": "DenseLinear", "int8-wo": "Int8WeightOnlyLinear",
                        "int8-sq": "W8A8Int8Linear", "fp8": "Fp8Linear"}.get(precision, "Int4WeightOnlyLinear")
     for kind in PROJECTIONS:
         assert type(getattr(loaded.model.layers[0], kind)).__name__ == expected_format
+
+
+@pytest.mark.parametrize("precision", [p for p in torch_names() if p not in CALIBRATED])
+def test_served_engine_answers_like_the_model_quantized_in_memory(tiny_chat_model, engine_of, precision):
+    """The served engine (loaded from disk) answers like the model the build evaluated in memory."""
+    out, _ = engine_of(precision)
+    config = EngineConfig(engine_dir=str(out), kv_cache_memory=16 << 20)
+    loaded = load_engine_dir(config)
     from_disk = greedy_tokens(loaded, config, PROMPTS)
 
     from engines.build.quantize import quantize_model
@@ -88,8 +113,6 @@ def test_every_precision_builds_and_round_trips(tiny_chat_model, tmp_path, preci
     args = loaded.model.args
     cpu = torch.device("cpu")
     float_tensors = read_hf_checkpoint(tiny_chat_model, args, torch.float32, cpu)
-    if precision in ("int4-awq", "int4-gptq", "int8-sq"):
-        return  # calibrated: in-memory rebuild would need the same calibration pass; the tokens below cover RTN
     q = quantize_model(float_tensors, args, precision, None, progress=False)
     in_memory = assemble(LlamaArgs.from_hf_config(loaded.hf_config), dict(q.tensors), q.formats, loaded.dtype, cpu)
     same = LoadedModel(in_memory, loaded.hf_config, loaded.tokenizer, "x", tiny_chat_model, loaded.dtype, cpu)
