@@ -24,7 +24,7 @@ from engines.config import EngineConfig
 from engines.torch.loader import build_core, load_model
 
 RESULTS = Path(__file__).parent / "results"
-MEM_BANDWIDTH = 33e9  # bytes/s, measured on this machine kind (PERF-NOTES.md)
+MEM_BANDWIDTH = 33e9  # bytes/s, measured on this machine kind (docs/performance.md, "Machine limits")
 BF16_FLOPS = 130e9
 
 

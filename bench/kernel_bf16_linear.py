@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from engines.torch.kernels import amx_linear
 from engines.torch.kernels import bf16_linear as kernel
 
-MEM_BANDWIDTH = 33e9  # bytes/s, fp32 sum, measured on this machine kind (PERF-NOTES.md)
+MEM_BANDWIDTH = 33e9  # bytes/s, fp32 sum, measured on this machine kind (docs/performance.md, "Machine limits")
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down
 LM_HEAD = (49152, 576)
 

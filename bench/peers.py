@@ -33,7 +33,7 @@ ENGINES = RESULTS / "engines"
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 
-# What PERF-NOTES.md gives as this machine's limits; each run measures them again (measure_machine), because
+# What docs/performance.md gives as this machine's limits; each run measures them again (measure_machine), because
 # this VM's bandwidth drifts and oneDNN's AMX matmuls run far above the 130 GFLOP/s measured for GEMV.
 NOMINAL = {"read_bandwidth": 33e9, "bf16_flops": 130e9}  # bytes/s, FLOP/s
 # KV cache bytes per element each server reads: kiln's int8 engine keeps an INT8 cache, the rest 16-bit ones

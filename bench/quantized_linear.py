@@ -47,7 +47,7 @@ class _Fn:
 
 
 def int4_group(k: int) -> int:
-    return 128 if k % 128 == 0 else 64  # K=576 is not a multiple of 128 (PERF-NOTES)
+    return 128 if k % 128 == 0 else 64  # K=576 is not a multiple of 128
 
 
 def build(seed: int = 0):

@@ -93,11 +93,9 @@ class EngineConfig:
                              f"{self.ngram_max}.")
 
 
-# A CPU prefills SmolLM2-135M at ~2500-5000 tokens/s: a 2048-token step (vLLM's default) holds every running
-# stream for 0.4-0.8 s and makes a burst of prompts wait for whole such steps. 512 on CPU halved kiln's TTFT p50
-# at concurrency 32 (5 alternating runs: 383-474 vs 621-1123 ms) at the same throughput (-1.6%, within noise);
-# TTFT p99 rose ~20%, and ITL p99 rose from 83-110 to 200-306 ms because the shorter stalls come more often
-# (the longest stall fell from ~800 to ~250 ms).
+# A CPU prefills far slower than a GPU: a 2048-token step (vLLM's default) holds every running stream for most
+# of a second and makes a burst of prompts wait for whole such steps. 512 on CPU halved TTFT p50 at concurrency 32
+# at the same throughput, at the price of more frequent, shorter stalls (docs/performance.md, "Defaults").
 DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 

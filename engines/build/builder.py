@@ -1,4 +1,4 @@
-"""`kiln build`: model folder -> engine directory (DESIGN.md, "Engine directory").
+"""`kiln build`: model folder -> engine directory (docs/architecture.md, "The build pipeline").
 
 Phases, each with a progress bar: load the float model, calibrate (only when the precision or the
 KV cache needs statistics), quantize layer by layer, evaluate against the float model on the

@@ -3,8 +3,8 @@
 glibc serves an allocation above its mmap threshold (128 KiB, raised on the fly up to the largest freed chunk)
 with a fresh mmap, and gives the top of its heaps back once 2x that much is free. A step allocates and frees
 the same activations again and again (a 2048-token prefill of SmolLM2-135M: [2048, 3072] gate_up outputs of
-12.6 MB, ...), so every one of them came back as new zero pages: 50-75 thousand page faults per prefill step
-on this VM (getrusage), against a few hundred after tuning. vLLM preloads tcmalloc for the same reason.
+12.6 MB, ...), so every one of them came back as new zero pages: tens of thousands of page faults per
+prefill step, against a few hundred after tuning (docs/performance.md). vLLM preloads tcmalloc for the same reason.
 
 tune() raises the mmap threshold to its 32 MiB maximum and keeps up to 1 GiB of free heap; it leaves malloc
 alone when another allocator is preloaded, when the user set these tunables (MALLOC_*_ variables or

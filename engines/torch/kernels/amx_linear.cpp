@@ -3,7 +3,7 @@
 //
 // Why: from a few rows to a few dozen a linear layer only needs to stream its weight once, but the
 // AVX-512 kernels (bf16_gemv.cpp, int_gemv.cpp) become compute-bound past ~8 rows and oneDNN's packed
-// matmul reaches ~12 GB/s of a machine that reads 16-25. AMX's tile multiply does 16x16x32
+// matmul streams the weight at about half the machine's read rate. AMX's tile multiply does 16x16x32
 // multiply-adds per instruction, so the arithmetic disappears behind the weight stream.
 //
 // How:

@@ -3,16 +3,15 @@
 From a few rows to a few dozen a linear layer is bound by reading its weight once, but the AVX-512
 kernel (bf16_linear) runs out of arithmetic past ~8 rows and oneDNN's packed matmul streams the weight
 at about half the machine's read rate. AMX tiles do the arithmetic in a few instructions per 2 KiB of
-weight, so the kernel (amx_linear.cpp) runs at the memory's pace. SmolLM2-135M-shaped stack of cold
-layers, 2 threads (bench/kernel_bf16_linear.py), ms per stack AMX vs oneDNN packed: M = 1 12.4 vs 26.4
-(bf16_linear 13.1), 8: 13.0 vs 26.1 (22.2), 16: 14.0 vs 27.0, 32: 18.0 vs 37.8, 64: 29.0 vs 35.4,
-512: 194 vs 221, 2048: 981 vs 735 -- hence MAX_ROWS.
+weight, so the kernel (amx_linear.cpp) runs at the memory's pace. It beats oneDNN's packed matmul up to
+a few hundred rows and loses to it at long prefills (bench/kernel_bf16_linear.py; figures in
+docs/performance.md) -- hence MAX_ROWS.
 
 `amx_int8_linear` does the same for weight-only int8 (W8A16): codes packed the same way, widened to
 bf16 in cache per k step, per-column scales applied to the fp32 sums. `amx_int4_linear` does it for
 group-wise int4 (W4A16, groups of a multiple of 32): (q - z) widened exactly, each group's sums scaled.
-Same stack at 32 rows (bench/kernel_int_linear.py): int8 12-17 ms against kiln's AVX-512 kernel's 52-67,
-int4 20.5 against 67.8; below ~8 rows the AVX-512 kernels are faster (quantized.AMX_INT8_MIN_ROWS).
+At 32 rows these are several times faster than kiln's AVX-512 kernels; below ~8 rows the AVX-512 kernels
+are faster (quantized.AMX_INT8_MIN_ROWS; bench/kernel_int_linear.py).
 
 The weight is packed once (`pack`, plain torch) into tile order; N and K must be multiples of 32
 (`fits`). `available()` is False on CPUs without AMX (AMD, Intel before Sapphire Rapids), when Linux

@@ -2,8 +2,8 @@
 // M small (1..32), x bf16 or fp32 (kept exact: W8A16 / W4A16), fp32 accumulation. Plus the matching
 // dequantizers (large-M prefill: dequantize once, then F.linear).
 //
-// Why: decode is bound by streaming weights; torch's int8pack / int4pack CPU kernels reach ~9-10 GB/s
-// of (quantized) weight at M = 1 and get much slower at M = 4..8. These kernels read each weight byte
+// Why: decode is bound by streaming weights; torch's int8pack / int4pack CPU kernels stream them well
+// below the machine's read rate at M = 1 and get much slower at M = 4..8 (docs/performance.md). These kernels read each weight byte
 // once per call, in address order, and apply all M rows of x to it while it is in registers.
 //
 // How (shared with bf16_gemv.cpp: tiles, hsum16, row ranges per thread, software prefetch):

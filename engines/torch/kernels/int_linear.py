@@ -12,14 +12,11 @@ to it while it is in registers.
   in kiln's shifted convention (w = (q - z) * s, q and z in [-8, 7]); group sizes 16, 32 and
   multiples of 64 (`int4_group_ok`).
 
-Measured (bench/kernel_int_linear.py, SmolLM2-135M-shaped stack of 121 cold layers, 2 threads, a
-shared and noisy machine): M = 1 int8 7.1-8.7 ms per stack (~16-19 GB/s; torch 13-15 ms), int4 5.3-6.6 ms
-(~11-14 GB/s; torch 6.1-7.4 ms), bf16_linear 11.4-13.2 ms; M = 8 int8 ~18 ms, int4 ~17 ms, bf16_linear
-~21.5 ms. int4 at M = 1 is bound by its decode (vpermps per 16 weights, ~11 GB/s per core even with
-the weights in L2), not by memory.
+bench/kernel_int_linear.py measures them against torch's kernels and bf16_linear (figures in
+docs/performance.md). int4 at M = 1 is bound by its decode (a vpermps per 16 weights), not by memory.
 
-The extension is compiled on first use by torch.utils.cpp_extension.load (g++ and ninja on PATH; ~1 min
-once), then cached in torch's extension directory and loaded in about a second by later processes.
+The extension is compiled on first use by torch.utils.cpp_extension.load (g++ and ninja on PATH; a minute
+or so once), then cached in torch's extension directory and loaded in about a second by later processes.
 `available()` is False when the CPU lacks AVX-512 F/BW/VL or the build fails (one warning, never
 raises); every function then falls back to portable torch code with the same results up to fp32
 rounding, so callers may call them unconditionally. Results are deterministic and batch-invariant
@@ -68,7 +65,7 @@ def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """q * s[:, None] as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
 
     `out` (contiguous [N, K] of `dtype`), when given, is filled and returned instead of a new tensor.
-    ~12 ms for a 49152x576 weight to bf16 on 2 threads (torch ops: ~230 ms)."""
+    An order of magnitude faster than torch ops (docs/performance.md)."""
     ext = _EXT.get()
     if ext is not None and qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         return ext.int8_dequantize(qweight, scales.reshape(-1).float(), dtype, out)

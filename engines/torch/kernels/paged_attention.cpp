@@ -5,8 +5,8 @@
 // context_lens[b] tokens of the sequence, softmax with max subtraction, out = sum p v. A quantized cache
 // dequantizes as code * scale per KV head; the key scale is folded into q and the value scale into the
 // output, as the reference does.
-// Why: the torch path runs ~10 small ops per layer (gather copy, casts, two bmm, mask, softmax), ~2 ms
-// a decode step at batch 1. Here one task is one (sequence, KV head): its G = H / KVH query heads share
+// Why: the torch path runs ~10 small ops per layer (gather copy, casts, two bmm, mask, softmax), a large
+// share of a decode step. Here one task is one (sequence, KV head): its G = H / KVH query heads share
 // every key/value row, converted to fp32 once. Tasks are independent, so a sequence's output does not
 // depend on the batch it is in, nor on the number of threads.
 #include <torch/extension.h>
@@ -215,7 +215,7 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
 // above, summed in a different order (within the tests' few-ulp tolerance).
 
 // Blocks sit anywhere in the pool, so the hardware prefetcher loses the stream at every block edge
-// (shuffled block tables ran at 8 GB/s of cache, contiguous ones at 13): rows are fetched 16 tokens ahead.
+// (shuffled block tables ran well below contiguous ones): rows are fetched 16 tokens ahead.
 inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(row) + b, _MM_HINT_T0);
 }
@@ -356,8 +356,8 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
 // --- bf16 queries over a bf16 cache (the default model-dtype cache), head_dim 64 or 128, on CPUs with
 // AVX512-BF16: keys are scored straight from the cache rows with vdpbf16ps (bf16 x bf16 products are exact
 // in fp32 and summed in fp32) and values are widened in registers, so no fp32 copy of the context is made.
-// The fast path above writes and re-reads one (2x the cache bytes, as fp32) and ran at ~8 GB/s of cache
-// on two cores; this one reads each row once. Still fp32 math rounded once, in another summation order.
+// The fast path above writes and re-reads one (2x the cache bytes, as fp32); this one reads each row
+// once. Still fp32 math rounded once, in another summation order.
 // One block of BS rows is contiguous in the cache, so a group of 16 tokens is usually one 2 KB run.
 constexpr int kMaxHeadGroup = 16;  // fp32 accumulators one value pass keeps in registers (heads x D/16)
 

@@ -1,7 +1,7 @@
 """Paged decode attention on CPU in one op (paged_attention.cpp), one query token per sequence.
 
 attention._decode_reference runs ~10 small ops per layer (index_select gather, fp32 copy, two bmm,
-masked_fill, softmax, casts): ~2 ms a decode step at batch 1 and ~15 ms at batch 32 on SmolLM2-135M.
+masked_fill, softmax, casts), a large share of a decode step (docs/performance.md).
 The kernel walks each sequence's block table directly, one task per (sequence, KV head), fp32 math,
 same semantics (quantized caches: value = code * scale per KV head; fp8 e4m3fn decoded by table).
 Compiled on first use like rms_norm (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), with AVX-512 flags,

@@ -1,7 +1,7 @@
 """RMSNorm for bf16 activations on CPU in one op (rms_norm.cpp), with Hugging Face's rounding.
 
-F.rms_norm on a bf16 CPU tensor runs ~10 small ops (~50 us per 576-wide row); a decode step calls
-it 2 * layers + 1 times, so it cost about as much as attention. Compiled on first use like
+F.rms_norm on a bf16 CPU tensor runs ~10 small ops; a decode step calls it 2 * layers + 1 times,
+so it cost about as much as attention (docs/performance.md). Compiled on first use like
 bf16_linear (g++ and ninja; cached in TORCH_EXTENSIONS_DIR). `rms_norm` falls back to F.rms_norm
 on other dtypes or devices and when the extension cannot be built (one warning).
 """

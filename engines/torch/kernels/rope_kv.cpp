@@ -9,7 +9,7 @@
 // and clamps (int8) or clamps and converts with c10's e4m3fn rounding (fp8). Built with
 // -ffp-contract=off so the compiler cannot fuse a multiply and an add into an FMA that rounds once.
 // Why: the torch path is ~15 small ops per layer (slices, cat, two muls, add, stack, casts, division,
-// round, clamp, index_copy_), ~2-3 ms of a ~20 ms decode step at batch 1 on SmolLM2-135M.
+// round, clamp, index_copy_), about a tenth of a batch-1 decode step on a small model.
 #include <torch/extension.h>
 
 #include "kiln_bf16.h"
@@ -54,7 +54,7 @@ inline void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
 
 // The same for bf16 with AVX-512 when head_dim is a multiple of 32 (the halves are whole 16-lane chunks):
 // identical bits, since each product and the sum are rounded to bf16 (nearest even) exactly as above.
-// Why: the scalar loop costs as much as torch's ops at a 2048-token prefill (~2.5 ms a layer).
+// Why: at a long prefill the scalar loop costs as much as torch's ops.
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 AVX512 inline __m512 widen16(const at::BFloat16* p) { return kiln::widen16(reinterpret_cast<const uint16_t*>(p)); }

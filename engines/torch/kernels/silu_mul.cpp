@@ -1,7 +1,7 @@
 // SwiGLU's activation for bf16 rows: y = bf16( bf16(silu(gate)) * up ) with [gate | up] halves of one
 // row of the fused gate_up projection, the rounding of `F.silu(gate) * up` in bf16.
-// Why: torch runs it as silu and mul over strided halves, 2.6 ms a layer for a 2048-token prefill
-// (~15% of the step); this is one pass (read the row once, write half of it).
+// Why: torch runs it as silu and mul over strided halves, a noticeable share of a prefill step
+// (docs/performance.md); this is one pass (read the row once, write half of it).
 #include <torch/extension.h>
 
 #include "kiln_bf16.h"

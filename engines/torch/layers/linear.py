@@ -8,16 +8,16 @@ bf16 weights on a CPU with AMX (Intel Sapphire Rapids and later):
 
 bf16 weights on a CPU with avx512_bf16:
 - decode-sized steps (at most SMALL_M_MAX rows) use kiln's weight-streaming kernel, which reads
-  weights at ~2x F.linear's rate (bench/kernel_bf16_linear.py);
+  weights faster than F.linear (bench/kernel_bf16_linear.py);
 - larger steps (big decode batches, prefill) are compute-bound and go to oneDNN with the weight
   reordered once at load into oneDNN's blocked layout (torch.ops.mkldnn, the same op inductor's
-  CPU freezing pass emits). F.linear reorders the weight on every call: 1.2-1.6x slower at 9-32
-  rows (bench/kernel_bf16_linear.py), with bit-identical results. The reordered copy costs one
+  CPU freezing pass emits). F.linear reorders the weight on every call, which is slower
+  (bench/kernel_bf16_linear.py), with bit-identical results. The reordered copy costs one
   more weight's worth of memory; the [N, K] tensor stays for the small-M kernel.
 
 oneDNN compiles (JIT) and caches a kernel per row count: served at every batch size and prompt length a server
-meets, that cache grew the process by ~0.9 MiB per new count and weight shape (hundreds of MiB over a 10-minute
-soak, bench/soak.py). Rows are padded up to one of 4 sizes per octave (at most 25% more rows, 28 sizes up to
+meets, that cache grew the process by close to a MiB per new count and weight shape (hundreds of MiB over a
+10-minute soak, bench/soak.py; docs/performance.md). Rows are padded up to one of 4 sizes per octave (at most 25% more rows, 28 sizes up to
 512), which bounds the cache; each output row is bit-identical to the unpadded call's.
 """
 

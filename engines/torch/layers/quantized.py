@@ -1,6 +1,6 @@
-"""Quantized runtime linear layers (weights stay quantized in memory; see PERF-NOTES for why it pays).
+"""Quantized runtime linear layers (weights stay quantized in memory; docs/performance.md says why it pays).
 
-Decode on this CPU is weight-bandwidth bound, so fewer weight bytes per step means more tokens/s:
+Decode on a CPU is weight-bandwidth bound, so fewer weight bytes per step means more tokens/s:
 int8 halves and int4 quarters the bytes of bf16. Each layer picks torch's fused CPU kernel where it
 applies and falls back to a portable dequantize + F.linear (or reference) path otherwise; the fallbacks
 are module-level functions so tests can call them directly.
@@ -181,15 +181,15 @@ class Int4WeightOnlyLinear(nn.Module):
     """W4A16: group-wise int4 weights (symmetric or asymmetric), activations stay bf16/fp32.
 
     Why: a quarter of bf16's weight bytes; decode is bandwidth bound so this is the fastest single-stream
-    path (PERF-NOTES). Two CPU backends, chosen at load:
+    path. Two CPU backends, chosen at load:
     - kiln's AVX-512 kernel (engines/torch/kernels/int_linear), when it is available and the group size
       is 16, 32 or a multiple of 64: the codes are repacked once into the kernel's layout
       (int_linear.pack_int4; rows padded to a multiple of 64 columns) and kept with fp32 scales and int8
       zero points -- the only copy of the weight. bf16/fp32 x with at most `small_m_max` rows
       (int_linear.SMALL_M_MAX_INT4) runs the kernel (fp32 accumulation, bit-exact dequantized weights;
-      ~1.15x torch's int4 kernel at M = 1, 1.3-1.4x at M = 4..16); larger steps (prefill) dequantize the
-      weight once per call (dequantized_weight, ~memory speed) and run F.linear, ~1.8x torch's int4
-      matmul at M = 64.
+      faster than torch's int4 kernel at every decode size); larger steps (prefill) dequantize the
+      weight once per call (dequantized_weight, ~memory speed) and run F.linear, faster than torch's int4
+      matmul there too (bench/quantized_linear.py).
     - otherwise torch's kernel: the portable codes are repacked with aten._convert_weight_to_int4pack_for_cpu
       (wants int32 [N, K] unsigned 0..15, returns uint8 [N, K/2] in its own nibble order) and
       scales_and_zeros [K/g, N, 2] is built per activation dtype (the kernel requires it to match x's dtype).
@@ -324,9 +324,8 @@ class Int4WeightOnlyLinear(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 W8A16_MAX_ROWS = 16  # int_linear.int8_linear beats padded _int_mm up to here (bench/quantized_linear.py)
-# ...and past this many rows (prefill) dequantizing the weight once for a bf16 GEMM does: CPU _int_mm at
-# 3072x576 takes 1.4 ms at 64-128 rows but 6.8 at 256 and 50 at 2048, against 1.7 and 8.5 (int8 weights
-# dequantized, F.linear on oneDNN's AMX bf16)
+# ...and past this many rows (prefill) dequantizing the weight once for a bf16 GEMM does: CPU _int_mm slows
+# down several-fold past ~200 rows (docs/performance.md, "Why each CPU kernel exists")
 INT_MM_MAX_ROWS = 128
 _INT_MM_MIN_M = 17  # torch._int_mm on CPU/CUDA requires M > 16 (and K, N multiples of 8)
 
@@ -350,7 +349,7 @@ class W8A8Int8Linear(nn.Module):
 
     Prefill-sized steps (more than INT_MM_MAX_ROWS rows, same CPU condition) dequantize the int8 weights
     once and run a bf16 GEMM, with exact activations again: torch's CPU _int_mm slows down 5-6x past ~200
-    rows (an int8-sq engine's TTFT at concurrency 32 was 3.3 s against bf16's 1.0). So on such a CPU the
+    rows (an int8-sq engine's TTFT at concurrency 32 was three times bf16's). So on such a CPU the
     int8 activation path serves batches of 17..128 rows only.
 
     On a CPU with Intel AMX, bf16 steps of AMX_INT8_MIN_ROWS..amx_linear.MAX_ROWS rows run W8A16 on AMX
@@ -428,8 +427,7 @@ class W8A8Int8Linear(nn.Module):
 def fp8_e4m3_to_scaled(w_fp8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float8_e4m3fn [N, K] -> `dtype` holding exactly w * 2**-8, by bit manipulation.
 
-    torch's own fp8 -> bf16 cast is scalar on this CPU (~6 ns/element, 11 ms for a 3072x576 weight);
-    this is ~4x (bf16) to ~9x (fp32) faster. E4M3 bits s.eeee.mmm placed at fp16 bits 15 and 13..7
+    torch's own fp8 -> bf16 cast is scalar on CPU; this is several times faster (docs/performance.md). E4M3 bits s.eeee.mmm placed at fp16 bits 15 and 13..7
     form the fp16 number w * 2**-8 (bias 7 vs 15; E4M3 subnormals land on fp16 subnormals), which
     converts exactly to bf16/fp32. Via int8 sign extension: (int16(b) << 7) has the sign in bits
     15 and 14, so bit 14 is cleared. NaN codes (0x7F/0xFF) become ±1.875 instead; quantize_fp8 clamps,
@@ -446,8 +444,7 @@ def fp8_upcast_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
     [M, N] output instead of the [N, K] weight is the same product and touches M*N, not N*K, elements;
     the 2**8 from fp8_e4m3_to_scaled is folded into the same multiply (exact, a power of two).
     Computed in fp32 whatever x's dtype: the fp16 -> fp32 widening is ~2.5x cheaper than fp16 -> bf16
-    here and fp32 F.linear on the fresh weight is no slower (measured on a 3072x576 weight: 1.7 vs 5.1 ms
-    at M=1). x2 [M, K], w_fp8 [N, K], w_scale [N, 1] or 0-d."""
+    here and fp32 F.linear on the fresh weight is no slower. x2 [M, K], w_fp8 [N, K], w_scale [N, 1] or 0-d."""
     y = F.linear(x2.float(), fp8_e4m3_to_scaled(w_fp8, torch.float32))  # [M, N] fp32, = x W8^T * 2**-8
     s = (w_scale.reshape(1, -1) if w_scale.dim() else w_scale).float() * 256.0  # [1, N] or scalar
     return (y.float() * s).to(x2.dtype)
