@@ -19,6 +19,7 @@ from pathlib import Path
 from engines import schemes
 from engines.hardware import Hardware
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
+from engines.torch.models.params import decoder_param_count
 
 HEADROOM = 0.10
 GB = 1e9
@@ -96,16 +97,13 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
                         "--kv-heads and --head-dim instead.") from None
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
-    if config.get("attention_bias") or config.get("model_type") == "qwen2":  # qwen2 has qkv biases
-        attention += (heads + 2 * kv_heads) * head_dim
-    experts = config.get("num_local_experts") or config.get("num_experts") or 1
-    mlp = 3 * hidden * intermediate * experts  # gate, up, down (per expert for MoE)
-    if experts > 1:
-        mlp += hidden * experts  # router
-    per_layer = attention + mlp + 2 * hidden  # two RMSNorms
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    params = layers * per_layer + embeddings + hidden  # final norm
+    # Biases are counted where the config declares them (attention_bias); families whose biases are implicit
+    # (Qwen2) are counted without them, a difference of a few parts per million.
+    params = decoder_param_count(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                 intermediate=intermediate, vocab=vocab,
+                                 tied_embeddings=bool(config.get("tie_word_embeddings")),
+                                 qkv_bias=bool(config.get("attention_bias")),
+                                 experts=config.get("num_local_experts") or config.get("num_experts") or 1)
     return ModelShape(name, float(params), layers, kv_heads, head_dim, config.get("max_position_embeddings"))
 
 

@@ -34,7 +34,10 @@ from engines.build.quantize import quantize_model
 from engines.config import EngineConfig
 from engines.torch.loader import LoadedModel, build_core
 from engines.torch.model_runner import KVCache
-from engines.torch.models.llama import PROJECTIONS, LlamaArgs, assemble
+from engines.torch.models.llama import LlamaArgs
+from engines.torch.models.registry import architecture
+
+LLAMA = architecture("llama")
 
 DTYPE = torch.bfloat16  # the model's (activation) dtype in both precisions
 INIT_STD = 0.02  # Llama's initializer_range
@@ -65,7 +68,7 @@ def model_args(a: argparse.Namespace) -> tuple[LlamaArgs, object]:
     config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                          max_position_embeddings=8192, tie_word_embeddings=False)
-    return LlamaArgs.from_hf_config(config), config
+    return LLAMA.args_from_config(config), config
 
 
 def random_tensors(args: LlamaArgs, device: torch.device) -> dict[str, torch.Tensor]:
@@ -94,12 +97,12 @@ def build_model(precision: str, args: LlamaArgs, device: torch.device):
     tensors = random_tensors(args, device)
     q = quantize_model(tensors, args, precision, calib=None, progress=False)
     del tensors
-    return assemble(args, q.tensors, q.formats, DTYPE, device)
+    return LLAMA.assemble(args, q.tensors, q.formats, DTYPE, device)
 
 
 def weight_bytes(model) -> int:
     """Bytes of every projection and the LM head (DenseLinear / Fp8Linear report their own)."""
-    return sum(getattr(layer, kind).weight_bytes for layer in model.layers for kind in PROJECTIONS) \
+    return sum(getattr(layer, kind).weight_bytes for layer in model.layers for kind in LLAMA.projections) \
         + model.lm_head.weight_bytes
 
 

@@ -13,7 +13,7 @@ from engines.base import GenerationRequest, SamplingParams
 from engines.config import EngineConfig
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.loader import LoadedModel, build_core, load_model
-from engines.torch.models.llama import load_llama
+from engines.torch.loader import load_checkpoint
 
 DATA = Path(__file__).parent / "data"
 
@@ -72,7 +72,7 @@ def tiny_models(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             hf = make_tiny_hf_model(name, folder)
             cfg = AutoConfig.from_pretrained(folder)
-            model = load_llama(folder, cfg, torch.float32, torch.device("cpu"))
+            model = load_checkpoint(folder, cfg, torch.float32, torch.device("cpu"))
             cache[name] = (LoadedModel(model, cfg, None, name, folder, torch.float32, torch.device("cpu")), hf)
         return cache[name]
 

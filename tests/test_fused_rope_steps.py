@@ -13,7 +13,7 @@ from engines.base import GenerationRequest
 from engines.torch import model_runner
 from engines.torch.attention_backend import CPP_ATTENTION
 from engines.torch.kernels import paged_attention, rope_kv
-from engines.torch.models.llama import load_llama
+from engines.torch.loader import load_checkpoint
 from tests.conftest import greedy, run_to_completion
 
 pytestmark = pytest.mark.skipif(not (rope_kv.available() and paged_attention.available()),
@@ -48,7 +48,7 @@ def _run(loaded, make_engine, cache: str):
 def test_fused_steps_equal_the_torch_path(tiny_models, make_engine, monkeypatch, dtype, cache):
     base = tiny_models("llama-gqa")[0]  # float32; a bf16 copy is loaded from its folder
     loaded = base if dtype == base.dtype else dataclasses.replace(
-        base, model=load_llama(base.folder, base.hf_config, dtype, base.device), dtype=dtype)
+        base, model=load_checkpoint(base.folder, base.hf_config, dtype, base.device), dtype=dtype)
     fused_tokens, fused_logits = _run(loaded, make_engine, cache)
     monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)  # unfused
     torch_tokens, torch_logits = _run(loaded, make_engine, cache)

@@ -226,13 +226,13 @@ def test_draft_with_another_vocabulary_is_refused(tmp_path, target, make_engine)
     from transformers import AutoConfig, LlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
 
-    from engines.torch.models.llama import load_llama
+    from engines.torch.loader import load_checkpoint
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     HFLlama(config).save_pretrained(tmp_path)
     cfg = AutoConfig.from_pretrained(tmp_path)
-    small = LoadedModel(load_llama(tmp_path, cfg, torch.float32, target.device), cfg, None, "small", tmp_path,
+    small = LoadedModel(load_checkpoint(tmp_path, cfg, torch.float32, target.device), cfg, None, "small", tmp_path,
                         torch.float32, target.device)
     with pytest.raises(ValueError, match="does not share the target's tokenizer"):
         make_engine(target, small, speculative_method="draft")

@@ -35,6 +35,7 @@ from engines.build.speed import decode_speed
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
+from engines.torch.models.registry import architecture
 
 log = logging.getLogger("kiln.build")
 
@@ -130,8 +131,6 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     from transformers import AutoConfig, AutoTokenizer
 
     from engines.torch.loader import pick_device, pick_dtype
-    from engines.torch.models.llama import LlamaArgs
-
     started = time.perf_counter()
     hardware = hardware or detect()
     try:
@@ -140,7 +139,8 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         raise BuildError(f"--device {options.device}: {exc}") from exc
     folder = resolve_model(options.model)
     hf_config = AutoConfig.from_pretrained(folder)
-    args = LlamaArgs.from_hf_config(hf_config)
+    arch = architecture(hf_config.model_type)
+    args = arch.args_from_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     output = Path(options.output).expanduser()
     if target is not None:
@@ -158,11 +158,9 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
 
     fp32 = torch.float32
     runtime_dtype = pick_dtype("auto", device)
-    from engines.torch.models.llama import assemble, read_hf_checkpoint
-
     log.info("Loading %s (float32) on %s", folder, device)
-    float_tensors = read_hf_checkpoint(folder, args, fp32, device)
-    reference = assemble(args, dict(float_tensors), {}, fp32, device)
+    float_tensors = arch.read_checkpoint(folder, args, fp32, device)
+    reference = arch.assemble(args, dict(float_tensors), {}, fp32, device)
 
     needs = [needs_for(c.precision, c.kv_cache_dtype) for c in candidates]
     joint = type(needs[0])(**{k: any(getattr(n, k) for n in needs) for k in asdict(needs[0])})
@@ -190,7 +188,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
             cand.kv_scales = _kv_scales(calib, options.calibrator, cand.kv_cache_dtype)
         cand.quantize_seconds = time.perf_counter() - t0
         test_dtype = _engine_dtype(cand.precision, runtime_dtype)
-        model = assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
+        model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
         runner = SequenceRunner(model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype,
                                 kv_cache_scales=cand.kv_scales)
         cand.accuracy = compare(ref_runner, runner, eval_prompts, answers, progress=options.progress,
@@ -261,7 +259,7 @@ def _check_same_vocabulary(tokenizer, target: dict) -> None:
 
 def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[_Candidate]:
     """What to try, most aggressive first when --max-accuracy-loss chooses among several."""
-    params = _param_count(args)
+    params = architecture(args.model_type).param_count(args)
     if options.precision != "auto":
         req = mf.requirements(options.precision, hardware.device)
         try:
@@ -297,13 +295,6 @@ def _engine_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
     """The dtype an engine of `precision` runs in: its scheme's (fp32: float32), else the device's `auto`."""
     runtime = schemes.get(precision).runtime_dtype
     return auto if runtime == "auto" else getattr(torch, runtime)
-
-
-def _param_count(args) -> int:
-    per_layer = (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
-                 + args.num_heads * args.head_dim * args.hidden_size + 3 * args.hidden_size * args.intermediate_size)
-    head = 0 if args.tie_word_embeddings else args.vocab_size * args.hidden_size
-    return args.num_layers * per_layer + args.vocab_size * args.hidden_size + head
 
 
 def _model_fingerprint(folder: Path) -> str:
@@ -373,9 +364,9 @@ def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, pr
 def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device, dtype) -> list[dict]:
     from engines.config import EngineConfig
     from engines.torch.loader import build_core
-    from engines.torch.models.llama import assemble
 
-    model = assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, dtype, device)
+    arch = architecture(args.model_type)
+    model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, dtype, device)
     results = []
     for concurrency in (1, 32):
         config = EngineConfig(max_num_seqs=64, enable_prefix_caching=False, kv_cache_dtype=cand.kv_cache_dtype,
@@ -408,7 +399,7 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
 
     weight_bytes = (tmp / mf.WEIGHTS).stat().st_size
     scheme = schemes.get(chosen.precision)
-    bf16_bytes = _param_count(args) * 2
+    bf16_bytes = architecture(args.model_type).param_count(args) * 2
     kv_elem = {"model": scheme.store_dtype().itemsize, "int8": 1, "fp8": 1}[chosen.kv_cache_dtype]
     kv_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * kv_elem
     report = {

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from engines.quant import calibrators
 from engines.quant.calibrators import RangeObserver
-from engines.torch.models.llama import PROJECTIONS, LlamaForCausalLM
+from engines.torch.models.protocol import CausalLM
 from engines.torch.sequence_runner import SequenceRunner
 
 SAMPLE_ROWS = 1024  # rows of each projection's input kept for AWQ (and activation calibrators)
@@ -102,7 +102,7 @@ class CalibrationResult:
 
 
 @torch.inference_mode()
-def calibrate(model: LlamaForCausalLM, prompts: list[list[int]], needs: Needs, dtype: torch.dtype,
+def calibrate(model: CausalLM, prompts: list[list[int]], needs: Needs, dtype: torch.dtype,
               device: torch.device, seed: int = 0, progress: bool = True) -> CalibrationResult:
     """Run `prompts` (token ids) through `model` once, recording what `needs` asks for."""
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +110,7 @@ def calibrate(model: LlamaForCausalLM, prompts: list[list[int]], needs: Needs, d
     stats: dict[str, ProjectionStats] = {}
     originals = []
     for i, layer in enumerate(model.layers):
-        for kind in PROJECTIONS:
+        for kind in model.projections:
             name = f"layers.{i}.{kind}"
             stats[name] = ProjectionStats(rows_per_sequence)
             inner = getattr(layer, kind)

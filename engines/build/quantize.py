@@ -1,14 +1,16 @@
 """Quantize a float model's projections into an engine's stored tensors.
 
-Input: the float32 tensors under kiln's names (models/llama.py read_hf_checkpoint) and the
+Input: the float32 tensors under kiln's names (the architecture's read_checkpoint) and the
 calibration statistics; output: the tensors of weights.safetensors plus the weight format of each
 projection kind (layers/formats.py). What each precision does to a layer is its scheme's
-quantize_layer (engines/schemes); this module walks the layers and owns the model's topology:
+quantize_layer (engines/schemes); this module walks the layers and gives the schemes each layer's
+inputs along the architecture's quantization topology (engines/torch/models/topology.py), so that
+neither side knows the other's names.
 
-Smoothing/AWQ scales are folded exactly into the op producing each input: the RMSNorm weight for
-qkv and gate/up, the `up` rows for down (down reads silu(gate) * up), and the `v` rows for o_proj
-when every query head has its own KV head (with grouped-query attention one v channel feeds
-several o_proj channels, so o_proj gets no scale, only AWQ's clip search).
+Smoothing/AWQ scales are folded exactly into the op producing each input. For Llama: the RMSNorm
+weight for qkv and gate/up, the `up` rows for down (down reads silu(gate) * up), and the `v` rows
+for o_proj when every query head has its own KV head (with grouped-query attention one v channel
+feeds several o_proj channels, so o_proj gets no scale, only AWQ's clip search).
 The LM head is kept int8 in the integer precisions: on this CPU it is a fifth of the weight bytes
 and int8 per-channel costs it little accuracy (the build report measures it).
 """
@@ -16,6 +18,7 @@ and int8 per-channel costs it little accuracy (the build report measures it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +26,10 @@ from tqdm.auto import tqdm
 from engines import schemes
 from engines.build.calibrate import CalibrationResult, Needs, ProjectionStats
 from engines.schemes import QuantizeContext
-from engines.torch.models.llama import PROJECTIONS, LlamaArgs
+from engines.torch.models.architecture import Architecture
+from engines.torch.models.protocol import ModelArgs
+from engines.torch.models.registry import architecture
+from engines.torch.models.topology import NormGroup, RowFold
 
 
 def needs_for(precision: str, kv_cache_dtype: str) -> Needs:
@@ -41,17 +47,31 @@ class QuantizedModel:
     details: dict[str, object] = field(default_factory=dict)  # e.g. chosen AWQ alphas, SmoothQuant alpha
 
 
+@dataclass(frozen=True)
+class LayerInput:
+    """One input of a layer's projections: the projections reading it (they share any per-channel scale of
+    it) and what produces it, if a scale can be folded into that exactly."""
+
+    consumers: tuple[str, ...]
+    producer: NormGroup | RowFold | None  # None: no exact fold (AWQ only searches the clip)
+    smooth: bool  # SmoothQuant migrates this input's outliers
+
+    @property
+    def foldable(self) -> bool:
+        return self.producer is not None
+
+
 class LayerWeights:
     """One decoder layer's float32 projection weights (kind -> [N, K]) and the ops producing their inputs,
     which a scheme changes only through scale_input / divide_producer so that it needs no topology."""
 
-    def __init__(self, t: dict[str, torch.Tensor], index: int, args: LlamaArgs):
+    def __init__(self, t: dict[str, torch.Tensor], index: int, args: ModelArgs, arch: Architecture[Any]):
         self.prefix = f"layers.{index}."
         self.args = args
         self._t = t
-        self.weights = {kind: t[self.prefix + kind + ".weight"].float() for kind in PROJECTIONS}
-        self.norms = {"qkv_proj": t[self.prefix + "input_norm.weight"].float(),
-                      "gate_up_proj": t[self.prefix + "post_norm.weight"].float()}
+        self.weights = {kind: t[self.prefix + kind + ".weight"].float() for kind in arch.projections}
+        self.norms = {g.norm: t[self.prefix + g.norm + ".weight"].float() for g in arch.topology.norm_groups}
+        self.inputs = _inputs(arch, args)
 
     def name(self, kind: str) -> str:
         return self.prefix + kind
@@ -59,42 +79,54 @@ class LayerWeights:
     def bias(self, kind: str) -> torch.Tensor | None:
         return self._t.get(self.prefix + kind + ".bias")
 
-    def can_fold(self, kind: str) -> bool:
-        """Whether a per-input-channel scale of `kind` can be folded into the op producing its input."""
-        return kind != "o_proj" or self.args.num_heads == self.args.num_kv_heads  # MHA: o_proj channel j reads v j
-
-    def divide_producer(self, kind: str, s: torch.Tensor) -> None:
-        """Divide the op producing `kind`'s input by s [K], per channel."""
-        if kind == "down_proj":  # down reads silu(gate) * up: scale the `up` rows
-            gate_up = self.weights["gate_up_proj"]
-            inter = gate_up.shape[0] // 2
-            scaled = gate_up.clone()
-            scaled[inter:] *= (1 / s)[:, None]
-            self.weights["gate_up_proj"] = scaled
-        elif kind == "o_proj":
-            if not self.can_fold(kind):
-                raise ValueError("o_proj's input has no per-channel producer under grouped-query attention")
-            args = self.args
-            qkv = self.weights["qkv_proj"].clone()
-            qkv[(args.num_heads + args.num_kv_heads) * args.head_dim:] /= s[:, None]  # the v rows
-            self.weights["qkv_proj"] = qkv
+    def divide_producer(self, inp: LayerInput, s: torch.Tensor) -> None:
+        """Divide the op producing `inp` by s [K], per channel (once, however many projections read it)."""
+        producer = inp.producer
+        if isinstance(producer, NormGroup):
+            self.norms[producer.norm] = self.norms[producer.norm] / s
+        elif isinstance(producer, RowFold) and (rows := producer.rows(self.args)) is not None:
+            scaled = self.weights[producer.producer].clone()
+            if producer.reciprocal:
+                scaled[rows] *= (1 / s)[:, None]
+            else:
+                scaled[rows] /= s[:, None]
+            self.weights[producer.producer] = scaled
         else:
-            self.norms[kind] = self.norms[kind] / s
+            raise ValueError(f"the input of {', '.join(inp.consumers)} has no per-channel producer to fold into")
 
-    def scale_input(self, kind: str, s: torch.Tensor) -> None:
-        """W[:, j] *= s_j and the producer /= s_j: the layer computes the same, its input range changes."""
-        self.weights[kind] = self.weights[kind] * s
-        self.divide_producer(kind, s)
+    def scale_input(self, inp: LayerInput, s: torch.Tensor) -> None:
+        """W[:, j] *= s_j for every consumer and the producer /= s_j: the layer computes the same, its input
+        range changes."""
+        for kind in inp.consumers:
+            self.weights[kind] = self.weights[kind] * s
+        self.divide_producer(inp, s)
 
 
-def quantize_model(float_tensors: dict[str, torch.Tensor], args: LlamaArgs, precision: str,
+def _inputs(arch: Architecture[Any], args: ModelArgs) -> tuple[LayerInput, ...]:
+    """Every projection's input, each projection in exactly one, consumers before producers: a row fold
+    changes its producer's weight, which must happen before that producer is scaled or quantized itself.
+    Projections the topology does not name come last, without a producer."""
+    topology = arch.topology
+    inputs = [LayerInput((f.consumer,), f if f.rows(args) is not None else None,
+                         f.smooth and f.rows(args) is not None) for f in topology.row_folds]
+    inputs += [LayerInput(g.consumers, g, True) for g in topology.norm_groups]
+    named = {kind for inp in inputs for kind in inp.consumers}
+    inputs += [LayerInput((kind,), None, False) for kind in arch.projections if kind not in named]
+    return tuple(inputs)
+
+
+def quantize_model(float_tensors: dict[str, torch.Tensor], args: ModelArgs, precision: str,
                    calib: CalibrationResult | None, group_size: int = 128, progress: bool = True) -> QuantizedModel:
-    """Quantize every projection of `float_tensors` (float32, kiln names; not modified)."""
+    """Quantize every projection of `float_tensors` (float32, kiln names; not modified) of the model `args`
+    describe; scales fold along its architecture's topology."""
+    arch = architecture(args.model_type)
     scheme = schemes.get(precision)
     store = scheme.store_dtype()
     out: dict[str, torch.Tensor] = {}
     t = float_tensors  # only read: the schemes fold scales into LayerWeights' copies
-    q = QuantizedModel(out, {kind: scheme.projection_format for kind in PROJECTIONS} | {"lm_head": scheme.head_format})
+    q = QuantizedModel(out, {kind: scheme.projection_format for kind in arch.projections}
+                       | {"lm_head": scheme.head_format})
+    consumed = {"lm_head.weight"}  # written below, quantized or not
 
     def stats(name: str) -> ProjectionStats:
         if calib is None:
@@ -103,18 +135,20 @@ def quantize_model(float_tensors: dict[str, torch.Tensor], args: LlamaArgs, prec
 
     ctx = QuantizeContext(stats, group_size, store)
     for i in tqdm(range(args.num_layers), desc=f"quantize {precision}", unit="layer", disable=not progress):
-        layer = LayerWeights(t, i, args)
+        layer = LayerWeights(t, i, args, arch)
         projections = scheme.quantize_layer(layer, ctx)
-        out[layer.prefix + "input_norm.weight"] = layer.norms["qkv_proj"].to(store)
-        out[layer.prefix + "post_norm.weight"] = layer.norms["gate_up_proj"].to(store)
-        for kind in PROJECTIONS:
+        for norm, weight in layer.norms.items():
+            out[layer.prefix + norm + ".weight"] = weight.to(store)
+        for kind in arch.projections:
             result = projections[kind]
             out.update(result.tensors)
+            consumed.update((layer.name(kind) + ".weight", layer.name(kind) + ".bias"))
             if result.group_size is not None:
                 q.group_sizes[kind] = result.group_size
 
-    out["embed_tokens.weight"] = t["embed_tokens.weight"].to(store)
-    out["norm.weight"] = t["norm.weight"].to(store)
+    for name, tensor in t.items():  # embeddings, the final norm, whatever else the architecture keeps as is
+        if name not in consumed and name not in out:
+            out[name] = tensor.to(store)
     head = t.get("lm_head.weight", t["embed_tokens.weight"])  # tied: the embeddings
     encoded_head = scheme.encode_head(head, store)
     if encoded_head is not None:

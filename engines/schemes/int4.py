@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from engines.quant.types import QuantizedWeight
 
 MIN_GROUP_SIZE = 32
-# Consumers before producers: down's scale goes into the `up` rows before gate_up is searched.
-AWQ_ORDER = ("down_proj", "o_proj", "qkv_proj", "gate_up_proj")
 
 
 def effective_group_size(k: int, group_size: int) -> int:
@@ -76,17 +74,18 @@ class Int4Awq(_Int4):
         from engines.quant.rtn import quantize_rtn
 
         qws: dict[str, QuantizedWeight] = {}
-        for kind in AWQ_ORDER:
-            w = layer.weights[kind]
-            g = effective_group_size(w.shape[1], ctx.group_size)
-            x = ctx.stats(layer.name(kind)).sample_matrix()
-            if not layer.can_fold(kind):
-                qws[kind] = quantize_rtn(w, 4, g, False, clip_ratio=search_clip(x, w, 4, g, False))
+        for inp in layer.inputs:  # consumers before producers: a fold changes its producer's weight
+            ws = [layer.weights[kind] for kind in inp.consumers]
+            g = effective_group_size(ws[0].shape[1], ctx.group_size)
+            x = ctx.stats(layer.name(inp.consumers[0])).sample_matrix()  # every consumer reads the same x
+            if not inp.foldable:
+                for kind, w in zip(inp.consumers, ws):
+                    qws[kind] = quantize_rtn(w, 4, g, False, clip_ratio=search_clip(x, w, 4, g, False))
                 continue
-            res = awq_quantize(x, w, bits=4, group_size=g, symmetric=False)
-            qws[kind] = res.qweights[0]
+            res = awq_quantize(x, ws, bits=4, group_size=g, symmetric=False)  # one scale for all consumers
+            qws.update(zip(inp.consumers, res.qweights))
             ctx.collect("awq_alpha", res.alpha)
-            layer.divide_producer(kind, res.scales)  # the weight itself was scaled inside awq_quantize
+            layer.divide_producer(inp, res.scales)  # the weights themselves were scaled inside awq_quantize
         return qws
 
     def details(self, ctx: QuantizeContext) -> dict[str, object]:

@@ -18,9 +18,6 @@ if TYPE_CHECKING:
 
 # SmoothQuant's migration strength; kiln's torch build and its TensorRT-LLM build (smoothquant_val) both use it.
 ALPHA = 0.5
-# Consumers before producers: down's scale goes into the `up` rows of gate_up before gate_up is smoothed.
-# o_proj is not smoothed (under grouped-query attention its input has no per-channel producer).
-SMOOTHED = ("down_proj", "qkv_proj", "gate_up_proj")
 
 
 class Int8SmoothQuant(Scheme):
@@ -38,8 +35,11 @@ class Int8SmoothQuant(Scheme):
         from engines.quant.types import QuantizedWeight
         from engines.torch.layers import formats as fmt
 
-        for kind in SMOOTHED:
-            layer.scale_input(kind, smooth_scales(_channel_amax(ctx, layer.name(kind)), layer.weights[kind], ALPHA))
+        # layer.inputs lists consumers before producers, so a scale folded into a projection's rows is in place
+        # before that projection is smoothed itself; the architecture's topology says which inputs are smoothed
+        for inp in (inp for inp in layer.inputs if inp.smooth):
+            ws = [layer.weights[kind] for kind in inp.consumers]
+            layer.scale_input(inp, smooth_scales(_channel_amax(ctx, layer.name(inp.consumers[0])), ws, ALPHA))
         out: dict[str, LayerResult] = {}
         for kind, w in layer.weights.items():
             qweight, scales = quantize_w8a8(w)

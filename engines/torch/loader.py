@@ -16,7 +16,8 @@ from engines.torch.llm_engine import LLMEngine
 from engines.torch.grammar import Grammars
 from engines.torch.layers.linear import DenseLinear
 from engines.torch.model_runner import KVCache, ModelRunner
-from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, assemble, load_llama
+from engines.torch.models.protocol import CausalLM
+from engines.torch.models.registry import architecture
 from engines.torch.scheduler import Scheduler
 
 log = logging.getLogger("kiln.engine")
@@ -27,7 +28,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     hf_config: object
     tokenizer: object
     name: str
@@ -69,7 +70,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = pick_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_llama(folder, hf_config, dtype, device)
+    model = load_checkpoint(folder, hf_config, dtype, device)
     name = config.served_model_name or model_display_name(config.model)
     return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device)
 
@@ -97,10 +98,18 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
     # unaligned weight (seen on torch 2.13), so every tensor gets its own 64-byte-aligned copy.
     tensors = {name: _aligned(t) for name, t in load_file(str(folder / mf.WEIGHTS), device=str(device)).items()}
     scales = tensors.pop("kv_cache.scales", None)
-    model = assemble(LlamaArgs.from_hf_config(hf_config), tensors, manifest["weight_formats"], dtype, device)
+    arch = architecture(hf_config.model_type)
+    model = arch.assemble(arch.args_from_config(hf_config), tensors, manifest["weight_formats"], dtype, device)
     name = config.served_model_name or manifest.get("served_model_name") or _engine_model_name(manifest, folder)
     return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest,
                        manifest.get("kv_cache_dtype", "model"), scales)
+
+
+def load_checkpoint(folder: Path, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """A Hugging Face checkpoint folder as a dense model of its architecture (every weight exists in memory once)."""
+    arch = architecture(hf_config.model_type)
+    args = arch.args_from_config(hf_config)
+    return arch.assemble(args, arch.read_checkpoint(folder, args, dtype, device), {}, dtype, device)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

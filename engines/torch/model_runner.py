@@ -12,7 +12,7 @@ import torch
 from engines.quant.fp8 import FP8_DTYPE
 from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan
 from engines.torch.attention_backend import AttentionBackend, select_attention_backend
-from engines.torch.models.llama import LlamaForCausalLM
+from engines.torch.models.protocol import CausalLM
 from engines.torch.scheduler import ScheduledChunk
 
 log = logging.getLogger("kiln.engine")
@@ -90,7 +90,7 @@ class DecodeGraphs:
     largest bucket, a context past the tables' width) run eagerly.
     """
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
+    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
                  max_num_seqs: int, max_model_len: int, attention: AttentionBackend):
         if kv_cache.scratch_block is None:
             raise ValueError("decode graphs need a KV cache with a scratch block (KVCache(scratch_block=True)).")
@@ -169,7 +169,7 @@ class StepLogits(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
+    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
                  max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False,
                  attention: AttentionBackend | None = None):
         """decode_graphs: run plain decode steps through DecodeGraphs (kv_cache needs its scratch block), whose

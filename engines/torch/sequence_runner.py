@@ -13,11 +13,11 @@ import torch
 
 from engines.torch.attention import AttentionMetadata, PrefillSpan
 from engines.torch.model_runner import KVCache
-from engines.torch.models.llama import LlamaForCausalLM
+from engines.torch.models.protocol import CausalLM
 
 
 class SequenceRunner:
-    def __init__(self, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device, max_tokens: int,
+    def __init__(self, model: CausalLM, dtype: torch.dtype, device: torch.device, max_tokens: int,
                  block_size: int = 16, kv_cache_dtype: str = "model", kv_cache_scales: torch.Tensor | None = None):
         a = model.args
         self.model, self.device, self.block_size, self.max_tokens = model, device, block_size, max_tokens

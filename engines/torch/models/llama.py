@@ -8,8 +8,9 @@ rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,12 +20,14 @@ from engines.torch.attention import AttentionMetadata, fused_attention, paged_at
 from engines.torch.kernels.rms_norm import add_rms_norm, rms_norm
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from engines.torch.models.architecture import Architecture
+from engines.torch.models.params import decoder_param_count
+from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
 
 
 @dataclass
 class LlamaArgs:
+    model_type: str  # the registry entry (engines/torch/models/registry.py) these args were made by
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -41,19 +44,14 @@ class LlamaArgs:
     rope_scaling: float  # multiplies cos/sin (1.0 except for yarn/longrope)
 
     @classmethod
-    def from_hf_config(cls, config) -> "LlamaArgs":
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"Model type {config.model_type!r} is not supported; kiln's torch engine runs {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
+    def from_hf_config(cls, config: Any) -> LlamaArgs:
+        """The args a Llama or Mistral config.json describes (other families adjust them: qwen2_args)."""
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Activation {config.hidden_act!r} is not supported (only silu).")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq, rope_scaling = _rope_parameters(config, head_dim)
-        window = getattr(config, "sliding_window", None)
-        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-            window = None
         return cls(
+            model_type=config.model_type,
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
@@ -63,12 +61,19 @@ class LlamaArgs:
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=bool(getattr(config, "attention_bias", False)),
             max_position_embeddings=config.max_position_embeddings,
-            sliding_window=window,
+            sliding_window=getattr(config, "sliding_window", None),
             inv_freq=inv_freq,
             rope_scaling=rope_scaling,
         )
+
+
+def qwen2_args(config: Any) -> LlamaArgs:
+    """Qwen2 is Llama with biases on q, k and v (its config has no attention_bias field: they are always
+    there) and a sliding window that applies only when use_sliding_window says so."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
+    return replace(LlamaArgs.from_hf_config(config), qkv_bias=True, sliding_window=window)
 
 
 def _rope_parameters(config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -107,6 +112,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    projections: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # per layer, in order
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
@@ -166,8 +173,12 @@ class LlamaForCausalLM(nn.Module):
                 v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
                 attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
             x, h = add_rms_norm(x, layer.o_proj(attn.reshape(t, layer.q_size)), layer.post_norm, eps)
-            x, h = add_rms_norm(x, layer.down_proj(silu_mul(layer.gate_up_proj(h))), next_norm, eps)
+            x, h = add_rms_norm(x, self.mlp(layer, h), next_norm, eps)
         return h
+
+    def mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        """The layer's feed-forward block: a variant with another MLP layout overrides only this."""
+        return layer.down_proj(silu_mul(layer.gate_up_proj(h)))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         return self.lm_head(hidden).float()
@@ -222,21 +233,22 @@ def read_hf_checkpoint(folder: Path, args: LlamaArgs, dtype: torch.dtype, device
     return out
 
 
-PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+PROJECTIONS = LlamaForCausalLM.projections
 
 
 def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[str, str],
-             dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+             dtype: torch.dtype, device: torch.device,
+             model_class: type[LlamaForCausalLM] = LlamaForCausalLM) -> LlamaForCausalLM:
     """Build the model on the meta device and move `tensors` (kiln names, consumed) into place.
 
-    formats maps each projection kind (PROJECTIONS and "lm_head") to its stored weight format
-    (engines/torch/layers/formats.py); missing kinds are dense. A tied LM head in dense format
-    shares the embedding tensor.
+    formats maps each projection kind (model_class.projections and "lm_head") to its stored weight
+    format (engines/torch/layers/formats.py); missing kinds are dense. A tied LM head in dense format
+    shares the embedding tensor. model_class: a variant of LlamaForCausalLM (another projection layout).
     """
     from engines.torch.layers.formats import make_linear
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = model_class(args)
     dispatch = LinearDispatch(dtype, device)
 
     def take(name: str) -> torch.Tensor:
@@ -253,7 +265,7 @@ def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[st
         p = f"layers.{i}."
         layer.input_norm = param(take(p + "input_norm.weight"))
         layer.post_norm = param(take(p + "post_norm.weight"))
-        for kind in PROJECTIONS:
+        for kind in model_class.projections:
             setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
     head_format = formats.get("lm_head", "dense")
     if args.tie_word_embeddings and head_format == "dense":
@@ -267,7 +279,34 @@ def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[st
     return model.eval()
 
 
-def load_llama(folder: Path, config, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """A Hugging Face checkpoint folder as a dense model (every weight exists in memory once)."""
-    args = LlamaArgs.from_hf_config(config)
-    return assemble(args, read_hf_checkpoint(folder, args, dtype, device), {}, dtype, device)
+def param_count(args: LlamaArgs) -> int:
+    return decoder_param_count(hidden=args.hidden_size, layers=args.num_layers, heads=args.num_heads,
+                               kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                               intermediate=args.intermediate_size, vocab=args.vocab_size,
+                               tied_embeddings=args.tie_word_embeddings, qkv_bias=args.qkv_bias)
+
+
+def _up_rows(args: LlamaArgs) -> slice:
+    return slice(args.intermediate_size, None)  # gate_up is [gate; up]: down_proj reads silu(gate) * up
+
+
+def _v_rows(args: LlamaArgs) -> slice | None:
+    # o_proj channel j reads v channel j only when every query head has its own KV head
+    if args.num_heads != args.num_kv_heads:
+        return None
+    return slice((args.num_heads + args.num_kv_heads) * args.head_dim, None)
+
+
+TOPOLOGY = QuantTopology(
+    norm_groups=(NormGroup("input_norm", ("qkv_proj",)), NormGroup("post_norm", ("gate_up_proj",))),
+    # down before o: the order the scale searches have always run in. SmoothQuant leaves o_proj alone
+    # (attention output has few outlier channels).
+    row_folds=(RowFold("down_proj", "gate_up_proj", _up_rows, reciprocal=True),
+               RowFold("o_proj", "qkv_proj", _v_rows, smooth=False)),
+)
+
+
+LLAMA = Architecture(model_type="llama", args_from_config=LlamaArgs.from_hf_config, model_class=LlamaForCausalLM,
+                     read_checkpoint=read_hf_checkpoint, assemble=assemble, topology=TOPOLOGY, param_count=param_count)
+MISTRAL = replace(LLAMA, model_type="mistral")
+QWEN2 = replace(LLAMA, model_type="qwen2", args_from_config=qwen2_args)
