@@ -24,7 +24,7 @@ def select_backend(config: EngineConfig) -> str:
         from engines.build import manifest as mf
 
         if mf.is_engine_dir(config.engine_dir):
-            built_for = mf.load_manifest(config.engine_dir, verify=False).get("backend", "torch")
+            built_for = mf.load_manifest(config.engine_dir, verify=False).backend
     if config.backend in ("auto", built_for):
         return built_for
     if built_for == "trtllm":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -264,6 +264,51 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+@dataclass(frozen=True)
+class BuiltEngine:
+    """The engine directory being served, as its manifest (engine.json) describes it."""
+
+    precision: str
+    kv_cache_dtype: str
+    created: str | None
+    kiln_version: str | None
+    built_for: str | None  # the hardware it was built on (Hardware.describe())
+    # torch builds only (None for TensorRT-LLM engines)
+    profile: str | None = None
+    weight_formats: dict[str, str] | None = None
+    build_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class SpeculationInfo:
+    """How an engine decodes speculatively: the method, the draft length, and the proposer's own facts (the
+    n-gram sizes, the draft model and its KV blocks...)."""
+
+    method: str
+    num_speculative_tokens: int
+    proposer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineDetails:
+    """What an engine reports beyond EngineInfo's core fields, for /v1/metadata and /metrics. A field a backend
+    does not know stays None (or empty) and is left out of /v1/metadata's `extra`."""
+
+    precision: str | None = None  # of a built engine; None: a model folder, served at EngineInfo.dtype
+    profile: str | None = None  # the build profile that chose the precision
+    hardware: str | None = None  # this machine, described; None: EngineInfo.device
+    speculative: SpeculationInfo | None = None  # None: speculative decoding is off
+    versions: dict[str, str] = field(default_factory=dict)  # the backend's libraries (tensorrt_llm), by package
+    engine: BuiltEngine | None = None  # None: a model folder, not an engine directory
+    architecture: str | None = None  # the model's model_type
+    model_source: str | None = None  # the folder, engine directory or Hub id served
+    prefix_caching: bool | None = None
+    scheduler_policy: str | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    torch_threads: int | None = None
+
+
 @dataclass
 class EngineInfo:
     """Static facts about a loaded engine, for /v1/models and /v1/metadata."""
@@ -278,7 +323,7 @@ class EngineInfo:
     eos_token_ids: list[int]
     block_size: int
     num_kv_blocks: int
-    extra: dict = field(default_factory=dict)
+    details: EngineDetails = field(default_factory=EngineDetails)
 
     @property
     def kv_capacity_tokens(self) -> int:

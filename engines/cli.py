@@ -108,8 +108,8 @@ def build_command(args: argparse.Namespace) -> int:
     serve = f"kiln serve --engine-dir {result.output}"
     if options.draft_of:
         serve = f"kiln serve --engine-dir {options.draft_of} --speculative-draft {result.output}"
-    print(f"Engine {result.output} {verb}: {m['precision']} weights, {m['kv_cache_dtype']} KV cache, for "
-          f"{m['target']['description']}. Serve it with `{serve}`; the report is in "
+    print(f"Engine {result.output} {verb}: {m.precision} weights, {m.kv_cache_dtype} KV cache, for "
+          f"{m.target.description}. Serve it with `{serve}`; the report is in "
           f"{result.output / 'build-report.md'}.")
     return 0
 

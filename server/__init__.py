@@ -1,8 +1,5 @@
 """kiln's HTTP server: an OpenAI-compatible API in front of an `engines.base.Engine`."""
 
-from importlib.metadata import PackageNotFoundError, version
+from engines.version import __version__
 
-try:
-    __version__ = version("kiln")
-except PackageNotFoundError:  # running from a source tree that was never pip-installed
-    __version__ = "0.0.0+source"
+__all__ = ["__version__"]

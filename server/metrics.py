@@ -58,7 +58,7 @@ class EngineStatsCollector(Collector):
                       stats.num_preemptions)
         yield counter("prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", stats.generation_tokens)
-        if info.extra.get("speculative"):  # vLLM's spec_decode_* family, when speculation is on
+        if info.details.speculative is not None:  # vLLM's spec_decode_* family, when speculation is on
             yield counter("spec_decode_num_drafts", "Verification steps that checked draft tokens.",
                           stats.spec_num_drafts)
             yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", stats.spec_draft_tokens)

@@ -82,8 +82,8 @@ def test_every_precision_builds_and_round_trips(engine_of, precision):
     out, result = engine_of(precision)
     assert not result.reused
     m = result.manifest
-    assert m["schema_version"] == mf.SCHEMA_VERSION and m["precision"] == precision and m["backend"] == "torch"
-    assert set(m["files"]) >= {"weights.safetensors", "config.json", "tokenizer.json", "build-report.json",
+    assert m.schema_version == mf.SCHEMA_VERSION and m.precision == precision and m.backend == "torch"
+    assert set(m.files) >= {"weights.safetensors", "config.json", "tokenizer.json", "build-report.json",
                                "build-report.md"}
     report = json.loads((out / "build-report.json").read_text())
     assert report["accuracy"]["positions"] > 0 and 0 <= report["accuracy"]["top1_agreement"] <= 1
@@ -123,9 +123,9 @@ def test_rebuild_with_same_inputs_is_reused_and_other_inputs_rebuild(tiny_chat_m
     out = tmp_path / "engine"
     first = build(options(tiny_chat_model, out, precision="int8-wo"))
     again = build(options(tiny_chat_model, out, precision="int8-wo"))
-    assert again.reused and again.manifest["build_hash"] == first.manifest["build_hash"]
+    assert again.reused and again.manifest.build_hash == first.manifest.build_hash
     other = build(options(tiny_chat_model, out, precision="int4-rtn"))
-    assert not other.reused and other.manifest["precision"] == "int4-rtn"
+    assert not other.reused and other.manifest.precision == "int4-rtn"
     # an altered file makes the existing engine stale, not trusted
     weights = out / "weights.safetensors"
     data = bytearray(weights.read_bytes())
@@ -136,9 +136,9 @@ def test_rebuild_with_same_inputs_is_reused_and_other_inputs_rebuild(tiny_chat_m
 
 def test_max_accuracy_loss_picks_the_most_aggressive_profile_within_budget(tiny_chat_model, tmp_path):
     loose = build(options(tiny_chat_model, tmp_path / "loose", precision="auto", max_accuracy_loss=1e6))
-    assert loose.manifest["precision"].startswith("int4")  # the smallest weights pass a huge budget
+    assert loose.manifest.precision.startswith("int4")  # the smallest weights pass a huge budget
     exact = build(options(tiny_chat_model, tmp_path / "exact", precision="auto", max_accuracy_loss=1e-9))
-    assert exact.manifest["precision"] == "fp32"  # only the unquantized profile loses nothing
+    assert exact.manifest.precision == "fp32"  # only the unquantized profile loses nothing
     tried = [c["precision"] for c in exact.report["candidates"]]
     assert tried[0].startswith("int4") and tried[-1] == "fp32"
     with pytest.raises(BuildError, match="No precision stays within --max-accuracy-loss"):
@@ -209,10 +209,10 @@ def test_engine_for_other_hardware_is_refused(built_engine, tmp_path):
 def test_fp8_engine_on_an_ampere_gpu_is_refused():
     a100 = Hardware(device="cuda", name="NVIDIA A100-SXM4-80GB", memory_bytes=80 << 30, sm=80)
     h100 = Hardware(device="cuda", name="NVIDIA H100", memory_bytes=80 << 30, sm=90)
-    fp8 = {"precision": "fp8", "target": {"requires": mf.requirements("fp8", "cuda")}}
+    fp8 = mf.Target(requires=mf.requirements("fp8", "cuda"))
     with pytest.raises(mf.EngineDirError, match=r"needs a GPU with SM >= 89 but NVIDIA A100-SXM4-80GB is SM 80"):
-        mf.check_hardware(fp8, a100)
-    mf.check_hardware(fp8, h100)
+        mf.check_target("fp8", fp8, a100)
+    mf.check_target("fp8", fp8, h100)
 
 
 def test_building_fp8_for_an_ampere_gpu_is_refused(tiny_chat_model, tmp_path):
@@ -291,8 +291,8 @@ def test_cli_build_reads_kiln_variables_and_flags_win(tiny_chat_model, tmp_path,
     monkeypatch.setenv("KILN_EVAL_SAMPLES", "2")
     assert main(["build", "--output", str(tmp_path / "e"), "--precision", "bf16", "--no-bench"]) == 0
     manifest = mf.load_manifest(tmp_path / "e")
-    assert manifest["precision"] == "bf16"
-    assert manifest["model"]["source"] == str(tiny_chat_model)
+    assert manifest.precision == "bf16"
+    assert manifest.model.source == str(tiny_chat_model)
     assert "--precision PRECISION" in build_help() and "[env KILN_PRECISION]" in build_help()
 
 
@@ -311,9 +311,9 @@ def test_draft_of_builds_the_targets_model_at_int4_and_serves_as_its_draft(tiny_
     draft_dir = tmp_path / "draft"
     result = build(options(None, draft_dir, draft_of=str(built_engine)))
     m = result.manifest
-    assert m["precision"] == "int4-awq" and m["model"]["source"] == target["model"]["source"]
-    assert m["draft_of"] == {"engine": str(built_engine.resolve()), "build_hash": target["build_hash"],
-                             "model": target["model"]["source"]}
+    assert m.precision == "int4-awq" and m.model.source == target.model.source
+    assert m.draft_of == mf.DraftOf(engine=str(built_engine.resolve()), build_hash=target.build_hash,
+                                    model=target.model.source)
 
     plain = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20)
     spec = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20, speculative_method="draft",

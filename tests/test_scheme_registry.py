@@ -134,7 +134,7 @@ def test_toy_precision_in_plan(toy_scheme, tmp_path):
 
 
 def test_toy_precision_builds_loads_and_serves(toy_scheme, tiny_chat_model, tmp_path):  # noqa: F811
-    assert mf.requirements("toy-half", "cuda") == {"device": "cuda", "min_sm": 75}
+    assert mf.requirements("toy-half", "cuda") == mf.Requirements(device="cuda", min_sm=75)
     with pytest.raises(trt.TrtllmUnsupported, match="'toy-half' is not one of them"):
         trt.check_gpu("toy-half", "model", 90, "H100")
 
@@ -142,8 +142,8 @@ def test_toy_precision_builds_loads_and_serves(toy_scheme, tiny_chat_model, tmp_
     result = build(options(tiny_chat_model, out, precision="toy-half"),
                    Hardware(device="cpu", name="test CPU", memory_bytes=8 << 30))
     m = result.manifest
-    assert m["precision"] == "toy-half" and m["calibration"] is not None
-    assert m["weight_formats"] == {kind: "toy-half" for kind in PROJECTIONS} | {"lm_head": "dense"}
+    assert m.precision == "toy-half" and m.calibration is not None
+    assert m.weight_formats == {kind: "toy-half" for kind in PROJECTIONS} | {"lm_head": "dense"}
     assert result.report["details"]["toy_amax_max"] > 0  # the calibration statistics reached the scheme
 
     config = EngineConfig(engine_dir=str(out), kv_cache_memory=16 << 20)

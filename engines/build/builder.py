@@ -12,7 +12,6 @@ engine.json carries the same hash and its files verify, nothing is rebuilt.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -29,13 +28,17 @@ from engines import calibration, schemes
 from engines.build import manifest as mf
 from engines.build.calibrate import calibrate
 from engines.build.evaluate import Accuracy, compare, greedy_answers
+from engines.build.fingerprint import model_fingerprint
 from engines.build.quantize import QuantizedModel, needs_for, quantize_model
 from engines.build.report import write_report
+from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.speed import decode_speed
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 from engines.torch.models.registry import architecture
+from engines.trtllm.build import build_trtllm
+from engines.version import __version__
 
 log = logging.getLogger("kiln.build")
 
@@ -46,10 +49,6 @@ DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
-
-
-class BuildError(ValueError):
-    """A build that cannot go ahead, with the one-sentence reason."""
 
 
 @dataclass(frozen=True)  # what --draft-of resolves comes back as a new BuildOptions (_resolve_draft_of)
@@ -101,14 +100,6 @@ class BuildOptions:
 
 
 @dataclass
-class BuildResult:
-    output: Path
-    reused: bool
-    manifest: dict
-    report: dict = field(default_factory=dict)
-
-
-@dataclass
 class _Candidate:
     precision: str
     kv_cache_dtype: str
@@ -125,8 +116,6 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     if options.draft_of:
         options, target = _resolve_draft_of(options)
     if options.backend == "trtllm":
-        from engines.trtllm.build import build_trtllm
-
         return build_trtllm(options, hardware or detect())
     from transformers import AutoConfig, AutoTokenizer
 
@@ -216,21 +205,15 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
 
 
-def up_to_date_engine(output: Path, build_hash: str, force: bool) -> dict | None:
-    """The manifest of the engine already in `output` when it was built from the same inputs (and verifies)."""
-    if force or not mf.is_engine_dir(output):
-        return None
-    try:
-        existing = mf.load_manifest(output)
-    except mf.EngineDirError:
-        return None
-    if existing.get("build_hash") != build_hash:
-        return None
-    log.info("Engine in %s is up to date (built %s); reusing it.", output, existing.get("created"))
-    return existing
+@dataclass
+class _DraftTarget:
+    """The engine a `--draft-of` build drafts for."""
+
+    path: str  # resolved
+    manifest: mf.Manifest
 
 
-def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, dict]:
+def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, _DraftTarget]:
     """--draft-of ENGINE: the draft is, unless --model says otherwise, the target's own model, and unless
     --precision says otherwise its INT4 (AWQ) build: the smallest weights that still agree often. Returns
     the options with those filled in, and the target's manifest."""
@@ -241,19 +224,19 @@ def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, dict]:
     except mf.EngineDirError as exc:
         raise BuildError(f"--draft-of {options.draft_of}: {exc}") from exc
     if options.model is None:
-        source = target.get("model", {}).get("source", "")
+        source = target.model.source
         options = replace(options, model=None if source.startswith("embedded:") else source)
     if options.precision == "auto":
         options = replace(options, precision=DRAFT_PRECISION)
-    return options, target | {"path": str(Path(options.draft_of).expanduser().resolve())}
+    return options, _DraftTarget(str(Path(options.draft_of).expanduser().resolve()), target)
 
 
-def _check_same_vocabulary(tokenizer, target: dict) -> None:
+def _check_same_vocabulary(tokenizer, target: _DraftTarget) -> None:
     from transformers import AutoTokenizer
 
-    theirs = AutoTokenizer.from_pretrained(target["path"])
+    theirs = AutoTokenizer.from_pretrained(target.path)
     if tokenizer.get_vocab() != theirs.get_vocab():
-        raise BuildError(f"the draft model does not share the tokenizer of the engine in {target['path']}; a draft "
+        raise BuildError(f"the draft model does not share the tokenizer of the engine in {target.path}; a draft "
                          "must use the target's vocabulary.")
 
 
@@ -263,7 +246,7 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
     if options.precision != "auto":
         req = mf.requirements(options.precision, hardware.device)
         try:
-            mf.check_hardware({"precision": options.precision, "target": {"requires": req}}, hardware)
+            mf.check_target(options.precision, mf.Target(requires=req), hardware)
         except mf.EngineDirError as exc:
             raise BuildError(f"--precision {options.precision} is not supported on this machine: {_sm_reason(req, hardware)}.") from exc
         kv = _auto_kv(hardware) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
@@ -279,10 +262,10 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
                        p.name) for p in chosen]
 
 
-def _sm_reason(req: dict, hardware: Hardware) -> str:
-    if req["device"] == "cuda" and req.get("min_sm"):
-        return f"it needs a GPU with SM >= {req['min_sm']} and {hardware.name} is SM {hardware.sm}"
-    return f"it needs {req['device']}"
+def _sm_reason(req: mf.Requirements, hardware: Hardware) -> str:
+    if req.device == "cuda" and req.min_sm:
+        return f"it needs a GPU with SM >= {req.min_sm} and {hardware.name} is SM {hardware.sm}"
+    return f"it needs {req.device}"
 
 
 def _auto_kv(hardware: Hardware) -> str:
@@ -297,28 +280,12 @@ def _engine_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
     return auto if runtime == "auto" else getattr(torch, runtime)
 
 
-def _model_fingerprint(folder: Path) -> str:
-    """sha256 over the model's files; hashed once per build (the key includes sizes and mtimes)."""
-    files = sorted(path for path in folder.iterdir()
-                   if path.is_file() and path.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt"))
-    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
-@functools.lru_cache(maxsize=8)
-def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for name, _, _ in files:
-        digest.update(Path(name).name.encode())
-        digest.update(mf.sha256_file(Path(name)).encode())
-    return digest.hexdigest()
 
 
 def _build_hash(options: BuildOptions, folder: Path, candidates: list[_Candidate], hardware: Hardware,
                 calib_requests, eval_requests) -> str:
-    from server import __version__
-
     key = {
-        "schema": mf.SCHEMA_VERSION, "kiln": __version__, "model": _model_fingerprint(folder),
+        "schema": mf.SCHEMA_VERSION, "kiln": __version__, "model": model_fingerprint(folder),
         "candidates": [(c.precision, c.kv_cache_dtype, c.profile) for c in candidates],
         "group_size": options.group_size, "calibrator": options.calibrator, "backend": options.backend,
         "max_accuracy_loss": options.max_accuracy_loss, "eval": [options.eval_samples, options.eval_tokens],
@@ -345,7 +312,7 @@ def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, pr
     from engines.config import EngineConfig
     from engines.torch.loader import build_core
 
-    key = hashlib.sha256(json.dumps([_model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[:24]
     path = cache_dir() / "eval" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -380,10 +347,8 @@ def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device,
 
 def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: Hardware, args, hf_config,
                   chosen: _Candidate, candidates: list[_Candidate], build_hash: str, calib, calib_requests,
-                  calib_seconds: float, speeds: list[dict], started: float, target: dict | None) -> dict:
+                  calib_seconds: float, speeds: list[dict], started: float, target: _DraftTarget | None) -> mf.Manifest:
     from safetensors.torch import save_file
-
-    from server import __version__
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
@@ -424,32 +389,31 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
     (tmp / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(tmp / "build-report.md", report, options.max_accuracy_loss)
     files = [mf.WEIGHTS, "build-report.json", "build-report.md"] + copied
-    manifest = {
-        "schema_version": mf.SCHEMA_VERSION,
-        "kiln_version": __version__,
-        "build_hash": build_hash,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": "torch",
-        "model": {"source": options.model or "embedded:SmolLM2-135M-Instruct", "architecture": hf_config.architectures[0]
-                  if getattr(hf_config, "architectures", None) else None, "model_type": hf_config.model_type,
-                  "fingerprint": _model_fingerprint(folder)},
-        "precision": chosen.precision,
-        "profile": chosen.profile,
-        "weight_formats": chosen.quantized.formats,
-        "group_sizes": chosen.quantized.group_sizes,
-        "kv_cache_dtype": chosen.kv_cache_dtype,
-        "dtype": scheme.runtime_dtype,
-        "target": {"device": hardware.device, "description": hardware.describe(), "sm": hardware.sm,
-                   "cpu_flags": sorted(hardware.cpu_flags), "requires": mf.requirements(chosen.precision, hardware.device)},
-        "calibration": None if calib is None else {
-            "source": options.calib or "kiln:build/calibration/calib.jsonl", "samples": len(calib_requests),
-            "tokens": calib.num_tokens, "calibrator": options.calibrator,
-            "fingerprint": calibration.fingerprint(calib_requests)},
-        "files": mf.checksums(tmp, files),
-    }
-    if target is not None:
-        manifest["draft_of"] = {"engine": target["path"], "build_hash": target.get("build_hash"),
-                                "model": target.get("model", {}).get("source")}
+    manifest = mf.Manifest(
+        schema_version=mf.SCHEMA_VERSION,
+        kiln_version=__version__,
+        build_hash=build_hash,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        backend="torch",
+        model=mf.ModelSource(source=options.model or "embedded:SmolLM2-135M-Instruct",
+                             architecture=hf_config.architectures[0] if getattr(hf_config, "architectures", None)
+                             else None, model_type=hf_config.model_type, fingerprint=model_fingerprint(folder)),
+        precision=chosen.precision,
+        profile=chosen.profile,
+        weight_formats=chosen.quantized.formats,
+        group_sizes=chosen.quantized.group_sizes,
+        kv_cache_dtype=chosen.kv_cache_dtype,
+        dtype=scheme.runtime_dtype,
+        target=mf.Target(device=hardware.device, description=hardware.describe(), sm=hardware.sm,
+                         cpu_flags=sorted(hardware.cpu_flags),
+                         requires=mf.requirements(chosen.precision, hardware.device)),
+        calibration=None if calib is None else mf.Calibration(
+            source=options.calib or "kiln:build/calibration/calib.jsonl", samples=len(calib_requests),
+            tokens=calib.num_tokens, calibrator=options.calibrator, fingerprint=calibration.fingerprint(calib_requests)),
+        files=mf.checksums(tmp, files),
+        **({} if target is None else {"draft_of": mf.DraftOf(engine=target.path, build_hash=target.manifest.build_hash,
+                                                              model=target.manifest.model.source)}),
+    )
     mf.write_manifest(tmp, manifest)
     if output.exists():
         shutil.rmtree(output)

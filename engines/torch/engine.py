@@ -14,8 +14,10 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (
+    BuiltEngine,
     Engine,
     EngineDeadError,
+    EngineDetails,
     EngineInfo,
     EngineOverloadedError,
     EngineStats,
@@ -23,7 +25,9 @@ from engines.base import (
     GenerationRequest,
     RequestFailedError,
     SamplingParams,
+    SpeculationInfo,
 )
+from engines.build.manifest import Manifest
 from engines.config import EngineConfig
 from engines.daemon import run_in_daemon_thread
 from engines.hardware import detect as detect_hardware
@@ -47,12 +51,21 @@ def is_device_error(exc: BaseException) -> bool:
     return not isinstance(exc, Exception) or any(marker in str(exc) for marker in _DEVICE_ERROR_MARKERS)
 
 
-def _engine_summary(manifest: dict | None) -> dict | None:
+def _built_engine(manifest: Manifest | None) -> BuiltEngine | None:
     """What /v1/metadata says about a built engine (None when serving a plain model folder)."""
     if manifest is None:
         return None
-    keys = ("precision", "profile", "weight_formats", "kv_cache_dtype", "build_hash", "created", "kiln_version")
-    return {key: manifest.get(key) for key in keys} | {"built_for": manifest.get("target", {}).get("description")}
+    return BuiltEngine(precision=manifest.precision, kv_cache_dtype=manifest.kv_cache_dtype, created=manifest.created,
+                       kiln_version=manifest.kiln_version, built_for=manifest.target.description,
+                       profile=manifest.profile, weight_formats=manifest.weight_formats,
+                       build_hash=manifest.build_hash)
+
+
+def _speculation(core: LLMEngine) -> SpeculationInfo | None:
+    if core.proposer is None:
+        return None
+    described = dict(core.proposer.describe())
+    return SpeculationInfo(described.pop("method"), core.num_speculative_tokens, described)
 
 
 class AsyncTorchEngine(Engine):
@@ -84,19 +97,19 @@ class AsyncTorchEngine(Engine):
             eos_token_ids=core.eos_token_ids,
             block_size=core.bm.block_size,
             num_kv_blocks=core.bm.num_blocks,
-            extra={
-                "hardware": detect_hardware().describe(),
-                "architecture": loaded.hf_config.model_type,
-                "model_source": str(config.engine_dir or config.model or "embedded default"),
-                "prefix_caching": config.enable_prefix_caching,
-                "max_num_seqs": config.max_num_seqs,
-                "max_num_batched_tokens": core.scheduler.max_num_batched_tokens,
-                "torch_threads": torch.get_num_threads(),
-                "engine": _engine_summary(loaded.manifest),
-                "speculative": (core.proposer.describe() | {"num_speculative_tokens": core.num_speculative_tokens}
-                                if core.proposer else None),
-            } | ({"precision": loaded.manifest["precision"], "profile": loaded.manifest.get("profile")}
-                 if loaded.manifest else {}),
+            details=EngineDetails(
+                precision=loaded.manifest.precision if loaded.manifest else None,
+                profile=loaded.manifest.profile if loaded.manifest else None,
+                hardware=detect_hardware().describe(),
+                speculative=_speculation(core),
+                engine=_built_engine(loaded.manifest),
+                architecture=loaded.hf_config.model_type,
+                model_source=str(config.engine_dir or config.model or "embedded default"),
+                prefix_caching=config.enable_prefix_caching,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=core.scheduler.max_num_batched_tokens,
+                torch_threads=torch.get_num_threads(),
+            ),
         )
 
         log.info(
@@ -105,7 +118,7 @@ class AsyncTorchEngine(Engine):
             runner_bytes(core) / 2**20, core.max_model_len,
         )
         if core.proposer is not None:
-            log.info("Speculative decoding: %s", self._info.extra["speculative"])
+            log.info("Speculative decoding: %s", self._info.details.speculative)
 
     @classmethod
     def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> "AsyncTorchEngine":

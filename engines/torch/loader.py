@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engines.build.manifest import Manifest
 from engines.config import EngineConfig, default_batched_tokens
 from engines.model_source import model_display_name, resolve_model
 from engines.torch import host_malloc
@@ -35,7 +36,7 @@ class LoadedModel:
     folder: Path
     dtype: torch.dtype
     device: torch.device
-    manifest: dict | None = None  # engine.json when loaded from an engine directory
+    manifest: Manifest | None = None  # engine.json when loaded from an engine directory
     # the KV-cache dtype and scales its engine directory asks for (used when it serves as a draft)
     kv_cache_dtype: str = "model"
     kv_cache_scales: torch.Tensor | None = None
@@ -87,11 +88,11 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
 
     folder = Path(config.engine_dir).expanduser()
     manifest = mf.load_manifest(folder)
-    if manifest.get("backend", "torch") != "torch":
-        raise mf.EngineDirError(f"{folder} holds a {manifest['backend']} engine; kiln's torch backend cannot run it.")
+    if manifest.backend != "torch":
+        raise mf.EngineDirError(f"{folder} holds a {manifest.backend} engine; kiln's torch backend cannot run it.")
     device = pick_device(config.device)
     mf.check_hardware(manifest, detect(device.type))
-    dtype = torch.float32 if manifest.get("dtype") == "float32" else pick_dtype(config.dtype, device)
+    dtype = torch.float32 if manifest.dtype == "float32" else pick_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # safetensors hands out views at arbitrary byte offsets; torch's int8 CPU kernel crashes on an
@@ -99,10 +100,10 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
     tensors = {name: _aligned(t) for name, t in load_file(str(folder / mf.WEIGHTS), device=str(device)).items()}
     scales = tensors.pop("kv_cache.scales", None)
     arch = architecture(hf_config.model_type)
-    model = arch.assemble(arch.args_from_config(hf_config), tensors, manifest["weight_formats"], dtype, device)
-    name = config.served_model_name or manifest.get("served_model_name") or _engine_model_name(manifest, folder)
-    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest,
-                       manifest.get("kv_cache_dtype", "model"), scales)
+    model = arch.assemble(arch.args_from_config(hf_config), tensors, manifest.weight_formats, dtype, device)
+    name = config.served_model_name or manifest.served_model_name or _engine_model_name(manifest, folder)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest, manifest.kv_cache_dtype,
+                       scales)
 
 
 def load_checkpoint(folder: Path, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -116,8 +117,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def _engine_model_name(manifest: dict, folder: Path) -> str:
-    source = manifest.get("model", {}).get("source", "")
+def _engine_model_name(manifest: Manifest, folder: Path) -> str:
+    source = manifest.model.source
     return model_display_name(None if source.startswith("embedded:") else source) if source else folder.name
 
 
@@ -246,7 +247,7 @@ def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel 
                  draft.device, draft.kv_cache_dtype, draft.kv_cache_scales, scratch_block=graphs)
     runner = ModelRunner(draft.model, kv, config.block_size, draft.device, config.max_num_seqs, max_model_len, graphs)
     description = {"draft_model": draft.name, "draft_source": str(config.speculative_draft or draft.folder),
-                   "draft_precision": draft.manifest["precision"] if draft.manifest else str(draft.dtype).removeprefix("torch.")}
+                   "draft_precision": draft.manifest.precision if draft.manifest else str(draft.dtype).removeprefix("torch.")}
     return DraftModelProposer(runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False),
                               description)
 

@@ -13,6 +13,7 @@ set (or --calib), rendered through the model's chat template into a local datase
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -23,10 +24,13 @@ from pathlib import Path
 
 from engines import calibration, schemes
 from engines.build import manifest as mf
+from engines.build.fingerprint import model_fingerprint
+from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.hardware import Hardware
 from engines.model_source import resolve_model
 from engines.trtllm import api as trt
 from engines.trtllm import configs
+from engines.version import __version__
 
 log = logging.getLogger("kiln.build.trtllm")
 
@@ -53,11 +57,9 @@ def auto_precision(hardware: Hardware) -> tuple[str, str]:
                                 f"is SM {hardware.sm}; use --backend torch.")
 
 
-def build_trtllm(options, hardware: Hardware):
-    """options: engines.build.builder.BuildOptions. Returns a BuildResult."""
+def build_trtllm(options, hardware: Hardware) -> BuildResult:
+    """options: engines.build.builder.BuildOptions (untyped here: builder.py imports this module)."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from engines.build.builder import BuildError, BuildResult, up_to_date_engine
 
     try:
         api = trt.load()
@@ -100,8 +102,9 @@ def build_trtllm(options, hardware: Hardware):
         if calib_requests is not None:
             dataset = _write_calibration_dataset(tmp / "calibration", calib_requests, tokenizer)
             kwargs["calib_config"] = configs.calib_config(api, str(dataset), len(calib_requests), CALIB_MAX_SEQ_LEN)
-            calib_source = {"source": options.calib or "kiln:build/calibration/calib.jsonl",
-                            "samples": len(calib_requests), "fingerprint": calibration.fingerprint(calib_requests)}
+            calib_source = mf.Calibration(source=options.calib or "kiln:build/calibration/calib.jsonl",
+                                          samples=len(calib_requests),
+                                          fingerprint=calibration.fingerprint(calib_requests))
         log.info("Building a %s TensorRT engine (KV %s) of %s with TensorRT-LLM %s", precision, kv, folder, api.version)
         llm = api.llm_class(**kwargs)
         try:
@@ -114,8 +117,7 @@ def build_trtllm(options, hardware: Hardware):
                 shutil.copy2(folder / name, tmp / name)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = _manifest(options, hardware, precision, kv, quant, build, api.version, calib_source, hf_config,
-                             folder, max_seq_len, files, tmp, time.perf_counter() - started)
-        manifest["build_hash"] = build_hash
+                             max_seq_len, files, tmp, time.perf_counter() - started, build_hash)
         mf.write_manifest(tmp, manifest)
         if output.exists():
             shutil.rmtree(output)
@@ -130,12 +132,7 @@ def _build_hash(folder: Path, precision: str, kv: str, group_size: int, calib_re
                 version: str) -> str:
     """Same model files, settings, calibration data, GPU and TensorRT-LLM: the same engine (so a second
     `docker compose up` reuses it)."""
-    import hashlib
-
-    from engines.build.builder import _model_fingerprint
-    from server import __version__
-
-    key = {"schema": mf.SCHEMA_VERSION, "kiln": __version__, "backend": "trtllm", "model": _model_fingerprint(folder),
+    key = {"schema": mf.SCHEMA_VERSION, "kiln": __version__, "backend": "trtllm", "model": model_fingerprint(folder),
            "precision": precision, "kv": kv, "group_size": group_size, "trtllm": version,
            "calib": calibration.fingerprint(calib_requests) if calib_requests else None,
            "gpu": [hardware.name, hardware.sm, hardware.count]}
@@ -171,23 +168,23 @@ def _jsonable(value):
     return str(value)
 
 
-def _manifest(options, hardware, precision, kv, quant, build, version, calib_source, hf_config, folder, max_seq_len,
-              files, tmp, seconds) -> dict:
-    from server import __version__
-
-    return {
-        "schema_version": mf.SCHEMA_VERSION,
-        "kiln_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": "trtllm",
-        "model": {"source": options.model or "embedded:SmolLM2-135M-Instruct", "model_type": hf_config.model_type},
-        "precision": precision,
-        "kv_cache_dtype": kv,
-        "max_model_len": max_seq_len,
-        "target": {"device": "cuda", "description": hardware.describe(), "sm": hardware.sm,
-                   "requires": {"device": "cuda", "min_sm": trt.min_sm(precision, kv)}},
-        "trtllm": {"version": version, "engine_dir": "trtllm", "quant_config": _describe(quant),
-                   "build_config": _describe(build), "build_seconds": round(seconds, 1)},
-        "calibration": calib_source,
-        "files": mf.checksums(tmp, files),
-    }
+def _manifest(options, hardware: Hardware, precision: str, kv: str, quant, build, version: str,
+              calib_source: mf.Calibration | None, hf_config, max_seq_len: int, files: list[str], tmp: Path,
+              seconds: float, build_hash: str) -> mf.Manifest:
+    return mf.Manifest(
+        schema_version=mf.SCHEMA_VERSION,
+        kiln_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        backend="trtllm",
+        model=mf.ModelSource(source=options.model or "embedded:SmolLM2-135M-Instruct", model_type=hf_config.model_type),
+        precision=precision,
+        kv_cache_dtype=kv,
+        max_model_len=max_seq_len,
+        target=mf.Target(device="cuda", description=hardware.describe(), sm=hardware.sm,
+                         requires=mf.Requirements(device="cuda", min_sm=trt.min_sm(precision, kv))),
+        trtllm=mf.TrtllmBuild(version=version, engine_dir="trtllm", quant_config=_describe(quant),
+                              build_config=_describe(build), build_seconds=round(seconds, 1)),
+        calibration=calib_source,
+        files=mf.checksums(tmp, files),
+        build_hash=build_hash,
+    )

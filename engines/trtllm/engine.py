@@ -18,18 +18,22 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from engines.base import (
+    BuiltEngine,
     CompletionOutput,
     Engine,
     EngineDeadError,
+    EngineDetails,
     EngineInfo,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
     RequestFailedError,
     RequestTimings,
+    SpeculationInfo,
     TokenLogprob,
     check_request_fits,
 )
+from engines.build.manifest import Manifest
 from engines.config import EngineConfig
 from engines.trtllm import api as trt
 from engines.trtllm import configs
@@ -42,7 +46,7 @@ STATS_POLL_SECONDS = 1.0
 
 
 class TrtllmEngine(Engine):
-    def __init__(self, llm, api: trt.TrtllmApi, tokenizer, manifest: dict, config: EngineConfig, folder: Path):
+    def __init__(self, llm, api: trt.TrtllmApi, tokenizer, manifest: Manifest, config: EngineConfig, folder: Path):
         self.llm = llm
         self.api = api
         self._tokenizer = tokenizer
@@ -57,23 +61,26 @@ class TrtllmEngine(Engine):
         self.eos_token_ids = [eos] if eos is not None else []
         self.vocab_size = len(tokenizer)
         self._info = EngineInfo(
-            model_name=config.served_model_name or manifest.get("served_model_name") or folder.name,
+            model_name=config.served_model_name or manifest.served_model_name or folder.name,
             backend="trtllm",
-            dtype=manifest["precision"],
-            kv_cache_dtype=manifest.get("kv_cache_dtype", "model"),
+            dtype=manifest.precision,
+            kv_cache_dtype=manifest.kv_cache_dtype,
             device="cuda",
-            max_model_len=int(manifest.get("max_model_len") or 0),
+            max_model_len=manifest.max_model_len or 0,
             vocab_size=self.vocab_size,
             eos_token_ids=self.eos_token_ids,
             block_size=0,  # TensorRT-LLM's tokens per block, known from its first iteration stats
             num_kv_blocks=0,
-            extra={"precision": manifest["precision"], "tensorrt_llm": api.version,
-                   "engine": {k: manifest.get(k) for k in ("precision", "kv_cache_dtype", "created", "kiln_version")}
-                   | {"built_for": manifest.get("target", {}).get("description")},
-                   "scheduler_policy": config.scheduler_policy,
-                   "speculative": ({"method": config.speculative_method,
-                                    "num_speculative_tokens": config.num_speculative_tokens}
-                                   if config.speculative_method else None)},
+            details=EngineDetails(
+                precision=manifest.precision,
+                versions={"tensorrt_llm": api.version},
+                engine=BuiltEngine(precision=manifest.precision, kv_cache_dtype=manifest.kv_cache_dtype,
+                                   created=manifest.created, kiln_version=manifest.kiln_version,
+                                   built_for=manifest.target.description),
+                scheduler_policy=config.scheduler_policy,
+                speculative=(SpeculationInfo(config.speculative_method, config.num_speculative_tokens)
+                             if config.speculative_method else None),
+            ),
         )
 
     @classmethod
@@ -87,8 +94,8 @@ class TrtllmEngine(Engine):
 
         folder = Path(config.engine_dir).expanduser()
         manifest = mf.load_manifest(folder)
-        if manifest.get("backend") != "trtllm":
-            raise mf.EngineDirError(f"{folder} holds a {manifest.get('backend', 'torch')} engine, not a TensorRT-LLM one.")
+        if manifest.backend != "trtllm":
+            raise mf.EngineDirError(f"{folder} holds a {manifest.backend} engine, not a TensorRT-LLM one.")
         api = trt.load()
         hardware = detect("cuda")
         if hardware.device != "cuda":
@@ -96,7 +103,7 @@ class TrtllmEngine(Engine):
         mf.check_hardware(manifest, hardware)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         llm = api.llm_class(
-            model=str(folder / manifest.get("trtllm", {}).get("engine_dir", "trtllm")),
+            model=str(folder / (manifest.trtllm.engine_dir if manifest.trtllm else "trtllm")),
             tokenizer=str(folder),
             kv_cache_config=configs.kv_cache_config(api, config.gpu_memory_fraction, config.enable_prefix_caching),
             scheduler_config=configs.scheduler_config(api, config.scheduler_policy),

@@ -63,19 +63,19 @@ def test_every_profile_maps_to_the_exact_trtllm_configs(fake_trtllm, tiny_chat_f
     assert calls(fake_trtllm, "LLM.save")[0].endswith("/trtllm") and calls(fake_trtllm, "LLM.shutdown") == [None]
 
     m = result.manifest
-    assert (m["backend"], m["precision"], m["kv_cache_dtype"]) == ("trtllm", precision, kv)
+    assert (m.backend, m.precision, m.kv_cache_dtype) == ("trtllm", precision, kv)
     min_sm = max(89 if precision == "fp8" else 80, {"model": 0, "int8": 80, "fp8": 89}[kv])
-    assert m["target"]["requires"] == {"device": "cuda", "min_sm": min_sm}
-    assert {"trtllm/rank0.engine", "trtllm/config.json", "tokenizer.json", "config.json"} <= set(m["files"])
+    assert m.target.requires == mf.Requirements(device="cuda", min_sm=min_sm)
+    assert {"trtllm/rank0.engine", "trtllm/config.json", "tokenizer.json", "config.json"} <= set(m.files)
     assert mf.load_manifest(out) == m  # every file's checksum verifies
     assert not (out / "calibration").exists() and not list(tmp_path.glob("engine.tmp*"))
 
 
 def test_auto_picks_fp8_on_hopper_and_int8_smoothquant_on_ampere(fake_trtllm, tiny_chat_folder, tmp_path):
-    assert build(options(tiny_chat_folder, tmp_path / "h", precision="auto"), H100).manifest["precision"] == "fp8"
-    assert build(options(tiny_chat_folder, tmp_path / "h", precision="auto"), H100).manifest["kv_cache_dtype"] == "fp8"
+    assert build(options(tiny_chat_folder, tmp_path / "h", precision="auto"), H100).manifest.precision == "fp8"
+    assert build(options(tiny_chat_folder, tmp_path / "h", precision="auto"), H100).manifest.kv_cache_dtype == "fp8"
     ampere = build(options(tiny_chat_folder, tmp_path / "a", precision="auto"), A100).manifest
-    assert (ampere["precision"], ampere["kv_cache_dtype"]) == ("int8-sq", "int8")
+    assert (ampere.precision, ampere.kv_cache_dtype) == ("int8-sq", "int8")
 
 
 def test_nvfp4_builds_for_blackwell_only_through_trtllm(fake_trtllm, tiny_chat_folder, tmp_path):
@@ -83,7 +83,7 @@ def test_nvfp4_builds_for_blackwell_only_through_trtllm(fake_trtllm, tiny_chat_f
     m = build(options(tiny_chat_folder, tmp_path / "e", precision="nvfp4", kv_cache_dtype="fp8"), b200).manifest
     assert [_names(c) for c in calls(fake_trtllm, "QuantConfig")] == [{"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}]
     assert len(calls(fake_trtllm, "CalibConfig")) == 1
-    assert (m["precision"], m["target"]["requires"]) == ("nvfp4", {"device": "cuda", "min_sm": 100})
+    assert (m.precision, m.target.requires) == ("nvfp4", mf.Requirements(device="cuda", min_sm=100))
 
 
 @pytest.mark.parametrize(
@@ -128,14 +128,14 @@ def test_the_user_calibration_set_is_what_tensorrt_llm_calibrates_on(fake_trtllm
     result = build(options(tiny_chat_folder, tmp_path / "e", precision="int4-awq", calib=str(calib)), H100)
     dataset = calls(fake_trtllm, "calibration dataset")[0]
     assert len(dataset) == 16 and all("question" in row["text"] for row in dataset)
-    assert result.manifest["calibration"]["source"] == str(calib)
+    assert result.manifest.calibration.source == str(calib)
 
 
 def test_same_inputs_reuse_the_engine_and_other_inputs_rebuild(fake_trtllm, tiny_chat_folder, tmp_path):
     out = tmp_path / "e"
     first = build(options(tiny_chat_folder, out, precision="int8-wo"), H100)
     again = build(options(tiny_chat_folder, out, precision="int8-wo"), H100)
-    assert not first.reused and again.reused and again.manifest["build_hash"] == first.manifest["build_hash"]
+    assert not first.reused and again.reused and again.manifest.build_hash == first.manifest.build_hash
     assert len(calls(fake_trtllm, "LLM")) == 1  # the second call built nothing
     other_gpu = build(options(tiny_chat_folder, out, precision="int8-wo"), A100)
     forced = build(options(tiny_chat_folder, out, precision="int8-wo", force=True), A100)
