@@ -38,6 +38,14 @@ class ChoiceDelta:
     finish_reason: str | None = None
     num_tokens: int = 0  # tokens generated in this delta; its text may lag (an incomplete character, a possible stop string)
 
+    def needs_chunk(self, has_content: bool, wants_logprobs: bool) -> bool:
+        """Whether a stream sends a chunk for this delta (chat and completions alike): when it has content to
+        show; like vLLM, for every step that generated tokens even while their text is held back, so the client
+        sees the stream move (and its time to first token) at once, except on the last step, whose finish
+        chunk follows anyway; and when it carries logprobs the client asked for."""
+        return (has_content or (self.num_tokens > 0 and self.finish_reason is None)
+                or (wants_logprobs and bool(self.logprobs)))
+
 
 class ChoiceState:
     def __init__(self, index: int, tokenizer, prompt_token_ids: list[int], stop: list[str], min_tokens: int):

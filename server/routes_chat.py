@@ -101,8 +101,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 reader = readers[delta.index]
                 events = reader.feed(delta.text) + (reader.finish() if delta.finish_reason else [])
                 called[delta.index] |= any(not isinstance(e, ContentDelta) for e in events)
-                # a chunk for every step that generated tokens, even while their text is held back (as completions)
-                if events or delta.num_tokens and not delta.finish_reason or (top_k is not None and delta.logprobs):
+                if delta.needs_chunk(has_content=bool(events), wants_logprobs=top_k is not None):
                     yield chunk([ChatChunkChoice(index=delta.index, delta=_delta(events),
                                                  logprobs=logprobs_of(delta.logprobs))])
                 if delta.finish_reason:

@@ -136,10 +136,8 @@ async def create_completion(body: CompletionRequest, request: Request):
                 if delta.index in unechoed:
                     unechoed.discard(delta.index)
                     yield echo_chunk(delta.index)
-                # like vLLM, a chunk for every step that generated tokens, even while their text is held
-                # back: the client sees the stream move (and its time to first token) at once
-                if not score_only and (delta.text or delta.num_tokens and not delta.finish_reason
-                                       or (body.logprobs is not None and delta.logprobs)):
+                if not score_only and delta.needs_chunk(has_content=bool(delta.text),
+                                                        wants_logprobs=body.logprobs is not None):
                     yield chunk([CompletionChoice(index=delta.index, text=delta.text,
                                                   logprobs=logprobs_of(delta.index, delta.logprobs),
                                                   finish_reason=None)])
