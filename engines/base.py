@@ -40,6 +40,37 @@ class RequestFailedError(EngineError):
     """The engine failed while serving this one request; it goes on serving the others (HTTP 500)."""
 
 
+class RequestError(ValueError):
+    """A request the engine will not serve as given: the client's error (HTTP 400).
+
+    `param` names the field at fault as the OpenAI/vLLM request body names it (SamplingParams' fields carry those
+    names; the server keeps it only when the body it is answering has that field), `code` is OpenAI's
+    machine-readable code. A ValueError, so that callers written against the plain ValueError this contract
+    used to name keep working."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidValueError(RequestError):
+    """A field's value is out of range or malformed (a temperature of 3, a token id outside the vocabulary)."""
+
+
+class UnsupportedRequestError(RequestError):
+    """Valid values this engine cannot honour together (ignore_eos with a structured output), or a feature it
+    does not have."""
+
+
+class ContextLengthExceededError(InvalidValueError):
+    """The prompt plus the tokens asked for are longer than the model's context."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param, code="context_length_exceeded")
+
+
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 
 
@@ -91,51 +122,59 @@ class SamplingParams:
     structured: StructuredOutput | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError with one readable sentence for the first invalid field."""
+        """Raise InvalidValueError (or UnsupportedRequestError) with one readable sentence for the first invalid
+        field, naming it as `param`."""
         if not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}.")
+            raise InvalidValueError(f"n must be between 1 and {MAX_N}, got {self.n}.", "n")
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}.")
+            raise InvalidValueError(f"temperature must be between 0 and 2, got {self.temperature}.", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise InvalidValueError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.")
+            raise InvalidValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.",
+                                    "top_k")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {self.seed}.")
+            raise InvalidValueError(f"seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got "
+                                    f"{self.seed}.", "seed")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}.")
+            raise InvalidValueError(f"min_p must be between 0 and 1, got {self.min_p}.", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be between -2 and 2, got {value}.")
+                raise InvalidValueError(f"{name} must be between -2 and 2, got {value}.", name)
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.")
+            raise InvalidValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.",
+                                    "repetition_penalty")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise InvalidValueError(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}."
-            )
+            raise InvalidValueError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}.",
+                "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.")
+            raise InvalidValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.",
+                                    "top_logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs}.")
+            raise InvalidValueError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
+                                    f"{self.prompt_logprobs}.", "prompt_logprobs")
         for token_id, bias in self.logit_bias.items():
             if vocab_size is not None and not 0 <= token_id < vocab_size:
-                raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
+                raise InvalidValueError(f"logit_bias token id {token_id} is outside the vocabulary "
+                                        f"(0..{vocab_size - 1}).", "logit_bias")
             if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}.")
+                raise InvalidValueError(f"logit_bias values must be between -100 and 100, got {bias}.", "logit_bias")
         for token_id in self.stop_token_ids:
             if vocab_size is not None and not 0 <= token_id < vocab_size:
-                raise ValueError(f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).")
+                raise InvalidValueError(f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).",
+                                        "stop_token_ids")
         if self.structured is not None:
             # the grammar ends the output with EOS; neither setting could be honoured without breaking it
             if self.ignore_eos:
-                raise ValueError("ignore_eos cannot be combined with a structured output: the output ends where "
-                                 "the grammar is complete.")
+                raise UnsupportedRequestError("ignore_eos cannot be combined with a structured output: the output "
+                                              "ends where the grammar is complete.", "ignore_eos")
             if self.min_tokens:
-                raise ValueError("min_tokens cannot be combined with a structured output: the output ends where "
-                                 "the grammar is complete.")
+                raise UnsupportedRequestError("min_tokens cannot be combined with a structured output: the output "
+                                              "ends where the grammar is complete.", "min_tokens")
 
     @property
     def greedy(self) -> bool:
@@ -157,16 +196,18 @@ class GenerationRequest:
 
 
 def check_request_fits(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
-    """Raise ValueError (one sentence) when a request's parameters, prompt or length can never be served."""
+    """Raise a RequestError (one sentence) when a request's parameters, prompt or length can never be served.
+
+    The prompt's errors name no `param`: the engine does not know whether the client sent a prompt or messages."""
     params = request.sampling_params
     params.validate(vocab_size)
     n_prompt = len(request.prompt_token_ids)
     if n_prompt == 0:
-        raise ValueError("The prompt is empty; it must contain at least one token.")
+        raise InvalidValueError("The prompt is empty; it must contain at least one token.")
     if any(not 0 <= t < vocab_size for t in request.prompt_token_ids):
-        raise ValueError(f"The prompt contains token ids outside the vocabulary (0..{vocab_size - 1}).")
+        raise InvalidValueError(f"The prompt contains token ids outside the vocabulary (0..{vocab_size - 1}).")
     if max_model_len and n_prompt + params.max_tokens > max_model_len:
-        raise ValueError(
+        raise ContextLengthExceededError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the completion). "
             "Please reduce the length of the prompt or completion."
@@ -334,7 +375,7 @@ class Engine(abc.ABC):
     """Contract of a kiln backend.
 
     - `start()` loads nothing new; it starts the step loop. `shutdown()` aborts what is left.
-    - `generate()` accepts the request at once, or raises: `ValueError` for an invalid request,
+    - `generate()` accepts the request at once, or raises: `RequestError` (a ValueError) for an invalid request,
       `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` once the loop died
       (so a server can answer with an HTTP status before it starts a stream). The iterator it returns
       yields `GenerationOutput` deltas until one has `finished=True`; it raises `RequestFailedError`
@@ -360,7 +401,8 @@ class Engine(abc.ABC):
 
     async def prepare(self, request: GenerationRequest) -> None:
         """Slow work a request needs before `generate()` (compiling its structured-output grammar, cached by
-        constraint), done off the event loop; raises ValueError for a constraint this backend cannot honour.
+        constraint), done off the event loop; raises ValueError (a RequestError where the backend names the
+        field) for a constraint this backend cannot honour.
         `generate()` does it too when a caller skipped this."""
 
     @abc.abstractmethod

@@ -1,12 +1,14 @@
 """Every error leaves the server in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}.
 
-Bad input is always a 400 (never FastAPI's 422, never a 500); the engine's own errors map to
-429 (queue full) and 503 (not loaded, or its step loop died).
+Bad input is always a 400 (never FastAPI's 422, never a 500): the engine's `RequestError`s carry their OpenAI
+`param` and `code`, and a ValueError of no such type is a 400 without them. The engine's own errors map by type
+to 429 (queue full), 500 (it failed this one request) and 503 (not loaded, or its step loop died).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engines.base import EngineDeadError, EngineOverloadedError, RequestFailedError
+from engines.base import EngineDeadError, EngineOverloadedError, RequestError, RequestFailedError
 
 logger = logging.getLogger("kiln.server")
 
@@ -51,6 +53,13 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found")
 
 
+def from_request_error(exc: RequestError, fields: Container[str] | None = None) -> APIError:
+    """The 400 for an engine's RequestError. With the request body's `fields`, its param is kept only when the
+    body has such a field (SamplingParams names top_logprobs, which a completions body calls logprobs)."""
+    param = exc.param if fields is None or exc.param in fields else None
+    return bad_request(exc.message, param, exc.code)
+
+
 def not_ready(message: str) -> APIError:
     return APIError(503, message, "service_unavailable_error", None, "engine_not_ready")
 
@@ -68,6 +77,8 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, RequestFailedError):
         logger.error("The engine failed a request: %s", exc)
         return APIError(500, str(exc), "server_error", code="request_failed")
+    if isinstance(exc, RequestError):
+        return from_request_error(exc)
     if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):  # a bad response is our bug
         return bad_request(str(exc))
     logger.error("Unexpected error while serving a request", exc_info=exc)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engines.base import EngineInfo, SamplingParams, StructuredOutput
-from server.errors import bad_request
+from engines.base import EngineInfo, RequestError, SamplingParams, StructuredOutput
+from server.errors import bad_request, from_request_error
 from server.protocol import SamplingFields
 
 
@@ -42,10 +42,8 @@ def build_sampling_params(
     )
     try:
         params.validate(info.vocab_size)
-    except ValueError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]  # SamplingParams' sentences start with the field's name
-        raise bad_request(message, param=field if field in type(body).model_fields else None) from None
+    except RequestError as exc:
+        raise from_request_error(exc, fields=type(body).model_fields) from None
     if num_prompt_tokens + max_tokens > context:
         raise bad_request(
             f"This model's maximum context length is {context} tokens. However, you requested "

@@ -22,6 +22,8 @@ class TrtllmApi:
     llm_class: type  # tensorrt_llm._tensorrt_engine.LLM: builds and runs TensorRT engines
     llmapi: ModuleType  # tensorrt_llm.llmapi: QuantConfig, ..., KvCacheConfig, SamplingParams, GuidedDecodingParams
     version: str
+    # tensorrt_llm.executor.RequestError: what a result raises when the executor failed that one request
+    request_error: type[Exception]
 
 
 def load() -> TrtllmApi:
@@ -29,11 +31,12 @@ def load() -> TrtllmApi:
         import tensorrt_llm
         from tensorrt_llm import llmapi
         from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm.executor import RequestError
     except ImportError as exc:
         raise TrtllmUnavailable(
             f"the trtllm backend needs the tensorrt_llm package ({exc}); run kiln in the TensorRT-LLM image "
             "(docker/Dockerfile.trtllm) on an NVIDIA GPU, or use --backend torch.") from exc
-    return TrtllmApi(LLM, llmapi, getattr(tensorrt_llm, "__version__", "unknown"))
+    return TrtllmApi(LLM, llmapi, getattr(tensorrt_llm, "__version__", "unknown"), RequestError)
 
 
 # TensorRT-LLM's support matrix (docs/source/reference/support-matrix.md) for the KV cache: an INT8 cache

@@ -176,7 +176,7 @@ class TrtllmEngine(Engine):
                        ) -> AsyncIterator[GenerationOutput]:
         finished = False
         try:
-            async for output in result:
+            async for output in self._results_of(result):
                 deltas = [self._delta(c, request.sampling_params.logprobs) for c in output.outputs]
                 generated = sum(len(d.new_token_ids) for d in deltas)
                 self._stats.generation_tokens += generated
@@ -188,12 +188,28 @@ class TrtllmEngine(Engine):
                 yield GenerationOutput(request.request_id, deltas, len(request.prompt_token_ids), 0, finished, timings)
                 if finished:
                     return
-        except Exception as exc:  # an executor error ends this request, not the server
-            raise RequestFailedError(f"TensorRT-LLM failed the request: {exc}") from exc
         finally:
             self._results.pop(request.request_id, None)
             if not finished:
                 result.abort()
+
+    async def _results_of(self, result) -> AsyncIterator:
+        """The result's RequestOutputs, its failures told apart as TensorRT-LLM 1.0 raises them: the executor's
+        error response for this one request reaches the result (executor/result.py
+        GenerationResultBase._handle_response hands its error_msg to the executor's background error handler) and
+        executor/executor.py GenerationExecutor._handle_background_error raises it as RequestError, serving on;
+        any other error there is the executor's own, and that handler shuts the executor down before raising it."""
+        try:
+            async for output in result:
+                yield output
+        except self.api.request_error as exc:
+            raise RequestFailedError(f"TensorRT-LLM failed the request: {exc}") from exc
+        except Exception as exc:
+            dead = EngineDeadError(f"TensorRT-LLM's executor stopped: {exc}")
+            if self._dead is None:
+                log.error("TensorRT-LLM's executor stopped; no request can be served any more.", exc_info=exc)
+                self._dead = dead
+            raise dead from exc
 
     def _delta(self, completion, top_k: int | None) -> CompletionOutput:
         new = list(completion.token_ids_diff)

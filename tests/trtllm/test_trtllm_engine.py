@@ -10,7 +10,7 @@ import pytest
 
 import engines.hardware
 from engines import create_engine, select_backend
-from engines.base import GenerationRequest, SamplingParams
+from engines.base import EngineDeadError, GenerationRequest, RequestFailedError, SamplingParams
 from engines.build.builder import BuildOptions, build
 from engines.config import EngineConfig
 from engines.trtllm import configs
@@ -264,3 +264,36 @@ def test_serving_without_tensorrt_llm_or_without_a_suitable_gpu_says_why(engine_
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(TrtllmUnavailable, match="needs the tensorrt_llm package"):
         create_engine(EngineConfig(engine_dir=str(engine_dir)))
+
+
+def test_a_request_the_executor_fails_fails_alone_and_the_engine_serves_on(engine_dir, fake_trtllm):
+    """TensorRT-LLM raises an error response for one request as RequestError from that result (see
+    TrtllmEngine._results_of): that request fails (RequestFailedError, HTTP 500), the engine stays alive."""
+    engine = make(engine_dir)
+
+    async def go():
+        await engine.start()
+        fake_trtllm.FAKE.fail_request = "[TensorRT-LLM][ERROR] this request failed"
+        with pytest.raises(RequestFailedError, match="this request failed"):
+            await collect(engine, GenerationRequest("a", [1, 2], SamplingParams(max_tokens=3)))
+        assert engine.is_alive
+        return await collect(engine, GenerationRequest("b", [1, 2], SamplingParams(max_tokens=3)))
+
+    assert run(go())[-1].finished
+
+
+def test_an_executor_that_stops_makes_the_engine_dead(engine_dir, fake_trtllm):
+    """Any other error from a result is the executor's own (TensorRT-LLM shuts it down before raising it):
+    EngineDeadError (HTTP 503), the engine is no longer alive and refuses what comes next."""
+    engine = make(engine_dir)
+
+    async def go():
+        await engine.start()
+        fake_trtllm.FAKE.fail_generation = "executor worker died"
+        with pytest.raises(EngineDeadError, match="executor stopped: executor worker died"):
+            await collect(engine, GenerationRequest("a", [1, 2], SamplingParams(max_tokens=3)))
+        assert not engine.is_alive and engine.llm.shut_down
+        with pytest.raises(EngineDeadError):
+            engine.generate(GenerationRequest("b", [1, 2], SamplingParams(max_tokens=3)))
+
+    run(go())

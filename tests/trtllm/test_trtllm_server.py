@@ -63,3 +63,27 @@ def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
     assert (metadata["backend"], metadata["precision"], metadata["kv_cache_dtype"]) == ("trtllm", "int8-sq", "int8")
     generate_calls = [c for c in fake_trtllm.CALLS if c[0] == "LLM.generate_async"]
     assert len(generate_calls) == 3 and all(streaming for *_, streaming in generate_calls)
+
+
+def test_a_failed_request_is_a_500_for_that_request_and_a_stopped_executor_a_503(trt_engine, fake_trtllm):
+    app = create_app(ServerSettings(served_model_name="tiny-trt"), engine=trt_engine)
+    body = {"model": "tiny-trt", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+    async def go():
+        await trt_engine.start()
+        # Starlette answers an exception handled as a 500 and then re-raises it to the server; don't let httpx raise it
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
+            fake_trtllm.FAKE.fail_request = "[TensorRT-LLM][ERROR] this request failed"
+            failed = await http.post("/v1/chat/completions", json=body)
+            served = await http.post("/v1/chat/completions", json=body)
+            fake_trtllm.FAKE.fail_generation = "executor worker died"
+            dead = await http.post("/v1/chat/completions", json=body)
+        await trt_engine.shutdown()
+        return failed, served, dead
+
+    failed, served, dead = asyncio.run(go())
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "request_failed"
+    assert "this request failed" in failed.json()["error"]["message"]
+    assert served.status_code == 200 and served.json()["choices"][0]["finish_reason"] == "length"
+    assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_dead"

@@ -12,7 +12,11 @@ class Knobs:
     script: list[int] | None = None  # tokens every output generates, in order (None: a deterministic walk)
     tokens_per_step: int = 1  # tokens each streamed RequestOutput adds per output
     stats: list[dict] = field(default_factory=list)  # what the next get_stats() returns (then emptied)
-    fail_generation: str | None = None  # raise RuntimeError(this) from the next generation step
+    # The two ways a streamed result fails in TensorRT-LLM (executor/executor.py
+    # GenerationExecutor._handle_background_error): an error response for one request is raised as RequestError
+    # and the executor goes on; any other error shuts the executor down first, then is raised.
+    fail_request: str | None = None  # the next generation step raises RequestError(this), for that request only
+    fail_generation: str | None = None  # the next generation step raises RuntimeError(this) and the LLM is shut down
 
 
 FAKE = Knobs()

@@ -67,7 +67,7 @@ class LLM:
             CALLS.append(("executor guide", guide))
             if self.kwargs.get("guided_decoding_backend") is None:
                 error = NO_GUIDED_DECODER
-        return RequestOutput(next(_ids), list(inputs), sampling_params, error)
+        return RequestOutput(next(_ids), list(inputs), sampling_params, error, llm=self)
 
     def get_stats(self, timeout: float):
         stats, FAKE.stats = FAKE.stats, []
@@ -78,10 +78,12 @@ class LLM:
 class RequestOutput:
     """One request's result: async-iterable while streaming; `outputs` are CompletionOutputs."""
 
-    def __init__(self, request_id: int, prompt_token_ids: list[int], params, error: str | None = None):
+    def __init__(self, request_id: int, prompt_token_ids: list[int], params, error: str | None = None,
+                 llm: LLM | None = None):
         from tensorrt_llm.llmapi import CompletionOutput
 
         self._error = error  # the executor's error response: iterating raises RequestError, like the real result
+        self._llm = llm
 
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -114,7 +116,11 @@ class RequestOutput:
             raise StopAsyncIteration
         await asyncio.sleep(0)
         if FAKE.fail_generation:
+            if self._llm is not None:
+                self._llm.shutdown()
             raise RuntimeError(FAKE.fail_generation)
+        if FAKE.fail_request:
+            self._error, FAKE.fail_request = FAKE.fail_request, None
         if self._error:
             from tensorrt_llm.executor import RequestError
 
