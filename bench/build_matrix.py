@@ -17,13 +17,24 @@ import json
 import logging
 from pathlib import Path
 
-
 from engines.build.builder import BuildOptions, build
 from engines.build.report import markdown_table, report_row
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_ROWS = ["fp32:model", "bf16:model", "bf16:int8", "bf16:fp8", "fp8:fp8", "int8-wo:model", "int8-wo:int8",
-                "int8-sq:int8", "int4-rtn:int8", "int4-awq:int8", "int4-gptq:int8", "int4-awq:model"]
+DEFAULT_ROWS = [
+    "fp32:model",
+    "bf16:model",
+    "bf16:int8",
+    "bf16:fp8",
+    "fp8:fp8",
+    "int8-wo:model",
+    "int8-wo:int8",
+    "int8-sq:int8",
+    "int4-rtn:int8",
+    "int4-awq:int8",
+    "int4-gptq:int8",
+    "int4-awq:model",
+]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -62,16 +73,25 @@ def main() -> None:
     for row in args.rows:
         precision, kv = row.split(":")
         out = RESULTS / "engines" / f"{precision}-kv-{kv}"
-        result = build(BuildOptions(output=str(out), precision=precision, kv_cache_dtype=kv,
-                                    calib_samples=args.calib_samples, eval_samples=args.eval_samples))
+        result = build(
+            BuildOptions(
+                output=str(out),
+                precision=precision,
+                kv_cache_dtype=kv,
+                calib_samples=args.calib_samples,
+                eval_samples=args.eval_samples,
+            )
+        )
         report = json.loads((out / "build-report.json").read_text())
         reports.append(report)
         print(markdown_table([report_row(report)]) + ("  (reused)" if result.reused else ""), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = markdown_table([report_row(r) for r in reports])
     hardware = reports[0]["hardware"]
-    text = (f"Default model (SmolLM2-135M-Instruct) on {hardware}; accuracy vs float32 on "
-            f"{reports[0]['accuracy']['prompts']} held-out prompts.\n\n{table}\n")
+    text = (
+        f"Default model (SmolLM2-135M-Instruct) on {hardware}; accuracy vs float32 on "
+        f"{reports[0]['accuracy']['prompts']} held-out prompts.\n\n{table}\n"
+    )
     (RESULTS / "build_matrix.md").write_text(text)
     (RESULTS / "build_matrix.json").write_text(json.dumps(reports, indent=2))
     plot(reports, RESULTS / "build_matrix.png")

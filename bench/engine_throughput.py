@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-
 from engines.base import GenerationRequest, SamplingParams
 from engines.config import EngineConfig
 from engines.torch.loader import build_core, load_model
@@ -38,7 +37,9 @@ def run_kiln(loaded, concurrency: int, prompts, new_tokens: int) -> dict:
     core = build_core(EngineConfig(kv_cache_memory=2 << 30, max_num_seqs=max(concurrency, 1)), loaded)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     # warm-up: one short request, so one-time allocations are not timed
-    core.add_request(GenerationRequest("warm", prompts[0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)))
+    core.add_request(
+        GenerationRequest("warm", prompts[0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    )
     while core.has_work():
         core.step()
     waves = [prompts[i : i + concurrency] for i in range(0, len(prompts), concurrency)]
@@ -79,8 +80,13 @@ def run_hf(hf_model, batch: int, prompts, new_tokens: int) -> dict:
         ids = torch.tensor(prompts[i : i + batch])  # equal lengths: padding is a no-op but the batch is static
         with torch.no_grad():
             out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, eos_token_id=None, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
         generated += (out.shape[1] - ids.shape[1]) * ids.shape[0]
     elapsed = time.perf_counter() - start
@@ -120,10 +126,22 @@ def main() -> None:
             # every decode step streams all weights once; at batch c the step makes c tokens
             decode = r["decode_tok_s"] or r["tok_s"]
             bw = decode / c * wbytes
-            flops = decode * 2 * wbytes / loaded.model.embed_tokens.weight.element_size()  # 2 FLOPs per weight per token
-            rows.append({"engine": "kiln", "dtype": dtype_name, "concurrency": c, **r,
-                         "weight_bytes": wbytes, "decode_weight_GBs": bw / 1e9, "pct_of_mem_bw": 100 * bw / MEM_BANDWIDTH,
-                         "decode_GFLOPs": flops / 1e9, "pct_of_bf16_flops": 100 * flops / BF16_FLOPS})
+            flops = (
+                decode * 2 * wbytes / loaded.model.embed_tokens.weight.element_size()
+            )  # 2 FLOPs per weight per token
+            rows.append(
+                {
+                    "engine": "kiln",
+                    "dtype": dtype_name,
+                    "concurrency": c,
+                    **r,
+                    "weight_bytes": wbytes,
+                    "decode_weight_GBs": bw / 1e9,
+                    "pct_of_mem_bw": 100 * bw / MEM_BANDWIDTH,
+                    "decode_GFLOPs": flops / 1e9,
+                    "pct_of_bf16_flops": 100 * flops / BF16_FLOPS,
+                }
+            )
             print(f"kiln {dtype_name} c={c}: {r['tok_s']:.1f} tok/s (decode {r['decode_tok_s'] or 0:.1f})", flush=True)
         if not args.no_hf:
             hf = AutoModelForCausalLM.from_pretrained(loaded.folder, dtype=loaded.dtype).eval()
@@ -138,8 +156,13 @@ def main() -> None:
     table = render(rows)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+    }
     (RESULTS / "engine_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "engine_throughput.md").write_text(table + "\n")
     plot(rows, RESULTS / "engine_throughput.png")
@@ -156,7 +179,9 @@ def render(rows: list[dict]) -> str:
         ttft = f"{r['ttft_s']:.3f}" if "ttft_s" in r else "–"
         bw = f"{r['decode_weight_GBs']:.1f} ({r['pct_of_mem_bw']:.0f}%)" if "decode_weight_GBs" in r else "–"
         fl = f"{r['decode_GFLOPs']:.0f} ({r['pct_of_bf16_flops']:.0f}%)" if "decode_GFLOPs" in r else "–"
-        lines.append(f"| {r['engine']} | {r['dtype']} | {r['concurrency']} | {r['tok_s']:.1f} | {dec} | {ttft} | {bw} | {fl} |")
+        lines.append(
+            f"| {r['engine']} | {r['dtype']} | {r['concurrency']} | {r['tok_s']:.1f} | {dec} | {ttft} | {bw} | {fl} |"
+        )
     return "\n".join(lines)
 
 

@@ -82,7 +82,11 @@ def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen,
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=clean | env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO,
+            env=clean | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -140,8 +144,12 @@ async def post(base_url: str, headers: dict, path: str, content: bytes) -> list:
 
 async def streams(base_url: str, headers: dict, count: int) -> list:
     async def one(client: httpx.AsyncClient, i: int):
-        body = {"messages": [{"role": "user", "content": f"Write a story about lighthouse number {i}."}],
-                "max_tokens": 64, "ignore_eos": True, "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": f"Write a story about lighthouse number {i}."}],
+            "max_tokens": 64,
+            "ignore_eos": True,
+            "stream": True,
+        }
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 async for _ in response.aiter_lines():
@@ -150,8 +158,9 @@ async def streams(base_url: str, headers: dict, count: int) -> list:
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=LOAD_TIMEOUT_S,
-                                 limits=httpx.Limits(max_connections=count)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=LOAD_TIMEOUT_S, limits=httpx.Limits(max_connections=count)
+    ) as client:
         return list(await asyncio.gather(*(one(client, i) for i in range(count))))
 
 
@@ -171,12 +180,16 @@ def scenarios(body_limit: int) -> list[tuple[str, Callable]]:
     many = json.dumps({"messages": messages, "max_tokens": 16}).encode()
     return [
         ("baseline (no load)", lambda url, h: asyncio.sleep(BASELINE_S, [])),
-        (f"body {len(big) / MiB:.0f} MiB (limit {body_limit / MiB:.0f} MiB)",
-         lambda url, h: post(url, h, "/v1/completions", big)),
+        (
+            f"body {len(big) / MiB:.0f} MiB (limit {body_limit / MiB:.0f} MiB)",
+            lambda url, h: post(url, h, "/v1/completions", big),
+        ),
         (f"body {len(over) / MiB:.0f} MiB (over the limit)", lambda url, h: post(url, h, "/v1/completions", over)),
         ("32 chat streams x 64 tokens", lambda url, h: streams(url, h, 32)),
-        (f"chat with 100k messages ({len(many) / MiB:.1f} MiB)",
-         lambda url, h: post(url, h, "/v1/chat/completions", many)),
+        (
+            f"chat with 100k messages ({len(many) / MiB:.1f} MiB)",
+            lambda url, h: post(url, h, "/v1/chat/completions", many),
+        ),
     ]
 
 
@@ -184,20 +197,33 @@ def summarize(name: str, statuses: list, start: float, end: float, samples: list
     window = [(lat, ok) for sent, lat, ok in samples if start <= sent <= end + SETTLE_S]
     ms = np.array([lat for lat, _ in window] or [np.nan]) * 1000
     p99 = float(np.percentile(ms, 99))
-    return {"scenario": name, "statuses": dict(Counter(str(s) for s in statuses)), "load_s": end - start,
-            "probes": len(window), "probes_failed": sum(not ok for _, ok in window),
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": p99, "max_ms": float(np.max(ms)),
-            "goal_met": bool(p99 < GOAL_P99_MS), "start": start, "end": end}
+    return {
+        "scenario": name,
+        "statuses": dict(Counter(str(s) for s in statuses)),
+        "load_s": end - start,
+        "probes": len(window),
+        "probes_failed": sum(not ok for _, ok in window),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": p99,
+        "max_ms": float(np.max(ms)),
+        "goal_met": bool(p99 < GOAL_P99_MS),
+        "start": start,
+        "end": end,
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| scenario | load status | load s | probes | p50 ms | p99 ms | max ms | p99 < 100 ms |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| scenario | load status | load s | probes | p50 ms | p99 ms | max ms | p99 < 100 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         status = ", ".join(f"{s}" if n == 1 else f"{s} x{n}" for s, n in r["statuses"].items()) or "-"
         probes = f"{r['probes']}" + (f" ({r['probes_failed']} failed)" if r["probes_failed"] else "")
-        lines.append(f"| {r['scenario']} | {status} | {r['load_s']:.2f} | {probes} | {r['p50_ms']:.1f} "
-                     f"| {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {'yes' if r['goal_met'] else 'NO'} |")
+        lines.append(
+            f"| {r['scenario']} | {status} | {r['load_s']:.2f} | {probes} | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {'yes' if r['goal_met'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -257,9 +283,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", help="a running server (without /v1); default: start `kiln serve` here")
     parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
-    parser.add_argument("--body-limit", type=int, default=32 * MiB,
-                        help="request-body limit in bytes: set on the server the script starts; with --base-url, "
-                        "the server's --max-request-body-bytes (default 33554432)")
+    parser.add_argument(
+        "--body-limit",
+        type=int,
+        default=32 * MiB,
+        help="request-body limit in bytes: set on the server the script starts; with --base-url, "
+        "the server's --max-request-body-bytes (default 33554432)",
+    )
     args = parser.parse_args()
     if args.body_limit < 16 * MiB + MiB:
         parser.error("--body-limit must leave room for the 16 MiB body")
@@ -279,10 +309,17 @@ def main() -> int:
         if process:
             print(f"kiln serve exited with {stop_server(process)} after SIGTERM", flush=True)
     print(markdown(rows))
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-           "base_url": base_url, "started_server": process is not None, "body_limit": args.body_limit,
-           "probe_interval_ms": PROBE_INTERVAL_S * 1000, "goal_p99_ms": GOAL_P99_MS, "scenarios": rows,
-           "probes": [[round(s - rows[0]["start"], 4), round(lat * 1000, 3), ok] for s, lat, ok in samples]}
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "base_url": base_url,
+        "started_server": process is not None,
+        "body_limit": args.body_limit,
+        "probe_interval_ms": PROBE_INTERVAL_S * 1000,
+        "goal_p99_ms": GOAL_P99_MS,
+        "scenarios": rows,
+        "probes": [[round(s - rows[0]["start"], 4), round(lat * 1000, 3), ok] for s, lat, ok in samples],
+    }
     out = RESULTS / f"event_loop-{stamp}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(rows, samples, out.with_suffix(".png"))

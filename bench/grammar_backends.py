@@ -125,7 +125,8 @@ class LLGuidance:
     def batch_filler(self):
         executor = self.llg.LLExecutor(num_threads=os.cpu_count())
         return lambda matchers: self.llg.torch.fill_next_token_bitmask_par(
-            executor, [(m, row) for row, m in enumerate(matchers)], self.bitmask)
+            executor, [(m, row) for row, m in enumerate(matchers)], self.bitmask
+        )
 
 
 def walk(lib, schema: dict, tokens: list[int]) -> tuple[float, list[float]]:
@@ -152,6 +153,7 @@ def time_batch(lib, picks: list[tuple[dict, list[int]]], steps: int) -> dict:
     matchers = [lib.start(schema) for schema, _ in picks]
     fill_batch = lib.batch_filler()
     sequential, batched = [], []
+    masks: dict[int, torch.Tensor] = {}  # this step's bitmask from each run: 0 one row at a time, 1 batched
     for step in range(steps):
         for run in (0, 1) if step % 2 == 0 else (1, 0):
             t0 = now_us()
@@ -161,8 +163,8 @@ def time_batch(lib, picks: list[tuple[dict, list[int]]], steps: int) -> dict:
             else:
                 fill_batch(matchers)
             (sequential if run == 0 else batched).append(now_us() - t0)
-            masks = lib.bitmask.clone() if run == 0 else masks
-        if not torch.equal(masks, lib.bitmask):
+            masks[run] = lib.bitmask.clone()
+        if not torch.equal(masks[0], masks[1]):
             raise RuntimeError(f"{lib.name}: batched masks differ from sequential ones at position {step}")
         for matcher, (_, tokens) in zip(matchers, picks):
             lib.accept(matcher, tokens[step])
@@ -182,8 +184,13 @@ def time_apply(lib) -> tuple[float, list[float]]:
 
 def stats(values: list[float]) -> dict:
     a = np.asarray(values)
-    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "total": float(a.sum())}
+    return {
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "total": float(a.sum()),
+    }
 
 
 def table(summary: dict) -> str:
@@ -220,10 +227,18 @@ def plot(per_schema: dict, masks: dict, path: Path) -> None:
     for lib in per_schema:
         for ax, values in ((left, [r["compile_ms"] for r in per_schema[lib]]), (right, masks[lib])):
             ax.plot(np.sort(values), np.linspace(0, 1, len(values)), label=lib)
-    left.set(xlabel="compile ms (log)", ylabel="fraction of schemas", xscale="log",
-             title=f"Cold compile, {len(per_schema[lib])} JSON schemas")
-    right.set(xlabel="fill_next_token_bitmask µs (log)", ylabel="fraction of positions", xscale="log",
-              title=f"Mask per token, {len(masks[lib])} positions")
+    left.set(
+        xlabel="compile ms (log)",
+        ylabel="fraction of schemas",
+        xscale="log",
+        title=f"Cold compile, {len(per_schema[lib])} JSON schemas",
+    )
+    right.set(
+        xlabel="fill_next_token_bitmask µs (log)",
+        ylabel="fraction of positions",
+        xscale="log",
+        title=f"Mask per token, {len(masks[lib])} positions",
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -248,12 +263,22 @@ def main() -> int:
     for k, (name, schema) in enumerate(SCHEMAS):
         for lib in libs:  # interleaved, so that both libraries see the same background load
             start_us, fills = walk(lib, schema, sequences[name])
-            per_schema[lib.name].append({"schema": name, "tokens": len(fills), "compile_ms": start_us / 1000,
-                                         "first_mask_us": fills[0], "mask_median_us": float(np.median(fills)),
-                                         "mask_max_us": max(fills)})
+            per_schema[lib.name].append(
+                {
+                    "schema": name,
+                    "tokens": len(fills),
+                    "compile_ms": start_us / 1000,
+                    "first_mask_us": fills[0],
+                    "mask_median_us": float(np.median(fills)),
+                    "mask_max_us": max(fills),
+                }
+            )
             masks[lib.name] += fills
-        print(f"  [{k + 1}/{len(SCHEMAS)}] {name}: {len(sequences[name])} tokens, compile ms "
-              + ", ".join(f"{lib}: {rows[-1]['compile_ms']:.1f}" for lib, rows in per_schema.items()), flush=True)
+        print(
+            f"  [{k + 1}/{len(SCHEMAS)}] {name}: {len(sequences[name])} tokens, compile ms "
+            + ", ".join(f"{lib}: {rows[-1]['compile_ms']:.1f}" for lib, rows in per_schema.items()),
+            flush=True,
+        )
 
     longest = sorted(SCHEMAS, key=lambda item: len(sequences[item[0]]), reverse=True)[:BATCH]
     picks = [(schema, sequences[name]) for name, schema in longest]
@@ -274,14 +299,24 @@ def main() -> int:
             "batch": {key: stats(values) for key, values in batch.items()},
         }
 
-    print(f"\nCPU {cpu_model()}; {len(SCHEMAS)} schemas, {len(masks[libs[0].name])} mask positions per library; "
-          + ", ".join(f"{lib} {s['version']}" for lib, s in summary.items()) + "\n")
+    print(
+        f"\nCPU {cpu_model()}; {len(SCHEMAS)} schemas, {len(masks[libs[0].name])} mask positions per library; "
+        + ", ".join(f"{lib} {s['version']}" for lib, s in summary.items())
+        + "\n"
+    )
     print(table(summary))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(), "vocab": VOCAB,
-           "batch": BATCH, "batch_steps": steps, "threads": os.cpu_count(), "summary": summary,
-           "per_schema": per_schema}
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "vocab": VOCAB,
+        "batch": BATCH,
+        "batch_steps": steps,
+        "threads": os.cpu_count(),
+        "summary": summary,
+        "per_schema": per_schema,
+    }
     out = RESULTS / f"grammar_backends-{stamp}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(per_schema, masks, out.with_suffix(".png"))

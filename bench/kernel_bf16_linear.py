@@ -25,7 +25,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 from engines.torch.kernels import amx_linear
 from engines.torch.kernels import bf16_linear as kernel
 
@@ -65,18 +64,27 @@ def main() -> None:
     t0 = time.perf_counter()
     if not kernel.available():
         sys.exit("bf16_linear kernel unavailable (see the warning above)")
-    print(f"kernel ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    print(
+        f"kernel ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
 
     plain = make_stack(args.layers)
     nbytes = sum(w.numel() * w.element_size() for w in plain)
     as_f32 = [w.view(torch.float32) for w in plain]
-    variants = {"F.linear": (F.linear, plain), "bf16_linear": (kernel.bf16_linear, plain),
-                "oneDNN packed": (onednn_packed, [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in plain])}
+    variants = {
+        "F.linear": (F.linear, plain),
+        "bf16_linear": (kernel.bf16_linear, plain),
+        "oneDNN packed": (onednn_packed, [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in plain]),
+    }
     if amx_linear.available():
         variants["amx_linear"] = (amx_linear.amx_linear, [amx_linear.pack(w) for w in plain])
-    variants = {name: (fn, [(w, p.shape[1]) for w, p in zip(ws, plain)]) for name, (fn, ws) in variants.items()
-                if not args.only or name in args.only}
+    variants = {
+        name: (fn, [(w, p.shape[1]) for w, p in zip(ws, plain)])
+        for name, (fn, ws) in variants.items()
+        if not args.only or name in args.only
+    }
 
     rows, reads = [], []
     for m in args.ms:
@@ -96,17 +104,23 @@ def main() -> None:
     def gbs(t: float) -> str:
         return f"{nbytes / t / 1e9:.1f} ({nbytes / t / MEM_BANDWIDTH:.0%})"
 
-    print(f"\n{args.layers} layers x 4 + lm_head = {len(plain)} bf16 weights, {nbytes / 1e6:.0f} MB per stack; "
-          f"median of {args.reps} stacks; {torch.get_num_threads()} threads; ms, GB/s (% of {MEM_BANDWIDTH / 1e9:.0f} GB/s)\n")
+    print(
+        f"\n{args.layers} layers x 4 + lm_head = {len(plain)} bf16 weights, {nbytes / 1e6:.0f} MB per stack; "
+        f"median of {args.reps} stacks; {torch.get_num_threads()} threads; "
+        f"ms, GB/s (% of {MEM_BANDWIDTH / 1e9:.0f} GB/s)\n"
+    )
     print("| M | " + " | ".join(f"{name} ms | GB/s" for name in variants) + " |")
     print("|---:|" + "---:|---:|" * len(variants))
     for m, med in rows:
         print(f"| {m} | " + " | ".join(f"{med[name] * 1e3:.1f} | {gbs(med[name])}" for name in variants) + " |")
     r = statistics.median(reads)
     print(f"\nread-only reference (torch.sum over the same weights, same run): {r * 1e3:.1f} ms, {gbs(r)} GB/s")
-    print(f"fastest per M: {', '.join(f'{m}: {min(med, key=med.get)}' for m, med in rows)}; "
-          f"DenseLinear: bf16_linear up to {kernel.SMALL_M_MAX} rows, amx_linear (where available) up to "
-          f"{amx_linear.MAX_ROWS}, oneDNN packed otherwise")
+    print(
+        f"fastest per M: {', '.join(f'{m}: {min(med, key=med.get)}' for m, med in rows)}; "
+        f"DenseLinear: bf16_linear up to {kernel.SMALL_M_MAX} rows, amx_linear (where available) up to "
+        f"{amx_linear.MAX_ROWS}, oneDNN packed otherwise"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 from engines.quant.rtn import quantize_rtn
 from engines.torch.kernels import amx_linear
 from engines.torch.kernels import bf16_linear as bf16k
@@ -90,9 +89,11 @@ VARIANTS = {
 
 def cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of all CPUs busy over `seconds` (/proc/stat; 0 where unavailable)."""
+
     def read():
         v = [int(f) for f in open("/proc/stat").readline().split()[1:]]
         return sum(v) - v[3] - v[4], v[3] + v[4]  # busy, idle + iowait
+
     try:
         b1, i1 = read()
         time.sleep(seconds)
@@ -118,9 +119,14 @@ def main() -> None:
     ap.add_argument("--asym", action="store_true", help="int4 with zero points")
     ap.add_argument("--only", nargs="+", default=None, help="variants to run (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
-                    help="on a shared machine: before each M, wait up to S seconds for the CPUs to go idle "
-                         "(other processes preempting one of the 2 OpenMP threads stall every call)")
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="S",
+        help="on a shared machine: before each M, wait up to S seconds for the CPUs to go idle "
+        "(other processes preempting one of the 2 OpenMP threads stall every call)",
+    )
     args = ap.parse_args()
 
     if args.threads:
@@ -128,8 +134,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if not kernel.available() or not bf16k.available():
         sys.exit("kernels unavailable (see the warning above)")
-    print(f"kernels ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    print(
+        f"kernels ready in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
     stacks = make_stacks(args.layers, args.group, not args.asym)
     names = [name for name in args.only or VARIANTS if stacks[name]]  # "int8 amx" needs AMX
     nbytes = {name: sum(b for *_, b in stacks[name]) for name in names}
@@ -149,9 +158,11 @@ def main() -> None:
                     times[name].append(time_stack(VARIANTS[name], stacks[name], xs))
             rows.append((m, {name: statistics.median(v) for name, v in times.items()}))
 
-    print(f"\n{args.layers} layers x 4 + lm_head = {len(stacks[names[0]])} weights per stack; median of {args.reps} "
-          f"stacks; {torch.get_num_threads()} threads; int4 group {args.group} (64 where K=576), "
-          f"{'asymmetric' if args.asym else 'symmetric'}; cells: ms per stack / effective GB/s\n")
+    print(
+        f"\n{args.layers} layers x 4 + lm_head = {len(stacks[names[0]])} weights per stack; median of {args.reps} "
+        f"stacks; {torch.get_num_threads()} threads; int4 group {args.group} (64 where K=576), "
+        f"{'asymmetric' if args.asym else 'symmetric'}; cells: ms per stack / effective GB/s\n"
+    )
     print("| path | MB/stack | " + " | ".join(f"M={m}" for m, _ in rows) + " |")
     print("|---|---:|" + "---:|" * len(rows))
     for name in names:

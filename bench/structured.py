@@ -40,7 +40,6 @@ import numpy as np
 from openai import AsyncOpenAI
 
 from bench.event_loop import RESULTS, cpu_model, start_server, stop_server
-
 from tests.structured_schemas import SCHEMAS
 
 REQUEST_TIMEOUT_S = 600
@@ -48,8 +47,12 @@ GOAL_RATIO = 0.90
 WARMUP_CONCURRENCY = 8
 WARMUP_REQUESTS = 4  # full-length requests per arm after the compiles
 # compiled untimed first, so that xgrammar's one-off initialisation is not charged to the first schema
-WARMUP_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                 "additionalProperties": False}
+WARMUP_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
 
 
 # ---- compile time, in process ---------------------------------------------------------------------
@@ -73,16 +76,26 @@ def compile_times() -> dict:
         grammars.compile(StructuredOutput("json", json.dumps(schema)))
         per_schema.append({"schema": name, "ms": (time.perf_counter() - t0) * 1000})
     ms = np.array([r["ms"] for r in per_schema])
-    return {"construct_ms": construct_ms, "warmup_compile_ms": warmup_ms, "per_schema": per_schema,
-            "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max()),
-            "total_ms": float(ms.sum())}
+    return {
+        "construct_ms": construct_ms,
+        "warmup_compile_ms": warmup_ms,
+        "per_schema": per_schema,
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "max_ms": float(ms.max()),
+        "total_ms": float(ms.sum()),
+    }
 
 
 # ---- requests ---------------------------------------------------------------------------------------
 def request_args(model: str, name: str, schema: dict, constrained: bool, max_tokens: int) -> dict:
     """A constrained request stops where its JSON is complete; a free one generates exactly max_tokens."""
-    args = {"model": model, "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": f"Produce a JSON document for the schema '{name}'."}]}
+    args = {
+        "model": model,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"Produce a JSON document for the schema '{name}'."}],
+    }
     if constrained:
         args["response_format"] = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
     else:
@@ -104,11 +117,17 @@ async def one(client: AsyncOpenAI, args: dict, stream: bool) -> dict:
     if not stream:
         response = await client.chat.completions.create(**args)
         choice = response.choices[0]
-        return {"tokens": response.usage.completion_tokens, "finish": choice.finish_reason,
-                "json": is_json(choice.message.content or ""), "seconds": time.perf_counter() - t0, "ttft_s": None}
+        return {
+            "tokens": response.usage.completion_tokens,
+            "finish": choice.finish_reason,
+            "json": is_json(choice.message.content or ""),
+            "seconds": time.perf_counter() - t0,
+            "ttft_s": None,
+        }
     ttft, text, finish, tokens = None, [], None, 0
-    async for chunk in await client.chat.completions.create(**args, stream=True,
-                                                            stream_options={"include_usage": True}):
+    async for chunk in await client.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    ):
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
         for choice in chunk.choices:
@@ -117,8 +136,13 @@ async def one(client: AsyncOpenAI, args: dict, stream: bool) -> dict:
                 ttft = time.perf_counter() - t0
             text.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
-    return {"tokens": tokens, "finish": finish, "json": is_json("".join(text)), "seconds": time.perf_counter() - t0,
-            "ttft_s": ttft}
+    return {
+        "tokens": tokens,
+        "finish": finish,
+        "json": is_json("".join(text)),
+        "seconds": time.perf_counter() - t0,
+        "ttft_s": ttft,
+    }
 
 
 async def run_all(client: AsyncOpenAI, requests: list[dict], concurrency: int, stream: bool) -> tuple[list, float]:
@@ -140,19 +164,32 @@ def arm_summary(rounds: list[dict]) -> dict:
     tokens, wall = sum(r["tokens"] for r in results), sum(rnd["wall_s"] for rnd in rounds)
     ttft = [r["ttft_s"] * 1000 for r in results if r["ttft_s"] is not None]
     # streamed requests: the decode rate after the first token, free of per-request overhead and prefill
-    decode = [(r["tokens"] - 1) / (r["seconds"] - r["ttft_s"]) for r in results
-              if r["ttft_s"] is not None and r["tokens"] > 1]
-    return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
-            "tokens_per_request": tokens / len(results), "finish": dict(Counter(r["finish"] for r in results)),
-            "valid_json": sum(r["json"] for r in results),
-            "ttft_ms": {"median": float(np.median(ttft)), "p90": float(np.percentile(ttft, 90)),
-                        "max": float(max(ttft)), "values": ttft} if ttft else None,
-            "decode_tok_per_s_median": float(np.median(decode)) if decode else None, "rounds": rounds}
+    decode = [
+        (r["tokens"] - 1) / (r["seconds"] - r["ttft_s"]) for r in results if r["ttft_s"] is not None and r["tokens"] > 1
+    ]
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "tokens_per_request": tokens / len(results),
+        "finish": dict(Counter(r["finish"] for r in results)),
+        "valid_json": sum(r["json"] for r in results),
+        "ttft_ms": {
+            "median": float(np.median(ttft)),
+            "p90": float(np.percentile(ttft, 90)),
+            "max": float(max(ttft)),
+            "values": ttft,
+        }
+        if ttft
+        else None,
+        "decode_tok_per_s_median": float(np.median(decode)) if decode else None,
+        "rounds": rounds,
+    }
 
 
 async def serve_bench(base_url: str, api_key: str | None, args) -> dict:
-    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key or "none", max_retries=0,
-                         timeout=REQUEST_TIMEOUT_S)
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key or "none", max_retries=0, timeout=REQUEST_TIMEOUT_S)
     async with client:
         model = (await client.models.list()).data[0].id
         order = list(SCHEMAS)
@@ -161,63 +198,99 @@ async def serve_bench(base_url: str, api_key: str | None, args) -> dict:
         def picks(start: int, count: int) -> list[tuple[str, dict]]:
             return [order[(start + i) % len(order)] for i in range(count)]
 
-        print(f"warm-up: compiling {len(SCHEMAS)} schemas on the server, then {WARMUP_REQUESTS} requests per arm",
-              flush=True)
+        print(
+            f"warm-up: compiling {len(SCHEMAS)} schemas on the server, then {WARMUP_REQUESTS} requests per arm",
+            flush=True,
+        )
         t0 = time.perf_counter()
         # also sends every prompt once, so that both arms find them in the prefix cache alike
         await run_all(client, [request_args(model, n, s, True, 1) for n, s in SCHEMAS], WARMUP_CONCURRENCY, False)
         for constrained in (False, True):
-            await run_all(client, [request_args(model, n, s, constrained, args.max_tokens)
-                                   for n, s in picks(0, WARMUP_REQUESTS)], WARMUP_REQUESTS, False)
+            await run_all(
+                client,
+                [request_args(model, n, s, constrained, args.max_tokens) for n, s in picks(0, WARMUP_REQUESTS)],
+                WARMUP_REQUESTS,
+                False,
+            )
         print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
 
         levels = []
         for concurrency, count, start in ((1, args.requests_1, 0), (32, args.requests_32, args.requests_1)):
             chosen = picks(start, count)
             stream = concurrency == 1  # TTFT is measured at concurrency 1; 32 parsed streams would tax the CPU
-            probe, _ = await run_all(client, [request_args(model, n, s, True, args.max_tokens) for n, s in chosen],
-                                     32, False)
+            probe, _ = await run_all(
+                client, [request_args(model, n, s, True, args.max_tokens) for n, s in chosen], 32, False
+            )
             lengths = [max(1, r["tokens"]) for r in probe]
             rounds = {False: [], True: []}
             for rnd in range(args.rounds):
-                part = list(zip(chosen, lengths))[rnd::args.rounds]
+                part = list(zip(chosen, lengths))[rnd :: args.rounds]
                 for constrained in (False, True) if rnd % 2 == 0 else (True, False):
                     results, wall = await run_all(
-                        client, [request_args(model, n, s, constrained, args.max_tokens if constrained else length)
-                                 for (n, s), length in part], concurrency, stream)
+                        client,
+                        [
+                            request_args(model, n, s, constrained, args.max_tokens if constrained else length)
+                            for (n, s), length in part
+                        ],
+                        concurrency,
+                        stream,
+                    )
                     rounds[constrained].append({"wall_s": wall, "results": results})
                     tokens = sum(r["tokens"] for r in results)
-                    print(f"  concurrency {concurrency}, round {rnd + 1}/{args.rounds}, "
-                          f"{'constrained' if constrained else 'unconstrained'}: {len(results)} requests, "
-                          f"{tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tok/s", flush=True)
+                    print(
+                        f"  concurrency {concurrency}, round {rnd + 1}/{args.rounds}, "
+                        f"{'constrained' if constrained else 'unconstrained'}: {len(results)} requests, "
+                        f"{tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tok/s",
+                        flush=True,
+                    )
             free, constrained = arm_summary(rounds[False]), arm_summary(rounds[True])
             ratio = constrained["tok_per_s"] / free["tok_per_s"]
-            levels.append({"concurrency": concurrency, "unconstrained": free, "constrained": constrained,
-                           "ratio": ratio, "goal_met": bool(ratio >= GOAL_RATIO)})
+            levels.append(
+                {
+                    "concurrency": concurrency,
+                    "unconstrained": free,
+                    "constrained": constrained,
+                    "ratio": ratio,
+                    "goal_met": bool(ratio >= GOAL_RATIO),
+                }
+            )
     return {"model": model, "levels": levels}
 
 
 # ---- report ---------------------------------------------------------------------------------------------
 def markdown(doc: dict) -> str:
-    lines = ["| concurrency | arm | requests | tokens | tokens/request | wall s | tok/s | decode tok/s (median) "
-             "| TTFT ms median / p90 | finish | valid JSON | constrained / unconstrained |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+    lines = [
+        "| concurrency | arm | requests | tokens | tokens/request | wall s | tok/s | decode tok/s (median) "
+        "| TTFT ms median / p90 | finish | valid JSON | constrained / unconstrained |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
+    ]
     for level in doc["levels"]:
         for arm in ("unconstrained", "constrained"):
             a = level[arm]
             ttft = f"{a['ttft_ms']['median']:.0f} / {a['ttft_ms']['p90']:.0f}" if a["ttft_ms"] else "-"
             decode = f"{a['decode_tok_per_s_median']:.1f}" if a["decode_tok_per_s_median"] else "-"
             finish = ", ".join(f"{k} {v}" for k, v in a["finish"].items())
-            verdict = (f"{level['ratio']:.2f} (goal >= {GOAL_RATIO:.2f}: {'PASS' if level['goal_met'] else 'FAIL'})"
-                       if arm == "constrained" else "")
-            lines.append(f"| {level['concurrency']} | {arm} | {a['requests']} | {a['tokens']} | "
-                         f"{a['tokens_per_request']:.1f} | {a['wall_s']:.1f} | {a['tok_per_s']:.1f} | {decode} | "
-                         f"{ttft} | {finish} | {a['valid_json']}/{a['requests']} | {verdict} |")
+            verdict = (
+                f"{level['ratio']:.2f} (goal >= {GOAL_RATIO:.2f}: {'PASS' if level['goal_met'] else 'FAIL'})"
+                if arm == "constrained"
+                else ""
+            )
+            lines.append(
+                f"| {level['concurrency']} | {arm} | {a['requests']} | {a['tokens']} | "
+                f"{a['tokens_per_request']:.1f} | {a['wall_s']:.1f} | {a['tok_per_s']:.1f} | {decode} | "
+                f"{ttft} | {finish} | {a['valid_json']}/{a['requests']} | {verdict} |"
+            )
     c = doc["compile"]
-    lines += ["", "| xgrammar compile, first per schema | ms |", "|---|---:|",
-              f"| median | {c['median_ms']:.1f} |", f"| p90 | {c['p90_ms']:.1f} |", f"| max | {c['max_ms']:.1f} |",
-              f"| total, {len(c['per_schema'])} schemas | {c['total_ms']:.1f} |",
-              f"| Grammars() once (tokenizer info) | {c['construct_ms']:.1f} |"]
+    lines += [
+        "",
+        "| xgrammar compile, first per schema | ms |",
+        "|---|---:|",
+        f"| median | {c['median_ms']:.1f} |",
+        f"| p90 | {c['p90_ms']:.1f} |",
+        f"| max | {c['max_ms']:.1f} |",
+        f"| total, {len(c['per_schema'])} schemas | {c['total_ms']:.1f} |",
+        f"| Grammars() once (tokenizer info) | {c['construct_ms']:.1f} |",
+    ]
     return "\n".join(lines)
 
 
@@ -235,11 +308,14 @@ def plot(doc: dict, path: Path) -> None:
         left.bar(x + (k - 0.5) * 0.4, [lv[arm]["tok_per_s"] for lv in levels], 0.4, label=arm, color=f"C{k}")
     for i, lv in enumerate(levels):
         top = max(lv["unconstrained"]["tok_per_s"], lv["constrained"]["tok_per_s"])
-        left.annotate(f"x{lv['ratio']:.2f}", (i, top), ha="center", va="bottom",
-                      color="C2" if lv["goal_met"] else "C3")
+        left.annotate(f"x{lv['ratio']:.2f}", (i, top), ha="center", va="bottom", color="C2" if lv["goal_met"] else "C3")
     left.margins(y=0.12)  # room for the ratios above the bars
-    left.set(xticks=x, xticklabels=[f"concurrency {lv['concurrency']}" for lv in levels], ylabel="output tok/s",
-             title=f"Throughput (goal: constrained >= {GOAL_RATIO:.2f} x)")
+    left.set(
+        xticks=x,
+        xticklabels=[f"concurrency {lv['concurrency']}" for lv in levels],
+        ylabel="output tok/s",
+        title=f"Throughput (goal: constrained >= {GOAL_RATIO:.2f} x)",
+    )
     left.legend(fontsize=8)
     per_schema = doc["compile"]["per_schema"]
     middle.bar(range(len(per_schema)), [r["ms"] for r in per_schema])
@@ -248,8 +324,9 @@ def plot(doc: dict, path: Path) -> None:
     middle.set_xticklabels([r["schema"] for r in per_schema], rotation=90, fontsize=6)
     middle.legend(fontsize=8)
     first = levels[0]
-    ttfts = [first[arm]["ttft_ms"]["values"] if first[arm]["ttft_ms"] else [] for arm in ("unconstrained",
-                                                                                          "constrained")]
+    ttfts = [
+        first[arm]["ttft_ms"]["values"] if first[arm]["ttft_ms"] else [] for arm in ("unconstrained", "constrained")
+    ]
     right.boxplot(ttfts, showfliers=False)
     for k, values in enumerate(ttfts):
         right.plot(np.full(len(values), k + 1.0), values, ".", color=f"C{k}")
@@ -276,13 +353,16 @@ def main() -> int:
         parser.error("--rounds and --max-tokens must be >= 1, and each --requests-* at least --rounds")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    print(f"# kiln structured outputs: {len(SCHEMAS)} schemas, max_tokens {args.max_tokens}, CPU {cpu_model()}",
-          flush=True)
+    print(
+        f"# kiln structured outputs: {len(SCHEMAS)} schemas, max_tokens {args.max_tokens}, CPU {cpu_model()}",
+        flush=True,
+    )
     # before the server starts, so that nothing else competes for the cores
     print("compiling every schema in process ...", flush=True)
     compiled = compile_times()
-    print(f"  {len(SCHEMAS)} schemas in {compiled['total_ms']:.0f} ms, median {compiled['median_ms']:.1f} ms",
-          flush=True)
+    print(
+        f"  {len(SCHEMAS)} schemas in {compiled['total_ms']:.0f} ms, median {compiled['median_ms']:.1f} ms", flush=True
+    )
     process = None
     base_url = args.base_url
     if not base_url:
@@ -295,9 +375,18 @@ def main() -> int:
     finally:
         if process:
             print(f"kiln serve exited with {stop_server(process)} after SIGTERM", flush=True)
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-           "base_url": base_url, "started_server": process is not None, "max_tokens": args.max_tokens,
-           "rounds": args.rounds, "seed": args.seed, "goal_ratio": GOAL_RATIO, **served, "compile": compiled}
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "base_url": base_url,
+        "started_server": process is not None,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "goal_ratio": GOAL_RATIO,
+        **served,
+        "compile": compiled,
+    }
     print()
     print(markdown(doc))
     out = RESULTS / f"structured-{stamp}.json"

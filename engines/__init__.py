@@ -29,5 +29,7 @@ def select_backend(config: EngineConfig) -> str:
         return built_for
     if built_for == "trtllm":
         raise ValueError(f"{config.engine_dir} holds a TensorRT-LLM engine; serve it with --backend trtllm (or auto).")
-    raise ValueError("--backend trtllm serves engine directories built with `kiln build --backend trtllm`; "
-                     f"{config.engine_dir or 'a model folder'} is not one.")
+    raise ValueError(
+        "--backend trtllm serves engine directories built with `kiln build --backend trtllm`; "
+        f"{config.engine_dir or 'a model folder'} is not one."
+    )

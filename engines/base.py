@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -131,11 +132,13 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidValueError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p")
         if self.top_k < -1:
-            raise InvalidValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.",
-                                    "top_k")
+            raise InvalidValueError(
+                f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}.", "top_k"
+            )
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise InvalidValueError(f"seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got "
-                                    f"{self.seed}.", "seed")
+            raise InvalidValueError(
+                f"seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {self.seed}.", "seed"
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidValueError(f"min_p must be between 0 and 1, got {self.min_p}.", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -143,38 +146,50 @@ class SamplingParams:
             if not -2.0 <= value <= 2.0:
                 raise InvalidValueError(f"{name} must be between -2 and 2, got {value}.", name)
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise InvalidValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.",
-                                    "repetition_penalty")
+            raise InvalidValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.", "repetition_penalty"
+            )
         if self.max_tokens < 1:
             raise InvalidValueError(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidValueError(
-                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}.",
-                "min_tokens")
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}.", "min_tokens"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.",
-                                    "top_logprobs")
+            raise InvalidValueError(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}.", "top_logprobs"
+            )
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidValueError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
-                                    f"{self.prompt_logprobs}.", "prompt_logprobs")
+            raise InvalidValueError(
+                f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs}.",
+                "prompt_logprobs",
+            )
         for token_id, bias in self.logit_bias.items():
             if vocab_size is not None and not 0 <= token_id < vocab_size:
-                raise InvalidValueError(f"logit_bias token id {token_id} is outside the vocabulary "
-                                        f"(0..{vocab_size - 1}).", "logit_bias")
+                raise InvalidValueError(
+                    f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).", "logit_bias"
+                )
             if not -100.0 <= bias <= 100.0:
                 raise InvalidValueError(f"logit_bias values must be between -100 and 100, got {bias}.", "logit_bias")
         for token_id in self.stop_token_ids:
             if vocab_size is not None and not 0 <= token_id < vocab_size:
-                raise InvalidValueError(f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).",
-                                        "stop_token_ids")
+                raise InvalidValueError(
+                    f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1}).", "stop_token_ids"
+                )
         if self.structured is not None:
             # the grammar ends the output with EOS; neither setting could be honoured without breaking it
             if self.ignore_eos:
-                raise UnsupportedRequestError("ignore_eos cannot be combined with a structured output: the output "
-                                              "ends where the grammar is complete.", "ignore_eos")
+                raise UnsupportedRequestError(
+                    "ignore_eos cannot be combined with a structured output: the output "
+                    "ends where the grammar is complete.",
+                    "ignore_eos",
+                )
             if self.min_tokens:
-                raise UnsupportedRequestError("min_tokens cannot be combined with a structured output: the output "
-                                              "ends where the grammar is complete.", "min_tokens")
+                raise UnsupportedRequestError(
+                    "min_tokens cannot be combined with a structured output: the output "
+                    "ends where the grammar is complete.",
+                    "min_tokens",
+                )
 
     @property
     def greedy(self) -> bool:
@@ -399,7 +414,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
-    async def prepare(self, request: GenerationRequest) -> None:
+    async def prepare(self, request: GenerationRequest) -> None:  # noqa: B027 (a no-op unless a backend needs it)
         """Slow work a request needs before `generate()` (compiling its structured-output grammar, cached by
         constraint), done off the event loop; raises ValueError (a RequestError where the backend names the
         field) for a constraint this backend cannot honour.

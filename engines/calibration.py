@@ -80,14 +80,14 @@ def _parse_request(line: str, where: str) -> list[Message]:
     if "prompt" in record:
         prompt = record["prompt"]
         if not isinstance(prompt, str) or not prompt:
-            raise CalibrationDataError(f"{where} has a \"prompt\" that is not a non-empty string.")
+            raise CalibrationDataError(f'{where} has a "prompt" that is not a non-empty string.')
         return [{"role": "user", "content": prompt}]
-    raise CalibrationDataError(f"{where} has neither \"messages\" nor \"prompt\".")
+    raise CalibrationDataError(f'{where} has neither "messages" nor "prompt".')
 
 
 def _parse_messages(messages: Any, where: str) -> list[Message]:
     if not isinstance(messages, list) or not messages:
-        raise CalibrationDataError(f"{where} has \"messages\" that is not a non-empty list.")
+        raise CalibrationDataError(f'{where} has "messages" that is not a non-empty list.')
     parsed = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -96,7 +96,7 @@ def _parse_messages(messages: Any, where: str) -> list[Message]:
         if role not in ROLES:
             raise CalibrationDataError(f"{where}: message {index} has role {role!r}, not one of {', '.join(ROLES)}.")
         if not isinstance(content, str):
-            raise CalibrationDataError(f"{where}: message {index} has no string \"content\".")
+            raise CalibrationDataError(f'{where}: message {index} has no string "content".')
         # Keep only role and content: other keys (name, tool calls) do not reach the chat template.
         parsed.append({"role": role, "content": content})
     return parsed

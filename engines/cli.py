@@ -44,29 +44,61 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
     add("--model", help="Hugging Face model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
     add("--output", required=True, help="engine directory to write (created; replaced when it holds an older engine)")
     trtllm_only = [s.name for s in schemes.schemes() if not s.torch_build]
-    add("--precision", default="auto", help=f"auto or one of {', '.join(schemes.torch_names())}, or "
+    add(
+        "--precision",
+        default="auto",
+        help=f"auto or one of {', '.join(schemes.torch_names())}, or "
         f"{' or '.join(trtllm_only)} with --backend trtllm "
-        "(default: auto, the profile `kiln profiles` names for this machine)")
+        "(default: auto, the profile `kiln profiles` names for this machine)",
+    )
     add("--kv-cache-dtype", default="auto", help="auto (the profile's), model, int8 or fp8 (default: auto)")
-    add("--calib", help="JSONL of chat requests ({\"messages\": [...]} per line) to calibrate with (default: kiln's "
-        "calibration set)")
-    add("--calib-samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration requests to use, {MIN_SAMPLES}.."
-        f"{MAX_SAMPLES} (default: {DEFAULT_SAMPLES})")
-    add("--calibrator", default="minmax", help="range calibrator for static scales (the KV cache): minmax, percentile "
-        "(99.99) or entropy (default: minmax)")
-    add("--group-size", type=int, default=128, help="int4 group size; halved for inputs it does not divide (default: 128)")
+    add(
+        "--calib",
+        help='JSONL of chat requests ({"messages": [...]} per line) to calibrate with (default: kiln\'s '
+        "calibration set)",
+    )
+    add(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help=f"calibration requests to use, {MIN_SAMPLES}..{MAX_SAMPLES} (default: {DEFAULT_SAMPLES})",
+    )
+    add(
+        "--calibrator",
+        default="minmax",
+        help="range calibrator for static scales (the KV cache): minmax, percentile "
+        "(99.99) or entropy (default: minmax)",
+    )
+    add(
+        "--group-size",
+        type=int,
+        default=128,
+        help="int4 group size; halved for inputs it does not divide (default: 128)",
+    )
     add("--backend", default="torch", help="torch or trtllm (default: torch)")
-    add("--max-accuracy-loss", type=float, help="with --precision auto: build the most aggressive profile whose mean "
-        "KL divergence on the held-out set stays within this budget (e.g. 0.05)")
+    add(
+        "--max-accuracy-loss",
+        type=float,
+        help="with --precision auto: build the most aggressive profile whose mean "
+        "KL divergence on the held-out set stays within this budget (e.g. 0.05)",
+    )
     add("--eval-samples", type=int, default=128, help="held-out prompts the accuracy is measured on (default: 128)")
     add("--eval-tokens", type=int, default=32, help="answer tokens per held-out prompt (default: 32)")
-    add("--bench", action=argparse.BooleanOptionalAction, default=True, help="measure decode tok/s at concurrency 1 "
-        "and 32 for the report (default: on)")
+    add(
+        "--bench",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure decode tok/s at concurrency 1 and 32 for the report (default: on)",
+    )
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     add("--force", action="store_true", help="rebuild even when the engine in --output is up to date")
-    add("--draft-of", metavar="ENGINE_DIR", help="build a speculative-decoding draft for this engine: its model "
+    add(
+        "--draft-of",
+        metavar="ENGINE_DIR",
+        help="build a speculative-decoding draft for this engine: its model "
         "(unless --model) at int4-awq (unless --precision); serve with `kiln serve --engine-dir ENGINE_DIR "
-        "--speculative-draft OUTPUT`")
+        "--speculative-draft OUTPUT`",
+    )
     _defaults_from_environment(build, BUILD_ENV_FLAGS)
     build.set_defaults(handler=build_command)
 
@@ -74,8 +106,19 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
 # The build flags that read KILN_<FLAG> when not given, as `kiln serve`'s do, so that one .env (compose)
 # configures both. --output, --force and --draft-of name one particular build and stay flags; KILN_BACKEND
 # is serve's (it also takes auto) and is not read here.
-BUILD_ENV_FLAGS = ("model", "precision", "kv_cache_dtype", "calib", "calib_samples", "calibrator", "group_size",
-                   "max_accuracy_loss", "eval_samples", "eval_tokens", "device")
+BUILD_ENV_FLAGS = (
+    "model",
+    "precision",
+    "kv_cache_dtype",
+    "calib",
+    "calib_samples",
+    "calibrator",
+    "group_size",
+    "max_accuracy_loss",
+    "eval_samples",
+    "eval_tokens",
+    "device",
+)
 
 
 def _defaults_from_environment(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> None:
@@ -108,9 +151,11 @@ def build_command(args: argparse.Namespace) -> int:
     serve = f"kiln serve --engine-dir {result.output}"
     if options.draft_of:
         serve = f"kiln serve --engine-dir {options.draft_of} --speculative-draft {result.output}"
-    print(f"Engine {result.output} {verb}: {m.precision} weights, {m.kv_cache_dtype} KV cache, for "
-          f"{m.target.description}. Serve it with `{serve}`; the report is in "
-          f"{result.output / 'build-report.md'}.")
+    print(
+        f"Engine {result.output} {verb}: {m.precision} weights, {m.kv_cache_dtype} KV cache, for "
+        f"{m.target.description}. Serve it with `{serve}`; the report is in "
+        f"{result.output / 'build-report.md'}."
+    )
     return 0
 
 
@@ -134,8 +179,11 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     add = plan.add_argument
     add("--model", help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    add("--gpu", help="plan for this GPU, e.g. H100, H200, A100-40GB, A100-80GB, L40S, L4, A10G, RTX-4090 "
-        "(default: this machine)")
+    add(
+        "--gpu",
+        help="plan for this GPU, e.g. H100, H200, A100-40GB, A100-80GB, L40S, L4, A10G, RTX-4090 "
+        "(default: this machine)",
+    )
     add("--gpus", type=int, default=1, help="number of such GPUs, the model split across them (default: 1)")
     add("--max-model-len", type=int, help="context length per sequence (default: the model's)")
     add("--batch", type=int, default=1, help="sequences held in the KV cache at once (default: 1)")
@@ -160,8 +208,16 @@ def profiles_command(args: argparse.Namespace) -> int:
     rows = [("name", "precision", "KV cache", "backend", "requires", "this machine")]
     for profile in sorted(profiles, key=lambda p: (p.requires.device != "cuda", -p.priority, p.name)):
         ok, reason = supported_on(profile, hardware)
-        rows.append((profile.name, profile.precision, profile.kv_cache_dtype, ",".join(profile.backend),
-                     profile.requires_text(), "yes" if ok else f"no: {reason}"))
+        rows.append(
+            (
+                profile.name,
+                profile.precision,
+                profile.kv_cache_dtype,
+                ",".join(profile.backend),
+                profile.requires_text(),
+                "yes" if ok else f"no: {reason}",
+            )
+        )
     print(f"This machine: {hardware.describe()}\n")
     print("\n".join(format_table(rows)))
     try:
@@ -169,8 +225,10 @@ def profiles_command(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         print(f"\n--precision auto: {exc}")
         return 0
-    print(f"\n--precision auto picks {auto.name} here ({auto.description}); `kiln plan` shows the choice for a "
-          "given model, which can differ when the model is large for this machine's memory.")
+    print(
+        f"\n--precision auto picks {auto.name} here ({auto.description}); `kiln plan` shows the choice for a "
+        "given model, which can differ when the model is large for this machine's memory."
+    )
     return 0
 
 

@@ -71,8 +71,9 @@ class EngineConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be auto, torch or trtllm, got {self.backend!r}.")
         if self.scheduler_policy not in SCHEDULER_POLICIES:
-            raise ValueError(f"scheduler_policy must be guaranteed_no_evict or max_utilization, got "
-                             f"{self.scheduler_policy!r}.")
+            raise ValueError(
+                f"scheduler_policy must be guaranteed_no_evict or max_utilization, got {self.scheduler_policy!r}."
+            )
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}.")
         self._validate_speculative()
@@ -81,16 +82,21 @@ class EngineConfig:
         method = self.speculative_method
         if method is None:
             if self.speculative_draft is not None:
-                raise ValueError("speculative_draft is set but speculative_method is not; use speculative_method draft.")
+                raise ValueError(
+                    "speculative_draft is set but speculative_method is not; use speculative_method draft."
+                )
             return
         if method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be draft, ngram or eagle, got {method!r}.")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "
-                             f"got {self.num_speculative_tokens}.")
+            raise ValueError(
+                f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "
+                f"got {self.num_speculative_tokens}."
+            )
         if method == "ngram" and not 1 <= self.ngram_min <= self.ngram_max:
-            raise ValueError(f"the n-gram window needs 1 <= ngram_min <= ngram_max, got {self.ngram_min} and "
-                             f"{self.ngram_max}.")
+            raise ValueError(
+                f"the n-gram window needs 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}."
+            )
 
 
 # A CPU prefills far slower than a GPU: a 2048-token step (vLLM's default) holds every running stream for most

@@ -13,7 +13,13 @@ from pathlib import Path
 
 # The CPU features kiln's kernels and profiles care about, in /proc/cpuinfo spelling.
 CPU_FLAGS_OF_INTEREST = (
-    "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8",
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_int8",
 )
 
 GiB = 1 << 30
@@ -54,7 +60,7 @@ class Hardware:
     def describe(self) -> str:
         if self.device == "cuda":
             driver = f", driver {self.driver_version}" if self.driver_version else ""
-            return (f"cuda: {self.count}x {self.name} (SM {self.sm}, {self.memory_bytes / GiB:.1f} GiB each{driver})")
+            return f"cuda: {self.count}x {self.name} (SM {self.sm}, {self.memory_bytes / GiB:.1f} GiB each{driver})"
         flags = " ".join(flag for flag in CPU_FLAGS_OF_INTEREST if flag in self.cpu_flags) or "no AVX2, AVX-512 or AMX"
         return f"cpu: {self.name}, {self.cores} cores, {self.memory_bytes / GiB:.1f} GiB RAM ({flags})"
 

@@ -55,7 +55,9 @@ def resolve_model(source: str | None) -> Path:
         return _converted_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json; it is not a Hugging Face model folder.")
+            raise ModelNotFoundError(
+                f"{path} is a folder but has no config.json; it is not a Hugging Face model folder."
+            )
         return path
     if source is not None and not path.exists() and _looks_like_hub_id(source):
         return _download(source)

@@ -93,17 +93,26 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         intermediate = config["intermediate_size"]
         vocab = config["vocab_size"]
     except KeyError as exc:
-        raise PlanError(f"The model's config.json has no {exc.args[0]!r}; plan it with --params, --layers, "
-                        "--kv-heads and --head-dim instead.") from None
+        raise PlanError(
+            f"The model's config.json has no {exc.args[0]!r}; plan it with --params, --layers, "
+            "--kv-heads and --head-dim instead."
+        ) from None
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     # Biases are counted where the config declares them (attention_bias); families whose biases are implicit
     # (Qwen2) are counted without them, a difference of a few parts per million.
-    params = decoder_param_count(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                                 intermediate=intermediate, vocab=vocab,
-                                 tied_embeddings=bool(config.get("tie_word_embeddings")),
-                                 qkv_bias=bool(config.get("attention_bias")),
-                                 experts=config.get("num_local_experts") or config.get("num_experts") or 1)
+    params = decoder_param_count(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        vocab=vocab,
+        tied_embeddings=bool(config.get("tie_word_embeddings")),
+        qkv_bias=bool(config.get("attention_bias")),
+        experts=config.get("num_local_experts") or config.get("num_experts") or 1,
+    )
     return ModelShape(name, float(params), layers, kv_heads, head_dim, config.get("max_position_embeddings"))
 
 
@@ -112,8 +121,10 @@ def load_shape(model: str | None) -> ModelShape:
     from engines.model_source import ModelNotFoundError, model_display_name, resolve_model
 
     if model is not None and not Path(model).expanduser().exists():
-        raise PlanError(f"--model {model!r} is not a local model folder or .gguf file; to plan a model that is not "
-                        "downloaded, give --params, --layers, --kv-heads and --head-dim.")
+        raise PlanError(
+            f"--model {model!r} is not a local model folder or .gguf file; to plan a model that is not "
+            "downloaded, give --params, --layers, --kv-heads and --head-dim."
+        )
     try:
         folder = resolve_model(model)
     except ModelNotFoundError as exc:
@@ -158,8 +169,13 @@ class Plan:
     profile_by_precision: dict[str, str]  # row precision -> the supported profile that builds it, if any
 
 
-def make_plan(shape: ModelShape, target: Hardware, batch: int = 1, max_model_len: int | None = None,
-              profiles: list[Profile] | None = None) -> Plan:
+def make_plan(
+    shape: ModelShape,
+    target: Hardware,
+    batch: int = 1,
+    max_model_len: int | None = None,
+    profiles: list[Profile] | None = None,
+) -> Plan:
     if batch < 1:
         raise PlanError(f"--batch must be at least 1, got {batch}.")
     max_model_len = max_model_len or shape.max_position_embeddings or 4096
@@ -184,16 +200,18 @@ def make_plan(shape: ModelShape, target: Hardware, batch: int = 1, max_model_len
     if row is not None:
         recommended_fits = row.fits
     else:  # a family without a row (fp32): its weights and headroom alone
-        recommended_fits = (shape.params * recommended_scheme.bytes_per_param(DEFAULT_GROUP_SIZE) * (1 + HEADROOM)
-                            <= memory)
+        recommended_fits = (
+            shape.params * recommended_scheme.bytes_per_param(DEFAULT_GROUP_SIZE) * (1 + HEADROOM) <= memory
+        )
     row_names = {r.precision for r in rows}
     profile_by_precision = {}
     for profile in load_profiles() if profiles is None else profiles:
         row_name = schemes.get(profile.precision).family
         if row_name in row_names and row_name not in profile_by_precision and supported_on(profile, target)[0]:
             profile_by_precision[row_name] = profile.name  # profiles come highest priority first
-    return Plan(shape, target, memory, batch, max_model_len, tuple(rows), recommended, recommended_fits,
-                profile_by_precision)
+    return Plan(
+        shape, target, memory, batch, max_model_len, tuple(rows), recommended, recommended_fits, profile_by_precision
+    )
 
 
 def _gb(value: float) -> str:
@@ -207,8 +225,10 @@ def _gb(value: float) -> str:
 def format_plan(plan: Plan) -> str:
     shape, target = plan.shape, plan.target
     if target.device == "cuda":
-        where = (f"{target.count} x {target.name} (SM {target.sm}, {_gb(target.memory_bytes)} each, "
-                 f"{_gb(plan.target_memory_bytes)} in all)")
+        where = (
+            f"{target.count} x {target.name} (SM {target.sm}, {_gb(target.memory_bytes)} each, "
+            f"{_gb(plan.target_memory_bytes)} in all)"
+        )
     else:
         where = f"this machine's RAM, {_gb(plan.target_memory_bytes)} ({target.name})"
     lines = [
@@ -221,8 +241,16 @@ def format_plan(plan: Plan) -> str:
     ]
     header = ("precision", "weights", "KV dtype", "KV cache", "headroom", "total", "fits", "profile here")
     table = [header] + [
-        (r.precision, _gb(r.weight_bytes), r.kv_dtype, _gb(r.kv_bytes), _gb(r.headroom_bytes), _gb(r.total_bytes),
-         "yes" if r.fits else "no", plan.profile_by_precision.get(r.precision, "- (not supported)"))
+        (
+            r.precision,
+            _gb(r.weight_bytes),
+            r.kv_dtype,
+            _gb(r.kv_bytes),
+            _gb(r.headroom_bytes),
+            _gb(r.total_bytes),
+            "yes" if r.fits else "no",
+            plan.profile_by_precision.get(r.precision, "- (not supported)"),
+        )
         for r in plan.rows
     ]
     lines += format_table(table, right_align={1, 3, 4, 5})

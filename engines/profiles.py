@@ -234,8 +234,9 @@ def memory_budget(hardware: Hardware, memory_bytes: float) -> float:
     return memory_bytes * (GPU_MEMORY_BUDGET if hardware.device == "cuda" else CPU_MEMORY_BUDGET)
 
 
-def pick(hardware: Hardware, model_bytes_bf16: float, memory_bytes: float,
-         profiles: list[Profile] | None = None) -> Profile:
+def pick(
+    hardware: Hardware, model_bytes_bf16: float, memory_bytes: float, profiles: list[Profile] | None = None
+) -> Profile:
     """The profile `--precision auto` builds (rules in the module docstring)."""
     profiles = load_profiles() if profiles is None else profiles
     candidates = sorted((p for p in profiles if supported_on(p, hardware)[0]), key=lambda p: (-p.priority, p.name))

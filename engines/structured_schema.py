@@ -9,21 +9,73 @@ from __future__ import annotations
 from typing import Any
 
 # Enforced by xgrammar's JSON-schema converter (each checked against accepted / refused instances).
-ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "unevaluatedProperties", "items", "prefixItems",
-    "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions", "pattern", "minLength",
-    "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minProperties",
-    "maxProperties", "propertyNames", "format",
-})
+ENFORCED = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "unevaluatedProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "enum",
+        "const",
+        "anyOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minProperties",
+        "maxProperties",
+        "propertyNames",
+        "format",
+    }
+)
 # Say nothing about valid instances.
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "$schema", "$id", "$anchor", "$comment", "deprecated",
-    "readOnly", "writeOnly", "contentEncoding", "contentMediaType",
-})
-FORMATS = frozenset({
-    "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
-    "uri-template", "json-pointer", "relative-json-pointer",
-})
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$anchor",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "contentEncoding",
+        "contentMediaType",
+    }
+)
+FORMATS = frozenset(
+    {
+        "email",
+        "date",
+        "time",
+        "date-time",
+        "duration",
+        "ipv4",
+        "ipv6",
+        "hostname",
+        "uuid",
+        "uri",
+        "uri-reference",
+        "uri-template",
+        "json-pointer",
+        "relative-json-pointer",
+    }
+)
 # Keywords whose value is a schema, a list of schemas, or a name -> schema map.
 _SCHEMA = ("additionalProperties", "unevaluatedProperties", "items", "propertyNames")
 _SCHEMA_LISTS = ("prefixItems", "anyOf")
@@ -47,11 +99,15 @@ def check_json_schema(schema: Any, path: str = "schema", depth: int = 0) -> None
         if key not in ENFORCED:
             raise ValueError(f"The JSON schema keyword {key!r} (at {where}) is not supported for structured outputs.")
         if key in ("minLength", "maxLength") and "pattern" in schema:
-            raise ValueError(f"{where}: {key} next to a pattern is not enforced for structured outputs; put the "
-                             "length in the pattern instead.")
+            raise ValueError(
+                f"{where}: {key} next to a pattern is not enforced for structured outputs; put the "
+                "length in the pattern instead."
+            )
         if key == "format" and value not in FORMATS:
-            raise ValueError(f"The JSON schema format {value!r} (at {where}) is not supported for structured "
-                             f"outputs; supported: {', '.join(sorted(FORMATS))}.")
+            raise ValueError(
+                f"The JSON schema format {value!r} (at {where}) is not supported for structured "
+                f"outputs; supported: {', '.join(sorted(FORMATS))}."
+            )
         if key in _SCHEMA and isinstance(value, (dict, bool)):
             check_json_schema(value, where, depth + 1)
         elif key == "items" and isinstance(value, list):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-
 from engines.base import GenerationRequest, SamplingParams
 from engines.build.quantize import quantize_model
 from engines.config import EngineConfig
@@ -65,9 +64,16 @@ def model_args(a: argparse.Namespace) -> tuple[LlamaArgs, object]:
     """kiln's LlamaArgs from a Hugging Face LlamaConfig, as the loader derives them (no weights allocated)."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     return LLAMA.args_from_config(config), config
 
 
@@ -80,8 +86,11 @@ def random_tensors(args: LlamaArgs, device: torch.device) -> dict[str, torch.Ten
         return torch.empty(shape, dtype=DTYPE, device=device).normal_(0.0, INIT_STD, generator=gen)
 
     h, kv = args.hidden_size, args.num_kv_heads * args.head_dim
-    out = {"embed_tokens.weight": normal(args.vocab_size, h), "lm_head.weight": normal(args.vocab_size, h),
-           "norm.weight": torch.ones(h, dtype=DTYPE, device=device)}
+    out = {
+        "embed_tokens.weight": normal(args.vocab_size, h),
+        "lm_head.weight": normal(args.vocab_size, h),
+        "norm.weight": torch.ones(h, dtype=DTYPE, device=device),
+    }
     for i in range(args.num_layers):
         p = f"layers.{i}."
         out[p + "input_norm.weight"] = torch.ones(h, dtype=DTYPE, device=device)
@@ -102,8 +111,10 @@ def build_model(precision: str, args: LlamaArgs, device: torch.device):
 
 def weight_bytes(model) -> int:
     """Bytes of every projection and the LM head (DenseLinear / Fp8Linear report their own)."""
-    return sum(getattr(layer, kind).weight_bytes for layer in model.layers for kind in LLAMA.projections) \
+    return (
+        sum(getattr(layer, kind).weight_bytes for layer in model.layers for kind in LLAMA.projections)
         + model.lm_head.weight_bytes
+    )
 
 
 def time_decode(loaded: LoadedModel, a: argparse.Namespace, batch: int) -> float:
@@ -112,14 +123,22 @@ def time_decode(loaded: LoadedModel, a: argparse.Namespace, batch: int) -> float
     block = 16
     total = a.prompt + 1 + a.warmup + a.steps  # 1: the token the prefill step samples
     per_block = KVCache.bytes_per_block(args.num_layers, block, args.num_kv_heads, args.head_dim, DTYPE)
-    config = EngineConfig(block_size=block, kv_cache_memory=per_block * batch * -(-total // block),
-                          max_num_seqs=batch, max_num_batched_tokens=batch * a.prompt, enable_prefix_caching=False)
+    config = EngineConfig(
+        block_size=block,
+        kv_cache_memory=per_block * batch * -(-total // block),
+        max_num_seqs=batch,
+        max_num_batched_tokens=batch * a.prompt,
+        enable_prefix_caching=False,
+    )
     core = build_core(config, loaded)
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):
         prompt = torch.randint(args.vocab_size, (a.prompt,), generator=gen).tolist()
-        core.add_request(GenerationRequest(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                          max_tokens=total - a.prompt)))
+        core.add_request(
+            GenerationRequest(
+                str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=total - a.prompt)
+            )
+        )
     while core.generation_tokens_total < batch:  # prefill (one step unless the scheduler chunks it)
         core.step()
     for _ in range(a.warmup):
@@ -147,23 +166,27 @@ def main() -> int:
         model = build_model(precision, args, device)
         loaded = LoadedModel(model, hf_config, None, f"random-{precision}", Path("."), DTYPE, device)
         wbytes = weight_bytes(model)
-        print(f"{precision}: built in {time.perf_counter() - t0:.1f} s, {wbytes / 1e9:.3f} GB of weights",
-              file=sys.stderr)
+        print(
+            f"{precision}: built in {time.perf_counter() - t0:.1f} s, {wbytes / 1e9:.3f} GB of weights", file=sys.stderr
+        )
         for batch in a.batches:
             elapsed = time_decode(loaded, a, batch)
             step = elapsed / a.steps
             mean_ctx = a.prompt + a.warmup + (a.steps + 1) / 2  # tokens each sequence attends to, on average
             gbs = (wbytes + batch * mean_ctx * kv_per_token) / step / 1e9
-            rows.append((precision, batch, batch * a.steps / elapsed, step * 1e3, wbytes / 1e9, gbs,
-                         100 * gbs / a.peak_gbs))
+            rows.append(
+                (precision, batch, batch * a.steps / elapsed, step * 1e3, wbytes / 1e9, gbs, 100 * gbs / a.peak_gbs)
+            )
             print(f"{precision} batch {batch}: {step * 1e3:.2f} ms per step", file=sys.stderr)
         del model, loaded
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{name}; hidden {a.hidden}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, intermediate "
-          f"{a.intermediate}, vocab {a.vocab}; prompt {a.prompt}, {a.steps} timed decode steps\n")
+    print(
+        f"\n{name}; hidden {a.hidden}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, intermediate "
+        f"{a.intermediate}, vocab {a.vocab}; prompt {a.prompt}, {a.steps} timed decode steps\n"
+    )
     print(f"| precision | batch | decode tok/s | ms per step | weight GB | achieved GB/s | % of {a.peak_gbs:g} GB/s |")
     print("|---|---|---|---|---|---|---|")
     for precision, batch, tok_s, ms, wgb, gbs, pct in rows:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-
 from engines.build.builder import BuildError, BuildOptions, build
 from engines.model_source import resolve_model
 
@@ -31,10 +30,19 @@ def make_model(folder: Path, hidden: int, layers: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(hidden // 128, 2)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 128 * 128,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
-                         max_position_embeddings=4096, initializer_range=0.02, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 3.5) // 128 * 128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     default = resolve_model(None)
@@ -54,9 +62,19 @@ def main() -> int:
     rows, failed = [], False
     for precision, kv in PRECISIONS:
         try:
-            result = build(BuildOptions(model=str(work / "model"), output=str(work / precision), precision=precision,
-                                        kv_cache_dtype=kv, calib_samples=64, eval_samples=16, eval_tokens=16,
-                                        device=args.device, progress=False))
+            result = build(
+                BuildOptions(
+                    model=str(work / "model"),
+                    output=str(work / precision),
+                    precision=precision,
+                    kv_cache_dtype=kv,
+                    calib_samples=64,
+                    eval_samples=16,
+                    eval_tokens=16,
+                    device=args.device,
+                    progress=False,
+                )
+            )
         except BuildError as exc:  # e.g. FP8 on a GPU before SM 89: the documented refusal
             rows.append((precision, kv, "refused", str(exc), "", ""))
             continue
@@ -64,10 +82,20 @@ def main() -> int:
         speed = {s["concurrency"]: s["decode_tok_s"] for s in r["speed"]}
         ok = r["accuracy"]["kl_mean"] <= MAX_KL
         failed |= not ok
-        rows.append((precision, kv, "ok" if ok else "FAIL", f"{r['accuracy']['kl_mean']:.4f}",
-                     f"{100 * r['accuracy']['top1_agreement']:.1f}", f"{speed.get(1)} / {speed.get(32)}"))
-    print(f"\n{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}; hidden {args.hidden}, "
-          f"{args.layers} layers\n")
+        rows.append(
+            (
+                precision,
+                kv,
+                "ok" if ok else "FAIL",
+                f"{r['accuracy']['kl_mean']:.4f}",
+                f"{100 * r['accuracy']['top1_agreement']:.1f}",
+                f"{speed.get(1)} / {speed.get(32)}",
+            )
+        )
+    print(
+        f"\n{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}; hidden {args.hidden}, "
+        f"{args.layers} layers\n"
+    )
     print("| precision | KV | check | mean KL | top-1 % | decode tok/s c=1 / c=32 |\n|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -32,8 +32,12 @@ GREEDY_TOKENS = 16
 TIMING_TOKENS = 64
 TIMING_LEVELS = [(1, 3), (8, 8)]  # (concurrency, requests)
 ABORT_TIMEOUT_S = 10.0  # "within a few seconds": one engine step, with room for a busy machine
-METRICS = ["kiln:time_to_first_token_seconds", "kiln:generation_tokens_total", "kiln:num_requests_running",
-           "kiln:kv_cache_usage_perc"]
+METRICS = [
+    "kiln:time_to_first_token_seconds",
+    "kiln:generation_tokens_total",
+    "kiln:num_requests_running",
+    "kiln:kv_cache_usage_perc",
+]
 
 
 class CheckFailed(Exception):
@@ -154,14 +158,18 @@ def check_chat_stream(ctx: Context) -> str:
     last = chunks[-1]
     expect(not last.choices and last.usage is not None, "no final usage chunk")
     expect(all(c.usage is None for c in chunks[:-1]), "usage on a chunk before the last")
-    expect(last.usage.completion_tokens == ctx.greedy_usage.completion_tokens
-           and last.usage.prompt_tokens == ctx.greedy_usage.prompt_tokens, f"usage {last.usage}")
+    expect(
+        last.usage.completion_tokens == ctx.greedy_usage.completion_tokens
+        and last.usage.prompt_tokens == ctx.greedy_usage.prompt_tokens,
+        f"usage {last.usage}",
+    )
     return f"{len(chunks)} chunks, text and usage equal the non-streamed answer"
 
 
 def check_completion_string(ctx: Context) -> str:
-    response = ctx.client.completions.create(model=ctx.need_model(), prompt="The capital of France is",
-                                             max_tokens=8, temperature=0)
+    response = ctx.client.completions.create(
+        model=ctx.need_model(), prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     choice = response.choices[0]
     expect(bool(choice.text), "empty text")
     expect(choice.finish_reason in ("stop", "length"), f"finish_reason {choice.finish_reason}")
@@ -196,8 +204,10 @@ def check_logprobs(ctx: Context) -> str:
     response = greedy_chat(ctx, max_tokens=4, logprobs=True, top_logprobs=2)
     logprobs = response.choices[0].logprobs
     content = (logprobs.content if logprobs else None) or []
-    expect(len(content) == response.usage.completion_tokens, f"{len(content)} logprob entries for "
-           f"{response.usage.completion_tokens} tokens")
+    expect(
+        len(content) == response.usage.completion_tokens,
+        f"{len(content)} logprob entries for {response.usage.completion_tokens} tokens",
+    )
     for entry in content:
         expect(len(entry.top_logprobs) == 2, f"{len(entry.top_logprobs)} top_logprobs for {entry.token!r}")
         expect(entry.logprob <= 0, f"logprob {entry.logprob} > 0")
@@ -212,12 +222,12 @@ def check_stop_string(ctx: Context) -> str:
     # then be the greedy answer up to the word's first occurrence, without it, whatever the model says.
     expected_full = ctx.need_greedy()
     words = expected_full.split()
-    words = [w.strip(".,;:!?\"'") for w in words[max(1, len(words) // 2):]]
+    words = [w.strip(".,;:!?\"'") for w in words[max(1, len(words) // 2) :]]
     stop = next((w for w in words if len(w) >= 3 and expected_full.index(w) > 0), None)
     expect(stop is not None, f"no usable stop word in {expected_full!r}")
     response = greedy_chat(ctx, stop=[stop])
     choice = response.choices[0]
-    expected = expected_full[:expected_full.index(stop)]
+    expected = expected_full[: expected_full.index(stop)]
     expect(choice.finish_reason == "stop", f"finish_reason {choice.finish_reason}, expected stop")
     expect(choice.message.content == expected, f"{choice.message.content!r} != {expected!r}")
     return f"stop {stop!r} -> {choice.message.content!r}"
@@ -252,8 +262,10 @@ def check_stream_abort(ctx: Context) -> str:
     expect(seen_running >= 1, "kiln:num_requests_running is 0 while a stream is decoding")
     stream.close()  # drops the connection, as a client that gives up would
     closed = time.monotonic()
-    expect(wait_until(lambda: running() == 0, ABORT_TIMEOUT_S),
-           f"kiln:num_requests_running still {running()} {ABORT_TIMEOUT_S:.0f} s after the client closed")
+    expect(
+        wait_until(lambda: running() == 0, ABORT_TIMEOUT_S),
+        f"kiln:num_requests_running still {running()} {ABORT_TIMEOUT_S:.0f} s after the client closed",
+    )
     freed_s = time.monotonic() - closed
     after = greedy_chat(ctx, max_tokens=4)
     expect(bool(after.choices[0].message.content), "no answer after the abort")
@@ -275,8 +287,10 @@ def check_metadata(ctx: Context) -> str:
     ctx.metadata = response.json()
     for key in ("backend", "precision"):
         expect(isinstance(ctx.metadata.get(key), str) and bool(ctx.metadata[key]), f"no {key}")
-    return (f"backend {ctx.metadata['backend']}, precision {ctx.metadata['precision']}, "
-            f"kv {ctx.metadata.get('kv_cache_dtype')}, hardware {ctx.metadata.get('hardware')}")
+    return (
+        f"backend {ctx.metadata['backend']}, precision {ctx.metadata['precision']}, "
+        f"kv {ctx.metadata.get('kv_cache_dtype')}, hardware {ctx.metadata.get('hardware')}"
+    )
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -285,9 +299,14 @@ async def timed_request(client: openai.AsyncOpenAI, model: str, i: int) -> dict:
     first = None
     tokens = 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Write a long story about the sea, number {i}."}],
-        max_tokens=TIMING_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": f"Write a long story about the sea, number {i}."}],
+        max_tokens=TIMING_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter()
@@ -311,10 +330,17 @@ async def timed_level(ctx: Context, api_key: str, concurrency: int, requests: in
         wall = time.perf_counter() - started
     ttft = [r["ttft_s"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": requests, "max_tokens": TIMING_TOKENS,
-            "ttft_p50_s": statistics.median(ttft), "ttft_max_s": max(ttft), "output_tokens": tokens,
-            "wall_s": wall, "output_tok_per_s": tokens / wall,
-            "short": [r["tokens"] for r in results if r["tokens"] != TIMING_TOKENS]}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "max_tokens": TIMING_TOKENS,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_max_s": max(ttft),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens / wall,
+        "short": [r["tokens"] for r in results if r["tokens"] != TIMING_TOKENS],
+    }
 
 
 def check_timing(ctx: Context, api_key: str) -> str:
@@ -359,7 +385,7 @@ def run_check(name: str, func: Callable[[], str]) -> dict:
 
 def cell(text: str, limit: int = 160) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")  # one line, no column breaks
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def print_tables(results: list[dict], timing: list[dict]) -> None:
@@ -367,11 +393,15 @@ def print_tables(results: list[dict], timing: list[dict]) -> None:
     for r in results:
         print(f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} | {r['seconds']:.2f} | {cell(r['detail'])} |")
     if timing:
-        print("\n| concurrency | requests | max_tokens | TTFT p50 s | TTFT max s | output tok/s |\n"
-              "|---:|---:|---:|---:|---:|---:|")
+        print(
+            "\n| concurrency | requests | max_tokens | TTFT p50 s | TTFT max s | output tok/s |\n"
+            "|---:|---:|---:|---:|---:|---:|"
+        )
         for t in timing:
-            print(f"| {t['concurrency']} | {t['requests']} | {t['max_tokens']} | {t['ttft_p50_s']:.3f} | "
-                  f"{t['ttft_max_s']:.3f} | {t['output_tok_per_s']:.1f} |")
+            print(
+                f"| {t['concurrency']} | {t['requests']} | {t['max_tokens']} | {t['ttft_p50_s']:.3f} | "
+                f"{t['ttft_max_s']:.3f} | {t['output_tok_per_s']:.1f} |"
+            )
 
 
 def server_answers(http: httpx.Client, wait_s: float) -> str | None:
@@ -410,8 +440,12 @@ def main(argv: list[str] | None = None) -> int:
             ctx = Context(url=url, client=client, http=http)
             results = [run_check(name, lambda f=func: f(ctx)) for name, func in CHECKS]
             if not args.no_timing:
-                results.append(run_check(f"timing c=1 x{TIMING_LEVELS[0][1]}, c=8 x{TIMING_LEVELS[1][1]}",
-                                         lambda: check_timing(ctx, api_key)))
+                results.append(
+                    run_check(
+                        f"timing c=1 x{TIMING_LEVELS[0][1]}, c=8 x{TIMING_LEVELS[1][1]}",
+                        lambda: check_timing(ctx, api_key),
+                    )
+                )
 
     print_tables(results, ctx.timing)
     failed = [r["check"] for r in results if not r["ok"]]
@@ -419,8 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{summary}; failed: {', '.join(failed)}" if failed else f"\n{summary}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"url": url, "metadata": ctx.metadata, "checks": results, "timing": ctx.timing,
-                                         "passed": len(results) - len(failed), "failed": len(failed)}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "url": url,
+                    "metadata": ctx.metadata,
+                    "checks": results,
+                    "timing": ctx.timing,
+                    "passed": len(results) - len(failed),
+                    "failed": len(failed),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 1 if failed else 0
 
 

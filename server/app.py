@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.cors import CORSMiddleware
@@ -104,7 +104,14 @@ def create_app(
     async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
-    for module in (routes_health, routes_models, routes_metadata, routes_chat, routes_completions, routes_tokenize,
-                   routes_responses):
+    for module in (
+        routes_health,
+        routes_models,
+        routes_metadata,
+        routes_chat,
+        routes_completions,
+        routes_tokenize,
+        routes_responses,
+    ):
         app.include_router(module.router)
     return app

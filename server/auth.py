@@ -19,8 +19,9 @@ OPEN_PATHS = frozenset({"/v1/health/live", "/v1/health/ready", "/health", "/metr
 
 
 def _unauthorized(message: str) -> APIError:
-    return APIError(401, message, "invalid_request_error", code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return APIError(
+        401, message, "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def check_api_key(authorization: str, expected: str) -> APIError | None:

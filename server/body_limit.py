@@ -14,8 +14,9 @@ from server.errors import APIError, error_response
 
 
 def _too_large(limit: int) -> str:
-    return (f"The request body is larger than this server's limit of {limit} bytes "
-            "(kiln serve --max-request-body-bytes).")
+    return (
+        f"The request body is larger than this server's limit of {limit} bytes (kiln serve --max-request-body-bytes)."
+    )
 
 
 class BodyLimitMiddleware:

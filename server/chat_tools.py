@@ -54,8 +54,11 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_fl
         parser = parser_flag or parser_for_template(chat_template)
         if parser is None:
             if template_supports_tools(chat_template):
-                raise bad_request("This model's tool-call format is unknown: start the server with --tool-call-parser "
-                                  f"(one of {', '.join(sorted(PARSERS))}) to use tool_choice auto.", param="tool_choice")
+                raise bad_request(
+                    "This model's tool-call format is unknown: start the server with --tool-call-parser "
+                    f"(one of {', '.join(sorted(PARSERS))}) to use tool_choice auto.",
+                    param="tool_choice",
+                )
             parser = "hermes"  # the format the fallback system text asks for
         return ToolPlan("auto", definitions, parser=parser)
     if choice == "required":
@@ -65,18 +68,24 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_fl
     wanted = choice.function.name
     tool = next((tool for tool in tools if tool.function.name == wanted), None)
     if tool is None:
-        raise bad_request(f"tool_choice names the function {wanted!r}, which is not among the tools.",
-                          param="tool_choice")
-    return ToolPlan("named", definitions, json_schema_output(tool.function.parameters or ANY_OBJECT, "tools"),
-                    function=wanted)
+        raise bad_request(
+            f"tool_choice names the function {wanted!r}, which is not among the tools.", param="tool_choice"
+        )
+    return ToolPlan(
+        "named", definitions, json_schema_output(tool.function.parameters or ANY_OBJECT, "tools"), function=wanted
+    )
 
 
 def _calls_schema(tools, parallel: bool) -> dict:
-    calls = [{"type": "object",
-              "properties": {"name": {"const": tool.function.name},
-                             "arguments": tool.function.parameters or ANY_OBJECT},
-              "required": ["name", "arguments"], "additionalProperties": False}
-             for tool in tools]
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": tool.function.name}, "arguments": tool.function.parameters or ANY_OBJECT},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for tool in tools
+    ]
     schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
     if not parallel:
         schema["maxItems"] = 1
@@ -126,6 +135,8 @@ def assemble(events: list[StreamEvent]) -> tuple[str | None, list[ToolCall]]:
         if isinstance(e, ToolCallDelta):
             call = calls.setdefault(e.index, {"id": e.id, "name": e.name, "arguments": ""})
             call["arguments"] += e.arguments
-    tool_calls = [ToolCall(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]})
-                  for _, c in sorted(calls.items())]
+    tool_calls = [
+        ToolCall(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]})
+        for _, c in sorted(calls.items())
+    ]
     return (content or None) if tool_calls else content, tool_calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from engines.base import Engine
 from engines.config import EngineConfig
@@ -88,8 +88,14 @@ class EngineHolder:
         self.token_strings = TokenStrings(engine.tokenizer)
         self.engine = engine
         self.loading = False
-        logger.info("Model %s ready in %.1f s (%s, %s on %s)", engine.info.model_name,
-                    time.monotonic() - started, engine.info.backend, engine.info.dtype, engine.info.device)
+        logger.info(
+            "Model %s ready in %.1f s (%s, %s on %s)",
+            engine.info.model_name,
+            time.monotonic() - started,
+            engine.info.backend,
+            engine.info.dtype,
+            engine.info.device,
+        )
         self.watch(on_failure)
 
     def watch(self, on_death: Callable[[], None] | None) -> None:

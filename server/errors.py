@@ -69,11 +69,20 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineOverloadedError):
-        return APIError(429, str(exc) or "The server is overloaded; retry later.", "rate_limit_error",
-                        code="engine_overloaded", headers={"Retry-After": "1"})
+        return APIError(
+            429,
+            str(exc) or "The server is overloaded; retry later.",
+            "rate_limit_error",
+            code="engine_overloaded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc) or "The engine has stopped; no request can be served.",
-                        "service_unavailable_error", code="engine_dead")
+        return APIError(
+            503,
+            str(exc) or "The engine has stopped; no request can be served.",
+            "service_unavailable_error",
+            code="engine_dead",
+        )
     if isinstance(exc, RequestFailedError):
         logger.error("The engine failed a request: %s", exc)
         return APIError(500, str(exc), "server_error", code="request_failed")
@@ -125,8 +134,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        error = APIError(exc.status_code, str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code),
-                         headers=getattr(exc, "headers", None))
+        error = APIError(
+            exc.status_code,
+            str(exc.detail),
+            kind,
+            code=_HTTP_CODES.get(exc.status_code),
+            headers=getattr(exc, "headers", None),
+        )
         if exc.status_code == 404:
             error.message = f"Unknown endpoint {request.method} {request.url.path}."
         return error_response(error)

@@ -36,15 +36,20 @@ class ChoiceDelta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    num_tokens: int = 0  # tokens generated in this delta; its text may lag (an incomplete character, a possible stop string)
+    num_tokens: int = (
+        0  # tokens generated in this delta; its text may lag (an incomplete character, a possible stop string)
+    )
 
     def needs_chunk(self, has_content: bool, wants_logprobs: bool) -> bool:
         """Whether a stream sends a chunk for this delta (chat and completions alike): when it has content to
         show; like vLLM, for every step that generated tokens even while their text is held back, so the client
         sees the stream move (and its time to first token) at once, except on the last step, whose finish
         chunk follows anyway; and when it carries logprobs the client asked for."""
-        return (has_content or (self.num_tokens > 0 and self.finish_reason is None)
-                or (wants_logprobs and bool(self.logprobs)))
+        return (
+            has_content
+            or (self.num_tokens > 0 and self.finish_reason is None)
+            or (wants_logprobs and bool(self.logprobs))
+        )
 
 
 class ChoiceState:
@@ -60,8 +65,12 @@ class ChoiceState:
         if self.finish_reason is not None:  # already stopped by a stop string; the engine lags behind
             return None
         if output.finish_reason == "abort":
-            raise APIError(503, "The request was aborted by the engine (is the server shutting down?).",
-                           "service_unavailable_error", code="request_aborted")
+            raise APIError(
+                503,
+                "The request was aborted by the engine (is the server shutting down?).",
+                "service_unavailable_error",
+                code="request_aborted",
+            )
         delta = ChoiceDelta(self.index)
         pieces: list[str] = []
         last = len(output.new_token_ids) - 1
@@ -197,8 +206,14 @@ class Generation:
             return
         usage = self.usage()
         reasons = ",".join(choice.finish_reason or "unfinished" for choice in self.choices)
-        logger.info("Engine requests %s-* ended after %.3f s (%s): %d prompt, %d completion tokens", self.request_id,
-                    time.monotonic() - self._started_at, reasons, usage.prompt_tokens, usage.completion_tokens)
+        logger.info(
+            "Engine requests %s-* ended after %.3f s (%s): %d prompt, %d completion tokens",
+            self.request_id,
+            time.monotonic() - self._started_at,
+            reasons,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
 
     # ---- server side ----------------------------------------------------------------------------
     def _process(self, index: int, output: GenerationOutput) -> list[ChoiceDelta]:

@@ -76,8 +76,9 @@ def completion_logprobs(
     return out, text_offset
 
 
-def echoed_prompt_logprobs(prompt_ids: list[int], entries: list[TokenLogprob | None], top_k: int,
-                           strings: TokenStrings) -> tuple[CompletionLogprobs, int]:
+def echoed_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], top_k: int, strings: TokenStrings
+) -> tuple[CompletionLogprobs, int]:
     """An echoed prompt's logprobs in the completions shape (its first token has none: null), and the text
     offset after it."""
     out, offset = CompletionLogprobs(), 0
@@ -103,10 +104,15 @@ def vllm_prompt_logprobs(entries: list[TokenLogprob | None], strings: TokenStrin
         if entry is None:
             result.append(None)
             continue
-        tokens = {str(entry.token_id): PromptTokenLogprob(logprob=_clamp(entry.logprob), rank=entry.rank,
-                                                          decoded_token=strings.text(entry.token_id))}
+        tokens = {
+            str(entry.token_id): PromptTokenLogprob(
+                logprob=_clamp(entry.logprob), rank=entry.rank, decoded_token=strings.text(entry.token_id)
+            )
+        }
         for rank, (token_id, logprob) in enumerate(entry.top, start=1):
-            tokens.setdefault(str(token_id), PromptTokenLogprob(logprob=_clamp(logprob), rank=rank,
-                                                               decoded_token=strings.text(token_id)))
+            tokens.setdefault(
+                str(token_id),
+                PromptTokenLogprob(logprob=_clamp(logprob), rank=rank, decoded_token=strings.text(token_id)),
+            )
         result.append(tokens)
     return result

@@ -31,5 +31,6 @@ def check_prompt_chars(tokenizer, num_chars: int, max_model_len: int, param: str
             f"This model's maximum context length is {max_model_len} tokens. However, the {param} has "
             f"{num_chars} characters, which are more than {max_model_len} tokens (no token of this model holds "
             f"more than {per_token} characters). Please reduce the length of the {param}.",
-            param=param, code="context_length_exceeded",
+            param=param,
+            code="context_length_exceeded",
         )

@@ -61,10 +61,14 @@ def _entry(message: ChatMessage, i: int, native_tools: bool) -> dict:
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         if calls:
-            entry["tool_calls"] = [{"id": c["id"], "type": "function",
-                                    "function": {"name": c["function"]["name"],
-                                                 "arguments": _arguments(c["function"]["arguments"])}}
-                                   for c in calls]
+            entry["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])},
+                }
+                for c in calls
+            ]
     elif calls:
         entry["content"] = "\n".join(filter(None, [content, render_tool_calls_as_text(calls)]))
     elif message.role == "tool":
@@ -98,8 +102,7 @@ def tokenize_prompt(tokenizer, prompt: str | list[int], vocab_size: int, index: 
         token_ids = list(prompt)
         bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{vocab_size - 1}).",
-                              param="prompt")
+            raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", param="prompt")
     if not token_ids:
         raise bad_request(f"prompt {index} is empty; it must contain at least one token.", param="prompt")
     return token_ids

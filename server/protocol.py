@@ -219,8 +219,10 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def num_content_chars(self) -> int:
         """Characters of text in the messages (a lower bound on the rendered prompt's)."""
-        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
-                   for m in self.messages)
+        return sum(
+            len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
+            for m in self.messages
+        )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -479,8 +481,10 @@ class TokenizeRequest(_TokenizerRequest):
         """Characters of text in the prompt or the messages (a lower bound on the rendered prompt's)."""
         if self.messages is None:
             return len(self.prompt)
-        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
-                   for m in self.messages)
+        return sum(
+            len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())
+            for m in self.messages
+        )
 
 
 class TokenizeResponse(BaseModel):

@@ -54,9 +54,15 @@ async def start_in_flight(request: Request, generation: Generation) -> Callable[
     return close
 
 
-def generation_sse(request: Request, generation: Generation, events: AsyncIterator[dict],
-                   close: Callable[[], Awaitable[None]]):
+def generation_sse(
+    request: Request, generation: Generation, events: AsyncIterator[dict], close: Callable[[], Awaitable[None]]
+):
     """The SSE response of a generation's events, with keep-alive comments that say whether it is still queued."""
     settings = request.app.state.settings
-    return sse_response(events, close, settings.stream_grace_period, keepalive_seconds=settings.sse_keepalive_seconds,
-                        keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued")
+    return sse_response(
+        events,
+        close,
+        settings.stream_grace_period,
+        keepalive_seconds=settings.sse_keepalive_seconds,
+        keepalive_comment=lambda: "keep-alive" if generation.has_output else "queued",
+    )

@@ -33,17 +33,31 @@ def chat_request(body: ResponsesRequest, items: list[ResponsesInputItem]) -> Cha
     if not messages:
         raise bad_request("input must hold at least one item.", param="input")
     if len(messages) > MAX_MESSAGES:
-        raise bad_request(f"The conversation has {len(messages)} messages, more than the {MAX_MESSAGES} allowed.",
-                          param="input")
+        raise bad_request(
+            f"The conversation has {len(messages)} messages, more than the {MAX_MESSAGES} allowed.", param="input"
+        )
     choice = body.tool_choice
     if isinstance(choice, ResponsesNamedToolChoice):
         choice = NamedToolChoice(type="function", function=NamedToolChoiceFunction(name=choice.name))
-    tools = [Tool(type="function", function=FunctionDefinition(name=t.name, description=t.description,
-                                                               parameters=t.parameters, strict=t.strict))
-             for t in body.tools]
-    return ChatCompletionRequest(model=body.model, messages=messages, max_completion_tokens=body.max_output_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, tools=tools or None,
-                                 tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls)
+    tools = [
+        Tool(
+            type="function",
+            function=FunctionDefinition(
+                name=t.name, description=t.description, parameters=t.parameters, strict=t.strict
+            ),
+        )
+        for t in body.tools
+    ]
+    return ChatCompletionRequest(
+        model=body.model,
+        messages=messages,
+        max_completion_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        tools=tools or None,
+        tool_choice=choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+    )
 
 
 def _messages(items: list[ResponsesInputItem]) -> list[ChatMessage]:
@@ -60,8 +74,9 @@ def _messages(items: list[ResponsesInputItem]) -> list[ChatMessage]:
             messages[-1].tool_calls = [*(messages[-1].tool_calls or []), call]
         else:
             assert isinstance(item, ResponsesFunctionCallOutputItem)
-            messages.append(ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id,
-                                        name=names.get(item.call_id)))
+            messages.append(
+                ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id, name=names.get(item.call_id))
+            )
     return messages
 
 

@@ -35,8 +35,16 @@ class OutputBuilder:
                 if e.text:
                     index = self._open_message(out)
                     self.items[index].content[0].text += e.text
-                    out.append(_at(self.items[index], index, "response.output_text.delta", content_index=0,
-                                   delta=e.text, logprobs=[]))
+                    out.append(
+                        _at(
+                            self.items[index],
+                            index,
+                            "response.output_text.delta",
+                            content_index=0,
+                            delta=e.text,
+                            logprobs=[],
+                        )
+                    )
                 continue
             if e.id is not None:  # a call's first event
                 item = ResponsesOutputFunctionCall(id=f"fc_{uuid.uuid4().hex}", call_id=e.id, name=e.name)
@@ -60,8 +68,9 @@ class OutputBuilder:
                 out.append(_at(item, index, "response.output_text.done", content_index=0, text=part.text, logprobs=[]))
                 out.append(_at(item, index, "response.content_part.done", content_index=0, part=part.model_dump()))
             else:
-                out.append(_at(item, index, "response.function_call_arguments.done", name=item.name,
-                               arguments=item.arguments))
+                out.append(
+                    _at(item, index, "response.function_call_arguments.done", name=item.name, arguments=item.arguments)
+                )
             out.append({"type": "response.output_item.done", "output_index": index, "item": item.model_dump()})
         return out
 
@@ -70,14 +79,22 @@ class OutputBuilder:
             self._message = self._add(ResponsesOutputMessage(id=f"msg_{uuid.uuid4().hex}"), out)
             message = self.items[self._message]
             message.content.append(ResponsesOutputText())
-            out.append(_at(message, self._message, "response.content_part.added", content_index=0,
-                           part=message.content[0].model_dump()))
+            out.append(
+                _at(
+                    message,
+                    self._message,
+                    "response.content_part.added",
+                    content_index=0,
+                    part=message.content[0].model_dump(),
+                )
+            )
         return self._message
 
     def _add(self, item: ResponsesOutputItem, out: list[dict]) -> int:
         self.items.append(item)
-        out.append({"type": "response.output_item.added", "output_index": len(self.items) - 1,
-                    "item": item.model_dump()})
+        out.append(
+            {"type": "response.output_item.added", "output_index": len(self.items) - 1, "item": item.model_dump()}
+        )
         return len(self.items) - 1
 
 
@@ -93,6 +110,9 @@ def as_input_items(output: list[ResponsesOutputItem]) -> list[ResponsesInputItem
             parts = [ResponsesInputText(type="output_text", text=part.text) for part in item.content]
             items.append(ResponsesMessageItem(role="assistant", content=parts))
         else:
-            items.append(ResponsesFunctionCallItem(type="function_call", call_id=item.call_id, name=item.name,
-                                                   arguments=item.arguments))
+            items.append(
+                ResponsesFunctionCallItem(
+                    type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments
+                )
+            )
     return items

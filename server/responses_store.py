@@ -37,8 +37,13 @@ class ResponseStore:
         """404 in OpenAI's shape for an id never stored, not stored (store: false) or evicted."""
         entry = self._entries.get(response_id)
         if entry is None:
-            raise APIError(404, f"Previous response with id '{response_id}' not found.", "invalid_request_error",
-                           param="previous_response_id", code="previous_response_not_found")
+            raise APIError(
+                404,
+                f"Previous response with id '{response_id}' not found.",
+                "invalid_request_error",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         self._entries.move_to_end(response_id)
         return entry
 

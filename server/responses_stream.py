@@ -26,8 +26,15 @@ async def stream_response(request: Request, generation: Generation, events: Asyn
                 yield _frame({**event, "sequence_number": next(sequence)})
         except Exception as exc:  # noqa: BLE001 - the status line is long gone; the client reads the event
             error = from_exception(exc)
-            yield _frame({"type": "error", "code": error.code, "message": error.message, "param": error.param,
-                          "sequence_number": next(sequence)})
+            yield _frame(
+                {
+                    "type": "error",
+                    "code": error.code,
+                    "message": error.message,
+                    "param": error.param,
+                    "sequence_number": next(sequence),
+                }
+            )
         finally:
             await close()
 

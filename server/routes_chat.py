@@ -60,13 +60,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     chars = body.num_content_chars
     check_prompt_chars(engine.tokenizer, chars, engine.info.max_model_len, "messages")
     # templating work grows with the messages too, not only with their text
-    prompt_ids = await run_sized(chars + len(body.messages), render_chat, engine.tokenizer, body.messages,
-                                 plan.prompt_tools)
-    params = build_sampling_params(body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info, structured,
-                                   body.prompt_logprobs)
+    prompt_ids = await run_sized(
+        chars + len(body.messages), render_chat, engine.tokenizer, body.messages, plan.prompt_tools
+    )
+    params = build_sampling_params(
+        body, body.requested_max_tokens, top_k, len(prompt_ids), engine.info, structured, body.prompt_logprobs
+    )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(engine, state.metrics, model, engine_request_id(request), [(prompt_ids, params)],
-                            body.stop_strings, body.speculative)
+    generation = Generation(
+        engine,
+        state.metrics,
+        model,
+        engine_request_id(request),
+        [(prompt_ids, params)],
+        body.stop_strings,
+        body.speculative,
+    )
     strings = state.engine_holder.token_strings
 
     def logprobs_of(entries) -> ChatChoiceLogprobs | None:
@@ -77,14 +86,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     def make_choice(r) -> ChatChoice:
         reader = output_reader(plan)
         content, tool_calls = assemble(reader.feed(r.text) + reader.finish())
-        return ChatChoice(index=r.index, message=ChatMessageOut(content=content, tool_calls=tool_calls),
-                          logprobs=logprobs_of(r.logprobs), finish_reason=_finish_reason(r.finish_reason, tool_calls))
+        return ChatChoice(
+            index=r.index,
+            message=ChatMessageOut(content=content, tool_calls=tool_calls),
+            logprobs=logprobs_of(r.logprobs),
+            finish_reason=_finish_reason(r.finish_reason, tool_calls),
+        )
 
     def make_response(results):
-        prompt = (vllm_prompt_logprobs(generation.prompt_logprobs[0], strings)
-                  if body.prompt_logprobs is not None else None)
-        return ChatCompletionResponse(id=response_id, model=model, choices=[make_choice(r) for r in results],
-                                      usage=generation.usage(), prompt_logprobs=prompt)
+        prompt = (
+            vllm_prompt_logprobs(generation.prompt_logprobs[0], strings) if body.prompt_logprobs is not None else None
+        )
+        return ChatCompletionResponse(
+            id=response_id,
+            model=model,
+            choices=[make_choice(r) for r in results],
+            usage=generation.usage(),
+            prompt_logprobs=prompt,
+        )
 
     created = int(time.time())
 
@@ -102,10 +121,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 events = reader.feed(delta.text) + (reader.finish() if delta.finish_reason else [])
                 called[delta.index] |= any(not isinstance(e, ContentDelta) for e in events)
                 if delta.needs_chunk(has_content=bool(events), wants_logprobs=top_k is not None):
-                    yield chunk([ChatChunkChoice(index=delta.index, delta=_delta(events),
-                                                 logprobs=logprobs_of(delta.logprobs))])
+                    yield chunk(
+                        [ChatChunkChoice(index=delta.index, delta=_delta(events), logprobs=logprobs_of(delta.logprobs))]
+                    )
                 if delta.finish_reason:
-                    reason = "tool_calls" if called[delta.index] and delta.finish_reason == "stop" else delta.finish_reason
+                    reason = (
+                        "tool_calls" if called[delta.index] and delta.finish_reason == "stop" else delta.finish_reason
+                    )
                     yield chunk([ChatChunkChoice(index=delta.index, delta=ChatDelta(), finish_reason=reason)])
         if body.include_usage:
             yield chunk([], usage=generation.usage())
@@ -117,8 +139,11 @@ def _constraint(body: ChatCompletionRequest, plan: ToolPlan):
     """The output's one constraint: the request's structured-output fields, or the tool choice's."""
     requested = structured_output(body)
     if requested is not None and plan.structured is not None:
-        raise bad_request(f"tool_choice {plan.mode} constrains the output itself; it cannot be combined with "
-                          "response_format or structured_outputs.", param="tool_choice")
+        raise bad_request(
+            f"tool_choice {plan.mode} constrains the output itself; it cannot be combined with "
+            "response_format or structured_outputs.",
+            param="tool_choice",
+        )
     return requested or plan.structured
 
 
@@ -128,7 +153,14 @@ def _finish_reason(reason: str, tool_calls) -> str:
 
 def _delta(events) -> ChatDelta:
     text = "".join(e.text for e in events if isinstance(e, ContentDelta))
-    calls = [ToolCallDelta(index=e.index, id=e.id, type="function" if e.id else None,
-                           function=FunctionCallDelta(name=e.name, arguments=e.arguments))
-             for e in events if not isinstance(e, ContentDelta)]
+    calls = [
+        ToolCallDelta(
+            index=e.index,
+            id=e.id,
+            type="function" if e.id else None,
+            function=FunctionCallDelta(name=e.name, arguments=e.arguments),
+        )
+        for e in events
+        if not isinstance(e, ContentDelta)
+    ]
     return ChatDelta(content=text if text or not calls else None, tool_calls=calls or None)

@@ -31,18 +31,19 @@ router = APIRouter()
 def _check_request(body: CompletionRequest) -> None:
     check_fields(body)
     if body.suffix:
-        raise bad_request("suffix is not supported: this server does not do fill-in-the-middle completions.",
-                          param="suffix")
+        raise bad_request(
+            "suffix is not supported: this server does not do fill-in-the-middle completions.", param="suffix"
+        )
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of is not supported (only best_of equal to n).", param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {body.logprobs}.",
-                          param="logprobs")
+        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {body.logprobs}.", param="logprobs")
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens 0 is only allowed with echo (to score the prompt).", param="max_tokens")
     if body.prompt_logprobs is not None and body.stream:
-        raise bad_request("prompt_logprobs is not supported with stream; echo with logprobs streams them.",
-                          param="prompt_logprobs")
+        raise bad_request(
+            "prompt_logprobs is not supported with stream; echo with logprobs streams them.", param="prompt_logprobs"
+        )
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -64,12 +65,25 @@ async def create_completion(body: CompletionRequest, request: Request):
     score_only = body.echo and body.max_tokens == 0
     echo_logprobs = body.echo and body.logprobs is not None
     asked = [k for k in (body.logprobs if echo_logprobs else None, body.prompt_logprobs) if k is not None]
-    prompts = [(token_ids, build_sampling_params(body, 1 if score_only else body.max_tokens, body.logprobs,
-                                                 len(token_ids), info, structured, max(asked) if asked else None))
-               for token_ids in all_token_ids]
+    prompts = [
+        (
+            token_ids,
+            build_sampling_params(
+                body,
+                1 if score_only else body.max_tokens,
+                body.logprobs,
+                len(token_ids),
+                info,
+                structured,
+                max(asked) if asked else None,
+            ),
+        )
+        for token_ids in all_token_ids
+    ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(engine, state.metrics, model, engine_request_id(request), prompts, body.stop_strings,
-                            body.speculative)
+    generation = Generation(
+        engine, state.metrics, model, engine_request_id(request), prompts, body.stop_strings, body.speculative
+    )
     strings = state.engine_holder.token_strings
     top_k = body.logprobs or 0
 
@@ -103,11 +117,17 @@ async def create_completion(body: CompletionRequest, request: Request):
             id=response_id,
             model=model,
             choices=[
-                CompletionChoice(index=r.index, text=echoes[r.index] + ("" if score_only else r.text),
-                                 logprobs=logprobs_of(r.index, r.logprobs, with_prompt=True),
-                                 finish_reason="length" if score_only else r.finish_reason,
-                                 prompt_logprobs=(vllm_prompt_logprobs(generation.prompt_logprobs[r.index], strings)
-                                                  if body.prompt_logprobs is not None else None))
+                CompletionChoice(
+                    index=r.index,
+                    text=echoes[r.index] + ("" if score_only else r.text),
+                    logprobs=logprobs_of(r.index, r.logprobs, with_prompt=True),
+                    finish_reason="length" if score_only else r.finish_reason,
+                    prompt_logprobs=(
+                        vllm_prompt_logprobs(generation.prompt_logprobs[r.index], strings)
+                        if body.prompt_logprobs is not None
+                        else None
+                    ),
+                )
                 for r in results
             ],
             usage=usage(),
@@ -136,11 +156,19 @@ async def create_completion(body: CompletionRequest, request: Request):
                 if delta.index in unechoed:
                     unechoed.discard(delta.index)
                     yield echo_chunk(delta.index)
-                if not score_only and delta.needs_chunk(has_content=bool(delta.text),
-                                                        wants_logprobs=body.logprobs is not None):
-                    yield chunk([CompletionChoice(index=delta.index, text=delta.text,
-                                                  logprobs=logprobs_of(delta.index, delta.logprobs),
-                                                  finish_reason=None)])
+                if not score_only and delta.needs_chunk(
+                    has_content=bool(delta.text), wants_logprobs=body.logprobs is not None
+                ):
+                    yield chunk(
+                        [
+                            CompletionChoice(
+                                index=delta.index,
+                                text=delta.text,
+                                logprobs=logprobs_of(delta.index, delta.logprobs),
+                                finish_reason=None,
+                            )
+                        ]
+                    )
                 if delta.finish_reason:
                     reason = "length" if score_only else delta.finish_reason
                     yield chunk([CompletionChoice(index=delta.index, text="", finish_reason=reason)])

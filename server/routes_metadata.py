@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from engines.base import BuiltEngine, EngineDetails, EngineStats, SpeculationInfo
-
 from server import __version__
 from server.protocol import MetadataResponse, VersionResponse
 
@@ -56,16 +55,19 @@ async def metadata(request: Request) -> MetadataResponse:
 
 def _speculative(speculation: SpeculationInfo, stats: EngineStats) -> dict[str, Any]:
     """The configuration and the counters so far."""
-    return {"method": speculation.method, **speculation.proposer,
-            "num_speculative_tokens": speculation.num_speculative_tokens,
-            "num_drafts": stats.spec_num_drafts,
-            "draft_tokens": stats.spec_draft_tokens,
-            "accepted_tokens": stats.spec_accepted_tokens,
-            "acceptance_rate": stats.spec_acceptance_rate,
-            "mean_accepted_length": stats.spec_mean_accepted_length,
-            "alpha": stats.spec_alpha,
-            "accepted_per_position": stats.spec_accepted_per_position,
-            "checked_per_position": stats.spec_checked_per_position}
+    return {
+        "method": speculation.method,
+        **speculation.proposer,
+        "num_speculative_tokens": speculation.num_speculative_tokens,
+        "num_drafts": stats.spec_num_drafts,
+        "draft_tokens": stats.spec_draft_tokens,
+        "accepted_tokens": stats.spec_accepted_tokens,
+        "acceptance_rate": stats.spec_acceptance_rate,
+        "mean_accepted_length": stats.spec_mean_accepted_length,
+        "alpha": stats.spec_alpha,
+        "accepted_per_position": stats.spec_accepted_per_position,
+        "checked_per_position": stats.spec_checked_per_position,
+    }
 
 
 def _extra(details: EngineDetails) -> dict[str, Any]:

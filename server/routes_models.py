@@ -13,8 +13,9 @@ router = APIRouter()
 def _card(request: Request) -> ModelCard:
     holder = request.app.state.engine_holder
     info = holder.get().info
-    return ModelCard(id=holder.served_model_name, created=holder.created, root=info.model_name,
-                     max_model_len=info.max_model_len)
+    return ModelCard(
+        id=holder.served_model_name, created=holder.created, root=info.model_name, max_model_len=info.max_model_len
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -58,8 +58,9 @@ async def create_response(body: ResponsesRequest, request: Request):
         structured = _constraint(body, plan)
         chars = chat.num_content_chars
         check_prompt_chars(engine.tokenizer, chars, engine.info.max_model_len, "input")
-        prompt_ids = await run_sized(chars + len(chat.messages), render_chat, engine.tokenizer, chat.messages,
-                                     plan.prompt_tools)
+        prompt_ids = await run_sized(
+            chars + len(chat.messages), render_chat, engine.tokenizer, chat.messages, plan.prompt_tools
+        )
         params = build_sampling_params(chat, chat.requested_max_tokens, None, len(prompt_ids), engine.info, structured)
     generation = Generation(engine, state.metrics, model, engine_request_id(request), [(prompt_ids, params)], [])
     response_id = f"resp_{uuid.uuid4().hex}"
@@ -70,15 +71,26 @@ async def create_response(body: ResponsesRequest, request: Request):
     def snapshot(status: str, usage: Usage | None = None) -> ResponseObject:
         incomplete = ResponsesIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
         return ResponseObject(
-            id=response_id, created_at=created_at, status=status, model=model, output=builder.items,
-            incomplete_details=incomplete, usage=_usage(usage) if usage else None, instructions=body.instructions,
+            id=response_id,
+            created_at=created_at,
+            status=status,
+            model=model,
+            output=builder.items,
+            incomplete_details=incomplete,
+            usage=_usage(usage) if usage else None,
+            instructions=body.instructions,
             max_output_tokens=body.max_output_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, tools=body.tools,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            tools=body.tools,
             tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
-            parallel_tool_calls=body.parallel_tool_calls, text=body.text,
-            previous_response_id=body.previous_response_id, store=body.store, metadata=body.metadata or {},
-            user=body.user)
+            parallel_tool_calls=body.parallel_tool_calls,
+            text=body.text,
+            previous_response_id=body.previous_response_id,
+            store=body.store,
+            metadata=body.metadata or {},
+            user=body.user,
+        )
 
     def finish(finish_reason: str) -> tuple[ResponseObject, list[dict]]:
         status = "incomplete" if finish_reason == "length" else "completed"
@@ -124,13 +136,19 @@ def _constraint(body: ResponsesRequest, plan: ToolPlan):
     """The output's one constraint: text.format's, or the tool choice's."""
     requested = text_constraint(body.text.format)
     if requested is not None and plan.structured is not None:
-        raise bad_request(f"tool_choice {plan.mode} constrains the output itself; it cannot be combined with a "
-                          f"text.format of type {body.text.format.type}.", param="tool_choice")
+        raise bad_request(
+            f"tool_choice {plan.mode} constrains the output itself; it cannot be combined with a "
+            f"text.format of type {body.text.format.type}.",
+            param="tool_choice",
+        )
     return requested or plan.structured
 
 
 def _usage(usage: Usage) -> ResponsesUsage:
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
-    return ResponsesUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                          total_tokens=usage.total_tokens,
-                          input_tokens_details=ResponsesInputTokensDetails(cached_tokens=cached))
+    return ResponsesUsage(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        input_tokens_details=ResponsesInputTokensDetails(cached_tokens=cached),
+    )

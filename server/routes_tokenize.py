@@ -23,19 +23,27 @@ router = APIRouter()
 def _check_chat_options(body: TokenizeRequest) -> None:
     # render_chat renders what a chat completion sees; other renderings would count a different prompt
     if not body.add_generation_prompt:
-        raise bad_request("add_generation_prompt false is not supported: messages are rendered as "
-                          "/v1/chat/completions renders them, with the generation prompt.",
-                          param="add_generation_prompt")
+        raise bad_request(
+            "add_generation_prompt false is not supported: messages are rendered as "
+            "/v1/chat/completions renders them, with the generation prompt.",
+            param="add_generation_prompt",
+        )
     if body.add_special_tokens:
-        raise bad_request("add_special_tokens true is not supported with messages: the chat template adds the "
-                          "model's special tokens itself.", param="add_special_tokens")
+        raise bad_request(
+            "add_special_tokens true is not supported with messages: the chat template adds the "
+            "model's special tokens itself.",
+            param="add_special_tokens",
+        )
 
 
 def _check_length(num_tokens: int, max_model_len: int, param: str) -> None:
     if num_tokens > max_model_len:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, the {param} "
-                          f"has {num_tokens} tokens. Please reduce the length of the {param}.",
-                          param=param, code="context_length_exceeded")
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, the {param} "
+            f"has {num_tokens} tokens. Please reduce the length of the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _encode(tokenizer, prompt: str, add_special_tokens: bool) -> list[int]:
@@ -63,8 +71,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         token_ids = await run_sized(chars + len(body.messages), render_chat, tokenizer, body.messages, tools)
     _check_length(len(token_ids), max_model_len, param)
     token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
-    return TokenizeResponse(count=len(token_ids), max_model_len=max_model_len, tokens=token_ids,
-                            token_strs=token_strs)
+    return TokenizeResponse(count=len(token_ids), max_model_len=max_model_len, tokens=token_ids, token_strs=token_strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

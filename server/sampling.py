@@ -49,7 +49,8 @@ def build_sampling_params(
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the "
             "completion). Please reduce the length of the messages or completion.",
-            param="messages", code="context_length_exceeded",
+            param="messages",
+            code="context_length_exceeded",
         )
     return params
 
@@ -59,5 +60,8 @@ def check_fields(body: SamplingFields) -> None:
     unknown = body.unknown_fields
     if unknown:
         names = ", ".join(repr(name) for name in unknown)
-        raise bad_request(f"Unsupported request field{'s' if len(unknown) > 1 else ''} {names}: this server does "
-                          "not implement it, and ignoring it would change what you asked for.", param=unknown[0])
+        raise bad_request(
+            f"Unsupported request field{'s' if len(unknown) > 1 else ''} {names}: this server does "
+            "not implement it, and ignoring it would change what you asked for.",
+            param=unknown[0],
+        )

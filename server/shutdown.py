@@ -17,8 +17,12 @@ FLUSH_SECONDS = 2.0
 
 
 def shutting_down_error() -> APIError:
-    return APIError(503, "The server is shutting down and ended this request before it finished; retry it.",
-                    "service_unavailable_error", code="server_shutting_down")
+    return APIError(
+        503,
+        "The server is shutting down and ended this request before it finished; retry it.",
+        "service_unavailable_error",
+        code="server_shutting_down",
+    )
 
 
 class InFlight:

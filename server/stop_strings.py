@@ -28,7 +28,7 @@ class StopStringDetector:
             self._held = ""
             return held[:first]
         keep = self._longest_partial_suffix(held)
-        self._held = held[len(held) - keep:] if keep else ""
+        self._held = held[len(held) - keep :] if keep else ""
         return held[: len(held) - keep]
 
     def flush(self) -> str:

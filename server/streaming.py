@@ -33,8 +33,13 @@ async def openai_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict]
     yield DONE
 
 
-def sse_response(events: AsyncIterator[dict], on_close, grace_period: float, keepalive_seconds: float,
-                 keepalive_comment: Callable[[], str]) -> EventSourceResponse:
+def sse_response(
+    events: AsyncIterator[dict],
+    on_close,
+    grace_period: float,
+    keepalive_seconds: float,
+    keepalive_comment: Callable[[], str],
+) -> EventSourceResponse:
     """An SSE response that calls `on_close` however it ends (done, disconnect or shutdown).
 
     Its headers go out at once, and an SSE comment (`: <keepalive_comment()>`, which clients ignore) every

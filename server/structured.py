@@ -19,17 +19,28 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
         found.append(("response_format", StructuredOutput("json_object")))
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None:
-            raise bad_request("response_format of type json_schema needs a json_schema object.",
-                              param="response_format.json_schema")
+            raise bad_request(
+                "response_format of type json_schema needs a json_schema object.", param="response_format.json_schema"
+            )
         found.append(("response_format", _json(fmt.json_schema.schema_, "response_format.json_schema.schema")))
     if body.structured_outputs is not None:
         so = body.structured_outputs
-        kinds = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
-                                                   ("grammar", so.grammar), ("json_object", so.json_object or None))
-                 if value is not None]
+        kinds = [
+            (name, value)
+            for name, value in (
+                ("json", so.json_),
+                ("regex", so.regex),
+                ("choice", so.choice),
+                ("grammar", so.grammar),
+                ("json_object", so.json_object or None),
+            )
+            if value is not None
+        ]
         if len(kinds) != 1:
-            raise bad_request("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
-                              f"got {len(kinds)}.", param="structured_outputs")
+            raise bad_request(
+                f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object; got {len(kinds)}.",
+                param="structured_outputs",
+            )
         name, value = kinds[0]
         found.append(("structured_outputs", _spec(name, value, f"structured_outputs.{name}")))
     for name in ("json", "regex", "choice", "grammar"):
@@ -37,8 +48,9 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
         if value is not None:
             found.append((f"guided_{name}", _spec(name, value, f"guided_{name}")))
     if len(found) > 1:
-        raise bad_request(f"Only one structured-output field may be given; got {', '.join(n for n, _ in found)}.",
-                          param=found[1][0])
+        raise bad_request(
+            f"Only one structured-output field may be given; got {', '.join(n for n, _ in found)}.", param=found[1][0]
+        )
     return found[0][1] if found else None
 
 

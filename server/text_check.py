@@ -20,8 +20,14 @@ def _first_invalid(value, path: str) -> str | None:
             return path
         return None
     if isinstance(value, BaseModel):
-        return next((bad for name in type(value).model_fields
-                     if (bad := _first_invalid(getattr(value, name), f"{path}.{name}" if path else name))), None)
+        return next(
+            (
+                bad
+                for name in type(value).model_fields
+                if (bad := _first_invalid(getattr(value, name), f"{path}.{name}" if path else name))
+            ),
+            None,
+        )
     if isinstance(value, (list, tuple)):
         return next((bad for i, item in enumerate(value) if (bad := _first_invalid(item, f"{path}.{i}"))), None)
     if isinstance(value, dict):
@@ -40,5 +46,8 @@ def check_text(body: BaseModel) -> None:
 
 
 def invalid_text(path: str) -> APIError:
-    return bad_request(f"Invalid value for '{path}': the text is not valid Unicode (it contains a lone UTF-16 "
-                       "surrogate such as \\ud800).", param=path)
+    return bad_request(
+        f"Invalid value for '{path}': the text is not valid Unicode (it contains a lone UTF-16 "
+        "surrogate such as \\ud800).",
+        param=path,
+    )

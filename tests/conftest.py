@@ -12,8 +12,7 @@ import torch
 from engines.base import GenerationRequest, SamplingParams
 from engines.config import EngineConfig
 from engines.torch.llm_engine import LLMEngine
-from engines.torch.loader import LoadedModel, build_core, load_model
-from engines.torch.loader import load_checkpoint
+from engines.torch.loader import LoadedModel, build_core, load_checkpoint, load_model
 
 DATA = Path(__file__).parent / "data"
 
@@ -25,8 +24,13 @@ TINY_CONFIGS = {
         model_type="llama",
         num_attention_heads=4,
         num_key_value_heads=1,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "mistral-gqa": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
     "qwen2-gqa": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
@@ -35,8 +39,14 @@ TINY_CONFIGS = {
 
 
 def make_tiny_hf_model(name: str, folder: Path):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     spec = dict(TINY_CONFIGS[name])
     model_type = spec.pop("model_type")
@@ -46,8 +56,15 @@ def make_tiny_hf_model(name: str, folder: Path):
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     }[model_type]
     config = config_cls(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024,
-        initializer_range=0.2, bos_token_id=1, eos_token_id=2, **spec,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        **spec,
     )
     torch.manual_seed(1234)
     model = model_cls(config).eval()
@@ -126,7 +143,9 @@ def check_block_accounting(core: LLMEngine) -> None:
     for bm, live in pools:
         bm.check_invariants(live)
         for seq in live:
-            assert len(seq.block_table) == -(-seq.num_computed_tokens // bm.block_size), "blocks held past the computed tokens"
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // bm.block_size), (
+                "blocks held past the computed tokens"
+            )
         if not core.live_sequences():
             assert bm.num_used == 0, "blocks leaked after all requests ended"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def assert_releases_gil(call: Callable[[], object], calls: int = 3, min_ticks: int = 5) -> None:

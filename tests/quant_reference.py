@@ -25,8 +25,9 @@ def quantize_fp8_activation(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Ten
     return (x.float() / x_scale.to(x.device)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def fp8_linear_reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                         x_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear_reference(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor
+) -> torch.Tensor:
     """y = Q(x) W^T computed by upcasting both FP8 operands to float32 (any device, any GPU).
 
     On CUDA with SM >= 89 (Ada, Hopper) Fp8Linear runs fp8_scaled_mm_linear instead: torch._scaled_mm
@@ -47,8 +48,7 @@ def _as_list(weights: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
     return [weights] if isinstance(weights, torch.Tensor) else list(weights)
 
 
-def apply_smoothing(norm_weight: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor],
-                    s: torch.Tensor):
+def apply_smoothing(norm_weight: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], s: torch.Tensor):
     """Fold s: returns (norm_weight / s, weight(s) * s along K), same structure as `weights`."""
     s = s.to(norm_weight.device)
     new_norm = (norm_weight.float() / s).to(norm_weight.dtype)

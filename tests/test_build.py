@@ -31,9 +31,19 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-chat")
     default = resolve_model(None)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     for name in TOKENIZER_FILES:
@@ -43,8 +53,16 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 
 def options(model: Path | None, output: Path, **kw) -> BuildOptions:
-    base = dict(model=str(model) if model else None, output=str(output), kv_cache_dtype="model", calib_samples=16, eval_samples=4,
-                eval_tokens=8, bench=False, progress=False)
+    base = dict(
+        model=str(model) if model else None,
+        output=str(output),
+        kv_cache_dtype="model",
+        calib_samples=16,
+        eval_samples=4,
+        eval_tokens=8,
+        bench=False,
+        progress=False,
+    )
     base.update(kw)
     return BuildOptions(**base)
 
@@ -83,8 +101,13 @@ def test_every_precision_builds_and_round_trips(engine_of, precision):
     assert not result.reused
     m = result.manifest
     assert m.schema_version == mf.SCHEMA_VERSION and m.precision == precision and m.backend == "torch"
-    assert set(m.files) >= {"weights.safetensors", "config.json", "tokenizer.json", "build-report.json",
-                               "build-report.md"}
+    assert set(m.files) >= {
+        "weights.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "build-report.json",
+        "build-report.md",
+    }
     report = json.loads((out / "build-report.json").read_text())
     assert report["accuracy"]["positions"] > 0 and 0 <= report["accuracy"]["top1_agreement"] <= 1
     assert "| precision |" in (out / "build-report.md").read_text()
@@ -93,8 +116,13 @@ def test_every_precision_builds_and_round_trips(engine_of, precision):
     loaded = load_engine_dir(EngineConfig(engine_dir=str(out), kv_cache_memory=16 << 20))
     from engines.torch.models.llama import PROJECTIONS
 
-    expected_format = {"fp32": "DenseLinear", "bf16": "DenseLinear", "int8-wo": "Int8WeightOnlyLinear",
-                       "int8-sq": "W8A8Int8Linear", "fp8": "Fp8Linear"}.get(precision, "Int4WeightOnlyLinear")
+    expected_format = {
+        "fp32": "DenseLinear",
+        "bf16": "DenseLinear",
+        "int8-wo": "Int8WeightOnlyLinear",
+        "int8-sq": "W8A8Int8Linear",
+        "fp8": "Fp8Linear",
+    }.get(precision, "Int4WeightOnlyLinear")
     for kind in PROJECTIONS:
         assert type(getattr(loaded.model.layers[0], kind)).__name__ == expected_format
 
@@ -165,8 +193,11 @@ def test_checksum_mismatch_is_refused(built_engine, tmp_path):
         load_engine_dir(EngineConfig(engine_dir=str(engine)))
 
 
-@pytest.mark.parametrize("files", ["absent", {}, {"weights.safetensors": {"bytes": 1}}],
-                         ids=["no files key", "empty files", "entry without sha256"])
+@pytest.mark.parametrize(
+    "files",
+    ["absent", {}, {"weights.safetensors": {"bytes": 1}}],
+    ids=["no files key", "empty files", "entry without sha256"],
+)
 def test_manifest_without_checksums_is_refused(built_engine, tmp_path, files):
     engine = copy_engine(built_engine, tmp_path / "e")
     (engine / "config.json").write_text((engine / "config.json").read_text() + " ")  # tampered
@@ -217,7 +248,9 @@ def test_fp8_engine_on_an_ampere_gpu_is_refused():
 
 def test_building_fp8_for_an_ampere_gpu_is_refused(tiny_chat_model, tmp_path):
     a100 = Hardware(device="cuda", name="NVIDIA A100", memory_bytes=80 << 30, sm=80)
-    with pytest.raises(BuildError, match=r"--precision fp8 is not supported on this machine: it needs a GPU with SM >= 89"):
+    with pytest.raises(
+        BuildError, match=r"--precision fp8 is not supported on this machine: it needs a GPU with SM >= 89"
+    ):
         build(options(tiny_chat_model, tmp_path / "e", precision="fp8"), hardware=a100)
 
 
@@ -226,17 +259,23 @@ def test_folder_without_manifest_is_not_an_engine(tmp_path):
         mf.load_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(calib_samples=8), "--calib-samples must be between 16 and 4096, got 8."),
-    (dict(calib_samples=5000), "--calib-samples must be between 16 and 4096, got 5000."),
-    (dict(precision="int3"), "--precision must be auto or one of"),
-    (dict(kv_cache_dtype="int4"), "--kv-cache-dtype must be one of"),
-    (dict(calibrator="mse"), "--calibrator must be one of"),
-    (dict(group_size=48), "--group-size must be a power of two"),
-    (dict(precision="nvfp4"), "--precision nvfp4 needs --backend trtllm and an NVIDIA GPU with SM >= 100; kiln's "
-     "torch engine builds fp32, bf16,"),
-    (dict(device="tpu"), "--device must be auto, cpu or cuda, got 'tpu'."),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(calib_samples=8), "--calib-samples must be between 16 and 4096, got 8."),
+        (dict(calib_samples=5000), "--calib-samples must be between 16 and 4096, got 5000."),
+        (dict(precision="int3"), "--precision must be auto or one of"),
+        (dict(kv_cache_dtype="int4"), "--kv-cache-dtype must be one of"),
+        (dict(calibrator="mse"), "--calibrator must be one of"),
+        (dict(group_size=48), "--group-size must be a power of two"),
+        (
+            dict(precision="nvfp4"),
+            "--precision nvfp4 needs --backend trtllm and an NVIDIA GPU with SM >= 100; kiln's "
+            "torch engine builds fp32, bf16,",
+        ),
+        (dict(device="tpu"), "--device must be auto, cpu or cuda, got 'tpu'."),
+    ],
+)
 def test_bad_options_fail_in_one_sentence(tmp_path, kw, message):
     with pytest.raises(BuildError, match=message.replace("(", r"\(")):
         build(options(tmp_path / "model", tmp_path / "out", **kw))
@@ -269,7 +308,9 @@ def test_cuda_asked_for_without_a_gpu_fails_in_one_sentence(tiny_chat_model, tmp
 
 
 def test_missing_model_folder_says_so(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"^Model folder '.*/nope' does not exist \(in a container: is it mounted\?\)\.$"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"^Model folder '.*/nope' does not exist \(in a container: is it mounted\?\)\.$"
+    ):
         build(options(str(tmp_path / "nope"), tmp_path / "e"))
 
 
@@ -312,20 +353,28 @@ def test_draft_of_builds_the_targets_model_at_int4_and_serves_as_its_draft(tiny_
     result = build(options(None, draft_dir, draft_of=str(built_engine)))
     m = result.manifest
     assert m.precision == "int4-awq" and m.model.source == target.model.source
-    assert m.draft_of == mf.DraftOf(engine=str(built_engine.resolve()), build_hash=target.build_hash,
-                                    model=target.model.source)
+    assert m.draft_of == mf.DraftOf(
+        engine=str(built_engine.resolve()), build_hash=target.build_hash, model=target.model.source
+    )
 
     plain = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20)
-    spec = EngineConfig(engine_dir=str(built_engine), kv_cache_memory=16 << 20, speculative_method="draft",
-                        speculative_draft=str(draft_dir))
+    spec = EngineConfig(
+        engine_dir=str(built_engine),
+        kv_cache_memory=16 << 20,
+        speculative_method="draft",
+        speculative_draft=str(draft_dir),
+    )
     want = greedy_tokens(load_engine_dir(plain), plain, PROMPTS)
     core = build_core(spec, load_engine_dir(spec))
     requests = [GenerationRequest(f"r{i}", p, greedy(12, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     assert run_to_completion(core, requests) == want
     assert core.stats().spec_draft_tokens > 0
     described = core.proposer.describe()
-    assert (described["method"], described["draft_source"], described["draft_precision"]) == \
-        ("draft", str(draft_dir), "int4-awq")
+    assert (described["method"], described["draft_source"], described["draft_precision"]) == (
+        "draft",
+        str(draft_dir),
+        "int4-awq",
+    )
     assert described["draft_kv_blocks"] == core.bm.num_blocks
 
 

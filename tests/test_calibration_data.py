@@ -56,6 +56,7 @@ def is_multi_turn(messages) -> bool:
 
 # --- the shipped files ---------------------------------------------------------------------------
 
+
 def test_default_paths_point_at_the_shipped_files(monkeypatch, tmp_path):
     monkeypatch.delenv("KILN_CALIBRATION_DIR", raising=False)
     assert default_calibration_path() == CALIBRATION_DIR / "calib.jsonl"
@@ -125,12 +126,28 @@ def test_sets_hold_non_ascii_translation_prompts(request, which, min_count):
 
 def test_sets_cover_the_task_kinds(calib):
     text = "\n".join(m["content"] for r in calib for m in r)
-    for marker in ("def ", "SELECT", "fn ", "function ", "#!/bin/bash", "JSON", "CSV", "table",
-                   "poem", "email", "Summarise", "Translate", "step by step", "Pretend", "Brainstorm"):
+    for marker in (
+        "def ",
+        "SELECT",
+        "fn ",
+        "function ",
+        "#!/bin/bash",
+        "JSON",
+        "CSV",
+        "table",
+        "poem",
+        "email",
+        "Summarise",
+        "Translate",
+        "step by step",
+        "Pretend",
+        "Brainstorm",
+    ):
         assert marker in text, marker
 
 
 # --- load_chat_requests ---------------------------------------------------------------------------
+
 
 def write_lines(tmp_path: Path, *lines: str) -> Path:
     path = tmp_path / "requests.jsonl"
@@ -144,10 +161,16 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
 def test_accepts_messages_and_prompt_lines_and_ignores_extra_keys(tmp_path):
     path = write_lines(
         tmp_path,
-        json.dumps({"model": "kiln", "temperature": 0.2, "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Why is the sky blue?", "name": "ada"},
-        ]}),
+        json.dumps(
+            {
+                "model": "kiln",
+                "temperature": 0.2,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Why is the sky blue?", "name": "ada"},
+                ],
+            }
+        ),
         "",
         "   ",
         json.dumps({"prompt": "Tell me a joke."}),
@@ -197,6 +220,7 @@ def test_missing_unreadable_and_empty_files_fail_with_one_sentence(tmp_path):
 
 # --- select_samples -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [MIN_SAMPLES - 1, 0, -5, MAX_SAMPLES + 1])
 def test_sample_count_out_of_range_is_refused(n):
     with pytest.raises(CalibrationDataError, match=rf"^--calib-samples must be between 16 and 4096, got {n}\.$"):
@@ -220,6 +244,7 @@ def test_selection_is_a_deterministic_seeded_subset_in_file_order():
 
 
 # --- render_prompts -------------------------------------------------------------------------------
+
 
 class BatchEncodingTokenizer:
     """Stands in for newer transformers, whose apply_chat_template returns a dict-like BatchEncoding."""
@@ -259,6 +284,7 @@ def test_render_with_the_default_models_chat_template(calib, default_tokenizer):
 
 
 # --- fingerprint ----------------------------------------------------------------------------------
+
 
 def test_fingerprint_follows_the_content():
     requests = [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]

@@ -68,8 +68,9 @@ def _watch(core) -> dict:
     return seen
 
 
-def _compare(tiny_models, make_engine, monkeypatch, name, prompts, max_tokens, arrivals=None, draft=False,
-             **settings) -> dict:
+def _compare(
+    tiny_models, make_engine, monkeypatch, name, prompts, max_tokens, arrivals=None, draft=False, **settings
+) -> dict:
     loaded, _ = tiny_models(name)
     plain = make_engine(loaded, loaded if draft else None, **settings)
     monkeypatch.setattr(loader, "decode_graphs", lambda config, device: True)  # CUDA's wiring, on CPU
@@ -78,8 +79,10 @@ def _compare(tiny_models, make_engine, monkeypatch, name, prompts, max_tokens, a
     results = []
     for core in (plain, padded):
         seen = _watch(core)
-        requests = [GenerationRequest(str(i), p, greedy(m, ignore_eos=True))
-                    for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+        requests = [
+            GenerationRequest(str(i), p, greedy(m, ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))
+        ]
         results.append((run_to_completion(core, requests, arrivals), seen))
     (tokens, plain_seen), (padded_tokens, padded_seen) = results
     assert padded_tokens == tokens
@@ -109,8 +112,9 @@ def test_padded_decode_matches_plain(name, kv_cache_dtype, tiny_models, make_eng
     prompts = _prompts([5, 17, 33, 2, 40, 12, 1, 30])
     max_tokens = [20, 9, 14, 25, 6, 18, 11, 15]
     arrivals = {"5": 4, "6": 4, "7": 9}
-    sizes = _compare(tiny_models, make_engine, monkeypatch, name, prompts, max_tokens, arrivals,
-                     kv_cache_dtype=kv_cache_dtype)["padded"]
+    sizes = _compare(
+        tiny_models, make_engine, monkeypatch, name, prompts, max_tokens, arrivals, kv_cache_dtype=kv_cache_dtype
+    )["padded"]
     assert {3, 5, 7} & set(sizes) and {1, 2, 4} <= set(sizes)
 
 
@@ -118,8 +122,17 @@ def test_padded_decode_with_speculation(tiny_models, make_engine, monkeypatch):
     """The model drafts for itself (every draft accepted): verification steps (k + 1 rows per sequence) run
     plainly; the draft runner's decode steps, and the target's for a last token (nothing left to draft), padded."""
     # 1 token from the prefill, 4 per verification: each request has one token left to decode plainly
-    seen = _compare(tiny_models, make_engine, monkeypatch, "llama-gqa", _prompts([6, 5, 7], seed=3), [10, 14, 6],
-                    draft=True, speculative_method="draft", num_speculative_tokens=3)
+    seen = _compare(
+        tiny_models,
+        make_engine,
+        monkeypatch,
+        "llama-gqa",
+        _prompts([6, 5, 7], seed=3),
+        [10, 14, 6],
+        draft=True,
+        speculative_method="draft",
+        num_speculative_tokens=3,
+    )
     assert 3 in seen["draft_padded"] and seen["padded"]
 
 

@@ -11,10 +11,14 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: bool) -> li
     kwargs = {} if eos else {"eos_token_id": None, "min_new_tokens": max_new_tokens}
     with torch.no_grad():
         out = hf_model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))

@@ -19,8 +19,9 @@ POISON_TOP_K = 777  # the sampler below fails on rows with this top_k, as it did
 
 @pytest.fixture
 def engine(tiny_models):
-    made = AsyncTorchEngine.from_config(EngineConfig(kv_cache_memory=16 << 20, block_size=16),
-                                        tiny_models("llama-gqa")[0])
+    made = AsyncTorchEngine.from_config(
+        EngineConfig(kv_cache_memory=16 << 20, block_size=16), tiny_models("llama-gqa")[0]
+    )
     yield made
     assert made.core.bm.num_used == 0, "blocks leaked"
 
@@ -45,8 +46,10 @@ def poisoned_sampler(monkeypatch):
 
 def test_a_request_that_breaks_sampling_fails_alone(engine, tiny_models, make_engine, monkeypatch):
     prompts = [list(range(3 + i, 40 + i)) for i in range(3)]
-    expected = run_to_completion(make_engine(tiny_models("llama-gqa")[0]),
-                                 [GenerationRequest(str(i), p, greedy(12, ignore_eos=True)) for i, p in enumerate(prompts)])
+    expected = run_to_completion(
+        make_engine(tiny_models("llama-gqa")[0]),
+        [GenerationRequest(str(i), p, greedy(12, ignore_eos=True)) for i, p in enumerate(prompts)],
+    )
     poisoned_sampler(monkeypatch)
     poison = SamplingParams(temperature=1.0, top_k=POISON_TOP_K, max_tokens=12, ignore_eos=True)
 
@@ -54,7 +57,10 @@ def test_a_request_that_breaks_sampling_fails_alone(engine, tiny_models, make_en
         await engine.start()
         results = await asyncio.gather(
             collect(engine, GenerationRequest("bad", list(range(5, 30)), poison)),
-            *(collect(engine, GenerationRequest(str(i), p, greedy(12, ignore_eos=True))) for i, p in enumerate(prompts)),
+            *(
+                collect(engine, GenerationRequest(str(i), p, greedy(12, ignore_eos=True)))
+                for i, p in enumerate(prompts)
+            ),
             return_exceptions=True,
         )
         alive = engine.is_alive
@@ -90,8 +96,13 @@ def test_a_failed_forward_fails_that_steps_requests_and_the_loop_goes_on(engine,
     assert len(asyncio.run(main())) == 4
 
 
-@pytest.mark.parametrize("error, times", [(RuntimeError("CUDA error: an illegal memory access was encountered"), 1),
-                                          (RuntimeError("a fault that does not go away"), MAX_CONSECUTIVE_STEP_FAILURES)])
+@pytest.mark.parametrize(
+    "error, times",
+    [
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), 1),
+        (RuntimeError("a fault that does not go away"), MAX_CONSECUTIVE_STEP_FAILURES),
+    ],
+)
 def test_device_errors_and_persistent_faults_kill_the_loop(engine, monkeypatch, error, times):
     def execute(chunks):
         raise error

@@ -26,7 +26,9 @@ logit_rows = st.lists(st.floats(-8, 8, allow_nan=False), min_size=4, max_size=64
 def test_top_k_samples_only_among_k_most_likely(values, k, temperature):
     logits = torch.tensor([values])
     token = sample(logits, [row(temperature=temperature, top_k=k)]).token_ids[0]
-    probs = torch.softmax(logits[0] / temperature, dim=-1)  # judged on probabilities: logits that round to one probability tie
+    probs = torch.softmax(
+        logits[0] / temperature, dim=-1
+    )  # judged on probabilities: logits that round to one probability tie
     kth = torch.topk(probs, min(k, len(values))).values[-1]
     assert probs[token] >= kth
 
@@ -120,7 +122,14 @@ def test_stop_token_ids_min_tokens_and_max_tokens(tiny_models, make_engine):
     tokens = [t for o in outs for t in o.outputs[0].new_token_ids]
     assert tokens == free[: first_hit + 1] and final.finish_reason == "stop" and final.stop_token_id == stop_at
     # min_tokens masks stop ids until reached
-    blocked = run_to_completion(core, [GenerationRequest("c", prompt, greedy(12, ignore_eos=True, stop_token_ids=[stop_at], min_tokens=first_hit + 2))])["c"][0]
+    blocked = run_to_completion(
+        core,
+        [
+            GenerationRequest(
+                "c", prompt, greedy(12, ignore_eos=True, stop_token_ids=[stop_at], min_tokens=first_hit + 2)
+            )
+        ],
+    )["c"][0]
     assert stop_at not in blocked[: first_hit + 2]
     length = run_to_completion(core, [GenerationRequest("d", prompt, greedy(5, ignore_eos=True))])["d"][0]
     assert length == free[:5]
@@ -141,8 +150,17 @@ def test_engine_logprobs_join_the_tokens(tiny_models, make_engine):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logprobs=21), dict(max_tokens=0), dict(min_p=2),
-     dict(presence_penalty=3), dict(min_tokens=20, max_tokens=10), dict(logit_bias={10**6: 1.0})],
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(n=0),
+        dict(logprobs=21),
+        dict(max_tokens=0),
+        dict(min_p=2),
+        dict(presence_penalty=3),
+        dict(min_tokens=20, max_tokens=10),
+        dict(logit_bias={10**6: 1.0}),
+    ],
 )
 def test_invalid_params_are_rejected_in_one_sentence(bad, tiny_models, make_engine):
     core = make_engine(tiny_models("llama-gqa")[0])

@@ -11,8 +11,13 @@ import torch
 
 from engines.quant.fp8 import quantize_fp8
 from engines.torch.layers import quantized
-from engines.torch.layers.quantized import (Fp8Linear, _cuda_scaled_mm_ok, _scaled_mm_supported,
-                                            fp8_scaled_mm_linear, fp8_upcast_linear)
+from engines.torch.layers.quantized import (
+    Fp8Linear,
+    _cuda_scaled_mm_ok,
+    _scaled_mm_supported,
+    fp8_scaled_mm_linear,
+    fp8_upcast_linear,
+)
 from tests.quant_reference import activation_scale, fp8_linear_reference, quantize_fp8_activation
 
 K, N = 64, 48  # multiples of 16, as CUDA's _scaled_mm requires

@@ -16,15 +16,23 @@ from engines.torch.kernels import paged_attention, rope_kv
 from engines.torch.loader import load_checkpoint
 from tests.conftest import greedy, run_to_completion
 
-pytestmark = pytest.mark.skipif(not (rope_kv.available() and paged_attention.available()),
-                                reason="the rope_kv / paged-attention kernels are unavailable")
+pytestmark = pytest.mark.skipif(
+    not (rope_kv.available() and paged_attention.available()),
+    reason="the rope_kv / paged-attention kernels are unavailable",
+)
 
 
 def _run(loaded, make_engine, cache: str):
-    scales = torch.rand(loaded.model.args.num_layers, 2, loaded.model.args.num_kv_heads,
-                        generator=torch.Generator().manual_seed(1)) * 0.05 + 0.02
-    core = make_engine(loaded, kv_cache_dtype=cache, kv_cache_scales=scales if cache == "int8" else None,
-                       max_num_batched_tokens=40)  # chunked prompts, prefills beside decodes
+    scales = (
+        torch.rand(
+            loaded.model.args.num_layers, 2, loaded.model.args.num_kv_heads, generator=torch.Generator().manual_seed(1)
+        )
+        * 0.05
+        + 0.02
+    )
+    core = make_engine(
+        loaded, kv_cache_dtype=cache, kv_cache_scales=scales if cache == "int8" else None, max_num_batched_tokens=40
+    )  # chunked prompts, prefills beside decodes
     logits = []
     execute = core.runner.execute
 
@@ -47,8 +55,13 @@ def _run(loaded, make_engine, cache: str):
 @pytest.mark.parametrize("cache", ["model", "int8", "fp8"])
 def test_fused_steps_equal_the_torch_path(tiny_models, make_engine, monkeypatch, dtype, cache):
     base = tiny_models("llama-gqa")[0]  # float32; a bf16 copy is loaded from its folder
-    loaded = base if dtype == base.dtype else dataclasses.replace(
-        base, model=load_checkpoint(base.folder, base.hf_config, dtype, base.device), dtype=dtype)
+    loaded = (
+        base
+        if dtype == base.dtype
+        else dataclasses.replace(
+            base, model=load_checkpoint(base.folder, base.hf_config, dtype, base.device), dtype=dtype
+        )
+    )
     fused_tokens, fused_logits = _run(loaded, make_engine, cache)
     monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)  # unfused
     torch_tokens, torch_logits = _run(loaded, make_engine, cache)

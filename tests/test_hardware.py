@@ -18,8 +18,9 @@ def _proc_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not Path("/proc/cpuinfo").exists(),
-                    reason="needs a Linux machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not Path("/proc/cpuinfo").exists(), reason="needs a Linux machine without a GPU"
+)
 def test_detect_reports_this_cpu():
     hw = detect()
     assert hw.device == "cpu" and hw.sm is None and hw.count == 1
@@ -44,8 +45,13 @@ def test_cpu_parsing_from_text():
 
 @pytest.mark.parametrize(
     "sm, fp8, int8_tc, bf16",
-    [(90, True, True, True), (89, True, True, True), (86, False, True, True), (80, False, True, True),
-     (75, False, False, False)],
+    [
+        (90, True, True, True),
+        (89, True, True, True),
+        (86, False, True, True),
+        (80, False, True, True),
+        (75, False, False, False),
+    ],
 )
 def test_gpu_capabilities(sm, fp8, int8_tc, bf16):
     hw = Hardware(device="cuda", name="GPU", memory_bytes=80 << 30, sm=sm, count=2)
@@ -67,8 +73,9 @@ def test_cuda_detection_through_torch(monkeypatch):
     from engines import hardware
 
     props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=81559 << 20, major=9, minor=0)
-    fake_torch = SimpleNamespace(cuda=SimpleNamespace(get_device_properties=lambda index: props,
-                                                      device_count=lambda: 8))
+    fake_torch = SimpleNamespace(
+        cuda=SimpleNamespace(get_device_properties=lambda index: props, device_count=lambda: 8)
+    )
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # NVML absent: torch alone answers
     hw = hardware._detect_cuda(fake_torch)
     assert (hw.device, hw.name, hw.sm, hw.count, hw.memory_bytes) == ("cuda", props.name, 90, 8, 81559 << 20)

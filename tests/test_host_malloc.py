@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc only")
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 # Four 12 MiB activations live at once, then freed, as in a prefill step: more than glibc's dynamic trim
 # threshold (2 x the largest freed chunk) falls free, so untuned malloc hands the heap top back each time.
@@ -41,8 +40,14 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def _probe(**env) -> tuple[bool, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "KILN_MALLOC", "GLIBC_TUNABLES"))}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=clean | env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     tuned, faults = out.stdout.split()
     return tuned == "True", int(faults)
 
@@ -56,8 +61,14 @@ def test_tuned_malloc_reuses_freed_activations():
     assert faults < pages // 50, faults
 
 
-@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "100000"}, {"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"},
-                                 {"LD_PRELOAD": "libjemalloc.so.2"}])  # (ld.so skips a missing one, with a note)
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_TRIM_THRESHOLD_": "100000"},
+        {"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"},
+        {"LD_PRELOAD": "libjemalloc.so.2"},
+    ],
+)  # (ld.so skips a missing one, with a note)
 def test_user_settings_win(env):
     tuned, _ = _probe(**env)
     assert not tuned

@@ -36,15 +36,21 @@ MODULES = _module_files()
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imported_names(module: str, path: Path) -> list[str]:
     """Every dotted name `module` imports (`from a import b` gives a.b), relative imports resolved, except
     those under `if TYPE_CHECKING:`."""
     tree = ast.parse(path.read_text(), str(path))
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
-               for child in node.body for n in ast.walk(child)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names = []
     for node in ast.walk(tree):
@@ -88,7 +94,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -102,18 +108,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_module_under_engines_imports_server():
-    offenders = sorted(f"{module} imports {name}" for module, path in MODULES.items() if module.startswith("engines")
-                       for name in _imported_names(module, path) if name.split(".")[0] == "server")
+    offenders = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.startswith("engines")
+        for name in _imported_names(module, path)
+        if name.split(".")[0] == "server"
+    )
     assert offenders == []
 
 
 def test_importing_every_engines_module_loads_no_server_module():
     """The transitive check: import every module under engines/ in a fresh interpreter, then look for `server`."""
     engines_modules = [module for module in MODULES if module.startswith("engines")]
-    script = ("import importlib, json, sys\n"
-              f"for name in {engines_modules!r}:\n"
-              "    importlib.import_module(name)\n"
-              "print(json.dumps(sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))))\n")
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {engines_modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []

@@ -94,9 +94,30 @@ def _fp32_values() -> torch.Tensor:
     high = torch.arange(1 << 16, dtype=torch.int64) << 16
     lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
     patterns = (high[:, None] | lows[None, :]).flatten()
-    specials = torch.tensor([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FA12345, 0xFFFFFFFF, 0x7FFFFFFF,
-                             0x7F800000, 0xFF800000, 0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x00008000,
-                             0x00018000, 0x7F7F8000, 0x7F7F7FFF, 0xFF7F8000], dtype=torch.int64)
+    specials = torch.tensor(
+        [
+            0x7FC00000,
+            0xFFC00000,
+            0x7F800001,
+            0xFF800001,
+            0x7FA12345,
+            0xFFFFFFFF,
+            0x7FFFFFFF,
+            0x7F800000,
+            0xFF800000,
+            0,
+            0x80000000,
+            1,
+            0x80000001,
+            0x007FFFFF,
+            0x00008000,
+            0x00018000,
+            0x7F7F8000,
+            0x7F7F7FFF,
+            0xFF7F8000,
+        ],
+        dtype=torch.int64,
+    )
     random = torch.randint(0, 1 << 32, (100_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
     all_bits = torch.cat([patterns, specials, random])
     return all_bits.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits

@@ -38,9 +38,14 @@ def _tables(lens, num_blocks, pad, gen):
 
 def _meta(tables, lens):
     lens_t = torch.tensor(lens, dtype=torch.int64)
-    return AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), num_decode_tokens=len(lens),
-                             decode_block_tables=tables, decode_context_lens=lens_t,
-                             decode_max_context=max(lens), prefills=[])
+    return AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        num_decode_tokens=len(lens),
+        decode_block_tables=tables,
+        decode_context_lens=lens_t,
+        decode_max_context=max(lens),
+        prefills=[],
+    )
 
 
 def _case(kind, dtype, heads, kv_heads, head_dim, lens, seed=0):
@@ -66,8 +71,16 @@ def _case(kind, dtype, heads, kv_heads, head_dim, lens, seed=0):
 
 def _kernel(q, cache, meta, scale):
     if isinstance(cache, KVLayer):
-        return paged_attention.decode_attention(q, cache.codes, meta.decode_block_tables, meta.decode_context_lens,
-                                                scale, cache.k_scale, cache.v_scale, cache.kind)
+        return paged_attention.decode_attention(
+            q,
+            cache.codes,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+            cache.k_scale,
+            cache.v_scale,
+            cache.kind,
+        )
     return paged_attention.decode_attention(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
 
 
@@ -141,6 +154,7 @@ def test_fp8_table_matches_torch():
     cache[1, 0, 0, 0] = codes
     one = torch.ones(1)
     q = torch.zeros(1, 1, d)
-    out = paged_attention.decode_attention(q, cache, torch.zeros(1, 1, dtype=torch.int64),
-                                           torch.ones(1, dtype=torch.int64), 1.0, one, one, "fp8")
+    out = paged_attention.decode_attention(
+        q, cache, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64), 1.0, one, one, "fp8"
+    )
     assert torch.equal(out[0, 0], expect)

@@ -17,8 +17,15 @@ H, KVH, D, NB, BS = 9, 3, 64, 48, 16
 def rope_tables(dtype):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=KVH, num_hidden_layers=1,
-                      intermediate_size=64, vocab_size=32, rope_theta=10000.0)
+    cfg = LlamaConfig(
+        hidden_size=H * D,
+        num_attention_heads=H,
+        num_key_value_heads=KVH,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vocab_size=32,
+        rope_theta=10000.0,
+    )
     model = LlamaForCausalLM(LlamaArgs.from_hf_config(cfg))
     model.init_rope(512, dtype, "cpu")
     return model.cos, model.sin
@@ -44,7 +51,9 @@ def test_rope_store_equals_the_torch_path_bit_for_bit(dtype, kind, t):
     cos, sin = rope_tables(dtype)
     qkv = (torch.randn(t, (H + 2 * KVH) * D, generator=gen) * 3).to(dtype)
     qkv[0, :5] = torch.tensor([1e4, -1e4, 0.5, -0.5, 0.0])  # clamped codes, ties, zero
-    positions = torch.tensor([0, 1, 17, 100, 255, 300, 511])[:t] if t <= 7 else torch.randint(0, 512, (t,), generator=gen)
+    positions = (
+        torch.tensor([0, 1, 17, 100, 255, 300, 511])[:t] if t <= 7 else torch.randint(0, 512, (t,), generator=gen)
+    )
     slots = torch.randperm(NB * BS, generator=gen)[:t]
     scales = torch.rand(2, KVH, generator=gen) * 0.05 + 0.01
 
@@ -58,8 +67,19 @@ def test_rope_store_equals_the_torch_path_bit_for_bit(dtype, kind, t):
     ref_cache, fused_cache = make_cache(), make_cache()
     q_ref, k_ref = torch_path(qkv, cos, sin, positions, slots, ref_cache)
     quant = isinstance(fused_cache, KVLayer)
-    q, k = rope_kv.rope_store(qkv, cos, sin, positions, slots, fused_cache.codes if quant else fused_cache,
-                              fused_cache.scales if quant else None, kind, H, KVH, return_keys=True)
+    q, k = rope_kv.rope_store(
+        qkv,
+        cos,
+        sin,
+        positions,
+        slots,
+        fused_cache.codes if quant else fused_cache,
+        fused_cache.scales if quant else None,
+        kind,
+        H,
+        KVH,
+        return_keys=True,
+    )
     assert torch.equal(q.view(bits), q_ref.contiguous().view(bits))
     assert torch.equal(k.view(bits), k_ref.contiguous().view(bits))
     ref_bytes = ref_cache.codes if quant else ref_cache.view(torch.int8)

@@ -32,8 +32,13 @@ def _requests() -> list[GenerationRequest]:
 def test_selection(monkeypatch):
     assert select_attention_backend(CPU, torch.float32, 64, reference=True) is TORCH_ATTENTION
     assert select_attention_backend(CPU, torch.float16, 64) is TORCH_ATTENTION  # no kernel takes fp16 on CPU
-    expected = (TORCH_ATTENTION if not paged_attention.available()
-                else CPP_FUSED_ATTENTION if rope_kv.available() else CPP_ATTENTION)
+    expected = (
+        TORCH_ATTENTION
+        if not paged_attention.available()
+        else CPP_FUSED_ATTENTION
+        if rope_kv.available()
+        else CPP_ATTENTION
+    )
     assert select_attention_backend(CPU, torch.bfloat16, 64) is expected
     cuda = torch.device("cuda")
     monkeypatch.setattr(triton_paged_attention, "available", lambda device: True)
@@ -73,9 +78,13 @@ def test_kernels_are_chosen_at_load_only(tiny_models, make_engine, monkeypatch):
 def test_forced_reference_decodes_the_same_tokens(name, tiny_models, make_engine, monkeypatch):
     loaded = tiny_models(name)[0]
     selected = make_engine(loaded)
-    monkeypatch.setattr(model_runner, "select_attention_backend",
-                        functools.partial(attention_backend.select_attention_backend, reference=True))
+    monkeypatch.setattr(
+        model_runner,
+        "select_attention_backend",
+        functools.partial(attention_backend.select_attention_backend, reference=True),
+    )
     reference = make_engine(loaded)
     assert reference.runner.attention is TORCH_ATTENTION
     assert run_to_completion(reference, _requests(), arrivals={"2": 3}) == run_to_completion(
-        selected, _requests(), arrivals={"2": 3})
+        selected, _requests(), arrivals={"2": 3}
+    )

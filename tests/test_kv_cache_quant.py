@@ -53,22 +53,30 @@ def _run_attention(kind: str, scales, data) -> dict[tuple[int, int], torch.Tenso
     for step in STEPS:
         decodes = [c for c in step if c[2] == 1 and c[1] > 0]
         order = decodes + [c for c in step if c not in decodes]
-        cat = lambda xs: torch.cat([xs[s][a : a + n] for s, a, n in order])  # noqa: E731
+        cat = lambda xs, order=order: torch.cat([xs[s][a : a + n] for s, a, n in order])  # noqa: E731
         slots = [int(tables[s][p // BS]) * BS + p % BS for s, a, n in order for p in range(a, a + n)]
         dec_tables = dec_lens = None
         max_ctx = 0
         if decodes:
             max_ctx = max(a + 1 for _, a, _ in decodes)
             width = -(-max_ctx // BS)
-            dec_tables = torch.stack([torch.nn.functional.pad(tables[s][:width], (0, width - len(tables[s][:width])))
-                                      for s, _, _ in decodes])
+            dec_tables = torch.stack(
+                [torch.nn.functional.pad(tables[s][:width], (0, width - len(tables[s][:width]))) for s, _, _ in decodes]
+            )
             dec_lens = torch.tensor([a + 1 for _, a, _ in decodes])
         spans, q_start = [], len(decodes)
-        for s, a, n in order[len(decodes):]:
+        for s, a, n in order[len(decodes) :]:
             spans.append(PrefillSpan(q_start, n, a + n, tables[s][: -(-(a + n) // BS)]))
             q_start += n
-        meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, dec_lens, max_ctx, spans,
-                                 backend=select_attention_backend(torch.device("cpu"), torch.float32, HEAD_DIM))
+        meta = AttentionMetadata(
+            torch.tensor(slots),
+            len(decodes),
+            dec_tables,
+            dec_lens,
+            max_ctx,
+            spans,
+            backend=select_attention_backend(torch.device("cpu"), torch.float32, HEAD_DIM),
+        )
         out = paged_attention(cat(q_all), cat(k_all), cat(v_all), layer, meta, SCALE)
         row = 0
         for s, a, n in order:
@@ -149,8 +157,9 @@ def test_attention_error_within_derived_bound(kind):
     # Exactness of the dequantization: the same attention in float64 over independently fake-quantized keys
     # and values; only float32 rounding separates them (measured 1.1e-6 int8, 9.6e-7 fp8; values are <= ~8).
     q_all, k_all, v_all, _ = data
-    sim = _reference(q_all, [_fake_quant(k, scales[0], kind) for k in k_all],
-                     [_fake_quant(v, scales[1], kind) for v in v_all])
+    sim = _reference(
+        q_all, [_fake_quant(k, scales[0], kind) for k in k_all], [_fake_quant(v, scales[1], kind) for v in v_all]
+    )
     err = max((outs[key].double() - sim[key]).abs().max().item() for key in outs)
     assert err <= 2e-5, f"{kind} cache output differs from fake-quantized attention by {err}"
 
@@ -184,8 +193,11 @@ def test_bf16_model_reads_a_quantized_cache(kind):
     scales = _amax_scales((q_all, [k.float() for k in k_all], [v.float() for v in v_all], tables), kind)
     outs = _run_attention(kind, scales[None], (q_all, k_all, v_all, tables))
     assert all(o.dtype == torch.bfloat16 for o in outs.values())
-    sim = _reference([q.float() for q in q_all], [_fake_quant(k.float(), scales[0], kind) for k in k_all],
-                     [_fake_quant(v.float(), scales[1], kind) for v in v_all])
+    sim = _reference(
+        [q.float() for q in q_all],
+        [_fake_quant(k.float(), scales[0], kind) for k in k_all],
+        [_fake_quant(v.float(), scales[1], kind) for v in v_all],
+    )
     err = max((outs[key].double() - sim[key]).abs().max().item() for key in outs)
     assert err <= 0.06, f"{kind}: {err}"
 
@@ -196,8 +208,10 @@ def test_bf16_model_reads_a_quantized_cache(kind):
 def test_same_memory_holds_2x_bf16_and_4x_float32_tokens(tiny_models, make_engine):
     loaded, _ = tiny_models("llama-gqa")  # float32
     a = loaded.model.args
-    per = {dt: KVCache.bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, dt)
-           for dt in (torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn)}
+    per = {
+        dt: KVCache.bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, dt)
+        for dt in (torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn)
+    }
     assert per[torch.bfloat16] == 2 * per[torch.int8] == 2 * per[torch.float8_e4m3fn] == per[torch.float32] // 2
     memory = 10 * per[torch.float32]
     ones = torch.ones(a.num_layers, 2, a.num_kv_heads)
@@ -215,12 +229,17 @@ def test_config_refusals(tiny_models):
     a = loaded.model.args
     with pytest.raises(ValueError, match=r"^kv_cache_dtype must be model, int8 or fp8, got 'int4'\.$"):
         EngineConfig(kv_cache_dtype="int4").validate()
-    with pytest.raises(ValueError, match=r"^an INT8 KV cache needs calibrated scales: build an engine with "
-                                         r"`kiln build --kv-cache-dtype int8`\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^an INT8 KV cache needs calibrated scales: build an engine with "
+        r"`kiln build --kv-cache-dtype int8`\.$",
+    ):
         build_core(EngineConfig(kv_cache_memory=1 << 20, kv_cache_dtype="int8"), loaded)
     with pytest.raises(ValueError, match=r"^kv_cache_scales has shape \[2, 2, 3\] but this model needs \[2, 2, 2\]"):
-        build_core(EngineConfig(kv_cache_memory=1 << 20, kv_cache_dtype="fp8",
-                                kv_cache_scales=torch.ones(a.num_layers, 2, 3)), loaded)
+        build_core(
+            EngineConfig(kv_cache_memory=1 << 20, kv_cache_dtype="fp8", kv_cache_scales=torch.ones(a.num_layers, 2, 3)),
+            loaded,
+        )
 
 
 def test_fp8_without_scales_uses_one_and_info_reports_the_dtype(tiny_models):

@@ -28,8 +28,11 @@ def test_padded_outputs_equal_unpadded_ones(prepack):
     layer = DenseLinear(torch.randn(320, 192).bfloat16(), torch.randn(320).bfloat16(), dispatch)
     for m in (9, 17, 21, 33, 47, 65, 100, 129, 300):
         x = torch.randn(m, 192).bfloat16()
-        reference = (torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
-                     if layer.packed is not None else F.linear(x, layer.weight, layer.bias))
+        reference = (
+            torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+            if layer.packed is not None
+            else F.linear(x, layer.weight, layer.bias)
+        )
         assert torch.equal(layer(x), reference), m
 
 

@@ -40,6 +40,7 @@ PROMPTS = [[1, 500, 600, 700, 800, 900], [1, 42, 4242, 31337, 7, 7, 7, 9000]]
 
 # ---- the toy architecture: everything it needs, and nothing outside this block knows about it ----
 
+
 class ToyForCausalLM(llama.LlamaForCausalLM):
     projections = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,8 +48,9 @@ class ToyForCausalLM(llama.LlamaForCausalLM):
         return layer.down_proj(silu_mul(torch.cat([layer.gate_proj(h), layer.up_proj(h)], dim=-1)))
 
 
-def read_toy_checkpoint(folder: Path, args: llama.LlamaArgs, dtype: torch.dtype,
-                        device: torch.device) -> dict[str, torch.Tensor]:
+def read_toy_checkpoint(
+    folder: Path, args: llama.LlamaArgs, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     tensors = llama.read_hf_checkpoint(folder, args, dtype, device)
     for i in range(args.num_layers):
         gate, up = tensors.pop(f"layers.{i}.gate_up_proj.weight").chunk(2)
@@ -57,16 +59,25 @@ def read_toy_checkpoint(folder: Path, args: llama.LlamaArgs, dtype: torch.dtype,
 
 
 def v_rows(args: llama.LlamaArgs) -> slice | None:
-    return slice((args.num_heads + args.num_kv_heads) * args.head_dim, None) if args.num_heads == args.num_kv_heads else None
+    return (
+        slice((args.num_heads + args.num_kv_heads) * args.head_dim, None)
+        if args.num_heads == args.num_kv_heads
+        else None
+    )
 
 
 TOY_ARCHITECTURE = dataclasses.replace(
-    llama.LLAMA, model_type=TOY, model_class=ToyForCausalLM, read_checkpoint=read_toy_checkpoint,
+    llama.LLAMA,
+    model_type=TOY,
+    model_class=ToyForCausalLM,
+    read_checkpoint=read_toy_checkpoint,
     assemble=partial(llama.assemble, model_class=ToyForCausalLM),
     topology=QuantTopology(
         norm_groups=(NormGroup("input_norm", ("qkv_proj",)), NormGroup("post_norm", ("gate_proj", "up_proj"))),
-        row_folds=(RowFold("down_proj", "up_proj", lambda args: slice(None), reciprocal=True),
-                   RowFold("o_proj", "qkv_proj", v_rows, smooth=False)),
+        row_folds=(
+            RowFold("down_proj", "up_proj", lambda args: slice(None), reciprocal=True),
+            RowFold("o_proj", "qkv_proj", v_rows, smooth=False),
+        ),
     ),
 )
 
@@ -94,9 +105,19 @@ def folders(tmp_path_factory, toy_registered) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("registry")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(root / "llama")
     default = resolve_model(None)
@@ -180,8 +201,15 @@ def test_toy_folds_along_its_topology_like_the_fused_llama(folders, precision):
 
 def test_toy_builds_a_quantized_engine_that_loads_and_generates(folders, tmp_path):
     llama_folder, toy_folder = folders
-    options = dict(precision="int8-sq", kv_cache_dtype="model", calib_samples=16, eval_samples=4, eval_tokens=8,
-                   bench=False, progress=False)
+    options = dict(
+        precision="int8-sq",
+        kv_cache_dtype="model",
+        calib_samples=16,
+        eval_samples=4,
+        eval_tokens=8,
+        bench=False,
+        progress=False,
+    )
     toy = build(BuildOptions(model=str(toy_folder), output=str(tmp_path / "toy"), **options))
     assert toy.manifest["model"]["model_type"] == TOY
     assert set(toy.manifest["weight_formats"]) == {*ToyForCausalLM.projections, "lm_head"}

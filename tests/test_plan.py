@@ -10,15 +10,30 @@ from pathlib import Path
 import pytest
 
 from engines.hardware import Hardware
-from engines.plan import (GPUS, ModelShape, PlanError, format_plan, gpu_hardware, gpu_spec, make_plan, parse_count,
-                          shape_from_config)
+from engines.plan import (
+    GPUS,
+    ModelShape,
+    PlanError,
+    format_plan,
+    gpu_hardware,
+    gpu_spec,
+    make_plan,
+    parse_count,
+    shape_from_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 
 LLAMA_70B = {  # Llama-3.1-70B's config.json, the fields that matter
-    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
     "tie_word_embeddings": False,
 }
 
@@ -71,8 +86,14 @@ def test_small_model_on_cpu_recommends_int8():
 
 
 def test_tied_embeddings_and_gqa_defaults():
-    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "vocab_size": 512, "tie_word_embeddings": True}
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+    }
     shape = shape_from_config(config)
     per_layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k, v, o (MHA) + mlp + norms
     assert shape.params == 2 * per_layer + 512 * 64 + 64
@@ -94,26 +115,45 @@ def test_parse_count():
 
 
 def _kiln(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_kiln_plan_on_a_model_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    result = _kiln("plan", "--model", str(tmp_path), "--gpu", "H100", "--gpus", "2", "--max-model-len", "8192",
-                   "--batch", "4")
+    result = _kiln(
+        "plan", "--model", str(tmp_path), "--gpu", "H100", "--gpus", "2", "--max-model-len", "8192", "--batch", "4"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("precision"))
     assert header.split()[:3] == ["precision", "weights", "KV"]
-    assert [line.split()[0] for line in lines if line.split()[:1] in (["bf16"], ["fp8"], ["int8"], ["int4"])] == \
-        ["bf16", "fp8", "int8", "int4"]
+    assert [line.split()[0] for line in lines if line.split()[:1] in (["bf16"], ["fp8"], ["int8"], ["int4"])] == [
+        "bf16",
+        "fp8",
+        "int8",
+        "int4",
+    ]
     assert "141 GB" in result.stdout and "Recommended profile: hopper-fp8" in result.stdout
 
 
 def test_kiln_plan_from_overrides():
-    result = _kiln("plan", "--params", "70e9", "--layers", "80", "--kv-heads", "8", "--head-dim", "128",
-                   "--gpu", "L40S", "--max-model-len", "4096")
+    result = _kiln(
+        "plan",
+        "--params",
+        "70e9",
+        "--layers",
+        "80",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        "128",
+        "--gpu",
+        "L40S",
+        "--max-model-len",
+        "4096",
+    )
     assert result.returncode == 0, result.stderr
     assert "140 GB" in result.stdout and "Recommended profile: any-gpu-int4-awq" in result.stdout
 

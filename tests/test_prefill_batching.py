@@ -38,8 +38,14 @@ def test_batched_prompts_equal_their_own_calls(dtype, strided):
     if strided:  # as a quantized cache's prefill hands them over: views of a [2, kv_heads, T, hd] tensor
         k, v = torch.stack((k, v)).transpose(1, 2).contiguous().transpose(1, 2)
     cache = torch.randn(2, KV_HEADS, BLOCKS, BS, HD, generator=gen).to(dtype)
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), num_decode_tokens=0,
-                             decode_block_tables=None, decode_context_lens=None, decode_max_context=0, prefills=spans)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        num_decode_tokens=0,
+        decode_block_tables=None,
+        decode_context_lens=None,
+        decode_max_context=0,
+        prefills=spans,
+    )
     out = _attend(q, k, v, cache, meta, HD**-0.5)
     for span in spans:
         rows = slice(span.q_start, span.q_start + span.q_len)

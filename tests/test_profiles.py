@@ -17,12 +17,26 @@ H100 = Hardware(device="cuda", name="H100", memory_bytes=80 * GiB, sm=90)
 L40S = Hardware(device="cuda", name="L40S", memory_bytes=48 * GiB, sm=89)
 A100_40 = Hardware(device="cuda", name="A100-40GB", memory_bytes=40 * GiB, sm=80)
 T4 = Hardware(device="cuda", name="T4", memory_bytes=16 * GiB, sm=75)
-SPR = Hardware(device="cpu", name="Xeon", memory_bytes=64 * GiB, cores=8,
-               cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}))
+SPR = Hardware(
+    device="cpu",
+    name="Xeon",
+    memory_bytes=64 * GiB,
+    cores=8,
+    cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}),
+)
 SMALL_CPU = Hardware(device="cpu", name="small", memory_bytes=8 * GiB, cpu_flags=frozenset({"avx2"}))
 
-EXPECTED = {"hopper-fp8", "ada-fp8", "ampere-int8-sq", "any-gpu-int4-awq", "gpu-bf16",
-            "cpu-int8", "cpu-int4", "cpu-bf16", "cpu-fp32"}
+EXPECTED = {
+    "hopper-fp8",
+    "ada-fp8",
+    "ampere-int8-sq",
+    "any-gpu-int4-awq",
+    "gpu-bf16",
+    "cpu-int8",
+    "cpu-int4",
+    "cpu-bf16",
+    "cpu-fp32",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +67,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-GOOD = '''name = "x"
+GOOD = """name = "x"
 description = "d"
 backend = "torch"
 precision = "int8-wo"
@@ -62,7 +76,7 @@ priority = 1
 
 [requires]
 device = "cpu"
-'''
+"""
 
 
 @pytest.mark.parametrize(

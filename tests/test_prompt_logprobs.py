@@ -73,8 +73,10 @@ def test_n_choices_and_seeds(default_model, make_engine, prompt, reference):
 
 def test_preemption(default_model, make_engine, prompt, reference):
     core = make_engine(default_model, kv_cache_memory=12 << 20, max_num_batched_tokens=32)  # ~256 tokens of KV
-    others = [GenerationRequest(f"o{i}", prompt[:40], SamplingParams(max_tokens=120, ignore_eos=True, temperature=0))
-              for i in range(3)]
+    others = [
+        GenerationRequest(f"o{i}", prompt[:40], SamplingParams(max_tokens=120, ignore_eos=True, temperature=0))
+        for i in range(3)
+    ]
     for request in others:
         core.add_request(request)
     entries = _prompt_logprobs(core, prompt)

@@ -18,7 +18,7 @@ def test_round_trip_relative_error_small_in_normal_range():
     assert w_fp8.dtype == FP8_DTYPE and scale.shape == (16, 1)
     assert torch.allclose(scale.squeeze(1), w.abs().amax(1) / 448)
     deq = dequantize_fp8(w_fp8, scale)
-    normal = (w / scale).abs() >= 2.0 ** -6  # E4M3's smallest normal
+    normal = (w / scale).abs() >= 2.0**-6  # E4M3's smallest normal
     rel = ((deq - w).abs() / w.abs())[normal]
     assert rel.max() < 0.07  # 3 mantissa bits: half an ulp is 2^-4 = 6.25%
     assert torch.isfinite(deq).all()

@@ -25,8 +25,10 @@ def test_pack_unpack_round_trip_signed_and_unsigned():
     assert pack_int4(torch.tensor([[-1, 0]], dtype=torch.int8)).item() == 0x0F
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric",
-                         [(8, None, True), (4, None, True), (4, 32, True), (4, 32, False), (8, 64, False), (3, 16, True)])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric",
+    [(8, None, True), (4, None, True), (4, 32, True), (4, 32, False), (8, 64, False), (3, 16, True)],
+)
 def test_round_trip_error_bounded_by_half_scale(w, bits, group_size, symmetric):
     qw = quantize_rtn(w, bits, group_size=group_size, symmetric=symmetric)
     assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == w.shape

@@ -44,8 +44,15 @@ class ToyHalfLinear(nn.Module):
 class ToyHalfFormat(WeightFormat):
     name = "toy-half"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         return ToyHalfLinear(take("weight_half"), bias)
 
 
@@ -79,7 +86,7 @@ class ToyHalf(Scheme):
         return {"toy_amax_max": max(ctx.collected["amax"])}
 
 
-# --- the registry entry ------------------------------------------------------------------------------------------------
+# --- the registry entry -----------------------------------------------------------------------------------------
 @pytest.fixture
 def toy_scheme():
     schemes.register(ToyHalf())
@@ -139,8 +146,10 @@ def test_toy_precision_builds_loads_and_serves(toy_scheme, tiny_chat_model, tmp_
         trt.check_gpu("toy-half", "model", 90, "H100")
 
     out = tmp_path / "engine"
-    result = build(options(tiny_chat_model, out, precision="toy-half"),
-                   Hardware(device="cpu", name="test CPU", memory_bytes=8 << 30))
+    result = build(
+        options(tiny_chat_model, out, precision="toy-half"),
+        Hardware(device="cpu", name="test CPU", memory_bytes=8 << 30),
+    )
     m = result.manifest
     assert m.precision == "toy-half" and m.calibration is not None
     assert m.weight_formats == {kind: "toy-half" for kind in PROJECTIONS} | {"lm_head": "dense"}

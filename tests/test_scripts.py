@@ -29,12 +29,15 @@ def fake_bin(tmp_path: Path, nvidia_smi_cap: str | None = None, kiln: str | None
     for tool in TOOLS:
         (bin_dir / tool).symlink_to(shutil.which(tool))
     if nvidia_smi_cap is not None:
-        write_exe(bin_dir / "nvidia-smi", f"""#!{BASH}
+        write_exe(
+            bin_dir / "nvidia-smi",
+            f"""#!{BASH}
 case "$*" in
   *compute_cap*) echo "{nvidia_smi_cap}" ;;
   *name*) echo "Fake GPU" ;;
 esac
-""")
+""",
+        )
     if kiln is not None:
         write_exe(bin_dir / "kiln", kiln)
     return bin_dir
@@ -51,15 +54,22 @@ def stub_tensorrt_llm(tmp_path: Path) -> Path:
     return tmp_path / "stub"
 
 
-def run_gpu_check(bin_dir: Path, pythonpath: Path | None = None, timeout: float = 60,
-                  **env: str) -> subprocess.CompletedProcess:
-    environ = {"PATH": str(bin_dir), "PYTHON": sys.executable, "HOME": os.environ.get("HOME", "/tmp"),
-               "TMPDIR": str(bin_dir.parent), **env}
+def run_gpu_check(
+    bin_dir: Path, pythonpath: Path | None = None, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess:
+    environ = {
+        "PATH": str(bin_dir),
+        "PYTHON": sys.executable,
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "TMPDIR": str(bin_dir.parent),
+        **env,
+    }
     if pythonpath:
         environ["PYTHONPATH"] = str(pythonpath)
     # Run from elsewhere: the script must find the repository itself.
-    return subprocess.run([BASH, str(GPU_CHECK)], capture_output=True, text=True, env=environ,
-                          cwd=bin_dir.parent, timeout=timeout)
+    return subprocess.run(
+        [BASH, str(GPU_CHECK)], capture_output=True, text=True, env=environ, cwd=bin_dir.parent, timeout=timeout
+    )
 
 
 def test_gpu_check_trtllm_syntax():
@@ -68,8 +78,9 @@ def test_gpu_check_trtllm_syntax():
 
 
 def test_gpu_check_trtllm_needs_tensorrt_llm(tmp_path):
-    assert subprocess.run([sys.executable, "-c", "import tensorrt_llm"], capture_output=True).returncode != 0, \
+    assert subprocess.run([sys.executable, "-c", "import tensorrt_llm"], capture_output=True).returncode != 0, (
         "this python has tensorrt_llm; the refusal cannot be tested here"
+    )
     result = run_gpu_check(fake_bin(tmp_path))
     assert result.returncode != 0
     assert result.stdout == ""
@@ -91,15 +102,23 @@ def test_gpu_check_trtllm_refuses_before_sm80(tmp_path):
     assert len(lines) == 1 and "SM 75" in lines[0] and "SM >= 80" in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("cap, precision, kv", [("9.0", "fp8", "fp8"), ("8.9", "fp8", "fp8"),
-                                                ("8.6", "int8-sq", "int8"), ("8.0", "int8-sq", "int8"),
-                                                ("12.0", "fp8", "fp8")])
+@pytest.mark.parametrize(
+    "cap, precision, kv",
+    [
+        ("9.0", "fp8", "fp8"),
+        ("8.9", "fp8", "fp8"),
+        ("8.6", "int8-sq", "int8"),
+        ("8.0", "int8-sq", "int8"),
+        ("12.0", "fp8", "fp8"),
+    ],
+)
 def test_gpu_check_trtllm_picks_precision_by_sm(tmp_path, cap, precision, kv):
     # A kiln whose build records its arguments and fails: the script must stop there (set -e).
     record = tmp_path / "build-args"
     kiln = f'#!{BASH}\necho "$@" > {record}\nexit 3\n'
-    result = run_gpu_check(fake_bin(tmp_path, nvidia_smi_cap=cap, kiln=kiln), stub_tensorrt_llm(tmp_path),
-                           MODEL="/models/m")
+    result = run_gpu_check(
+        fake_bin(tmp_path, nvidia_smi_cap=cap, kiln=kiln), stub_tensorrt_llm(tmp_path), MODEL="/models/m"
+    )
     assert result.returncode == 3, result.stderr
     args = record.read_text().split()
     assert args[:2] == ["build", "--backend"] and args[2] == "trtllm"
@@ -129,8 +148,9 @@ done
 exec {sys.executable} -m server.cli serve "${{args[@]}}"
 """
     port = free_port()
-    result = run_gpu_check(fake_bin(tmp_path, nvidia_smi_cap="8.9", kiln=kiln), stub_tensorrt_llm(tmp_path),
-                           timeout=900, PORT=str(port))
+    result = run_gpu_check(
+        fake_bin(tmp_path, nvidia_smi_cap="8.9", kiln=kiln), stub_tensorrt_llm(tmp_path), timeout=900, PORT=str(port)
+    )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "--precision fp8 --kv-cache-dtype fp8" in record.read_text()
     summary = result.stdout.strip().splitlines()[-1]
@@ -149,8 +169,12 @@ def free_port() -> int:
 
 def test_openai_checks_without_a_server(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # bound and released: nothing listens there now
-    result = subprocess.run([sys.executable, str(OPENAI_CHECKS), "--url", url, "--json", str(tmp_path / "out.json")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(OPENAI_CHECKS), "--url", url, "--json", str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -170,8 +194,10 @@ def test_compose_commands_and_settings_are_kilns(compose_file):
     from server.settings import ServerSettings
 
     compose = yaml.safe_load((REPO / compose_file).read_text())
-    settings = {"build": {f"KILN_{flag.upper()}" for flag in BUILD_ENV_FLAGS},
-                "serve": {f"KILN_{name.upper()}" for name in ServerSettings.model_fields}}
+    settings = {
+        "build": {f"KILN_{flag.upper()}" for flag in BUILD_ENV_FLAGS},
+        "serve": {f"KILN_{name.upper()}" for name in ServerSettings.model_fields},
+    }
     for name, service in compose["services"].items():
         dockerfile = service.get("build", {}).get("dockerfile")
         if dockerfile:
@@ -187,10 +213,29 @@ def test_compose_commands_and_settings_are_kilns(compose_file):
 def test_gpu_bench_8b_dry_run_on_cpu():
     """scripts/gpu_bench_8b.py end to end with a tiny model on the CPU: one table, bf16 and fp8 at batch 1
     and 64, every figure positive, FP8 storing fewer weight bytes."""
-    flags = ["--device", "cpu", "--layers", "2", "--hidden", "256", "--intermediate", "512", "--vocab", "1000",
-             "--heads", "4", "--kv-heads", "2", "--prompt", "32", "--steps", "8"]
-    result = subprocess.run([sys.executable, "-m", "scripts.gpu_bench_8b", *flags], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    flags = [
+        "--device",
+        "cpu",
+        "--layers",
+        "2",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "512",
+        "--vocab",
+        "1000",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--prompt",
+        "32",
+        "--steps",
+        "8",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.gpu_bench_8b", *flags], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| precision | batch | decode tok/s | ms per step | weight GB | achieved GB/s |")

@@ -55,8 +55,8 @@ def test_settings_are_immutable():
 
 def test_readme_settings_table_lists_every_setting_and_nothing_else():
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Running `kiln serve`"):]
-    section = section[:section.index("\n## ")]
+    section = readme[readme.index("## Running `kiln serve`") :]
+    section = section[: section.index("\n## ")]
     flags, variables = set(), set()
     for row in (line for line in section.splitlines() if line.startswith("| `--")):
         flag_cell, variable_cell = row.split("|")[1:3]

@@ -39,8 +39,9 @@ def int8_copy(target) -> LoadedModel:
     from engines.torch.models.llama import LlamaArgs, assemble, read_hf_checkpoint
 
     args = LlamaArgs.from_hf_config(target.hf_config)
-    q = quantize_model(read_hf_checkpoint(target.folder, args, torch.float32, target.device), args, "int8-wo", None,
-                       progress=False)
+    q = quantize_model(
+        read_hf_checkpoint(target.folder, args, torch.float32, target.device), args, "int8-wo", None, progress=False
+    )
     model = assemble(args, dict(q.tensors), q.formats, torch.float32, target.device)
     return LoadedModel(model, target.hf_config, None, "int8-copy", target.folder, torch.float32, target.device)
 
@@ -142,7 +143,10 @@ def test_stops_inside_accepted_drafts_end_the_sequence_there(spec_engine, refere
     """A stop token or max_tokens reached in the middle of the accepted drafts ends the output exactly there."""
     full = reference["1"][0]
     stop_at = 9
-    for params in (greedy(stop_at + 1, ignore_eos=True), greedy(MAX_TOKENS, ignore_eos=True, stop_token_ids=[full[stop_at]])):
+    for params in (
+        greedy(stop_at + 1, ignore_eos=True),
+        greedy(MAX_TOKENS, ignore_eos=True, stop_token_ids=[full[stop_at]]),
+    ):
         core = spec_engine("draft-same")
         got = run_to_completion(core, [GenerationRequest("1", PROMPTS[1], params)])["1"][0]
         first = full.index(full[stop_at]) if params.stop_token_ids else stop_at
@@ -179,8 +183,12 @@ def test_n_choices_and_sampling_keep_accounting(spec_engine):
 def test_seeded_sampling_is_reproducible_under_speculation(spec_engine):
     params = lambda i: SamplingParams(temperature=1.0, seed=7 + i, max_tokens=24, ignore_eos=True)  # noqa: E731
     first = run_to_completion(spec_engine("draft-int8"), _requests(PROMPTS, params))
-    second = run_to_completion(spec_engine("draft-int8"), _requests(PROMPTS[::-1], lambda i: params(len(PROMPTS) - 1 - i)))
-    assert [first[str(i)] for i in range(len(PROMPTS))] == [second[str(len(PROMPTS) - 1 - i)] for i in range(len(PROMPTS))]
+    second = run_to_completion(
+        spec_engine("draft-int8"), _requests(PROMPTS[::-1], lambda i: params(len(PROMPTS) - 1 - i))
+    )
+    assert [first[str(i)] for i in range(len(PROMPTS))] == [
+        second[str(len(PROMPTS) - 1 - i)] for i in range(len(PROMPTS))
+    ]
 
 
 def test_max_tokens_is_never_exceeded(spec_engine):
@@ -228,12 +236,25 @@ def test_draft_with_another_vocabulary_is_refused(tmp_path, target, make_engine)
 
     from engines.torch.loader import load_checkpoint
 
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     HFLlama(config).save_pretrained(tmp_path)
     cfg = AutoConfig.from_pretrained(tmp_path)
-    small = LoadedModel(load_checkpoint(tmp_path, cfg, torch.float32, target.device), cfg, None, "small", tmp_path,
-                        torch.float32, target.device)
+    small = LoadedModel(
+        load_checkpoint(tmp_path, cfg, torch.float32, target.device),
+        cfg,
+        None,
+        "small",
+        tmp_path,
+        torch.float32,
+        target.device,
+    )
     with pytest.raises(ValueError, match="does not share the target's tokenizer"):
         make_engine(target, small, speculative_method="draft")
 

@@ -23,11 +23,23 @@ def int4_draft(default_model) -> LoadedModel:
     from engines.torch.models.llama import LlamaArgs, assemble, read_hf_checkpoint
 
     args = LlamaArgs.from_hf_config(default_model.hf_config)
-    q = quantize_model(read_hf_checkpoint(default_model.folder, args, torch.float32, default_model.device), args,
-                       "int4-rtn", None, progress=False)
+    q = quantize_model(
+        read_hf_checkpoint(default_model.folder, args, torch.float32, default_model.device),
+        args,
+        "int4-rtn",
+        None,
+        progress=False,
+    )
     model = assemble(args, dict(q.tensors), q.formats, torch.float32, default_model.device)
-    return LoadedModel(model, default_model.hf_config, default_model.tokenizer, "int4-draft", default_model.folder,
-                       torch.float32, default_model.device)
+    return LoadedModel(
+        model,
+        default_model.hf_config,
+        default_model.tokenizer,
+        "int4-draft",
+        default_model.folder,
+        torch.float32,
+        default_model.device,
+    )
 
 
 def requests(prompts):
@@ -47,7 +59,9 @@ def reference(default_model, chat_prompts):
 
 
 @pytest.mark.parametrize("method", ["draft", "ngram"])
-def test_speculative_greedy_equals_plain_greedy(default_model, int4_draft, chat_prompts, reference, make_engine, method):
+def test_speculative_greedy_equals_plain_greedy(
+    default_model, int4_draft, chat_prompts, reference, make_engine, method
+):
     draft = int4_draft if method == "draft" else None
     settings = dict(kv_cache_memory=256 << 20, speculative_method=method, ngram_min=1)
     alone = make_engine(default_model, draft, **settings)
@@ -70,9 +84,15 @@ def test_a_draft_model_speculates_under_the_grammar(default_model, int4_draft, c
 
     from engines.base import StructuredOutput
 
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 60},
-                                               "confidence": {"type": "integer", "minimum": 0, "maximum": 10}},
-              "required": ["answer", "confidence"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "maxLength": 60},
+            "confidence": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
+        "required": ["answer", "confidence"],
+        "additionalProperties": False,
+    }
     params = dict(temperature=0.0, max_tokens=60, structured=StructuredOutput("json", json.dumps(schema)))
     reqs = [GenerationRequest(str(i), p, SamplingParams(**params)) for i, p in enumerate(chat_prompts[:3])]
     plain = run_to_completion(make_engine(default_model, kv_cache_memory=256 << 20), reqs)

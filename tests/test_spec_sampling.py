@@ -47,8 +47,12 @@ def exact_joint(hf_model, name: str) -> dict[tuple[int, ...], float]:
 
     joint = {(): 1.0}
     for _ in range(NUM_TOKENS):
-        joint = {prefix + (t,): mass * pt for prefix, mass in joint.items() if mass * NUM_SAMPLES >= 5
-                 for t, pt in next_dist(prefix).items()}
+        joint = {
+            prefix + (t,): mass * pt
+            for prefix, mass in joint.items()
+            if mass * NUM_SAMPLES >= 5
+            for t, pt in next_dist(prefix).items()
+        }
     return joint
 
 
@@ -67,7 +71,9 @@ def chi_square_p_value(samples: list[tuple[int, ...]], expected: dict[tuple[int,
         wanted.append(rest_exp)
     stat = sum((o - e) ** 2 / e for o, e in zip(observed, wanted))
     df = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 def sample_many(core, name: str) -> list[tuple[int, ...]]:

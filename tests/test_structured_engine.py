@@ -39,8 +39,9 @@ def _text(tokenizer, ids: list[int]) -> str:
 
 
 def _prompt(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def _run(core, prompt, **params):
@@ -62,8 +63,9 @@ def test_the_mask_keeps_allowed_logits_bit_for_bit():
     assert bool((masked[~allowed] == float("-inf")).all())
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=7, n=2)],
-                         ids=["greedy", "seeded-n2"])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=7, n=2)], ids=["greedy", "seeded-n2"]
+)
 def test_a_grammar_the_output_meets_anyway_changes_nothing(default_model, make_engine, sampling):
     prompt = _prompt(default_model.tokenizer, "Write two sentences about the sea.")
     params = dict(max_tokens=40, logprobs=3, **sampling)
@@ -97,8 +99,9 @@ def test_n_choices_with_seeds_each_follow_the_schema(default_model, make_engine)
     core = make_engine(default_model)
     out = _run(core, prompt, temperature=1.0, seed=3, n=3, max_tokens=120, structured=JSON_PERSON)
     values = [_valid(default_model.tokenizer, out[i]) for i in range(3)]
-    again = _run(make_engine(default_model), prompt, temperature=1.0, seed=3, n=3, max_tokens=120,
-                 structured=JSON_PERSON)
+    again = _run(
+        make_engine(default_model), prompt, temperature=1.0, seed=3, n=3, max_tokens=120, structured=JSON_PERSON
+    )
     assert again == out, "a seeded constrained request is reproducible"
     assert len({json.dumps(v) for v in values}) > 1, "the choices sample independently"
 
@@ -107,10 +110,17 @@ def test_grammar_requests_share_steps_with_plain_ones_and_the_prefix_cache(defau
     tok = default_model.tokenizer
     prompt = _prompt(tok, "Describe a user of a web site as JSON. " * 4)
     core = make_engine(default_model)
-    requests = [GenerationRequest("json", prompt, SamplingParams(temperature=0.0, max_tokens=120, structured=JSON_PERSON)),
-                GenerationRequest("plain", prompt, SamplingParams(temperature=0.0, max_tokens=30)),
-                GenerationRequest("choice", prompt, SamplingParams(temperature=0.0, max_tokens=10,
-                                                                   structured=StructuredOutput("choice", choices=("yes", "no"))))]
+    requests = [
+        GenerationRequest("json", prompt, SamplingParams(temperature=0.0, max_tokens=120, structured=JSON_PERSON)),
+        GenerationRequest("plain", prompt, SamplingParams(temperature=0.0, max_tokens=30)),
+        GenerationRequest(
+            "choice",
+            prompt,
+            SamplingParams(
+                temperature=0.0, max_tokens=10, structured=StructuredOutput("choice", choices=("yes", "no"))
+            ),
+        ),
+    ]
     out = run_to_completion(core, requests, arrivals={"plain": 0, "json": 1, "choice": 2})
     _valid(tok, out["json"][0])
     assert _text(tok, out["choice"][0]) in ("yes", "no")
@@ -123,8 +133,10 @@ def test_preempted_grammar_requests_recompute_and_stay_valid(default_model, make
     tok = default_model.tokenizer
     core = make_engine(default_model, kv_cache_memory=14 << 20, max_num_seqs=8)  # ~300 tokens: too few for all eight
     prompts = [_prompt(tok, f"Describe user number {i} as JSON.") for i in range(8)]
-    requests = [GenerationRequest(str(i), p, SamplingParams(temperature=0.0, max_tokens=120, structured=JSON_PERSON))
-                for i, p in enumerate(prompts)]
+    requests = [
+        GenerationRequest(str(i), p, SamplingParams(temperature=0.0, max_tokens=120, structured=JSON_PERSON))
+        for i, p in enumerate(prompts)
+    ]
     out = run_to_completion(core, requests)
     assert core.scheduler.num_preemptions > 0
     for i in range(8):
@@ -145,12 +157,15 @@ def test_speculative_drafts_are_checked_against_the_grammar(default_model, make_
         assert got == _run(make_engine(default_model), prompt, **params)
 
 
-@pytest.mark.parametrize("schema, keyword", [
-    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
-    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
-    ({"type": "string", "format": "credit-card"}, "credit-card"),
-    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "allOf"),
-])
+@pytest.mark.parametrize(
+    "schema, keyword",
+    [
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
+        ({"type": "string", "format": "credit-card"}, "credit-card"),
+        ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "allOf"),
+    ],
+)
 def test_unsupported_schema_keywords_are_named(default_model, make_engine, schema, keyword):
     core = make_engine(default_model)
     request = GenerationRequest("r", [1, 2, 3], SamplingParams(structured=StructuredOutput("json", json.dumps(schema))))

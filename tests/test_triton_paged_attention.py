@@ -54,17 +54,29 @@ def _case(kind, dtype, heads, kv_heads, lens, seed=0):
     for m in need:
         rows.append(ids[at : at + m] + [0] * (width - m))
         at += m
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64), num_decode_tokens=len(lens),
-                             decode_block_tables=torch.tensor(rows), decode_context_lens=torch.tensor(lens),
-                             decode_max_context=max(lens), prefills=[])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        num_decode_tokens=len(lens),
+        decode_block_tables=torch.tensor(rows),
+        decode_context_lens=torch.tensor(lens),
+        decode_max_context=max(lens),
+        prefills=[],
+    )
     return q, cache, meta
 
 
 def _kernel(q, cache, meta):
     if isinstance(cache, KVLayer):
-        return triton_paged_attention.decode_attention(q, cache.codes, meta.decode_block_tables,
-                                                       meta.decode_context_lens, SCALE, cache.k_scale, cache.v_scale,
-                                                       cache.kind)
+        return triton_paged_attention.decode_attention(
+            q,
+            cache.codes,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            SCALE,
+            cache.k_scale,
+            cache.v_scale,
+            cache.kind,
+        )
     return triton_paged_attention.decode_attention(q, cache, meta.decode_block_tables, meta.decode_context_lens, SCALE)
 
 

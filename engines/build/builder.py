@@ -47,8 +47,17 @@ KV_CHOICES = ("auto", "model", "int8", "fp8")
 CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
 DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)  # what --draft-of resolves comes back as a new BuildOptions (_resolve_draft_of)
@@ -74,19 +83,25 @@ class BuildOptions:
     def validate(self) -> None:
         torch_precisions = schemes.torch_names()
         if self.precision != "auto" and self.precision not in schemes.names():
-            raise BuildError(f"--precision must be auto or one of {', '.join(torch_precisions)}, got {self.precision!r}.")
+            raise BuildError(
+                f"--precision must be auto or one of {', '.join(torch_precisions)}, got {self.precision!r}."
+            )
         scheme = None if self.precision == "auto" else schemes.get(self.precision)
         if scheme is not None and not scheme.torch_build and self.backend != "trtllm":
             trtllm_sm = f" with SM >= {scheme.trtllm.min_sm}" if scheme.trtllm else ""
-            raise BuildError(f"--precision {self.precision} needs --backend trtllm and an NVIDIA GPU{trtllm_sm}; "
-                             f"kiln's torch engine builds {', '.join(torch_precisions)}.")
+            raise BuildError(
+                f"--precision {self.precision} needs --backend trtllm and an NVIDIA GPU{trtllm_sm}; "
+                f"kiln's torch engine builds {', '.join(torch_precisions)}."
+            )
         if self.kv_cache_dtype not in KV_CHOICES:
             raise BuildError(f"--kv-cache-dtype must be one of {', '.join(KV_CHOICES)}, got {self.kv_cache_dtype!r}.")
         if self.calibrator not in CALIBRATORS:
             raise BuildError(f"--calibrator must be one of {', '.join(CALIBRATORS)}, got {self.calibrator!r}.")
         if not calibration.MIN_SAMPLES <= self.calib_samples <= calibration.MAX_SAMPLES:
-            raise BuildError(f"--calib-samples must be between {calibration.MIN_SAMPLES} and "
-                             f"{calibration.MAX_SAMPLES}, got {self.calib_samples}.")
+            raise BuildError(
+                f"--calib-samples must be between {calibration.MIN_SAMPLES} and "
+                f"{calibration.MAX_SAMPLES}, got {self.calib_samples}."
+            )
         if self.group_size < 32 or self.group_size & (self.group_size - 1):
             raise BuildError(f"--group-size must be a power of two of at least 32, got {self.group_size}.")
         if self.backend not in ("torch", "trtllm"):
@@ -120,6 +135,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     from transformers import AutoConfig, AutoTokenizer
 
     from engines.torch.loader import pick_device, pick_dtype
+
     started = time.perf_counter()
     hardware = hardware or detect()
     try:
@@ -139,7 +155,8 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
 
     candidates = _candidates(options, hardware, args, hf_config)
     calib_requests = calibration.select_samples(
-        calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples)
+        calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples
+    )
     eval_requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
     build_hash = _build_hash(options, folder, candidates, hardware, calib_requests, eval_requests)
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
@@ -171,20 +188,29 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     chosen = None
     for cand in candidates:
         t0 = time.perf_counter()
-        cand.quantized = quantize_model(float_tensors, args, cand.precision, calib, options.group_size,
-                                        progress=options.progress)
+        cand.quantized = quantize_model(
+            float_tensors, args, cand.precision, calib, options.group_size, progress=options.progress
+        )
         if cand.kv_cache_dtype in ("int8", "fp8"):
             cand.kv_scales = _kv_scales(calib, options.calibrator, cand.kv_cache_dtype)
         cand.quantize_seconds = time.perf_counter() - t0
         test_dtype = _engine_dtype(cand.precision, runtime_dtype)
         model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
-        runner = SequenceRunner(model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype,
-                                kv_cache_scales=cand.kv_scales)
-        cand.accuracy = compare(ref_runner, runner, eval_prompts, answers, progress=options.progress,
-                                desc=f"evaluate {cand.precision}")
-        log.info("%s (KV %s): mean KL %.4f, top-1 %.1f%%, perplexity %.3f (reference %.3f)", cand.precision,
-                 cand.kv_cache_dtype, cand.accuracy.kl_mean, 100 * cand.accuracy.top1_agreement,
-                 cand.accuracy.perplexity, cand.accuracy.reference_perplexity)
+        runner = SequenceRunner(
+            model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype, kv_cache_scales=cand.kv_scales
+        )
+        cand.accuracy = compare(
+            ref_runner, runner, eval_prompts, answers, progress=options.progress, desc=f"evaluate {cand.precision}"
+        )
+        log.info(
+            "%s (KV %s): mean KL %.4f, top-1 %.1f%%, perplexity %.3f (reference %.3f)",
+            cand.precision,
+            cand.kv_cache_dtype,
+            cand.accuracy.kl_mean,
+            100 * cand.accuracy.top1_agreement,
+            cand.accuracy.perplexity,
+            cand.accuracy.reference_perplexity,
+        )
         del runner, model
         if options.max_accuracy_loss is None or cand.accuracy.kl_mean <= options.max_accuracy_loss:
             chosen = cand
@@ -192,16 +218,34 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         cand.quantized = None  # free it: only the chosen candidate is written
     if chosen is None:
         tried = ", ".join(f"{c.precision} {c.accuracy.kl_mean:.4f}" for c in candidates)
-        raise BuildError(f"No precision stays within --max-accuracy-loss {options.max_accuracy_loss} "
-                         f"(mean KL measured: {tried}); raise the budget or pick a precision.")
+        raise BuildError(
+            f"No precision stays within --max-accuracy-loss {options.max_accuracy_loss} "
+            f"(mean KL measured: {tried}); raise the budget or pick a precision."
+        )
 
     speeds = []
     if options.bench:
-        speeds = _measure_speed(args, chosen, hf_config, tokenizer, folder, device,
-                                _engine_dtype(chosen.precision, runtime_dtype))
+        speeds = _measure_speed(
+            args, chosen, hf_config, tokenizer, folder, device, _engine_dtype(chosen.precision, runtime_dtype)
+        )
 
-    manifest = _write_engine(output, folder, options, hardware, args, hf_config, chosen, candidates, build_hash,
-                             calib, calib_requests, calib_seconds, speeds, started, target)
+    manifest = _write_engine(
+        output,
+        folder,
+        options,
+        hardware,
+        args,
+        hf_config,
+        chosen,
+        candidates,
+        build_hash,
+        calib,
+        calib_requests,
+        calib_seconds,
+        speeds,
+        started,
+        target,
+    )
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
 
 
@@ -236,8 +280,10 @@ def _check_same_vocabulary(tokenizer, target: _DraftTarget) -> None:
 
     theirs = AutoTokenizer.from_pretrained(target.path)
     if tokenizer.get_vocab() != theirs.get_vocab():
-        raise BuildError(f"the draft model does not share the tokenizer of the engine in {target.path}; a draft "
-                         "must use the target's vocabulary.")
+        raise BuildError(
+            f"the draft model does not share the tokenizer of the engine in {target.path}; a draft "
+            "must use the target's vocabulary."
+        )
 
 
 def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[_Candidate]:
@@ -248,7 +294,9 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
         try:
             mf.check_target(options.precision, mf.Target(requires=req), hardware)
         except mf.EngineDirError as exc:
-            raise BuildError(f"--precision {options.precision} is not supported on this machine: {_sm_reason(req, hardware)}.") from exc
+            raise BuildError(
+                f"--precision {options.precision} is not supported on this machine: {_sm_reason(req, hardware)}."
+            ) from exc
         kv = _auto_kv(hardware) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
         return [_Candidate(options.precision, kv, None)]
     profiles = [p for p in load_profiles() if supported_on(p, hardware)[0] and "torch" in p.backend]
@@ -258,8 +306,12 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
         chosen: list[Profile] = [pick(hardware, params * 2, hardware.total_memory_bytes, profiles)]
     else:  # smallest weights first; among equals, the higher-priority profile
         chosen = sorted(profiles, key=lambda p: (p.weight_bytes(params * 2), -p.priority))
-    return [_Candidate(p.precision, p.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype,
-                       p.name) for p in chosen]
+    return [
+        _Candidate(
+            p.precision, p.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype, p.name
+        )
+        for p in chosen
+    ]
 
 
 def _sm_reason(req: mf.Requirements, hardware: Hardware) -> str:
@@ -280,16 +332,21 @@ def _engine_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
     return auto if runtime == "auto" else getattr(torch, runtime)
 
 
-
-
-def _build_hash(options: BuildOptions, folder: Path, candidates: list[_Candidate], hardware: Hardware,
-                calib_requests, eval_requests) -> str:
+def _build_hash(
+    options: BuildOptions, folder: Path, candidates: list[_Candidate], hardware: Hardware, calib_requests, eval_requests
+) -> str:
     key = {
-        "schema": mf.SCHEMA_VERSION, "kiln": __version__, "model": model_fingerprint(folder),
+        "schema": mf.SCHEMA_VERSION,
+        "kiln": __version__,
+        "model": model_fingerprint(folder),
         "candidates": [(c.precision, c.kv_cache_dtype, c.profile) for c in candidates],
-        "group_size": options.group_size, "calibrator": options.calibrator, "backend": options.backend,
-        "max_accuracy_loss": options.max_accuracy_loss, "eval": [options.eval_samples, options.eval_tokens],
-        "bench": options.bench, "calib": calibration.fingerprint(calib_requests),
+        "group_size": options.group_size,
+        "calibrator": options.calibrator,
+        "backend": options.backend,
+        "max_accuracy_loss": options.max_accuracy_loss,
+        "eval": [options.eval_samples, options.eval_tokens],
+        "bench": options.bench,
+        "calib": calibration.fingerprint(calib_requests),
         "eval_set": calibration.fingerprint(eval_requests),
         "target": [hardware.device, hardware.sm, sorted(hardware.cpu_flags)],
     }
@@ -312,12 +369,17 @@ def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, pr
     from engines.config import EngineConfig
     from engines.torch.loader import build_core
 
-    key = hashlib.sha256(json.dumps([model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[
+        :24
+    ]
     path = cache_dir() / "eval" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    log.info("Reference answers for %d held-out prompts (float32, greedy, up to %d tokens)", len(prompts),
-             options.eval_tokens)
+    log.info(
+        "Reference answers for %d held-out prompts (float32, greedy, up to %d tokens)",
+        len(prompts),
+        options.eval_tokens,
+    )
     config = EngineConfig(max_num_seqs=32, kv_cache_memory=256 << 20, enable_prefix_caching=False)
     core = build_core(config, _loaded(reference, hf_config, tokenizer, folder, torch.float32, device))
     answers = greedy_answers(core, prompts, options.eval_tokens)
@@ -336,8 +398,12 @@ def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device,
     model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, dtype, device)
     results = []
     for concurrency in (1, 32):
-        config = EngineConfig(max_num_seqs=64, enable_prefix_caching=False, kv_cache_dtype=cand.kv_cache_dtype,
-                              kv_cache_scales=cand.kv_scales)
+        config = EngineConfig(
+            max_num_seqs=64,
+            enable_prefix_caching=False,
+            kv_cache_dtype=cand.kv_cache_dtype,
+            kv_cache_scales=cand.kv_scales,
+        )
         core = build_core(config, _loaded(model, hf_config, tokenizer, folder, dtype, device))
         decode_speed(core, 1, args.vocab_size, new_tokens=8)  # warm-up: kernels, allocator
         results.append(decode_speed(core, concurrency, args.vocab_size))
@@ -345,9 +411,23 @@ def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device,
     return results
 
 
-def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: Hardware, args, hf_config,
-                  chosen: _Candidate, candidates: list[_Candidate], build_hash: str, calib, calib_requests,
-                  calib_seconds: float, speeds: list[dict], started: float, target: _DraftTarget | None) -> mf.Manifest:
+def _write_engine(
+    output: Path,
+    folder: Path,
+    options: BuildOptions,
+    hardware: Hardware,
+    args,
+    hf_config,
+    chosen: _Candidate,
+    candidates: list[_Candidate],
+    build_hash: str,
+    calib,
+    calib_requests,
+    calib_seconds: float,
+    speeds: list[dict],
+    started: float,
+    target: _DraftTarget | None,
+) -> mf.Manifest:
     from safetensors.torch import save_file
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -381,8 +461,15 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
         "quantize_seconds": round(chosen.quantize_seconds, 1),
         "accuracy": chosen.accuracy.to_dict(),
         "speed": speeds,
-        "candidates": [{"precision": c.precision, "kv_cache_dtype": c.kv_cache_dtype, "profile": c.profile,
-                        "kl_mean": c.accuracy.kl_mean if c.accuracy else None} for c in candidates],
+        "candidates": [
+            {
+                "precision": c.precision,
+                "kv_cache_dtype": c.kv_cache_dtype,
+                "profile": c.profile,
+                "kl_mean": c.accuracy.kl_mean if c.accuracy else None,
+            }
+            for c in candidates
+        ],
         "hardware": hardware.describe(),
         "details": chosen.quantized.details,
     }
@@ -395,24 +482,44 @@ def _write_engine(output: Path, folder: Path, options: BuildOptions, hardware: H
         build_hash=build_hash,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         backend="torch",
-        model=mf.ModelSource(source=options.model or "embedded:SmolLM2-135M-Instruct",
-                             architecture=hf_config.architectures[0] if getattr(hf_config, "architectures", None)
-                             else None, model_type=hf_config.model_type, fingerprint=model_fingerprint(folder)),
+        model=mf.ModelSource(
+            source=options.model or "embedded:SmolLM2-135M-Instruct",
+            architecture=hf_config.architectures[0] if getattr(hf_config, "architectures", None) else None,
+            model_type=hf_config.model_type,
+            fingerprint=model_fingerprint(folder),
+        ),
         precision=chosen.precision,
         profile=chosen.profile,
         weight_formats=chosen.quantized.formats,
         group_sizes=chosen.quantized.group_sizes,
         kv_cache_dtype=chosen.kv_cache_dtype,
         dtype=scheme.runtime_dtype,
-        target=mf.Target(device=hardware.device, description=hardware.describe(), sm=hardware.sm,
-                         cpu_flags=sorted(hardware.cpu_flags),
-                         requires=mf.requirements(chosen.precision, hardware.device)),
-        calibration=None if calib is None else mf.Calibration(
-            source=options.calib or "kiln:build/calibration/calib.jsonl", samples=len(calib_requests),
-            tokens=calib.num_tokens, calibrator=options.calibrator, fingerprint=calibration.fingerprint(calib_requests)),
+        target=mf.Target(
+            device=hardware.device,
+            description=hardware.describe(),
+            sm=hardware.sm,
+            cpu_flags=sorted(hardware.cpu_flags),
+            requires=mf.requirements(chosen.precision, hardware.device),
+        ),
+        calibration=None
+        if calib is None
+        else mf.Calibration(
+            source=options.calib or "kiln:build/calibration/calib.jsonl",
+            samples=len(calib_requests),
+            tokens=calib.num_tokens,
+            calibrator=options.calibrator,
+            fingerprint=calibration.fingerprint(calib_requests),
+        ),
         files=mf.checksums(tmp, files),
-        **({} if target is None else {"draft_of": mf.DraftOf(engine=target.path, build_hash=target.manifest.build_hash,
-                                                              model=target.manifest.model.source)}),
+        **(
+            {}
+            if target is None
+            else {
+                "draft_of": mf.DraftOf(
+                    engine=target.path, build_hash=target.manifest.build_hash, model=target.manifest.model.source
+                )
+            }
+        ),
     )
     mf.write_manifest(tmp, manifest)
     if output.exists():

@@ -102,8 +102,15 @@ class CalibrationResult:
 
 
 @torch.inference_mode()
-def calibrate(model: CausalLM, prompts: list[list[int]], needs: Needs, dtype: torch.dtype,
-              device: torch.device, seed: int = 0, progress: bool = True) -> CalibrationResult:
+def calibrate(
+    model: CausalLM,
+    prompts: list[list[int]],
+    needs: Needs,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationResult:
     """Run `prompts` (token ids) through `model` once, recording what `needs` asks for."""
     generator = torch.Generator().manual_seed(seed)
     rows_per_sequence = max(1, -(-SAMPLE_ROWS // max(len(prompts), 1)))

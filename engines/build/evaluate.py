@@ -39,7 +39,9 @@ def greedy_answers(core: LLMEngine, prompts: list[list[int]], max_new_tokens: in
     """The reference engine's greedy answers (stopping at EOS or max_new_tokens), all in one batch."""
     answers: dict[str, list[int]] = {}
     for i, ids in enumerate(prompts):
-        core.add_request(GenerationRequest(f"eval-{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_new_tokens)))
+        core.add_request(
+            GenerationRequest(f"eval-{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+        )
         answers[f"eval-{i}"] = []
     while core.has_work():
         for out in core.step():
@@ -49,8 +51,14 @@ def greedy_answers(core: LLMEngine, prompts: list[list[int]], max_new_tokens: in
 
 
 @torch.inference_mode()
-def compare(reference: SequenceRunner, test: SequenceRunner, prompts: list[list[int]], answers: list[list[int]],
-            progress: bool = True, desc: str = "evaluate") -> Accuracy:
+def compare(
+    reference: SequenceRunner,
+    test: SequenceRunner,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> Accuracy:
     kl_sum = nll_sum = ref_nll_sum = 0.0
     agree = positions = 0
     for prompt, answer in tqdm(list(zip(prompts, answers)), desc=desc, unit="prompt", disable=not progress):
@@ -68,6 +76,11 @@ def compare(reference: SequenceRunner, test: SequenceRunner, prompts: list[list[
         positions += len(answer)
     if positions == 0:
         raise ValueError("the reference model answered every held-out prompt with nothing; nothing to compare")
-    return Accuracy(kl_mean=kl_sum / positions, top1_agreement=agree / positions,
-                    perplexity=math.exp(nll_sum / positions), reference_perplexity=math.exp(ref_nll_sum / positions),
-                    prompts=len(prompts), positions=positions)
+    return Accuracy(
+        kl_mean=kl_sum / positions,
+        top1_agreement=agree / positions,
+        perplexity=math.exp(nll_sum / positions),
+        reference_perplexity=math.exp(ref_nll_sum / positions),
+        prompts=len(prompts),
+        positions=positions,
+    )

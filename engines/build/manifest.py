@@ -135,8 +135,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def checksums(folder: Path, names: list[str]) -> dict[str, FileEntry]:
-    return {name: FileEntry(sha256=sha256_file(folder / name), bytes=(folder / name).stat().st_size)
-            for name in sorted(names)}
+    return {
+        name: FileEntry(sha256=sha256_file(folder / name), bytes=(folder / name).stat().st_size)
+        for name in sorted(names)
+    }
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -152,8 +154,10 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     folder = Path(folder).expanduser()
     path = folder / MANIFEST
     if not path.is_file():
-        raise EngineDirError(f"{folder} is not a kiln engine directory (it has no {MANIFEST}); build one with "
-                             f"`kiln build --model MODEL --output {folder}` or serve a model folder with --model.")
+        raise EngineDirError(
+            f"{folder} is not a kiln engine directory (it has no {MANIFEST}); build one with "
+            f"`kiln build --model MODEL --output {folder}` or serve a model folder with --model."
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -162,15 +166,19 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if not isinstance(schema, int):
         raise EngineDirError(f"{path} has no schema_version; it was not written by `kiln build`.")
     if schema > SCHEMA_VERSION:
-        raise EngineDirError(f"{path} uses engine schema {schema}, newer than the {SCHEMA_VERSION} this kiln "
-                             "reads; upgrade kiln or rebuild the engine with this version.")
+        raise EngineDirError(
+            f"{path} uses engine schema {schema}, newer than the {SCHEMA_VERSION} this kiln "
+            "reads; upgrade kiln or rebuild the engine with this version."
+        )
     try:
         parsed = Manifest.model_validate(manifest)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "the top level"
-        raise EngineDirError(f"{path} is not a valid kiln engine manifest ({where}: {error['msg']}); rebuild the "
-                             "engine with `kiln build`.") from None
+        raise EngineDirError(
+            f"{path} is not a valid kiln engine manifest ({where}: {error['msg']}); rebuild the "
+            "engine with `kiln build`."
+        ) from None
     if verify:
         verify_files(folder, parsed)
     return parsed
@@ -181,20 +189,29 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
     manifest without checksums, or a file it does not list, would let altered weights be served."""
     files = manifest.files
     if not files or not all(entry.sha256 for entry in files.values()):
-        raise EngineDirError(f"{folder / MANIFEST} lists no sha256 checksum for its files, so they cannot be "
-                             "verified; rebuild the engine with `kiln build`.")
-    unlisted = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                      if path.is_file() and path.name != MANIFEST and path.relative_to(folder).as_posix() not in files)
+        raise EngineDirError(
+            f"{folder / MANIFEST} lists no sha256 checksum for its files, so they cannot be "
+            "verified; rebuild the engine with `kiln build`."
+        )
+    unlisted = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != MANIFEST and path.relative_to(folder).as_posix() not in files
+    )
     if unlisted:
-        raise EngineDirError(f"Engine file {folder / unlisted[0]} is not listed in {MANIFEST}, so it cannot be "
-                             "verified; remove it or rebuild the engine.")
+        raise EngineDirError(
+            f"Engine file {folder / unlisted[0]} is not listed in {MANIFEST}, so it cannot be "
+            "verified; remove it or rebuild the engine."
+        )
     for name, entry in files.items():
         file = folder / name
         if not file.is_file():
             raise EngineDirError(f"Engine file {file} is missing; rebuild the engine.")
         if sha256_file(file) != entry.sha256:
-            raise EngineDirError(f"Engine file {file} does not match its checksum in {MANIFEST} (altered or "
-                                 "corrupt); rebuild the engine.")
+            raise EngineDirError(
+                f"Engine file {file} does not match its checksum in {MANIFEST} (altered or "
+                "corrupt); rebuild the engine."
+            )
 
 
 def check_hardware(manifest: Manifest, hardware: Hardware) -> None:
@@ -207,9 +224,13 @@ def check_target(precision: str, target: Target, hardware: Hardware) -> None:
     built_for = target.description or "other hardware"
     device = target.requires.device
     if device != hardware.device:
-        raise EngineDirError(f"This {precision} engine was built for {device} ({built_for}) but this machine runs on "
-                             f"{hardware.device}; rebuild it here with `kiln build`.")
+        raise EngineDirError(
+            f"This {precision} engine was built for {device} ({built_for}) but this machine runs on "
+            f"{hardware.device}; rebuild it here with `kiln build`."
+        )
     min_sm = target.requires.min_sm
     if device == "cuda" and min_sm is not None and (hardware.sm or 0) < min_sm:
-        raise EngineDirError(f"This {precision} engine needs a GPU with SM >= {min_sm} but {hardware.name} is "
-                             f"SM {hardware.sm}; rebuild it with a precision this GPU supports (see `kiln profiles`).")
+        raise EngineDirError(
+            f"This {precision} engine needs a GPU with SM >= {min_sm} but {hardware.name} is "
+            f"SM {hardware.sm}; rebuild it with a precision this GPU supports (see `kiln profiles`)."
+        )

@@ -35,8 +35,12 @@ from engines.torch.models.topology import NormGroup, RowFold
 def needs_for(precision: str, kv_cache_dtype: str) -> Needs:
     """Which statistics the calibration pass must collect for this build."""
     wanted = schemes.get(precision).calibration
-    return Needs(samples="samples" in wanted, hessian="hessian" in wanted, channel_amax="channel_amax" in wanted,
-                 kv=kv_cache_dtype in ("int8", "fp8"))
+    return Needs(
+        samples="samples" in wanted,
+        hessian="hessian" in wanted,
+        channel_amax="channel_amax" in wanted,
+        kv=kv_cache_dtype in ("int8", "fp8"),
+    )
 
 
 @dataclass
@@ -107,16 +111,24 @@ def _inputs(arch: Architecture[Any], args: ModelArgs) -> tuple[LayerInput, ...]:
     changes its producer's weight, which must happen before that producer is scaled or quantized itself.
     Projections the topology does not name come last, without a producer."""
     topology = arch.topology
-    inputs = [LayerInput((f.consumer,), f if f.rows(args) is not None else None,
-                         f.smooth and f.rows(args) is not None) for f in topology.row_folds]
+    inputs = [
+        LayerInput((f.consumer,), f if f.rows(args) is not None else None, f.smooth and f.rows(args) is not None)
+        for f in topology.row_folds
+    ]
     inputs += [LayerInput(g.consumers, g, True) for g in topology.norm_groups]
     named = {kind for inp in inputs for kind in inp.consumers}
     inputs += [LayerInput((kind,), None, False) for kind in arch.projections if kind not in named]
     return tuple(inputs)
 
 
-def quantize_model(float_tensors: dict[str, torch.Tensor], args: ModelArgs, precision: str,
-                   calib: CalibrationResult | None, group_size: int = 128, progress: bool = True) -> QuantizedModel:
+def quantize_model(
+    float_tensors: dict[str, torch.Tensor],
+    args: ModelArgs,
+    precision: str,
+    calib: CalibrationResult | None,
+    group_size: int = 128,
+    progress: bool = True,
+) -> QuantizedModel:
     """Quantize every projection of `float_tensors` (float32, kiln names; not modified) of the model `args`
     describe; scales fold along its architecture's topology."""
     arch = architecture(args.model_type)
@@ -124,8 +136,9 @@ def quantize_model(float_tensors: dict[str, torch.Tensor], args: ModelArgs, prec
     store = scheme.store_dtype()
     out: dict[str, torch.Tensor] = {}
     t = float_tensors  # only read: the schemes fold scales into LayerWeights' copies
-    q = QuantizedModel(out, {kind: scheme.projection_format for kind in arch.projections}
-                       | {"lm_head": scheme.head_format})
+    q = QuantizedModel(
+        out, {kind: scheme.projection_format for kind in arch.projections} | {"lm_head": scheme.head_format}
+    )
     consumed = {"lm_head.weight"}  # written below, quantized or not
 
     def stats(name: str) -> ProjectionStats:

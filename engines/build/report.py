@@ -55,8 +55,11 @@ def write_report(path: Path, r: dict, budget: float | None) -> None:
     ]
     if len(r["candidates"]) > 1:
         lines += ["", f"Chosen as the most aggressive precision within --max-accuracy-loss {budget} (mean KL):", ""]
-        lines += [f"- {c['profile'] or c['precision']} ({c['precision']}, KV {c['kv_cache_dtype']}): "
-                  + ("not tried" if c["kl_mean"] is None else f"mean KL {c['kl_mean']:.4f}") for c in r["candidates"]]
+        lines += [
+            f"- {c['profile'] or c['precision']} ({c['precision']}, KV {c['kv_cache_dtype']}): "
+            + ("not tried" if c["kl_mean"] is None else f"mean KL {c['kl_mean']:.4f}")
+            for c in r["candidates"]
+        ]
     if r.get("details"):
         lines += ["", "Details: " + ", ".join(f"{k} {v}" for k, v in r["details"].items()) + "."]
     path.write_text("\n".join(lines) + "\n")

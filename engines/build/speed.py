@@ -18,8 +18,9 @@ PROMPT_TOKENS = 32
 NEW_TOKENS = 64
 
 
-def decode_speed(core: LLMEngine, concurrency: int, vocab_size: int, new_tokens: int = NEW_TOKENS,
-                 seed: int = 0) -> dict:
+def decode_speed(
+    core: LLMEngine, concurrency: int, vocab_size: int, new_tokens: int = NEW_TOKENS, seed: int = 0
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(concurrency):

@@ -36,8 +36,9 @@ def _output_error(gram: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> f
     return float(((d @ gram) * d).sum())
 
 
-def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 n_grid: int = 20) -> tuple[torch.Tensor, float]:
+def search_scale(
+    x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, n_grid: int = 20
+) -> tuple[torch.Tensor, float]:
     """Best s [K] and alpha for x [n, K], w [N_total, K] (all linears stacked along N)."""
     s_x = x.abs().mean(0)  # [K]
     gram = x.t() @ x  # [K, K]
@@ -54,8 +55,16 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | 
     return best_s, best_alpha
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                max_shrink: float = 0.5, n_grid: int = 20, max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+def search_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    max_shrink: float = 0.5,
+    n_grid: int = 20,
+    max_chunk_elems: int = 1 << 24,
+) -> torch.Tensor:
     """Per (row, group) shrink factor [N, G] minimising sum_samples (x_g . (w_g - Q_r(w_g)))^2."""
     wg = _grouped(w, group_size)  # [N, G, g]
     n_rows, n_groups, g = wg.shape
@@ -69,18 +78,24 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | N
     for r in ratios:
         w_hat = fake_quantize(w, bits, group_size, symmetric, clip_ratio=r).reshape(wg.shape)
         for r0 in range(0, n_rows, rows_per_chunk):
-            d = (wg[r0:r0 + rows_per_chunk] - w_hat[r0:r0 + rows_per_chunk])  # [rows, G, g]
+            d = wg[r0 : r0 + rows_per_chunk] - w_hat[r0 : r0 + rows_per_chunk]  # [rows, G, g]
             err = (torch.einsum("NGg,Ggh->NGh", d, gram) * d).sum(-1)  # [rows, G]
-            better = err < best_err[r0:r0 + rows_per_chunk]
-            best_err[r0:r0 + rows_per_chunk] = torch.where(better, err, best_err[r0:r0 + rows_per_chunk])
-            best_ratio[r0:r0 + rows_per_chunk] = torch.where(better, r, best_ratio[r0:r0 + rows_per_chunk])
+            better = err < best_err[r0 : r0 + rows_per_chunk]
+            best_err[r0 : r0 + rows_per_chunk] = torch.where(better, err, best_err[r0 : r0 + rows_per_chunk])
+            best_ratio[r0 : r0 + rows_per_chunk] = torch.where(better, r, best_ratio[r0 : r0 + rows_per_chunk])
     return best_ratio
 
 
 @torch.no_grad()
-def awq_quantize(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], bits: int = 4,
-                 group_size: int | None = 128, symmetric: bool = False, n_grid: int = 20,
-                 clip: bool = True) -> AWQResult:
+def awq_quantize(
+    x: torch.Tensor,
+    weights: torch.Tensor | Sequence[torch.Tensor],
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    n_grid: int = 20,
+    clip: bool = True,
+) -> AWQResult:
     """AWQ for calibration inputs x [..., K] and weight(s) [N_i, K] that all read x."""
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     k = ws[0].shape[1]
@@ -92,8 +107,11 @@ def awq_quantize(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor]
     qweights, clip_ratios = [], []
     for w in ws:
         w_s = w.float() * s
-        ratio = search_clip(x_s, w_s, bits, group_size, symmetric, n_grid=n_grid) if clip else \
-            torch.ones(w.shape[0], 1 if group_size is None else k // group_size, device=w.device)
+        ratio = (
+            search_clip(x_s, w_s, bits, group_size, symmetric, n_grid=n_grid)
+            if clip
+            else torch.ones(w.shape[0], 1 if group_size is None else k // group_size, device=w.device)
+        )
         qweights.append(quantize_rtn(w_s, bits, group_size, symmetric, clip_ratio=ratio))
         clip_ratios.append(ratio)
     return AWQResult(scales=s, qweights=qweights, alpha=alpha, clip_ratios=clip_ratios)

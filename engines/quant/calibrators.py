@@ -45,7 +45,8 @@ def entropy(samples: Samples, bins: int = 2048, num_quant_bins: int = 128) -> fl
     Builds a `bins`-bin histogram of |x| over [0, max|x|]. For each candidate threshold bin i
     (num_quant_bins..bins) the reference distribution P is hist[:i] with the clipped tail folded into
     its last bin; Q is hist[:i] (tail not folded) merged into num_quant_bins levels and spread back
-    uniformly over the non-empty bins, so KL(P || Q) charges both rounding and clipping. Returns the edge of the i minimising KL(P || Q). Use num_quant_bins=128 for signed int8
+    uniformly over the non-empty bins, so KL(P || Q) charges both rounding and clipping. Returns the edge of the i
+    minimising KL(P || Q). Use num_quant_bins=128 for signed int8
     (|x| uses 7 bits), 255 for unsigned.
     """
     x = _flat_abs(samples)

@@ -23,9 +23,18 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, x: torch.Tensor | None = None, *, h: torch.Tensor | None = None,
-                  bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
-                  act_order: bool = False, blocksize: int = 128, percdamp: float = 0.01) -> QuantizedWeight:
+def gptq_quantize(
+    w: torch.Tensor,
+    x: torch.Tensor | None = None,
+    *,
+    h: torch.Tensor | None = None,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    act_order: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> QuantizedWeight:
     """GPTQ-quantize w [N, K] given calibration inputs x [n, K] (or a precomputed Hessian h [K, K]).
 
     With act_order and groups the groups follow the permuted order, so the result carries g_idx

@@ -57,8 +57,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return q * scale
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                  clip_ratio: torch.Tensor | float | None = None) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip_ratio: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """quantize-then-dequantize in float32, same layout rules as quantize_rtn (used by AWQ's searches).
 
     clip_ratio, when a tensor, is shaped like the scales: [N, K // group_size] or [N, 1].
@@ -84,8 +85,13 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
-                 clip_ratio: torch.Tensor | float | None = None) -> QuantizedWeight:
+def quantize_rtn(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip_ratio: torch.Tensor | float | None = None,
+) -> QuantizedWeight:
     """Round-to-nearest quantization of an [N, K] weight, per output channel or group-wise along K."""
     wg = _grouped(w, group_size)  # [N, G, g]
     if isinstance(clip_ratio, torch.Tensor):

@@ -16,8 +16,7 @@ import torch
 _MIN_SCALE = 1e-5
 
 
-def smooth_scales(act_amax: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor],
-                  alpha: float) -> torch.Tensor:
+def smooth_scales(act_amax: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """s [K] from per-channel activation amax [K] and weight(s) [N, K] sharing that input."""
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     # w_amax: [K], max over every output row of every linear fed by this input

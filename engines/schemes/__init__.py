@@ -16,8 +16,21 @@ from engines.schemes.int8_sq import Int8SmoothQuant
 from engines.schemes.int8_wo import Int8WeightOnly
 from engines.schemes.nvfp4 import Nvfp4
 
-__all__ = ["CALIBRATION_STATISTICS", "LayerResult", "QuantizeContext", "Scheme", "TrtllmMapping", "UnknownScheme",
-           "get", "names", "register", "schemes", "torch_names", "trtllm_names", "unregister"]
+__all__ = [
+    "CALIBRATION_STATISTICS",
+    "LayerResult",
+    "QuantizeContext",
+    "Scheme",
+    "TrtllmMapping",
+    "UnknownScheme",
+    "get",
+    "names",
+    "register",
+    "schemes",
+    "torch_names",
+    "trtllm_names",
+    "unregister",
+]
 
 _REGISTRY: dict[str, Scheme] = {}
 
@@ -78,6 +91,5 @@ def trtllm_names() -> tuple[str, ...]:
     return tuple(s.name for s in _REGISTRY.values() if s.trtllm is not None)
 
 
-for _scheme in (Fp32(), Bf16(), Fp8(), Int8WeightOnly(), Int8SmoothQuant(), Int4Rtn(), Int4Awq(), Int4Gptq(),
-                Nvfp4()):
+for _scheme in (Fp32(), Bf16(), Fp8(), Int8WeightOnly(), Int8SmoothQuant(), Int4Rtn(), Int4Awq(), Int4Gptq(), Nvfp4()):
     register(_scheme)

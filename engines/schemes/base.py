@@ -81,7 +81,9 @@ class Scheme:
     torch_build: ClassVar[bool] = True  # False: only TensorRT-LLM builds it
     family: ClassVar[str]  # what `kiln plan` groups it under: "bf16", "fp8", "int8", "int4"...
     plan_row: ClassVar[bool] = False  # this scheme stands for its family in `kiln plan`'s table
-    formats: ClassVar[tuple[WeightFormat, ...]] = ()  # stored formats this scheme brings (the built-in ones are in formats.py)
+    formats: ClassVar[
+        tuple[WeightFormat, ...]
+    ] = ()  # stored formats this scheme brings (the built-in ones are in formats.py)
 
     def bytes_per_param(self, group_size: int) -> float:
         """Stored bytes per weight. Per-channel scales are negligible (one per row); a grouped scheme keeps

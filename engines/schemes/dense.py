@@ -18,8 +18,10 @@ class _Dense(Scheme):
     def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.torch.layers import formats as fmt
 
-        return {kind: LayerResult(fmt.encode_dense(layer.name(kind), w, layer.bias(kind), ctx.store))
-                for kind, w in layer.weights.items()}
+        return {
+            kind: LayerResult(fmt.encode_dense(layer.name(kind), w, layer.bias(kind), ctx.store))
+            for kind, w in layer.weights.items()
+        }
 
 
 class Fp32(_Dense):

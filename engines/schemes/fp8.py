@@ -26,6 +26,9 @@ class Fp8(Scheme):
         from engines.quant.fp8 import quantize_fp8
         from engines.torch.layers import formats as fmt
 
-        return {kind: LayerResult(fmt.encode_fp8(layer.name(kind), *quantize_fp8(w, per_channel=True),
-                                                 layer.bias(kind), ctx.store))
-                for kind, w in layer.weights.items()}
+        return {
+            kind: LayerResult(
+                fmt.encode_fp8(layer.name(kind), *quantize_fp8(w, per_channel=True), layer.bias(kind), ctx.store)
+            )
+            for kind, w in layer.weights.items()
+        }

@@ -28,8 +28,10 @@ def effective_group_size(k: int, group_size: int) -> int:
         if k % g == 0:
             return g
         g //= 2
-    raise ValueError(f"No group size between {MIN_GROUP_SIZE} and {group_size} divides the input size {k}; "
-                     "pick another --group-size.")
+    raise ValueError(
+        f"No group size between {MIN_GROUP_SIZE} and {group_size} divides the input size {k}; "
+        "pick another --group-size."
+    )
 
 
 class _Int4(Scheme):
@@ -43,9 +45,12 @@ class _Int4(Scheme):
         from engines.torch.layers import formats as fmt
 
         qws = self.quantize_weights(layer, ctx)
-        return {kind: LayerResult(fmt.encode_int4(layer.name(kind), qws[kind], layer.bias(kind), ctx.store),
-                                  qws[kind].group_size)
-                for kind in layer.weights}
+        return {
+            kind: LayerResult(
+                fmt.encode_int4(layer.name(kind), qws[kind], layer.bias(kind), ctx.store), qws[kind].group_size
+            )
+            for kind in layer.weights
+        }
 
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         raise NotImplementedError
@@ -58,16 +63,19 @@ class Int4Rtn(_Int4):
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.rtn import quantize_rtn
 
-        return {kind: quantize_rtn(w, 4, effective_group_size(w.shape[1], ctx.group_size), False)
-                for kind, w in layer.weights.items()}
+        return {
+            kind: quantize_rtn(w, 4, effective_group_size(w.shape[1], ctx.group_size), False)
+            for kind, w in layer.weights.items()
+        }
 
 
 class Int4Awq(_Int4):
     name = "int4-awq"
     calibration = frozenset({"samples"})
     plan_row = True
-    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_AWQ", min_sm=80, calibrated=True,
-                                                           grouped=True)
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
+        quant_algo="W4A16_AWQ", min_sm=80, calibrated=True, grouped=True
+    )
 
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.awq import awq_quantize, search_clip
@@ -96,12 +104,20 @@ class Int4Awq(_Int4):
 class Int4Gptq(_Int4):
     name = "int4-gptq"
     calibration = frozenset({"hessian"})
-    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16_GPTQ", min_sm=80, calibrated=True,
-                                                           grouped=True)
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
+        quant_algo="W4A16_GPTQ", min_sm=80, calibrated=True, grouped=True
+    )
 
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.gptq import gptq_quantize
 
-        return {kind: gptq_quantize(w, h=ctx.stats(layer.name(kind)).hessian_mean(), bits=4,
-                                    group_size=effective_group_size(w.shape[1], ctx.group_size), symmetric=False)
-                for kind, w in layer.weights.items()}
+        return {
+            kind: gptq_quantize(
+                w,
+                h=ctx.stats(layer.name(kind)).hessian_mean(),
+                bits=4,
+                group_size=effective_group_size(w.shape[1], ctx.group_size),
+                symmetric=False,
+            )
+            for kind, w in layer.weights.items()
+        }

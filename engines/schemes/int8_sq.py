@@ -28,7 +28,8 @@ class Int8SmoothQuant(Scheme):
     min_sm = 80  # INT8 tensor cores: Ampere
     sm_reason = "INT8 tensor cores"
     trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
-        quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True, quant_config={"smoothquant_val": ALPHA})
+        quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True, quant_config={"smoothquant_val": ALPHA}
+    )
 
     def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.quant.smoothquant import quantize_w8a8, smooth_scales

@@ -21,5 +21,7 @@ class Int8WeightOnly(Scheme):
         from engines.quant.rtn import quantize_rtn
         from engines.torch.layers import formats as fmt
 
-        return {kind: LayerResult(fmt.encode_int8(layer.name(kind), quantize_rtn(w, 8), layer.bias(kind), ctx.store))
-                for kind, w in layer.weights.items()}
+        return {
+            kind: LayerResult(fmt.encode_int8(layer.name(kind), quantize_rtn(w, 8), layer.bias(kind), ctx.store))
+            for kind, w in layer.weights.items()
+        }

@@ -49,7 +49,9 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per new token
-    num_decode_tokens: int  # the first num_decode_tokens tokens are decode rows, row i attending to decode_context_lens[i] tokens
+    num_decode_tokens: (
+        int  # the first num_decode_tokens tokens are decode rows, row i attending to decode_context_lens[i] tokens
+    )
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
     decode_max_context: int
@@ -101,19 +103,37 @@ class KVLayer:
         return codes
 
 
-def fused_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor | KVLayer,
-                    meta: AttentionMetadata, scale: float, heads: int, kv_heads: int) -> torch.Tensor:
+def fused_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor | KVLayer,
+    meta: AttentionMetadata,
+    scale: float,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
     """RoPE, the cache write and attention from the QKV projection's output, RoPE and the write in one C++ op
     instead of ~25 (same bits as the torch path); a decode-only step then takes one more op. Returns
     [T, heads, head_dim]."""
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
     cache = quant.codes if quant else kv_cache
-    args = (qkv, cos, sin, meta.positions, meta.slot_mapping, cache, quant.scales if quant else None,
-            quant.kind if quant else "model", heads, kv_heads)
+    args = (
+        qkv,
+        cos,
+        sin,
+        meta.positions,
+        meta.slot_mapping,
+        cache,
+        quant.scales if quant else None,
+        quant.kind if quant else "model",
+        heads,
+        kv_heads,
+    )
     if not meta.prefills:
         return _decode(rope_kv.rope_store(*args), kv_cache, meta, scale)
     q, k = rope_kv.rope_store(*args, return_keys=True)
-    v = qkv[:, (heads + kv_heads) * q.shape[-1]:].view(qkv.shape[0], kv_heads, q.shape[-1])
+    v = qkv[:, (heads + kv_heads) * q.shape[-1] :].view(qkv.shape[0], kv_heads, q.shape[-1])
     if quant:  # prefill attends to what the cache holds for its own chunk: the codes just written
         codes = quant.codes.flatten(2, 3).index_select(2, meta.slot_mapping)  # [2, kvh, T, hd]
         k, v = quant.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
@@ -144,8 +164,9 @@ def paged_attention(
     return _attend(q, k, v, kv_cache, meta, scale)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Attention of a step whose keys and values are in the cache; k, v: the prefill chunks' own (rotated,
     as the cache holds them), for SDPA without a gather when a chunk has no cached prefix."""
     nd = meta.num_decode_tokens
@@ -172,8 +193,13 @@ def _fresh_runs(spans: list[PrefillSpan]) -> list[list[PrefillSpan]]:
     groups: list[list[PrefillSpan]] = []
     for span in spans:
         last = groups[-1][-1] if groups else None
-        if (last is not None and span.ctx_len == span.q_len and last.ctx_len == last.q_len
-                and span.q_len == last.q_len and span.q_start == last.q_start + last.q_len):
+        if (
+            last is not None
+            and span.ctx_len == span.q_len
+            and last.ctx_len == last.q_len
+            and span.q_len == last.q_len
+            and span.q_start == last.q_start + last.q_len
+        ):
             groups[-1].append(span)
         else:
             groups.append([span])
@@ -182,11 +208,13 @@ def _fresh_runs(spans: list[PrefillSpan]) -> list[list[PrefillSpan]]:
 
 def _prefill_batch(q, k, v, n: int, scale: float) -> torch.Tensor:
     """n whole prompts of one length laid end to end ([n * L, heads, hd]), each attending causally to itself."""
+
     def batched(x: torch.Tensor) -> torch.Tensor:  # [n * L, h, hd] -> [n, h, L, hd]
         return x.view(n, x.shape[0] // n, *x.shape[1:]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), is_causal=True, scale=scale,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        batched(q), batched(k), batched(v), is_causal=True, scale=scale, enable_gqa=True
+    )
     return out.transpose(1, 2).reshape(q.shape)
 
 
@@ -204,8 +232,16 @@ def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) ->
     if kernel is None:
         return _decode_reference(q, kv_cache, meta, scale)
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
-    return kernel(q, quant.codes if quant else kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-                  quant.k_scale if quant else None, quant.v_scale if quant else None, quant.kind if quant else "model")
+    return kernel(
+        q,
+        quant.codes if quant else kv_cache,
+        meta.decode_block_tables,
+        meta.decode_context_lens,
+        scale,
+        quant.k_scale if quant else None,
+        quant.v_scale if quant else None,
+        quant.kind if quant else "model",
+    )
 
 
 def _decode_reference(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

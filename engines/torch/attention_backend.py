@@ -15,8 +15,8 @@ AttentionBackend to every step through AttentionMetadata; no layer asks a kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -24,8 +24,10 @@ from engines.torch.kernels import paged_attention, rope_kv, triton_paged_attenti
 
 # (q [B, H, D], cache [2, KVH, NB, BS, D] (int8 view of a quantized cache), block_tables [B, W], context_lens [B],
 #  scale, k_scale [KVH] | None, v_scale [KVH] | None, kind "model" | "int8" | "fp8") -> [B, H, D] in q's dtype
-DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None,
-                         torch.Tensor | None, str], torch.Tensor]
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None, torch.Tensor | None, str],
+    torch.Tensor,
+]
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,20 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256  # one tile of registers (triton_paged_attention.supports)
 
 
-def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int, *,
-                             reference: bool = False) -> AttentionBackend:
+def select_attention_backend(
+    device: torch.device, dtype: torch.dtype, head_dim: int, *, reference: bool = False
+) -> AttentionBackend:
     """The fastest backend that runs a model of `dtype` and `head_dim` on `device` here (compiling the CPU
     kernels on first use); reference=True: the torch path whatever is available."""
     if reference:
         return TORCH_ATTENTION
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and paged_attention.available():
         return CPP_FUSED_ATTENTION if rope_kv.available() else CPP_ATTENTION
-    if (device.type == "cuda" and dtype in _TRITON_DTYPES and head_dim <= _TRITON_MAX_HEAD_DIM
-            and triton_paged_attention.available(device)):
+    if (
+        device.type == "cuda"
+        and dtype in _TRITON_DTYPES
+        and head_dim <= _TRITON_MAX_HEAD_DIM
+        and triton_paged_attention.available(device)
+    ):
         return TRITON_ATTENTION
     return TORCH_ATTENTION

@@ -92,7 +92,8 @@ class BlockManager:
                 self.free_ids.append(block_id)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give `seq` the blocks for its next `num_new_tokens` tokens; False (and nothing taken) if the pool is short."""
+        """Give `seq` the blocks for its next `num_new_tokens` tokens; False (and nothing taken) if the pool is
+        short."""
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > self.num_available:
             return False

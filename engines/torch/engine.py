@@ -8,8 +8,8 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
 
 import torch
 
@@ -43,8 +43,14 @@ MAX_CONSECUTIVE_STEP_FAILURES = 8
 WARM_UP_PROMPT_TOKENS = 8
 WARM_UP_MAX_TOKENS = 4
 # Errors after which the device cannot be trusted with any request: the loop dies and the server exits.
-_DEVICE_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access",
-                         "NCCL error")
+_DEVICE_ERROR_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "device-side assert",
+    "illegal memory access",
+    "NCCL error",
+)
 
 
 def is_device_error(exc: BaseException) -> bool:
@@ -55,10 +61,16 @@ def _built_engine(manifest: Manifest | None) -> BuiltEngine | None:
     """What /v1/metadata says about a built engine (None when serving a plain model folder)."""
     if manifest is None:
         return None
-    return BuiltEngine(precision=manifest.precision, kv_cache_dtype=manifest.kv_cache_dtype, created=manifest.created,
-                       kiln_version=manifest.kiln_version, built_for=manifest.target.description,
-                       profile=manifest.profile, weight_formats=manifest.weight_formats,
-                       build_hash=manifest.build_hash)
+    return BuiltEngine(
+        precision=manifest.precision,
+        kv_cache_dtype=manifest.kv_cache_dtype,
+        created=manifest.created,
+        kiln_version=manifest.kiln_version,
+        built_for=manifest.target.description,
+        profile=manifest.profile,
+        weight_formats=manifest.weight_formats,
+        build_hash=manifest.build_hash,
+    )
 
 
 def _speculation(core: LLMEngine) -> SpeculationInfo | None:
@@ -114,14 +126,18 @@ class AsyncTorchEngine(Engine):
 
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens of capacity (%s, %.0f MiB); max_model_len %d",
-            core.bm.num_blocks, core.bm.block_size, self._info.kv_capacity_tokens, self._info.kv_cache_dtype,
-            runner_bytes(core) / 2**20, core.max_model_len,
+            core.bm.num_blocks,
+            core.bm.block_size,
+            self._info.kv_capacity_tokens,
+            self._info.kv_cache_dtype,
+            runner_bytes(core) / 2**20,
+            core.max_model_len,
         )
         if core.proposer is not None:
             log.info("Speculative decoding: %s", self._info.details.speculative)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> "AsyncTorchEngine":
+    def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> AsyncTorchEngine:
         loaded = loaded or load_model(config)
         return cls(build_core(config, loaded), loaded, config)
 

@@ -95,8 +95,13 @@ def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xg
     for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
         if added.special and token_id < len(vocab):
             vocab[token_id] = b""
-    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids,
-                             add_prefix_space=info.add_prefix_space)
+    return xgr.TokenizerInfo(
+        vocab,
+        xgr.VocabType.RAW,
+        vocab_size=vocab_size,
+        stop_token_ids=stop_token_ids,
+        add_prefix_space=info.add_prefix_space,
+    )
 
 
 def choice_grammar(choices: tuple[str, ...]) -> str:

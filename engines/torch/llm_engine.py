@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -250,8 +250,11 @@ class LLMEngine:
             if seq.num_uncomputed != 1 or seq.num_computed_tokens == 0 or not seq.request.speculative:
                 continue
             # the step may emit k + 1 tokens; none past max_tokens or the context length
-            k = min(self.num_speculative_tokens, seq.params.max_tokens - seq.num_generated - 1,
-                    self.max_model_len - seq.num_tokens)
+            k = min(
+                self.num_speculative_tokens,
+                seq.params.max_tokens - seq.num_generated - 1,
+                self.max_model_len - seq.num_tokens,
+            )
             if k > 0:
                 seqs.append(seq)
                 ks.append(k)

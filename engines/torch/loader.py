@@ -13,9 +13,9 @@ from engines.config import EngineConfig, default_batched_tokens
 from engines.model_source import model_display_name, resolve_model
 from engines.torch import host_malloc
 from engines.torch.block_manager import BlockManager
-from engines.torch.llm_engine import LLMEngine
 from engines.torch.grammar import Grammars
 from engines.torch.layers.linear import DenseLinear
+from engines.torch.llm_engine import LLMEngine
 from engines.torch.model_runner import KVCache, ModelRunner
 from engines.torch.models.protocol import CausalLM
 from engines.torch.models.registry import architecture
@@ -102,8 +102,9 @@ def load_engine_dir(config: EngineConfig) -> LoadedModel:
     arch = architecture(hf_config.model_type)
     model = arch.assemble(arch.args_from_config(hf_config), tensors, manifest.weight_formats, dtype, device)
     name = config.served_model_name or manifest.served_model_name or _engine_model_name(manifest, folder)
-    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, manifest, manifest.kv_cache_dtype,
-                       scales)
+    return LoadedModel(
+        model, hf_config, tokenizer, name, folder, dtype, device, manifest, manifest.kv_cache_dtype, scales
+    )
 
 
 def load_checkpoint(folder: Path, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -184,27 +185,49 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
         torch.set_num_threads(config.num_threads)
     loaded.model.init_rope(max_model_len, loaded.dtype, loaded.device)
     graphs = decode_graphs(config, loaded.device)
-    kv_cache = KVCache(args.num_layers, num_blocks, config.block_size, args.num_kv_heads, args.head_dim, loaded.dtype,
-                       loaded.device, kv_cache_dtype, kv_scales, scratch_block=graphs)
+    kv_cache = KVCache(
+        args.num_layers,
+        num_blocks,
+        config.block_size,
+        args.num_kv_heads,
+        args.head_dim,
+        loaded.dtype,
+        loaded.device,
+        kv_cache_dtype,
+        kv_scales,
+        scratch_block=graphs,
+    )
     bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     budget = config.max_num_batched_tokens or default_batched_tokens(loaded.device)
     scheduler = Scheduler(bm, config.max_num_seqs, budget)
-    runner = ModelRunner(loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len,
-                         graphs)
+    runner = ModelRunner(
+        loaded.model, kv_cache, config.block_size, loaded.device, config.max_num_seqs, max_model_len, graphs
+    )
     log_kernels(runner)
     proposer = make_proposer(config, loaded, draft, num_blocks, max_model_len)
     eos = eos_token_ids(loaded)
-    return LLMEngine(runner, bm, scheduler, eos, args.vocab_size, max_model_len,
-                     proposer, config.num_speculative_tokens if proposer else 0,
-                     grammars=lambda: Grammars(loaded.tokenizer, args.vocab_size, eos))
+    return LLMEngine(
+        runner,
+        bm,
+        scheduler,
+        eos,
+        args.vocab_size,
+        max_model_len,
+        proposer,
+        config.num_speculative_tokens if proposer else 0,
+        grammars=lambda: Grammars(loaded.tokenizer, args.vocab_size, eos),
+    )
 
 
 def log_kernels(runner: ModelRunner) -> None:
     """Which kernels the engine chose at load (each op's choice is made once, see attention_backend and
     layers/linear.LinearDispatch)."""
     dense = next((m.dispatch for m in runner.model.modules() if isinstance(m, DenseLinear)), None)
-    log.info("Kernels: attention %s; dense linear layers: %s", runner.attention.describe(),
-             dense.describe() if dense else "none")
+    log.info(
+        "Kernels: attention %s; dense linear layers: %s",
+        runner.attention.describe(),
+        dense.describe() if dense else "none",
+    )
 
 
 def kv_cache_settings(config: EngineConfig, loaded: LoadedModel) -> tuple[str, torch.Tensor | None]:
@@ -220,8 +243,9 @@ def decode_graphs(config: EngineConfig, device: torch.device) -> bool:
     return device.type == "cuda" and not config.enforce_eager
 
 
-def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int,
-                  max_model_len: int):
+def make_proposer(
+    config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int, max_model_len: int
+):
     """None, an NgramProposer, or a DraftModelProposer whose own KV pool has as many blocks as the target's
     (a draft never holds more tokens than its target sequences, plus k)."""
     if config.speculative_method == "ngram":
@@ -236,20 +260,36 @@ def make_proposer(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel 
 
     if draft is None:
         if config.speculative_draft is None:
-            raise ValueError("speculative decoding with a draft model needs the draft: give --speculative-draft "
-                             "an engine directory (e.g. one built with `kiln build --draft-of`) or a model folder.")
+            raise ValueError(
+                "speculative decoding with a draft model needs the draft: give --speculative-draft "
+                "an engine directory (e.g. one built with `kiln build --draft-of`) or a model folder."
+            )
         draft = load_draft(config)
     check_draft(loaded, draft)
     dargs = draft.model.args
     draft.model.init_rope(max_model_len, draft.dtype, draft.device)
     graphs = decode_graphs(config, draft.device)
-    kv = KVCache(dargs.num_layers, num_blocks, config.block_size, dargs.num_kv_heads, dargs.head_dim, draft.dtype,
-                 draft.device, draft.kv_cache_dtype, draft.kv_cache_scales, scratch_block=graphs)
+    kv = KVCache(
+        dargs.num_layers,
+        num_blocks,
+        config.block_size,
+        dargs.num_kv_heads,
+        dargs.head_dim,
+        draft.dtype,
+        draft.device,
+        draft.kv_cache_dtype,
+        draft.kv_cache_scales,
+        scratch_block=graphs,
+    )
     runner = ModelRunner(draft.model, kv, config.block_size, draft.device, config.max_num_seqs, max_model_len, graphs)
-    description = {"draft_model": draft.name, "draft_source": str(config.speculative_draft or draft.folder),
-                   "draft_precision": draft.manifest.precision if draft.manifest else str(draft.dtype).removeprefix("torch.")}
-    return DraftModelProposer(runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False),
-                              description)
+    description = {
+        "draft_model": draft.name,
+        "draft_source": str(config.speculative_draft or draft.folder),
+        "draft_precision": draft.manifest.precision if draft.manifest else str(draft.dtype).removeprefix("torch."),
+    }
+    return DraftModelProposer(
+        runner, BlockManager(num_blocks, config.block_size, enable_prefix_caching=False), description
+    )
 
 
 def load_draft(config: EngineConfig) -> LoadedModel:
@@ -257,8 +297,12 @@ def load_draft(config: EngineConfig) -> LoadedModel:
 
     source = config.speculative_draft
     as_engine = is_engine_dir(source)
-    draft_config = EngineConfig(model=None if as_engine else source, engine_dir=source if as_engine else None,
-                                dtype=config.dtype, device=config.device)
+    draft_config = EngineConfig(
+        model=None if as_engine else source,
+        engine_dir=source if as_engine else None,
+        dtype=config.dtype,
+        device=config.device,
+    )
     return load_model(draft_config)
 
 
@@ -270,6 +314,8 @@ def check_draft(target: LoadedModel, draft: LoadedModel) -> None:
     if same and draft.tokenizer is not None and target.tokenizer is not None:
         same = draft.tokenizer.get_vocab() == target.tokenizer.get_vocab()
     if not same:
-        raise ValueError(f"the draft model {draft.name} does not share the target's tokenizer "
-                         f"({draft.model.args.vocab_size} vs {target.model.args.vocab_size} tokens); a draft must use "
-                         "the same vocabulary.")
+        raise ValueError(
+            f"the draft model {draft.name} does not share the target's tokenizer "
+            f"({draft.model.args.vocab_size} vs {target.model.args.vocab_size} tokens); a draft must use "
+            "the same vocabulary."
+        )

@@ -28,10 +28,23 @@ class KVCache:
     out: DecodeGraphs' padding rows write their keys and values there.
     """
 
-    INT8_NEEDS_SCALES = "an INT8 KV cache needs calibrated scales: build an engine with `kiln build --kv-cache-dtype int8`."
+    INT8_NEEDS_SCALES = (
+        "an INT8 KV cache needs calibrated scales: build an engine with `kiln build --kv-cache-dtype int8`."
+    )
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device,
-                 kv_cache_dtype: str = "model", scales: torch.Tensor | None = None, scratch_block: bool = False):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype,
+        device,
+        kv_cache_dtype: str = "model",
+        scales: torch.Tensor | None = None,
+        scratch_block: bool = False,
+    ):
         self.scratch_block = num_blocks if scratch_block else None
         shape = (num_layers, 2, kv_heads, num_blocks + scratch_block, block_size, head_dim)
         self.kv_cache_dtype = kv_cache_dtype
@@ -90,8 +103,16 @@ class DecodeGraphs:
     largest bucket, a context past the tables' width) run eagerly.
     """
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
-                 max_num_seqs: int, max_model_len: int, attention: AttentionBackend):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        block_size: int,
+        device: torch.device,
+        max_num_seqs: int,
+        max_model_len: int,
+        attention: AttentionBackend,
+    ):
         if kv_cache.scratch_block is None:
             raise ValueError("decode graphs need a KV cache with a scratch block (KVCache(scratch_block=True)).")
         self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
@@ -106,9 +127,11 @@ class DecodeGraphs:
         self.pool = None  # one memory pool for all graphs: they never run at the same time
 
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
-        return (len(chunks) <= self.buckets[-1]
-                and all(c.num_query_tokens == 1 and c.runs_as_decode_rows for c in chunks)
-                and max(c.seq.num_computed_tokens for c in chunks) < self.width * self.block_size)
+        return (
+            len(chunks) <= self.buckets[-1]
+            and all(c.num_query_tokens == 1 and c.runs_as_decode_rows for c in chunks)
+            and max(c.seq.num_computed_tokens for c in chunks) < self.width * self.block_size
+        )
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Hidden states [len(chunks), hidden] of a step that fits."""
@@ -121,8 +144,14 @@ class DecodeGraphs:
         width = max(positions) // bs + 1  # columns past it keep stale ids that no context length reaches
         tables = [c.seq.block_table[:width] for c in chunks]
         tables = [t + [0] * (width - len(t)) for t in tables] + [[scratch] + [0] * (width - 1)] * pad
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [scratch * bs] * pad,
-                             [p + 1 for p in positions] + [1] * pad])
+        host = torch.tensor(
+            [
+                ids + [0] * pad,
+                positions + [0] * pad,
+                slots + [scratch * bs] * pad,
+                [p + 1 for p in positions] + [1] * pad,
+            ]
+        )
         self.inputs[:, :bucket].copy_(host)
         self.block_tables[:bucket, :width].copy_(torch.tensor(tables))
         if self.device.type != "cuda":
@@ -133,10 +162,16 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int, max_context: int) -> torch.Tensor:
         ids, positions, slots, lens = self.inputs[:, :bucket]
-        meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=bucket,
-                                 decode_block_tables=self.block_tables[:bucket], decode_context_lens=lens,
-                                 decode_max_context=max_context, prefills=[],
-                                 positions=positions if self.attention.fused_rope else None, backend=self.attention)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decode_tokens=bucket,
+            decode_block_tables=self.block_tables[:bucket],
+            decode_context_lens=lens,
+            decode_max_context=max_context,
+            prefills=[],
+            positions=positions if self.attention.fused_rope else None,
+            backend=self.attention,
+        )
         return self.model(ids, positions, meta, self.kv_cache.layers)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -169,9 +204,17 @@ class StepLogits(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
-                 max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False,
-                 attention: AttentionBackend | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        block_size: int,
+        device: torch.device,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+        decode_graphs: bool = False,
+        attention: AttentionBackend | None = None,
+    ):
         """decode_graphs: run plain decode steps through DecodeGraphs (kv_cache needs its scratch block), whose
         static buffers hold max_num_seqs sequences of up to max_model_len tokens. attention: the kernels every
         step runs; None selects them here, once (init_rope has set the model's dtype)."""
@@ -189,8 +232,10 @@ class ModelRunner:
         graph would freeze the torch path's per-step context length)."""
         if self.device.type != "cuda" or self.attention.graph_safe:
             return True
-        log.warning("CUDA graphs are off: the Triton decode attention kernel cannot run here (triton missing, "
-                    "a GPU below compute capability 8.0, or head_dim over 256); decode steps run eagerly.")
+        log.warning(
+            "CUDA graphs are off: the Triton decode attention kernel cannot run here (triton missing, "
+            "a GPU below compute capability 8.0, or head_dim over 256); decode steps run eagerly."
+        )
         return False
 
     @torch.inference_mode()
@@ -271,7 +316,12 @@ class ModelRunner:
                 rows.extend(range(end - 1 - len(c.draft_token_ids), end))
             first, count = c.prompt_logprob_positions()
             if count:
-                prompt.append((c, first, self.model.compute_logits(hidden[start + first - c.seq.num_computed_tokens:][:count])))
-        logits = (self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
-                  if rows else hidden.new_empty((0, 0)))
+                prompt.append(
+                    (c, first, self.model.compute_logits(hidden[start + first - c.seq.num_computed_tokens :][:count]))
+                )
+        logits = (
+            self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+            if rows
+            else hidden.new_empty((0, 0))
+        )
         return StepLogits(logits, sampling, prompt)

@@ -94,7 +94,9 @@ def _apply_penalties(x: torch.Tensor, rows: list[SampleRow]) -> None:
     device = x.device
     for i in idx:  # rows with penalties are the exception; keep the common path free of [R, vocab] work
         p = rows[i].params
-        counts = torch.bincount(torch.tensor(rows[i].output_ids, dtype=torch.long, device=device), minlength=vocab).to(x.dtype)
+        counts = torch.bincount(torch.tensor(rows[i].output_ids, dtype=torch.long, device=device), minlength=vocab).to(
+            x.dtype
+        )
         if p.repetition_penalty != 1.0:
             seen = counts > 0
             if rows[i].prompt_ids:
@@ -139,7 +141,7 @@ def token_logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SampleRow]) 
     logp = torch.log_softmax(raw, dim=-1)
     k = max(w for w in wanted if w is not None)
     chosen = logp.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1).tolist()
-    top_vals, top_ids = (logp.topk(k, dim=-1) if k else (None, None))
+    top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
     results: list[TokenLogprob | None] = []
     for i, w in enumerate(wanted):
         if w is None:

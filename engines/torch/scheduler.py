@@ -11,7 +11,6 @@ from engines.config import MAX_SPECULATIVE_TOKENS
 from engines.torch.block_manager import BlockManager
 from engines.torch.sequence import Sequence, SequenceStatus
 
-
 MAX_DECODE_ROWS = MAX_SPECULATIVE_TOKENS + 1  # a verification: k drafts after the last accepted token
 
 
@@ -35,7 +34,8 @@ class ScheduledChunk:
         if self.seq.num_computed_tokens == 0:
             return False
         return self.num_query_tokens == 1 or (
-            (bool(self.draft_token_ids) or self.catch_up) and self.num_query_tokens <= MAX_DECODE_ROWS)
+            (bool(self.draft_token_ids) or self.catch_up) and self.num_query_tokens <= MAX_DECODE_ROWS
+        )
 
     def prompt_logprob_positions(self) -> tuple[int, int]:
         """(first position, count) of this chunk's positions whose logits score a later prompt token, when the

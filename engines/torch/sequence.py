@@ -23,7 +23,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One choice: its tokens (prompt + generated), how many have KV in the cache, and its blocks."""
 
-    def __init__(self, request: "RequestState", index: int, token_ids: list[int], generator: torch.Generator | None):
+    def __init__(self, request: RequestState, index: int, token_ids: list[int], generator: torch.Generator | None):
         self.seq_id = next(_seq_ids)
         self.request = request
         self.index = index
@@ -68,7 +68,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return f"Sequence({self.request.request_id}#{self.index}, tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        return (
+            f"Sequence({self.request.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )
 
 
 class RequestState:
@@ -89,7 +92,8 @@ class RequestState:
         # per prompt position, filled as its chunk is computed (again, identically, after a preemption) and
         # handed out with the first output; None once handed out or when not asked for
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
-            [None] * self.num_prompt_tokens if self.params.prompt_logprobs is not None else None)
+            [None] * self.num_prompt_tokens if self.params.prompt_logprobs is not None else None
+        )
 
     def new_matcher(self):
         return self._make_matcher(self.grammar) if self.grammar is not None else None

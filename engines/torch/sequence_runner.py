@@ -17,13 +17,23 @@ from engines.torch.models.protocol import CausalLM
 
 
 class SequenceRunner:
-    def __init__(self, model: CausalLM, dtype: torch.dtype, device: torch.device, max_tokens: int,
-                 block_size: int = 16, kv_cache_dtype: str = "model", kv_cache_scales: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_tokens: int,
+        block_size: int = 16,
+        kv_cache_dtype: str = "model",
+        kv_cache_scales: torch.Tensor | None = None,
+    ):
         a = model.args
         self.model, self.device, self.block_size, self.max_tokens = model, device, block_size, max_tokens
         num_blocks = -(-max_tokens // block_size)
         extra = {} if kv_cache_dtype == "model" else {"kv_cache_dtype": kv_cache_dtype, "scales": kv_cache_scales}
-        self.kv_cache = KVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device, **extra)
+        self.kv_cache = KVCache(
+            a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device, **extra
+        )
         model.init_rope(max_tokens, dtype, device)
 
     @torch.inference_mode()
@@ -33,8 +43,14 @@ class SequenceRunner:
             raise ValueError(f"sequence of {t} tokens; this runner holds 1..{self.max_tokens}")
         positions = torch.arange(t, device=self.device)
         table = torch.arange(-(-t // self.block_size), device=self.device)
-        meta = AttentionMetadata(slot_mapping=positions, num_decode_tokens=0, decode_block_tables=None,
-                                 decode_context_lens=None, decode_max_context=0, prefills=[PrefillSpan(0, t, t, table)])
+        meta = AttentionMetadata(
+            slot_mapping=positions,
+            num_decode_tokens=0,
+            decode_block_tables=None,
+            decode_context_lens=None,
+            decode_max_context=0,
+            prefills=[PrefillSpan(0, t, t, table)],
+        )
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.model(ids, positions, meta, self.kv_cache.layers)
 

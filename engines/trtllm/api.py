@@ -35,7 +35,8 @@ def load() -> TrtllmApi:
     except ImportError as exc:
         raise TrtllmUnavailable(
             f"the trtllm backend needs the tensorrt_llm package ({exc}); run kiln in the TensorRT-LLM image "
-            "(docker/Dockerfile.trtllm) on an NVIDIA GPU, or use --backend torch.") from exc
+            "(docker/Dockerfile.trtllm) on an NVIDIA GPU, or use --backend torch."
+        ) from exc
     return TrtllmApi(LLM, llmapi, getattr(tensorrt_llm, "__version__", "unknown"), RequestError)
 
 
@@ -53,8 +54,10 @@ def trtllm_mapping(precision: str) -> TrtllmMapping:
     """How TensorRT-LLM builds `precision` (its scheme's mapping); TrtllmUnsupported if it does not."""
     found = schemes.get(precision).trtllm if precision in schemes.names() else None
     if found is None:
-        raise TrtllmUnsupported(f"TensorRT-LLM engines are built at {', '.join(schemes.trtllm_names())}; "
-                                f"{precision!r} is not one of them (use --backend torch).")
+        raise TrtllmUnsupported(
+            f"TensorRT-LLM engines are built at {', '.join(schemes.trtllm_names())}; "
+            f"{precision!r} is not one of them (use --backend torch)."
+        )
     return found
 
 

@@ -34,8 +34,15 @@ from engines.version import __version__
 
 log = logging.getLogger("kiln.build.trtllm")
 
-TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.model", "generation_config.json")
+TOKENIZER_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "generation_config.json",
+)
 CALIB_MAX_SEQ_LEN = 512
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_NUM_TOKENS = 8192
@@ -53,8 +60,10 @@ def auto_precision(hardware: Hardware) -> tuple[str, str]:
         if sm >= trt.min_sm(name, kv):
             return name, kv
     oldest = min(trt.min_sm(name, schemes.get(name).default_kv) for name in AUTO_PRECISIONS)
-    raise trt.TrtllmUnsupported(f"TensorRT-LLM's quantized engines need a GPU with SM >= {oldest} and {hardware.name} "
-                                f"is SM {hardware.sm}; use --backend torch.")
+    raise trt.TrtllmUnsupported(
+        f"TensorRT-LLM's quantized engines need a GPU with SM >= {oldest} and {hardware.name} "
+        f"is SM {hardware.sm}; use --backend torch."
+    )
 
 
 def build_trtllm(options, hardware: Hardware) -> BuildResult:
@@ -64,8 +73,9 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     try:
         api = trt.load()
         if hardware.device != "cuda":
-            raise trt.TrtllmUnavailable("--backend trtllm builds on an NVIDIA GPU and torch sees none; build with "
-                                        "--backend torch here.")
+            raise trt.TrtllmUnavailable(
+                "--backend trtllm builds on an NVIDIA GPU and torch sees none; build with --backend torch here."
+            )
         precision, kv = auto_precision(hardware) if options.precision == "auto" else (options.precision, None)
         if options.kv_cache_dtype != "auto":
             kv = options.kv_cache_dtype
@@ -88,7 +98,8 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     if configs.needs_calibration(precision, kv):
         calib_requests = calibration.select_samples(
             calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
-            options.calib_samples)
+            options.calib_samples,
+        )
     build_hash = _build_hash(folder, precision, kv, options.group_size, calib_requests, hardware, api.version)
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
@@ -102,9 +113,11 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
         if calib_requests is not None:
             dataset = _write_calibration_dataset(tmp / "calibration", calib_requests, tokenizer)
             kwargs["calib_config"] = configs.calib_config(api, str(dataset), len(calib_requests), CALIB_MAX_SEQ_LEN)
-            calib_source = mf.Calibration(source=options.calib or "kiln:build/calibration/calib.jsonl",
-                                          samples=len(calib_requests),
-                                          fingerprint=calibration.fingerprint(calib_requests))
+            calib_source = mf.Calibration(
+                source=options.calib or "kiln:build/calibration/calib.jsonl",
+                samples=len(calib_requests),
+                fingerprint=calibration.fingerprint(calib_requests),
+            )
         log.info("Building a %s TensorRT engine (KV %s) of %s with TensorRT-LLM %s", precision, kv, folder, api.version)
         llm = api.llm_class(**kwargs)
         try:
@@ -116,8 +129,22 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = _manifest(options, hardware, precision, kv, quant, build, api.version, calib_source, hf_config,
-                             max_seq_len, files, tmp, time.perf_counter() - started, build_hash)
+        manifest = _manifest(
+            options,
+            hardware,
+            precision,
+            kv,
+            quant,
+            build,
+            api.version,
+            calib_source,
+            hf_config,
+            max_seq_len,
+            files,
+            tmp,
+            time.perf_counter() - started,
+            build_hash,
+        )
         mf.write_manifest(tmp, manifest)
         if output.exists():
             shutil.rmtree(output)
@@ -128,14 +155,23 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     return BuildResult(output, False, manifest)
 
 
-def _build_hash(folder: Path, precision: str, kv: str, group_size: int, calib_requests, hardware: Hardware,
-                version: str) -> str:
+def _build_hash(
+    folder: Path, precision: str, kv: str, group_size: int, calib_requests, hardware: Hardware, version: str
+) -> str:
     """Same model files, settings, calibration data, GPU and TensorRT-LLM: the same engine (so a second
     `docker compose up` reuses it)."""
-    key = {"schema": mf.SCHEMA_VERSION, "kiln": __version__, "backend": "trtllm", "model": model_fingerprint(folder),
-           "precision": precision, "kv": kv, "group_size": group_size, "trtllm": version,
-           "calib": calibration.fingerprint(calib_requests) if calib_requests else None,
-           "gpu": [hardware.name, hardware.sm, hardware.count]}
+    key = {
+        "schema": mf.SCHEMA_VERSION,
+        "kiln": __version__,
+        "backend": "trtllm",
+        "model": model_fingerprint(folder),
+        "precision": precision,
+        "kv": kv,
+        "group_size": group_size,
+        "trtllm": version,
+        "calib": calibration.fingerprint(calib_requests) if calib_requests else None,
+        "gpu": [hardware.name, hardware.sm, hardware.count],
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,9 +204,22 @@ def _jsonable(value):
     return str(value)
 
 
-def _manifest(options, hardware: Hardware, precision: str, kv: str, quant, build, version: str,
-              calib_source: mf.Calibration | None, hf_config, max_seq_len: int, files: list[str], tmp: Path,
-              seconds: float, build_hash: str) -> mf.Manifest:
+def _manifest(
+    options,
+    hardware: Hardware,
+    precision: str,
+    kv: str,
+    quant,
+    build,
+    version: str,
+    calib_source: mf.Calibration | None,
+    hf_config,
+    max_seq_len: int,
+    files: list[str],
+    tmp: Path,
+    seconds: float,
+    build_hash: str,
+) -> mf.Manifest:
     return mf.Manifest(
         schema_version=mf.SCHEMA_VERSION,
         kiln_version=__version__,
@@ -180,10 +229,19 @@ def _manifest(options, hardware: Hardware, precision: str, kv: str, quant, build
         precision=precision,
         kv_cache_dtype=kv,
         max_model_len=max_seq_len,
-        target=mf.Target(device="cuda", description=hardware.describe(), sm=hardware.sm,
-                         requires=mf.Requirements(device="cuda", min_sm=trt.min_sm(precision, kv))),
-        trtllm=mf.TrtllmBuild(version=version, engine_dir="trtllm", quant_config=_describe(quant),
-                              build_config=_describe(build), build_seconds=round(seconds, 1)),
+        target=mf.Target(
+            device="cuda",
+            description=hardware.describe(),
+            sm=hardware.sm,
+            requires=mf.Requirements(device="cuda", min_sm=trt.min_sm(precision, kv)),
+        ),
+        trtllm=mf.TrtllmBuild(
+            version=version,
+            engine_dir="trtllm",
+            quant_config=_describe(quant),
+            build_config=_describe(build),
+            build_seconds=round(seconds, 1),
+        ),
         calibration=calib_source,
         files=mf.checksums(tmp, files),
         build_hash=build_hash,

@@ -40,20 +40,21 @@ def needs_calibration(precision: str, kv_cache_dtype: str) -> bool:
 def calib_config(api: TrtllmApi, dataset_dir: str, samples: int, max_seq_length: int):
     """dataset_dir: a folder holding train.jsonl of {"text": ...} lines (kiln's or the user's chat requests
     rendered through the model's chat template), which TensorRT-LLM's calibration loads as a dataset."""
-    return api.llmapi.CalibConfig(calib_dataset=dataset_dir, calib_batches=samples, calib_batch_size=1,
-                                  calib_max_seq_length=max_seq_length)
+    return api.llmapi.CalibConfig(
+        calib_dataset=dataset_dir, calib_batches=samples, calib_batch_size=1, calib_max_seq_length=max_seq_length
+    )
 
 
 def build_config(api: TrtllmApi, max_batch_size: int, max_num_tokens: int, max_seq_len: int):
     """In-flight batching over a paged KV cache is BuildConfig's default (the paged_kv_cache and
     remove_input_padding plugins), so kiln only sizes the engine."""
-    return api.llmapi.BuildConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                                  max_seq_len=max_seq_len)
+    return api.llmapi.BuildConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len)
 
 
 def kv_cache_config(api: TrtllmApi, free_gpu_memory_fraction: float, enable_block_reuse: bool):
-    return api.llmapi.KvCacheConfig(free_gpu_memory_fraction=free_gpu_memory_fraction,
-                                    enable_block_reuse=enable_block_reuse)
+    return api.llmapi.KvCacheConfig(
+        free_gpu_memory_fraction=free_gpu_memory_fraction, enable_block_reuse=enable_block_reuse
+    )
 
 
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -76,8 +77,10 @@ def speculative_config(api: TrtllmApi, method: str | None, num_tokens: int, draf
         if draft is None:
             raise TrtllmUnsupported("EAGLE speculation needs --speculative-draft with an EAGLE checkpoint folder.")
         return api.llmapi.EagleDecodingConfig(max_draft_len=num_tokens, speculative_model_dir=draft)
-    raise TrtllmUnsupported(f"TensorRT-LLM runs {method} speculation only in its PyTorch backend, not on a TensorRT "
-                            "engine; use --speculative-method eagle with an EAGLE checkpoint, or kiln's torch backend.")
+    raise TrtllmUnsupported(
+        f"TensorRT-LLM runs {method} speculation only in its PyTorch backend, not on a TensorRT "
+        "engine; use --speculative-method eagle with an EAGLE checkpoint, or kiln's torch backend."
+    )
 
 
 # The LLM's guided_decoding_backend (llmapi/llm_args.py BaseLlmArgs: Literal["xgrammar", "llguidance"], default None).
@@ -111,8 +114,11 @@ def _check_compiles(field: str, text: str) -> None:
         import xgrammar
     except ImportError:  # only outside the TensorRT-LLM image (kiln's CPU machines); nothing to protect there
         return
-    parse = {"json": xgrammar.Grammar.from_json_schema, "regex": xgrammar.Grammar.from_regex,
-             "grammar": xgrammar.Grammar.from_ebnf}[field]
+    parse = {
+        "json": xgrammar.Grammar.from_json_schema,
+        "regex": xgrammar.Grammar.from_regex,
+        "grammar": xgrammar.Grammar.from_ebnf,
+    }[field]
     try:
         parse(text)
     except Exception as exc:  # xgrammar raises RuntimeError("[time] file.cc:line: message")
@@ -124,12 +130,15 @@ def _check_compiles(field: str, text: str) -> None:
 def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: bool = False):
     """kiln's StructuredOutput as TensorRT-LLM's GuidedDecodingParams (tensorrt_llm/sampling_params.py), which takes
     one of json (schema text, passed on as is), json_object, regex, grammar (EBNF) or structural_tag; json_object
-    becomes the schema of any object and choice a regex alternation. Raises ValueError (TrtllmUnsupported for what TensorRT-LLM cannot do) in one sentence."""
+    becomes the schema of any object and choice a regex alternation. Raises ValueError (TrtllmUnsupported for what
+    TensorRT-LLM cannot do) in one sentence."""
     if speculative:
         # GuidedDecoder::build advances the grammar by one accepted token per step (getLastTokens(0)), which
         # speculative decoding breaks; 1.0's PyTorch backend refuses the combination outright (create_py_executor).
-        raise TrtllmUnsupported("structured output cannot be combined with speculative decoding on the trtllm "
-                                "backend; serve without --speculative-method, or use kiln's torch backend.")
+        raise TrtllmUnsupported(
+            "structured output cannot be combined with speculative decoding on the trtllm "
+            "backend; serve without --speculative-method, or use kiln's torch backend."
+        )
     kind, value = structured.kind, structured.value
     if kind == "json_object":
         # not json_object=True: that compiles xgrammar's builtin JSON grammar, whose root is an object or an array,
@@ -141,8 +150,9 @@ def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: b
         field, value = "regex", choice_regex(structured.choices)
     elif kind == "grammar":
         if "::=" not in value:  # TensorRT-LLM hands grammars to xgrammar::Grammar::FromEBNF, which has no Lark reader
-            raise TrtllmUnsupported("the trtllm backend takes grammars in xgrammar's EBNF dialect (rules written "
-                                    "`root ::= ...`), not Lark.")
+            raise TrtllmUnsupported(
+                "the trtllm backend takes grammars in xgrammar's EBNF dialect (rules written `root ::= ...`), not Lark."
+            )
         field = "grammar"
     elif kind in ("json", "regex"):
         field = kind
@@ -154,8 +164,9 @@ def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: b
     return api.llmapi.GuidedDecodingParams(**{field: value})
 
 
-def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int,
-                    speculative: bool = False):
+def sampling_params(
+    api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int, speculative: bool = False
+):
     """kiln's SamplingParams as TensorRT-LLM's. Greedy is temperature 0 in both (TensorRT-LLM takes top_k 1
     for it, which is what it does with temperature 0 too); ignore_eos maps to an end_id outside the
     vocabulary, TensorRT-LLM's way to never stop on EOS; logit_bias has no TensorRT-LLM field and is refused;
@@ -165,8 +176,9 @@ def sampling_params(api: TrtllmApi, params: SamplingParams, eos_token_ids: list[
     if params.prompt_logprobs is not None:
         # a TensorRT engine returns prompt logits only when built with gather_context_logits, which kiln's
         # builds do not set (it would keep [prompt, vocab] logits of every request)
-        raise TrtllmUnsupported("prompt logprobs (echo with logprobs, prompt_logprobs) are not supported by the "
-                                "trtllm backend.")
+        raise TrtllmUnsupported(
+            "prompt logprobs (echo with logprobs, prompt_logprobs) are not supported by the trtllm backend."
+        )
     kwargs = dict(
         max_tokens=params.max_tokens,
         n=params.n,

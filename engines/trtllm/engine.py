@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from engines.base import (
     BuiltEngine,
@@ -74,17 +74,24 @@ class TrtllmEngine(Engine):
             details=EngineDetails(
                 precision=manifest.precision,
                 versions={"tensorrt_llm": api.version},
-                engine=BuiltEngine(precision=manifest.precision, kv_cache_dtype=manifest.kv_cache_dtype,
-                                   created=manifest.created, kiln_version=manifest.kiln_version,
-                                   built_for=manifest.target.description),
+                engine=BuiltEngine(
+                    precision=manifest.precision,
+                    kv_cache_dtype=manifest.kv_cache_dtype,
+                    created=manifest.created,
+                    kiln_version=manifest.kiln_version,
+                    built_for=manifest.target.description,
+                ),
                 scheduler_policy=config.scheduler_policy,
-                speculative=(SpeculationInfo(config.speculative_method, config.num_speculative_tokens)
-                             if config.speculative_method else None),
+                speculative=(
+                    SpeculationInfo(config.speculative_method, config.num_speculative_tokens)
+                    if config.speculative_method
+                    else None
+                ),
             ),
         )
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "TrtllmEngine":
+    def from_config(cls, config: EngineConfig) -> TrtllmEngine:
         """Check the engine directory and the GPU, then load the engine (blocking: the server calls this in
         its loader thread)."""
         from transformers import AutoTokenizer
@@ -108,8 +115,15 @@ class TrtllmEngine(Engine):
             kv_cache_config=configs.kv_cache_config(api, config.gpu_memory_fraction, config.enable_prefix_caching),
             scheduler_config=configs.scheduler_config(api, config.scheduler_policy),
             guided_decoding_backend=configs.GUIDED_DECODING_BACKEND,  # structured output (see configs)
-            **({"speculative_config": spec} if (spec := configs.speculative_config(
-                api, config.speculative_method, config.num_speculative_tokens, config.speculative_draft)) else {}),
+            **(
+                {"speculative_config": spec}
+                if (
+                    spec := configs.speculative_config(
+                        api, config.speculative_method, config.num_speculative_tokens, config.speculative_draft
+                    )
+                )
+                else {}
+            ),
         )
         return cls(llm, api, tokenizer, manifest, config, folder)
 
@@ -156,15 +170,24 @@ class TrtllmEngine(Engine):
     async def prepare(self, request: GenerationRequest) -> None:
         """Check a structured constraint (xgrammar parses it, cached by constraint) off the event loop."""
         if request.sampling_params.structured is not None:
-            await asyncio.to_thread(configs.guided_decoding, self.api, request.sampling_params.structured,
-                                    bool(self.config.speculative_method))
+            await asyncio.to_thread(
+                configs.guided_decoding,
+                self.api,
+                request.sampling_params.structured,
+                bool(self.config.speculative_method),
+            )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_alive:
             raise EngineDeadError("The engine is not running.")
         self.check_request(request)
-        params = configs.sampling_params(self.api, request.sampling_params, self.eos_token_ids, self.vocab_size,
-                                         speculative=bool(self.config.speculative_method))
+        params = configs.sampling_params(
+            self.api,
+            request.sampling_params,
+            self.eos_token_ids,
+            self.vocab_size,
+            speculative=bool(self.config.speculative_method),
+        )
         timings = RequestTimings(arrival=request.arrival_time)
         result = self.llm.generate_async(request.prompt_token_ids, sampling_params=params, streaming=True)
         self._results[request.request_id] = result
@@ -172,8 +195,9 @@ class TrtllmEngine(Engine):
         timings.first_scheduled = time.monotonic()
         return self._outputs(request, result, timings)
 
-    async def _outputs(self, request: GenerationRequest, result, timings: RequestTimings
-                       ) -> AsyncIterator[GenerationOutput]:
+    async def _outputs(
+        self, request: GenerationRequest, result, timings: RequestTimings
+    ) -> AsyncIterator[GenerationOutput]:
         finished = False
         try:
             async for output in self._results_of(result):
@@ -215,10 +239,14 @@ class TrtllmEngine(Engine):
         new = list(completion.token_ids_diff)
         reason = FINISH_REASONS.get(completion.finish_reason) if completion.finish_reason else None
         stop = completion.stop_reason if isinstance(completion.stop_reason, int) else None
-        return CompletionOutput(index=completion.index, new_token_ids=new,
-                                new_logprobs=_logprobs(new, completion.logprobs_diff, top_k or 0)
-                                if top_k is not None else None,
-                                num_generated=len(completion.token_ids), finish_reason=reason, stop_token_id=stop)
+        return CompletionOutput(
+            index=completion.index,
+            new_token_ids=new,
+            new_logprobs=_logprobs(new, completion.logprobs_diff, top_k or 0) if top_k is not None else None,
+            num_generated=len(completion.token_ids),
+            finish_reason=reason,
+            stop_token_id=stop,
+        )
 
     async def _poll_stats(self) -> None:
         while True:

@@ -27,12 +27,12 @@ class HermesSegmenter(Segmenter):
         end = text.find(END, max(len(START), self._searched))
         self._searched = 0 if end != -1 or final else len(text) - len(END) + 1
         if end != -1:
-            body, length = text[len(START):end], end + len(END)
+            body, length = text[len(START) : end], end + len(END)
         elif final:
             # Generation stopped before the closing tag (a stop token, max_tokens): a complete call still counts,
             # as does one cut off inside the closing tag.
-            body, length = text[len(START):], len(text)
-            body = body[:len(body) - partial_marker_length(body, END)]
+            body, length = text[len(START) :], len(text)
+            body = body[: len(body) - partial_marker_length(body, END)]
         else:
             return None
         call = call_from_json(body)

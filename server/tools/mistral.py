@@ -66,7 +66,7 @@ class MistralSegmenter(Segmenter):
             return _NOT_CALLS
         if not text.startswith(ARGS, name.end()):
             # The name may be still growing, or "[ARGS]" still arriving.
-            return None if ARGS.startswith(text[name.end():]) else _NOT_CALLS
+            return None if ARGS.startswith(text[name.end() :]) else _NOT_CALLS
         value = name.end() + len(ARGS)
         if value == len(text):
             return None

@@ -8,7 +8,8 @@ from server.tools.mistral import MistralParser
 from server.tools.tool_parser import ToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesParser, Llama3JsonParser, MistralParser)}
+    parser.name: parser for parser in (HermesParser, Llama3JsonParser, MistralParser)
+}
 
 # A template that renders a format's markers (or, for Llama 3, its "ipython" tool role) teaches the model to
 # write that format. First match wins.

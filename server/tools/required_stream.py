@@ -46,7 +46,7 @@ class RequiredCallsStreamer:
                 events.append(ToolCallDelta(index, self._new_id(), call.name, ""))
                 self._sent.append(0)
             if len(call.arguments) > self._sent[index]:
-                events.append(ToolCallDelta(index, None, None, "".join(call.arguments[self._sent[index]:])))
+                events.append(ToolCallDelta(index, None, None, "".join(call.arguments[self._sent[index] :])))
                 self._sent[index] = len(call.arguments)
         return events
 

@@ -47,8 +47,8 @@ def take_segments(segmenter: Segmenter, text: str, final: bool) -> tuple[list[st
         segment = segmenter.next_segment(text, final)
         if segment is None:
             break
-        settled.append(segment.calls if isinstance(segment, Calls) else text[:segment.length])
-        text = text[segment.length:]
+        settled.append(segment.calls if isinstance(segment, Calls) else text[: segment.length])
+        text = text[segment.length :]
     return settled, text
 
 

@@ -79,5 +79,5 @@ class _StrippedContent:
             self._started = bool(text)
         text = self._held + text
         kept = text.rstrip()
-        self._held = text[len(kept):]
+        self._held = text[len(kept) :]
         return kept

@@ -138,14 +138,17 @@ def test_fuzz_api(server, capsys):
         strategy = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in schemathesis.GenerationMode))
         with_key = st.sampled_from((True, True, True, False))
         # No deadline or health checks: every case is an HTTP request, and negative generation filters a lot.
-        run = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                       suppress_health_check=list(HealthCheck))(given(strategy, with_key)(send))
+        run = settings(
+            max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )(given(strategy, with_key)(send))
         run()
 
     budget = f"; {unsent} more not sent, the {BUDGET_S} s budget ran out" if unsent else ""
     report = [f"fuzz: {cases} cases, {failures.total()} failures ({len(failures)} distinct){budget}"]
-    report += [f"{operation}: {problem} (x{count})\n  e.g. {reproducers[operation, problem]}"
-               for (operation, problem), count in failures.items()]
+    report += [
+        f"{operation}: {problem} (x{count})\n  e.g. {reproducers[operation, problem]}"
+        for (operation, problem), count in failures.items()
+    ]
     if engine_death:
         report.append(f"the engine died; {engine_death}")
     report.append(f"server log: {server.log_path}")

@@ -46,11 +46,18 @@ def evaluate(server, monkeypatch):
     def run(task: str, model: str, endpoint: str, limit: int, **kwargs):
         # num_concurrent > 1 takes lm_eval's async path, which raises once retries are spent; the
         # synchronous path would record a failed request as a missing answer and go on.
-        model_args = dict(model=name, base_url=f"{server.base_url}{endpoint}", num_concurrent=2, max_retries=1,
-                          **kwargs)
-        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task],
-                                      task_manager=TaskManager(include_path=str(HERE)), log_samples=True, limit=limit,
-                                      apply_chat_template=model == "local-chat-completions")
+        model_args = dict(
+            model=name, base_url=f"{server.base_url}{endpoint}", num_concurrent=2, max_retries=1, **kwargs
+        )
+        out = lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=[task],
+            task_manager=TaskManager(include_path=str(HERE)),
+            log_samples=True,
+            limit=limit,
+            apply_chat_template=model == "local-chat-completions",
+        )
         return out["results"][task], out["samples"][task]
 
     return run
@@ -61,8 +68,15 @@ def test_multiple_choice_through_local_completions_matches_transformers(evaluate
 
     folder = resolve_model(None)
     # token ids on the wire: lm_eval's context lengths and kiln's prompt are then the same tokens
-    results, samples = evaluate("kiln_mc", "local-completions", "/v1/completions", MC_LIMIT, tokenizer=str(folder),
-                                tokenizer_backend="huggingface", tokenized_requests=True)
+    results, samples = evaluate(
+        "kiln_mc",
+        "local-completions",
+        "/v1/completions",
+        MC_LIMIT,
+        tokenizer=str(folder),
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,
+    )
     assert 0 <= results["acc,none"] <= 1
     assert len(samples) == MC_LIMIT
     for sample in samples:
@@ -84,8 +98,9 @@ def test_multiple_choice_through_local_completions_matches_transformers(evaluate
 
 
 def test_generate_until_through_local_chat_completions(evaluate):
-    results, samples = evaluate("kiln_gen", "local-chat-completions", "/v1/chat/completions", GEN_LIMIT,
-                                tokenized_requests=False)
+    results, samples = evaluate(
+        "kiln_gen", "local-chat-completions", "/v1/chat/completions", GEN_LIMIT, tokenized_requests=False
+    )
     assert 0 <= results["exact_match,first_number"] <= 1
     assert len(samples) == GEN_LIMIT
     assert all(isinstance(text, str) for sample in samples for text in sample["resps"][0]), samples

@@ -108,8 +108,13 @@ def http(live_server) -> httpx.Client:
 def openai_client(live_server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{live_server.base_url}/v1", api_key=live_server.api_key, max_retries=0,
-                    timeout=300, _strict_response_validation=True)
+    client = OpenAI(
+        base_url=f"{live_server.base_url}/v1",
+        api_key=live_server.api_key,
+        max_retries=0,
+        timeout=300,
+        _strict_response_validation=True,
+    )
     yield client
     client.close()
 
@@ -119,8 +124,13 @@ def async_openai_factory(live_server):
     from openai import AsyncOpenAI
 
     def make() -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=f"{live_server.base_url}/v1", api_key=live_server.api_key, max_retries=0,
-                           timeout=300, _strict_response_validation=True)
+        return AsyncOpenAI(
+            base_url=f"{live_server.base_url}/v1",
+            api_key=live_server.api_key,
+            max_retries=0,
+            timeout=300,
+            _strict_response_validation=True,
+        )
 
     return make
 
@@ -136,7 +146,7 @@ def sse_events(source: httpx.Response | Iterator[str]) -> list[dict | str]:
     events = []
     for line in source.iter_lines() if isinstance(source, httpx.Response) else source:
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.serve import RequestResult, benchmark, markdown, make_prompts, summarize
+from bench.serve import RequestResult, benchmark, make_prompts, markdown, summarize
 
 
 def test_metrics_follow_vllms_definitions():
@@ -39,8 +39,16 @@ def test_prompts_have_the_asked_token_length():
 
 @pytest.mark.slow
 def test_a_short_run_against_the_live_server(live_server):
-    doc = benchmark(live_server.base_url, input_len=32, output_len=8, concurrency=[1, 3], num_prompts=3,
-                    goodput={"ttft": 60_000}, label="kiln", api_key=live_server.api_key)
+    doc = benchmark(
+        live_server.base_url,
+        input_len=32,
+        output_len=8,
+        concurrency=[1, 3],
+        num_prompts=3,
+        goodput={"ttft": 60_000},
+        label="kiln",
+        api_key=live_server.api_key,
+    )
     assert [lv["value"] for lv in doc["levels"]] == [1, 3]
     for lv in doc["levels"]:
         assert (lv["completed"], lv["failed"]) == (3, 0)

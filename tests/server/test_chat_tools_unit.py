@@ -14,8 +14,13 @@ from server.protocol import ChatCompletionRequest
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
 ]
 
@@ -49,17 +54,23 @@ def test_a_template_without_tools_gets_them_as_text():
     conversation, kwargs = tokenizer.calls[0]
     assert "tools" not in kwargs
     assert conversation[0]["role"] == "system" and "get_weather" in conversation[0]["content"]
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in conversation[2]["content"]
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        in conversation[2]["content"]
+    )
     assert conversation[3]["content"].startswith("<tool_response>") and "Sunny" in conversation[3]["content"]
 
 
-@pytest.mark.parametrize("template, flag, parser", [
-    ("{{ tools }} <tool_call>", None, "hermes"),
-    ("{{ tools }} <|python_tag|>", None, "llama3_json"),
-    ("{{ tools }} [TOOL_CALLS]", None, "mistral"),
-    ("{{ tools }} <tool_call>", "mistral", "mistral"),
-    ("{{ messages }}", None, "hermes"),  # no tool support: the fallback text asks for Hermes blocks
-])
+@pytest.mark.parametrize(
+    "template, flag, parser",
+    [
+        ("{{ tools }} <tool_call>", None, "hermes"),
+        ("{{ tools }} <|python_tag|>", None, "llama3_json"),
+        ("{{ tools }} [TOOL_CALLS]", None, "mistral"),
+        ("{{ tools }} <tool_call>", "mistral", "mistral"),
+        ("{{ messages }}", None, "hermes"),  # no tool support: the fallback text asks for Hermes blocks
+    ],
+)
 def test_the_auto_parser(template, flag, parser):
     assert plan_tools(_request(tools=[WEATHER]), template, flag).parser == parser
 

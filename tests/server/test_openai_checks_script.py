@@ -40,9 +40,22 @@ def test_every_check_passes_against_the_default_model(tmp_path):
     # An API key on the server makes the script prove it sends it everywhere /v1 needs it.
     server = start_server(tmp_path, api_key="checks-key")
     try:
-        result = subprocess.run([sys.executable, str(SCRIPT), "--url", server.base_url, "--api-key", "checks-key",
-                                 "--json", str(tmp_path / "checks.json")],
-                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--url",
+                server.base_url,
+                "--api-key",
+                "checks-key",
+                "--json",
+                str(tmp_path / "checks.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
     finally:
         code = server.stop()
     report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"

@@ -82,16 +82,18 @@ def test_invalid_completion_bodies_are_400(app_client, body, contains):
 
 
 def test_malformed_json_is_400(app_client):
-    response = app_client.post("/v1/chat/completions", content=b'{"messages": [',
-                               headers={"content-type": "application/json"})
+    response = app_client.post(
+        "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+    )
     assert_error(response, 400, contains="not valid JSON")
     response = app_client.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
     assert_error(response, 400, contains="JSON object")
 
 
 def test_non_json_content_type_is_400(app_client):
-    response = app_client.post("/v1/chat/completions", content=b"messages=hi",
-                               headers={"content-type": "application/x-www-form-urlencoded"})
+    response = app_client.post(
+        "/v1/chat/completions", content=b"messages=hi", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert_error(response, 400, contains="Content-Type: application/json")
 
 

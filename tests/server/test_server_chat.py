@@ -98,8 +98,15 @@ def test_max_tokens_gives_length_and_exact_usage(openai_client, model_name):
 
 
 def test_usage_chunk_and_done(http, model_name):
-    body = dict(model=model_name, messages=QUESTION, max_tokens=6, temperature=0, n=2, stream=True,
-                stream_options={"include_usage": True})
+    body = dict(
+        model=model_name,
+        messages=QUESTION,
+        max_tokens=6,
+        temperature=0,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -112,8 +119,11 @@ def test_usage_chunk_and_done(http, model_name):
     assert 2 <= usage["completion_tokens"] <= 12
     assert all(e["usage"] is None for e in events[:-2])
     assert len({e["id"] for e in events[:-1]}) == 1
-    finishes = [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events[:-2]
-                if e["choices"][0]["finish_reason"]]
+    finishes = [
+        (e["choices"][0]["index"], e["choices"][0]["finish_reason"])
+        for e in events[:-2]
+        if e["choices"][0]["finish_reason"]
+    ]
     assert sorted(index for index, _ in finishes) == [0, 1]
 
 
@@ -162,8 +172,16 @@ def test_roles_and_content_parts(openai_client, model_name):
 
 def test_sampling_extensions_accepted(openai_client, model_name):
     response = greedy(
-        openai_client, model_name, max_tokens=6, temperature=0.7, top_p=0.9, presence_penalty=0.5,
-        frequency_penalty=0.5, logit_bias={"198": -100}, user="tester", seed=3,
+        openai_client,
+        model_name,
+        max_tokens=6,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={"198": -100},
+        user="tester",
+        seed=3,
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2},
     )
     assert response.usage.completion_tokens >= 2

@@ -80,8 +80,13 @@ def test_engine_dir_must_hold_an_engine(tmp_path):
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", "-1"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("kiln serve: invalid --port")
 
@@ -89,9 +94,22 @@ def test_console_entry_point_runs():
 def test_model_that_fails_to_load_exits_1(tmp_path):
     (tmp_path / "not-a-model").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
-         "--model", str(tmp_path / "not-a-model")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--model",
+            str(tmp_path / "not-a-model"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     assert "The model failed to load" in result.stderr and "config.json" in result.stderr

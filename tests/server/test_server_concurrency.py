@@ -17,6 +17,7 @@ STORY = [{"role": "user", "content": "Write a long story about the sea."}]
 
 def idle(http) -> dict[str, float]:
     """Metrics once nothing runs or waits (earlier tests' aborts may still be landing)."""
+
     def quiet():
         m = scrape(http)
         return m if m["kiln:num_requests_running"] == 0 and m["kiln:num_requests_waiting"] == 0 else None
@@ -31,9 +32,14 @@ def test_sixteen_concurrent_streams(async_openai_factory, model_name, http):
 
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model=model_name, messages=[{"role": "user", "content": f"Count to ten, attempt {i}."}],
-            max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
+            model=model_name,
+            messages=[{"role": "user", "content": f"Count to ten, attempt {i}."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         text, finishes, usage, ids = [], [], None, set()
         async for chunk in stream:
             ids.add(chunk.id)
@@ -59,7 +65,7 @@ def test_sixteen_concurrent_streams(async_openai_factory, model_name, http):
         assert usage.completion_tokens == 8
     after = idle(http)
     assert after["kiln:generation_tokens_total"] - before["kiln:generation_tokens_total"] >= 16 * 8
-    assert after["kiln:request_success_total{finished_reason=\"length\"}"] >= 16
+    assert after['kiln:request_success_total{finished_reason="length"}'] >= 16
 
 
 def test_stream_disconnect_frees_the_request(live_server, http, model_name):

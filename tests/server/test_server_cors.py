@@ -14,8 +14,11 @@ from .conftest import assert_error, start_server
 
 ORIGIN = "http://example.com"
 KEY = "k"
-PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-             "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+}
 
 
 def test_origins_are_a_comma_separated_list(monkeypatch):
@@ -91,8 +94,10 @@ def test_a_disallowed_origin_gets_no_allow_origin(client):
 
 @pytest.mark.slow
 def test_without_the_flag_no_cors_headers_are_sent(live_server, http):
-    responses = [http.get("/v1/models", headers={"Origin": ORIGIN}),
-                 httpx.options(f"{live_server.base_url}/v1/chat/completions", headers=PREFLIGHT)]
+    responses = [
+        http.get("/v1/models", headers={"Origin": ORIGIN}),
+        httpx.options(f"{live_server.base_url}/v1/chat/completions", headers=PREFLIGHT),
+    ]
     assert responses[1].status_code == 401  # no CORS: a preflight is an ordinary OPTIONS, without the key
     for response in responses:
         assert not [name for name in response.headers if name.startswith("access-control-")], response.headers

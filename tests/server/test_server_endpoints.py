@@ -31,8 +31,17 @@ def test_metadata_and_version(http, model_name):
     metadata = http.get("/v1/metadata").json()
     assert metadata["model"] == model_name
     assert metadata["backend"] == "torch"
-    for key in ("precision", "kv_cache_dtype", "hardware", "profile", "max_model_len", "block_size",
-                "num_kv_blocks", "versions", "extra"):
+    for key in (
+        "precision",
+        "kv_cache_dtype",
+        "hardware",
+        "profile",
+        "max_model_len",
+        "block_size",
+        "num_kv_blocks",
+        "versions",
+        "extra",
+    ):
         assert key in metadata
     assert {"kiln", "python", "torch", "transformers"} <= set(metadata["versions"])
     version = http.get("/v1/version").json()["version"]
@@ -40,12 +49,21 @@ def test_metadata_and_version(http, model_name):
 
 
 METRIC_NAMES = [
-    "kiln:num_requests_running", "kiln:num_requests_waiting", "kiln:kv_cache_usage_perc",
-    "kiln:prefix_cache_queries_total", "kiln:prefix_cache_hits_total", "kiln:num_preemptions_total",
-    "kiln:prompt_tokens_total", "kiln:generation_tokens_total",
+    "kiln:num_requests_running",
+    "kiln:num_requests_waiting",
+    "kiln:kv_cache_usage_perc",
+    "kiln:prefix_cache_queries_total",
+    "kiln:prefix_cache_hits_total",
+    "kiln:num_preemptions_total",
+    "kiln:prompt_tokens_total",
+    "kiln:generation_tokens_total",
 ]
-HISTOGRAMS = ["kiln:time_to_first_token_seconds", "kiln:inter_token_latency_seconds",
-              "kiln:e2e_request_latency_seconds", "kiln:request_queue_time_seconds"]
+HISTOGRAMS = [
+    "kiln:time_to_first_token_seconds",
+    "kiln:inter_token_latency_seconds",
+    "kiln:e2e_request_latency_seconds",
+    "kiln:request_queue_time_seconds",
+]
 
 
 def test_metrics_move_with_requests(http, openai_client, model_name):
@@ -56,8 +74,9 @@ def test_metrics_move_with_requests(http, openai_client, model_name):
         assert name in before, name
     prompt = "Repeat after me: the quick brown fox jumps over the lazy dog."
     for _ in range(2):  # the second one finds the prompt in the prefix cache
-        result = openai_client.completions.create(model=model_name, prompt=prompt * 3, max_tokens=4,
-                                                  temperature=0, extra_body={"ignore_eos": True})
+        result = openai_client.completions.create(
+            model=model_name, prompt=prompt * 3, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
     after = scrape(http)
     assert after["kiln:prompt_tokens_total"] - before["kiln:prompt_tokens_total"] >= 2 * result.usage.prompt_tokens
     assert after["kiln:generation_tokens_total"] - before["kiln:generation_tokens_total"] >= 8
@@ -67,4 +86,4 @@ def test_metrics_move_with_requests(http, openai_client, model_name):
     assert after[length] - before.get(length, 0) == 2
     for name in HISTOGRAMS:
         assert after[f"{name}_count"] - before.get(f"{name}_count", 0) >= 2, name
-        assert f"{name}_bucket{{le=\"+Inf\"}}" in after
+        assert f'{name}_bucket{{le="+Inf"}}' in after

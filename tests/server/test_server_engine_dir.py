@@ -21,8 +21,18 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "N
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "smollm2-int4"
-    build(BuildOptions(output=str(out), precision="int4-rtn", kv_cache_dtype="int8", calib_samples=16,
-                       eval_samples=4, eval_tokens=8, bench=False, progress=False))
+    build(
+        BuildOptions(
+            output=str(out),
+            precision="int4-rtn",
+            kv_cache_dtype="int8",
+            calib_samples=16,
+            eval_samples=4,
+            eval_tokens=8,
+            bench=False,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -39,9 +49,12 @@ def in_process_answers(engine_dir: Path) -> list[str]:
     core = build_core(config, loaded)
     answers = []
     for i, question in enumerate(QUESTIONS):  # one at a time, as the server sees them
-        ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
-        core.add_request(GenerationRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)))
+        ids = loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        core.add_request(
+            GenerationRequest(f"q{i}", ids, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        )
         tokens = []
         while core.has_work():
             for out in core.step():
@@ -55,9 +68,18 @@ def test_served_engine_answers_like_the_engine_in_process(engine_dir, engine_ser
 
     client = OpenAI(base_url=f"{engine_server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
     model = client.models.list().data[0].id
-    served = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=16,
-                                             temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
-              for q in QUESTIONS]
+    served = [
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": q}],
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .message.content
+        for q in QUESTIONS
+    ]
     client.close()
     assert served == in_process_answers(engine_dir)
     assert all(served)
@@ -71,8 +93,9 @@ def test_metadata_reports_the_engine_and_its_quantized_kv_cache(engine_server):
     assert meta["extra"]["engine"]["weight_formats"]["qkv_proj"] == "int4"
     metrics = httpx.get(f"{engine_server.base_url}/metrics", timeout=30).text
     assert 'cache_dtype="int8"' in metrics
-    capacity = next(float(line.split()[-1]) for line in metrics.splitlines()
-                    if line.startswith("kiln:kv_cache_capacity_tokens{"))
+    capacity = next(
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kiln:kv_cache_capacity_tokens{")
+    )
     # the default 1 GiB pool: 46,592 tokens in bf16 for this model; int8 holds twice as many
     assert capacity >= 2 * 46592
 

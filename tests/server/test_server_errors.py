@@ -35,9 +35,13 @@ HI = [{"role": "user", "content": "Hi"}]
         ({"stop_token_ids": [-1]}, None),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
-                                                                                 "function": {"name": "g"}}},
-         "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
@@ -77,8 +81,9 @@ def test_invalid_completion_values_are_400(http, model_name, override, contains)
 
 def test_context_length_exceeded(http, model_name):
     max_model_len = http.get("/v1/models").json()["data"][0]["max_model_len"]
-    response = http.post("/v1/chat/completions", json={"model": model_name, "messages": HI,
-                                                        "max_tokens": max_model_len})
+    response = http.post(
+        "/v1/chat/completions", json={"model": model_name, "messages": HI, "max_tokens": max_model_len}
+    )
     error = assert_error(response, 400, contains=f"This model's maximum context length is {max_model_len} tokens.")
     prompt_tokens = int(error["message"].split("(")[1].split(" in the messages")[0])
     assert error["message"] == (
@@ -95,8 +100,9 @@ def test_malformed_and_wrong_bodies_are_400_not_422(http):
     for content in (b"{not json", b"[]", b'"text"', b"", b'{"messages": [{"role": "user"}], "n": "x"}'):
         response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
         assert_error(response, 400)
-    assert_error(http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400,
-                 contains="role")
+    assert_error(
+        http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400, contains="role"
+    )
 
 
 def test_unknown_model_is_404(http, openai_client):

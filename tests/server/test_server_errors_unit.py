@@ -18,8 +18,18 @@ from server.errors import APIError, from_exception
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sampling import build_sampling_params
 
-INFO = EngineInfo(model_name="m", backend="torch", dtype="float32", kv_cache_dtype="float32", device="cpu",
-                  max_model_len=64, vocab_size=100, eos_token_ids=[2], block_size=16, num_kv_blocks=8)
+INFO = EngineInfo(
+    model_name="m",
+    backend="torch",
+    dtype="float32",
+    kv_cache_dtype="float32",
+    device="cpu",
+    max_model_len=64,
+    vocab_size=100,
+    eos_token_ids=[2],
+    block_size=16,
+    num_kv_blocks=8,
+)
 
 
 def test_request_errors_stay_value_errors_for_callers_written_before_them():
@@ -29,8 +39,14 @@ def test_request_errors_stay_value_errors_for_callers_written_before_them():
 
 def test_a_request_error_is_a_400_with_its_param_and_code():
     error = from_exception(InvalidValueError("Whatever the sentence says first.", "temperature"))
-    assert error.body() == {"error": {"message": "Whatever the sentence says first.", "type": "invalid_request_error",
-                                      "param": "temperature", "code": None}}
+    assert error.body() == {
+        "error": {
+            "message": "Whatever the sentence says first.",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
     error = from_exception(ContextLengthExceededError("Too long."))
     assert (error.status_code, error.param, error.code) == (400, None, "context_length_exceeded")
 
@@ -40,10 +56,13 @@ def test_a_plain_value_error_is_still_a_400_without_param():
     assert (error.status_code, error.param, error.code) == (400, None, None)
 
 
-@pytest.mark.parametrize("exc, status, code", [
-    (RequestFailedError("boom"), 500, "request_failed"),
-    (EngineDeadError("gone"), 503, "engine_dead"),
-])
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (RequestFailedError("boom"), 500, "request_failed"),
+        (EngineDeadError("gone"), 503, "engine_dead"),
+    ],
+)
 def test_a_failed_request_and_a_dead_engine_are_told_apart(exc, status, code):
     error = from_exception(exc)
     assert (error.status_code, error.code) == (status, code)
@@ -56,13 +75,15 @@ def sampling_error(body) -> APIError:
 
 
 def test_sampling_errors_name_the_field_of_the_body():
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                 stop_token_ids=[500])
+    chat = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stop_token_ids=[500]
+    )
     error = sampling_error(chat)
     assert error.message.startswith("stop token id 500 is outside the vocabulary")
     assert error.param == "stop_token_ids"  # the field, not the sentence's first word ("stop")
-    ignore = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                   presence_penalty=3)
+    ignore = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, presence_penalty=3
+    )
     assert sampling_error(ignore).param == "presence_penalty"
 
 

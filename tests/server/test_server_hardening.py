@@ -38,12 +38,27 @@ def assert_still_serving(http, model_name):
     assert http.get("/v1/health/ready").status_code == 200
 
 
-@pytest.mark.parametrize("field, value", [
-    ("top_k", BIG), ("top_k", 2**63 - 1), ("top_k", 10**6), ("n", BIG), ("seed", 2**64), ("seed", -(2**63) - 1),
-    ("max_tokens", BIG), ("min_tokens", BIG), ("logprobs", BIG), ("stop_token_ids", [BIG]),
-    ("logit_bias", {str(BIG): 1}), ("prompt", [BIG]), ("best_of", BIG), ("temperature", 1e308),
-    ("temperature", 1e-300), ("top_p", 1e-300),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", BIG),
+        ("top_k", 2**63 - 1),
+        ("top_k", 10**6),
+        ("n", BIG),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("max_tokens", BIG),
+        ("min_tokens", BIG),
+        ("logprobs", BIG),
+        ("stop_token_ids", [BIG]),
+        ("logit_bias", {str(BIG): 1}),
+        ("prompt", [BIG]),
+        ("best_of", BIG),
+        ("temperature", 1e308),
+        ("temperature", 1e-300),
+        ("top_p", 1e-300),
+    ],
+)
 def test_extreme_numbers_never_reach_the_engine_unchecked(http, model_name, field, value):
     body = {"model": model_name, "prompt": "hi", "max_tokens": 2, field: value}
     response = http.post("/v1/completions", json=body)
@@ -68,14 +83,20 @@ def test_a_tiny_temperature_is_greedy(http, model_name):
     assert tiny == greedy
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
-    ("/v1/completions", {"prompt": ["fine", "x\udfffy"]}, "prompt.1"),
-    ("/v1/completions", {"prompt": "fine", "stop": ["\ud800"]}, "stop.0"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
-     "messages.0.content.0.text"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+        ("/v1/completions", {"prompt": ["fine", "x\udfffy"]}, "prompt.1"),
+        ("/v1/completions", {"prompt": "fine", "stop": ["\ud800"]}, "stop.0"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+            "messages.0.content.0.text",
+        ),
+    ],
+)
 def test_lone_surrogates_are_400_naming_the_field(http, model_name, path, body, param):
     # json.dumps escapes the surrogate as \\ud800, which is what a client sends
     raw = json.dumps({"model": model_name, "max_tokens": 2, **body})
@@ -108,8 +129,13 @@ def raw_request_headers_only(base_url: str, path: str, headers: dict[str, str], 
     """Send a request's headers announcing a large body, send none of it, and return the first bytes of
     the reply (b"" when the server waits for the body)."""
     url = urlparse(base_url)
-    lines = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
-             "Content-Length: 5000000", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {url.netloc}",
+        "Content-Type: application/json",
+        "Content-Length: 5000000",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         try:
@@ -121,8 +147,9 @@ def raw_request_headers_only(base_url: str, path: str, headers: dict[str, str], 
 def test_unauthenticated_body_gets_401_unread(live_server):
     reply = raw_request_headers_only(live_server.base_url, "/v1/chat/completions", {}, timeout=10)
     assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
-    reply = raw_request_headers_only(live_server.base_url, "/v1/completions",
-                                     {"Authorization": "Bearer wrong"}, timeout=10)
+    reply = raw_request_headers_only(
+        live_server.base_url, "/v1/completions", {"Authorization": "Bearer wrong"}, timeout=10
+    )
     assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
 
 
@@ -148,11 +175,16 @@ def test_api_docs_need_the_key(live_server, http):
 def test_a_prompt_longer_than_any_context_is_refused_untokenized(http, model_name):
     max_model_len = http.get("/v1/models").json()["data"][0]["max_model_len"]
     prompt = "x" * (max_model_len * 200)  # no token of the model holds 200 characters
-    for path, body in (("/v1/completions", {"prompt": prompt}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})):
+    for path, body in (
+        ("/v1/completions", {"prompt": prompt}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}),
+    ):
         started = time.monotonic()
-        error = assert_error(http.post(path, json={"model": model_name, **body}), 400,
-                             contains=f"maximum context length is {max_model_len} tokens")
+        error = assert_error(
+            http.post(path, json={"model": model_name, **body}),
+            400,
+            contains=f"maximum context length is {max_model_len} tokens",
+        )
         assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
         assert time.monotonic() - started < 10  # tokenizing it would take tens of seconds
 

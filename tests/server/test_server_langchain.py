@@ -28,8 +28,13 @@ class GetWeather(BaseModel):
 
 @pytest.fixture
 def chat(live_server, model_name):
-    return langchain_openai.ChatOpenAI(base_url=f"{live_server.base_url}/v1", api_key=live_server.api_key, model=model_name,
-                                       temperature=0, max_tokens=120)
+    return langchain_openai.ChatOpenAI(
+        base_url=f"{live_server.base_url}/v1",
+        api_key=live_server.api_key,
+        model=model_name,
+        temperature=0,
+        max_tokens=120,
+    )
 
 
 PROMPT = "Name a large city as JSON with the keys name, country and population_millions."

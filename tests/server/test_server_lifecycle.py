@@ -22,8 +22,18 @@ HI = [{"role": "user", "content": "Say hello."}]
 def small_server(tmp_path_factory):
     server = start_server(
         tmp_path_factory.mktemp("small"),
-        "--served-model-name", NAME, "--max-model-len", str(CONTEXT), "--max-num-seqs", "1",
-        "--max-num-waiting", "1", "--kv-cache-memory", "64MiB", "--graceful-shutdown-timeout", "20",
+        "--served-model-name",
+        NAME,
+        "--max-model-len",
+        str(CONTEXT),
+        "--max-num-seqs",
+        "1",
+        "--max-num-waiting",
+        "1",
+        "--kv-cache-memory",
+        "64MiB",
+        "--graceful-shutdown-timeout",
+        "20",
     )
     yield server
     server.stop()
@@ -49,8 +59,10 @@ def test_no_api_key_means_open_and_served_name_applies(client):
 
 def test_chat_without_max_tokens_and_completions_with_null_fill_the_context(client):
     """(Completions without max_tokens stop at 16, OpenAI's default: test_server_tokenize.py.)"""
-    for path, body in (("/v1/chat/completions", {"messages": HI}),
-                       ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": None})):
+    for path, body in (
+        ("/v1/chat/completions", {"messages": HI}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": None}),
+    ):
         response = client.post(path, json={**body, "ignore_eos": True, "temperature": 0}).json()
         assert response["choices"][0]["finish_reason"] == "length"
         assert response["usage"]["total_tokens"] == CONTEXT

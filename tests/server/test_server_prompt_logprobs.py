@@ -43,15 +43,28 @@ def test_max_tokens_zero_with_echo_only_scores(http, model_name):
     assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"]
     assert body["usage"]["completion_tokens"] == 0
-    assert_error(http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 0}), 400,
-                 contains="echo")
+    assert_error(
+        http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 0}),
+        400,
+        contains="echo",
+    )
 
 
 def test_streamed_echo_carries_the_prompt_logprobs(http, model_name):
     whole = _completion(http, model_name, max_tokens=4, logprobs=2, echo=True, temperature=0)["choices"][0]
-    with http.stream("POST", "/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 4,
-                                                      "logprobs": 2, "echo": True, "temperature": 0,
-                                                      "stream": True}) as response:
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": model_name,
+            "prompt": PROMPT,
+            "max_tokens": 4,
+            "logprobs": 2,
+            "echo": True,
+            "temperature": 0,
+            "stream": True,
+        },
+    ) as response:
         events = [e for e in sse_events(response) if isinstance(e, dict)]
     tokens, logprobs, text = [], [], ""
     for event in events:
@@ -61,8 +74,9 @@ def test_streamed_echo_carries_the_prompt_logprobs(http, model_name):
                 tokens += choice["logprobs"]["tokens"]
                 logprobs += choice["logprobs"]["token_logprobs"]
     assert text == whole["text"] and tokens == whole["logprobs"]["tokens"]
-    assert logprobs[0] is None and all(math.isclose(a, b, abs_tol=1e-5)
-                                       for a, b in zip(logprobs[1:], whole["logprobs"]["token_logprobs"][1:]))
+    assert logprobs[0] is None and all(
+        math.isclose(a, b, abs_tol=1e-5) for a, b in zip(logprobs[1:], whole["logprobs"]["token_logprobs"][1:])
+    )
 
 
 def test_vllm_prompt_logprobs(http, model_name, openai_client):
@@ -73,10 +87,24 @@ def test_vllm_prompt_logprobs(http, model_name, openai_client):
         assert 1 <= len(entry) <= 3  # the token itself and the top 2
         ranks = sorted(e["rank"] for e in entry.values())
         assert ranks[0] == 1 or len(entry) == 3
-        assert any(math.isclose(e["logprob"], choice["logprobs"]["token_logprobs"][position], abs_tol=1e-6)
-                   for e in entry.values())
-    chat = http.post("/v1/chat/completions", json={"model": model_name, "max_tokens": 1, "prompt_logprobs": 0,
-                                                   "messages": [{"role": "user", "content": "Hi"}]}).json()
+        assert any(
+            math.isclose(e["logprob"], choice["logprobs"]["token_logprobs"][position], abs_tol=1e-6)
+            for e in entry.values()
+        )
+    chat = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model_name,
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    ).json()
     assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
-    assert_error(http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "prompt_logprobs": 1,
-                                                    "stream": True}), 400, contains="prompt_logprobs")
+    assert_error(
+        http.post(
+            "/v1/completions", json={"model": model_name, "prompt": PROMPT, "prompt_logprobs": 1, "stream": True}
+        ),
+        400,
+        contains="prompt_logprobs",
+    )

@@ -21,10 +21,19 @@ from .conftest import assert_error, sse_events, wait_until
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.mark.parametrize("value, ok", [
-    ("abc-123_X.y:z/=", True), ("x" * 128, True), ("x" * 129, False), ("", False), ("a b", False),
-    ("a\tb", False), ("a\x7fb", False), ("caf\xe9", False),
-])
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        ("abc-123_X.y:z/=", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("", False),
+        ("a b", False),
+        ("a\tb", False),
+        ("a\x7fb", False),
+        ("caf\xe9", False),
+    ],
+)
 def test_usable_ids_are_short_visible_ascii(value, ok):
     assert usable(value) is ok
 
@@ -81,8 +90,12 @@ def test_the_sent_id_comes_back(live_server, http, model_name, case):
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_a_stream_carries_the_id(http, model_name, path):
     rid = sent_id()
-    body = {"model": model_name, "max_tokens": 3, "stream": True,
-            **({"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})}
+    body = {
+        "model": model_name,
+        "max_tokens": 3,
+        "stream": True,
+        **({"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}),
+    }
     with http.stream("POST", path, json=body, headers={"X-Request-Id": rid}) as response:
         assert response.status_code == 200
         assert response.headers["x-request-id"] == rid
@@ -129,8 +142,13 @@ def test_the_id_is_in_the_log_lines_of_its_request(live_server, http, model_name
     rid = sent_id()
     body = {"model": model_name, "prompt": "Hi", "max_tokens": 5, "ignore_eos": True}
     assert http.post("/v1/completions", json=body, headers={"X-Request-Id": rid}).status_code == 200
-    lines = wait_until(lambda: [line for line in live_server.log().splitlines()
-                                if line.endswith(f" request_id={rid}")])
-    assert any(re.search(rf"Engine requests {re.escape(rid)}-\d+-\* ended after [0-9.]+ s \(length\): "
-                         r"\d+ prompt, 5 completion tokens", line) for line in lines), lines
+    lines = wait_until(lambda: [line for line in live_server.log().splitlines() if line.endswith(f" request_id={rid}")])
+    assert any(
+        re.search(
+            rf"Engine requests {re.escape(rid)}-\d+-\* ended after [0-9.]+ s \(length\): "
+            r"\d+ prompt, 5 completion tokens",
+            line,
+        )
+        for line in lines
+    ), lines
     assert any('"POST /v1/completions HTTP/1.1" 200' in line for line in lines), lines  # the access log

@@ -29,19 +29,28 @@ WEATHER = {
 }
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0,
-                                                                          "maximum": 120}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-YES_NO = {"type": "json_schema", "name": "answer", "strict": True,
-          "schema": {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
-                     "additionalProperties": False}}
+YES_NO = {
+    "type": "json_schema",
+    "name": "answer",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    },
+}
 
 
 def test_string_input(openai_client, model_name):
-    response = openai_client.responses.create(model=model_name, input="Say hello.", max_output_tokens=16,
-                                              temperature=0)
+    response = openai_client.responses.create(model=model_name, input="Say hello.", max_output_tokens=16, temperature=0)
     assert re.fullmatch(r"resp_[0-9a-f]{32}", response.id)
     assert response.object == "response" and response.model == model_name
     assert response.output_text.strip()
@@ -63,10 +72,20 @@ def test_instructions_and_message_items(openai_client, model_name):
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada!"}]},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is my name?"}]},
     ]
-    instructed = openai_client.responses.create(model=model_name, input=items, max_output_tokens=8, temperature=0,
-                                                instructions="Answer in one word.", metadata={"test": "yes"})
-    system = openai_client.responses.create(model=model_name, max_output_tokens=8, temperature=0,
-                                            input=[{"role": "system", "content": "Answer in one word."}, *items])
+    instructed = openai_client.responses.create(
+        model=model_name,
+        input=items,
+        max_output_tokens=8,
+        temperature=0,
+        instructions="Answer in one word.",
+        metadata={"test": "yes"},
+    )
+    system = openai_client.responses.create(
+        model=model_name,
+        max_output_tokens=8,
+        temperature=0,
+        input=[{"role": "system", "content": "Answer in one word."}, *items],
+    )
     assert instructed.output_text
     assert instructed.instructions == "Answer in one word." and instructed.metadata == {"test": "yes"}
     # the instructions are the first system message: the same prompt, the same output
@@ -76,8 +95,9 @@ def test_instructions_and_message_items(openai_client, model_name):
 
 def test_json_schema_format(openai_client, model_name):
     text = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
-    response = openai_client.responses.create(model=model_name, input="Invent a person.", text=text,
-                                              max_output_tokens=64, temperature=0)
+    response = openai_client.responses.create(
+        model=model_name, input="Invent a person.", text=text, max_output_tokens=64, temperature=0
+    )
     assert response.status == "completed"
     jsonschema.validate(json.loads(response.output_text), PERSON)
     assert response.text.format.type == "json_schema" and response.text.format.schema_ == PERSON
@@ -85,8 +105,13 @@ def test_json_schema_format(openai_client, model_name):
 
 def test_function_call_round_trip(openai_client, model_name):
     first = openai_client.responses.create(
-        model=model_name, input="What is the weather like in Paris?", tools=[WEATHER],
-        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=64, temperature=0)
+        model=model_name,
+        input="What is the weather like in Paris?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=64,
+        temperature=0,
+    )
     assert first.status == "completed"
     [call] = first.output
     assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
@@ -95,8 +120,13 @@ def test_function_call_round_trip(openai_client, model_name):
     assert first.tools[0].name == "get_weather" and first.tool_choice.name == "get_weather"
 
     second = openai_client.responses.create(
-        model=model_name, previous_response_id=first.id, tools=[WEATHER], max_output_tokens=24, temperature=0,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 21}'}])
+        model=model_name,
+        previous_response_id=first.id,
+        tools=[WEATHER],
+        max_output_tokens=24,
+        temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 21}'}],
+    )
     assert second.previous_response_id == first.id
     assert [item.type for item in second.output] == ["message"]
     # the whole conversation went into the prompt: the first input, its call and the call's output
@@ -106,8 +136,10 @@ def test_function_call_round_trip(openai_client, model_name):
 def test_unknown_or_unstored_previous_response_is_404(openai_client, http, model_name):
     unstored = openai_client.responses.create(model=model_name, input="Hi", max_output_tokens=2, store=False)
     for response_id in ("resp_0123456789abcdef", unstored.id):
-        error = assert_error(http.post("/v1/responses", json={"model": model_name, "input": "Hi",
-                                                                "previous_response_id": response_id}), 404)
+        error = assert_error(
+            http.post("/v1/responses", json={"model": model_name, "input": "Hi", "previous_response_id": response_id}),
+            404,
+        )
         assert error["type"] == "invalid_request_error" and error["param"] == "previous_response_id"
         assert response_id in error["message"]
 
@@ -119,16 +151,28 @@ def _stream(openai_client, **kwargs):
 
 
 def test_stream_text(openai_client, model_name):
-    kwargs = {"model": model_name, "input": "Is water wet?", "text": {"format": YES_NO}, "max_output_tokens": 32,
-              "temperature": 0}
+    kwargs = {
+        "model": model_name,
+        "input": "Is water wet?",
+        "text": {"format": YES_NO},
+        "max_output_tokens": 32,
+        "temperature": 0,
+    }
     events, final = _stream(openai_client, **kwargs)
     kinds = [event.type for event in events]
     deltas = kinds.count("response.output_text.delta")
     assert deltas > 0
-    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", *["response.output_text.delta"] * deltas,
-                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                     "response.completed"]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [event.sequence_number for event in events] == list(range(len(events)))
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert text == final.output_text == events[-4].text
@@ -141,13 +185,19 @@ def test_stream_text(openai_client, model_name):
 
 
 def test_stream_function_call(openai_client, model_name):
-    events, final = _stream(openai_client, model=model_name, input="Weather in Rome?", tools=[WEATHER],
-                            tool_choice="required", parallel_tool_calls=False, max_output_tokens=64,
-                            temperature=0)
+    events, final = _stream(
+        openai_client,
+        model=model_name,
+        input="Weather in Rome?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=64,
+        temperature=0,
+    )
     kinds = [event.type for event in events]
     assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
-    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done",
-                          "response.completed"]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
     assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
     [call] = final.output
     assert call.type == "function_call" and call.name == "get_weather"
@@ -157,11 +207,14 @@ def test_stream_function_call(openai_client, model_name):
 
 
 def test_stream_cut_short_is_incomplete(http, model_name):
-    with http.stream("POST", "/v1/responses", json={"model": model_name, "input": "Count to fifty.",
-                                                     "max_output_tokens": 3, "stream": True}) as response:
+    with http.stream(
+        "POST",
+        "/v1/responses",
+        json={"model": model_name, "input": "Count to fifty.", "max_output_tokens": 3, "stream": True},
+    ) as response:
         assert response.status_code == 200
         lines = list(response.iter_lines())
-    names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
     payloads = sse_events(iter(lines))
     assert names == [payload["type"] for payload in payloads]
     assert names[-1] == "response.incomplete" and "[DONE]" not in payloads
@@ -170,22 +223,27 @@ def test_stream_cut_short_is_incomplete(http, model_name):
     assert last["output"][0]["status"] == "incomplete"
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"reasoning": {"effort": "low"}}, "reasoning"),
-    ({"include": ["reasoning.encrypted_content"]}, "include"),
-    ({"background": True}, "background"),
-    ({"truncation": "auto"}, "truncation"),
-    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
-    ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
-    ({"text": {"format": {"type": "text"}, "verbosity": "low"}}, "text.verbosity"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
-     "input.0.message.content.0.type"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
-    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "tool_choice"),
-    ({"max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": []}, "input"),
-])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"background": True}, "background"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+        ({"text": {"format": {"type": "text"}, "verbosity": "low"}}, "text.verbosity"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+            "input.0.message.content.0.type",
+        ),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "tool_choice"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": []}, "input"),
+    ],
+)
 def test_unsupported_fields_are_400(http, model_name, extra, param):
     body = {"model": model_name, "input": "Hi", **extra}
     error = assert_error(http.post("/v1/responses", json=body), 400)

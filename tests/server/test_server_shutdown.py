@@ -21,12 +21,18 @@ LONG = {"prompt": "Tell me everything.", "max_tokens": 900, "ignore_eos": True, 
 
 
 def test_a_dead_engine_fails_liveness_and_the_process_exits_non_zero(tmp_path):
-    server = start_server(tmp_path, "--max-model-len", "256", "--graceful-shutdown-timeout", "5",
-                          module="tests.server.fault_injected_serve")
+    server = start_server(
+        tmp_path,
+        "--max-model-len",
+        "256",
+        "--graceful-shutdown-timeout",
+        "5",
+        module="tests.server.fault_injected_serve",
+    )
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "seed": DEVICE_FAULT_SEED})
-            assert_error(response, 503)["code"] == "engine_dead"
+            assert assert_error(response, 503)["code"] == "engine_dead"
 
             def live_fails():
                 try:
@@ -45,8 +51,15 @@ def test_a_dead_engine_fails_liveness_and_the_process_exits_non_zero(tmp_path):
 def one_seat_server(tmp_path_factory):
     """One sequence at a time: a second request waits in the queue while the first runs."""
     server = start_server(
-        tmp_path_factory.mktemp("one-seat"), "--max-num-seqs", "1", "--max-model-len", "1024",
-        "--sse-keepalive-seconds", str(KEEPALIVE_SECONDS), "--graceful-shutdown-timeout", str(GRACE_SECONDS),
+        tmp_path_factory.mktemp("one-seat"),
+        "--max-num-seqs",
+        "1",
+        "--max-model-len",
+        "1024",
+        "--sse-keepalive-seconds",
+        str(KEEPALIVE_SECONDS),
+        "--graceful-shutdown-timeout",
+        str(GRACE_SECONDS),
     )
     yield server
     server.stop()

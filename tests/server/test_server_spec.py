@@ -13,16 +13,29 @@ from tests.server.conftest import start_server
 
 pytestmark = pytest.mark.slow
 
-PARAGRAPH = ("The quick brown fox jumps over the lazy dog. The dog did not move, because it was asleep in the warm "
-             "afternoon sun, and the fox ran on into the forest.")
+PARAGRAPH = (
+    "The quick brown fox jumps over the lazy dog. The dog did not move, because it was asleep in the warm "
+    "afternoon sun, and the fox ran on into the forest."
+)
 REWRITE = f"Rewrite this paragraph exactly, word for word:\n\n{PARAGRAPH}"
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", REWRITE]
 
 
 @pytest.fixture(scope="module")
 def spec_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("spec-server"), "--dtype", "float32", "--speculative-method", "ngram",
-                          "--num-speculative-tokens", "4", "--ngram-min", "2", "--ngram-max", "4")
+    server = start_server(
+        tmp_path_factory.mktemp("spec-server"),
+        "--dtype",
+        "float32",
+        "--speculative-method",
+        "ngram",
+        "--num-speculative-tokens",
+        "4",
+        "--ngram-min",
+        "2",
+        "--ngram-max",
+        "4",
+    )
     yield server
     server.stop()
 
@@ -36,21 +49,30 @@ def client(spec_server):
 
 def spec_counters(server) -> dict[str, float]:
     text = httpx.get(f"{server.base_url}/metrics").text
-    return {name: float(value) for name, value in re.findall(r"^kiln:(spec_decode_\w+?)(?:_total)?\{[^}]*\} (\S+)$", text, re.M)}
+    return {
+        name: float(value)
+        for name, value in re.findall(r"^kiln:(spec_decode_\w+?)(?:_total)?\{[^}]*\} (\S+)$", text, re.M)
+    }
 
 
 def ask(client, question: str, speculative: bool = True, **kw):
     return client.chat.completions.create(
-        model=client.models.list().data[0].id, messages=[{"role": "user", "content": question}], max_tokens=48,
-        temperature=0, extra_body={"ignore_eos": True, "speculative": speculative}, **kw)
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=48,
+        temperature=0,
+        extra_body={"ignore_eos": True, "speculative": speculative},
+        **kw,
+    )
 
 
 def test_greedy_answers_equal_with_and_without_speculation(client, spec_server):
     before = spec_counters(spec_server)
     plain = [ask(client, q, speculative=False).choices[0].message.content for q in QUESTIONS]
     after_plain = spec_counters(spec_server)
-    assert after_plain["spec_decode_num_draft_tokens"] == before["spec_decode_num_draft_tokens"], \
+    assert after_plain["spec_decode_num_draft_tokens"] == before["spec_decode_num_draft_tokens"], (
         "a request that opted out was drafted for"
+    )
     speculative = [ask(client, q).choices[0].message.content for q in QUESTIONS]
     assert speculative == plain
     after = spec_counters(spec_server)

@@ -13,8 +13,9 @@ from server.streaming import openai_events
 
 
 def chunk(text: str) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id="chatcmpl-1", created=0, model="m",
-                               choices=[ChatChunkChoice(index=0, delta=ChatDelta(content=text))])
+    return ChatCompletionChunk(
+        id="chatcmpl-1", created=0, model="m", choices=[ChatChunkChoice(index=0, delta=ChatDelta(content=text))]
+    )
 
 
 def wire(chunks) -> bytes:
@@ -46,8 +47,14 @@ def test_error_mid_stream_is_an_error_event_then_done():
 
     frames = wire(chunks).decode().split("\n\n")
     error = json.loads(frames[1].removeprefix("data: "))
-    assert error == {"error": {"message": "The engine stopped.", "type": "service_unavailable_error",
-                               "param": None, "code": "engine_dead"}}
+    assert error == {
+        "error": {
+            "message": "The engine stopped.",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "engine_dead",
+        }
+    }
     assert frames[2] == "data: [DONE]"
 
 

@@ -24,8 +24,7 @@ WEATHER = {
         "description": "The current weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 30},
-                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
             "required": ["city", "unit"],
             "additionalProperties": False,
         },
@@ -36,15 +35,22 @@ TIME = {
     "function": {
         "name": "get_time",
         "description": "The local time in a time zone.",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
-                       "required": ["zone"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 30}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
     },
 }
 ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
 # The Hermes text the fallback prompt asks the default model for; a regex forces it where the test needs a
 # model-format call from a model too small to write one reliably.
-HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Za-z]{1,12}", "unit": "celsius"\}\}\n</tool_call>'
+HERMES_CALL = (
+    r'<tool_call>\n\{"name": "get_weather", '
+    r'"arguments": \{"city": "[A-Za-z]{1,12}", "unit": "celsius"\}\}\n</tool_call>'
+)
 
 
 class Role(str, Enum):
@@ -78,8 +84,13 @@ def _valid_call(call) -> dict:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_parse_with_a_pydantic_model(openai_client, model_name, temperature):
     completion = openai_client.chat.completions.parse(
-        model=model_name, temperature=temperature, seed=1, max_tokens=200, response_format=Person,
-        messages=[{"role": "user", "content": "Make up a person who uses our web site."}])
+        model=model_name,
+        temperature=temperature,
+        seed=1,
+        max_tokens=200,
+        response_format=Person,
+        messages=[{"role": "user", "content": "Make up a person who uses our web site."}],
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"
     person = choice.message.parsed
@@ -88,39 +99,63 @@ def test_parse_with_a_pydantic_model(openai_client, model_name, temperature):
 
 def test_json_object(openai_client, model_name):
     completion = openai_client.chat.completions.create(
-        model=model_name, temperature=0, max_tokens=150, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": "Reply with a JSON object with two keys, name and color, for a cat."}])
+        model=model_name,
+        temperature=0,
+        max_tokens=150,
+        response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Reply with a JSON object with two keys, name and color, for a cat."}],
+    )
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
 
 
 def test_vllm_fields_constrain_completions(openai_client, model_name):
-    choice = openai_client.completions.create(model=model_name, prompt="Is the sky blue? Answer:", max_tokens=5,
-                                              extra_body={"guided_choice": ["yes", "no"]})
+    choice = openai_client.completions.create(
+        model=model_name, prompt="Is the sky blue? Answer:", max_tokens=5, extra_body={"guided_choice": ["yes", "no"]}
+    )
     assert choice.choices[0].text in ("yes", "no")
-    regex = openai_client.completions.create(model=model_name, prompt="A date:", max_tokens=20, temperature=1.0,
-                                             extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]"}})
+    regex = openai_client.completions.create(
+        model=model_name,
+        prompt="A date:",
+        max_tokens=20,
+        temperature=1.0,
+        extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]"}},
+    )
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]", regex.choices[0].text)
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
-    guided = openai_client.completions.create(model=model_name, prompt="A number as JSON:", max_tokens=20,
-                                              extra_body={"guided_json": schema})
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    guided = openai_client.completions.create(
+        model=model_name, prompt="A number as JSON:", max_tokens=20, extra_body={"guided_json": schema}
+    )
     jsonschema.validate(json.loads(guided.choices[0].text), schema)
 
 
 def test_a_grammar(openai_client, model_name):
     grammar = 'root ::= "The answer is " ("yes" | "no") "."'
     completion = openai_client.chat.completions.create(
-        model=model_name, max_tokens=20, temperature=1.0, messages=ASK_WEATHER,
-        extra_body={"structured_outputs": {"grammar": grammar}})
+        model=model_name,
+        max_tokens=20,
+        temperature=1.0,
+        messages=ASK_WEATHER,
+        extra_body={"structured_outputs": {"grammar": grammar}},
+    )
     assert completion.choices[0].message.content in ("The answer is yes.", "The answer is no.")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_named_tool_gets_arguments_that_follow_its_schema(openai_client, model_name, temperature):
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], temperature=temperature, max_tokens=60,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        temperature=temperature,
+        max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -131,8 +166,14 @@ def test_a_named_tool_gets_arguments_that_follow_its_schema(openai_client, model
 
 def test_required_calls_one_of_the_tools(openai_client, model_name):
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required", temperature=0,
-        max_tokens=120, parallel_tool_calls=False)
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=120,
+        parallel_tool_calls=False,
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
@@ -141,8 +182,15 @@ def test_required_calls_one_of_the_tools(openai_client, model_name):
 
 def test_required_with_parallel_calls_may_call_several(openai_client, model_name):
     completions = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required", temperature=1.0,
-        seed=5, n=4, max_tokens=200)
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        temperature=1.0,
+        seed=5,
+        n=4,
+        max_tokens=200,
+    )
     for choice in completions.choices:
         calls = choice.message.tool_calls
         assert len({call.id for call in calls}) == len(calls) >= 1
@@ -156,8 +204,13 @@ def test_required_with_parallel_calls_may_call_several(openai_client, model_name
 
 def test_auto_reads_the_models_own_tool_call_format(openai_client, model_name):
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
-        extra_body={"guided_regex": HERMES_CALL})
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        temperature=0,
+        max_tokens=60,
+        extra_body={"guided_regex": HERMES_CALL},
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
@@ -165,11 +218,21 @@ def test_auto_reads_the_models_own_tool_call_format(openai_client, model_name):
 
 
 def test_auto_parallel_calls(openai_client, model_name):
-    two = HERMES_CALL + r"\n" + HERMES_CALL.replace("get_weather", "get_time").replace(
-        r'"city": "[A-Za-z]{1,12}", "unit": "celsius"', r'"zone": "[A-Za-z]{1,12}"')
+    two = (
+        HERMES_CALL
+        + r"\n"
+        + HERMES_CALL.replace("get_weather", "get_time").replace(
+            r'"city": "[A-Za-z]{1,12}", "unit": "celsius"', r'"zone": "[A-Za-z]{1,12}"'
+        )
+    )
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], temperature=0, max_tokens=100,
-        extra_body={"guided_regex": two})
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        temperature=0,
+        max_tokens=100,
+        extra_body={"guided_regex": two},
+    )
     calls = completion.choices[0].message.tool_calls
     assert [call.function.name for call in calls] == ["get_weather", "get_time"]
     for call in calls:
@@ -178,8 +241,13 @@ def test_auto_parallel_calls(openai_client, model_name):
 
 def test_auto_without_a_call_is_plain_content(openai_client, model_name):
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "Say hello."}], tools=[WEATHER], temperature=0,
-        max_tokens=20, extra_body={"guided_regex": "Hello[a-z !]{0,10}"})
+        model=model_name,
+        messages=[{"role": "user", "content": "Say hello."}],
+        tools=[WEATHER],
+        temperature=0,
+        max_tokens=20,
+        extra_body={"guided_regex": "Hello[a-z !]{0,10}"},
+    )
     choice = completion.choices[0]
     assert choice.message.tool_calls in (None, [])
     assert choice.message.content.startswith("Hello")
@@ -188,21 +256,30 @@ def test_auto_without_a_call_is_plain_content(openai_client, model_name):
 
 def test_tool_choice_none_is_plain_text(openai_client, model_name):
     completion = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=20)
+        model=model_name, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=20
+    )
     assert completion.choices[0].message.content
     assert not completion.choices[0].message.tool_calls
 
 
 def test_a_whole_tool_round_trip(openai_client, model_name):
     first = openai_client.chat.completions.create(
-        model=model_name, messages=ASK_WEATHER, tools=[WEATHER], temperature=0, max_tokens=60,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model=model_name,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        temperature=0,
+        max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     message = first.choices[0].message
     [call] = message.tool_calls
-    history = ASK_WEATHER + [message.model_dump(exclude_none=True),
-                             {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees celsius."}]
-    answer = openai_client.chat.completions.create(model=model_name, messages=history, tools=[WEATHER],
-                                                   tool_choice="none", temperature=0, max_tokens=40)
+    history = ASK_WEATHER + [
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees celsius."},
+    ]
+    answer = openai_client.chat.completions.create(
+        model=model_name, messages=history, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=40
+    )
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content
     # the history is in the prompt: the tool result adds its tokens
@@ -212,9 +289,11 @@ def test_a_whole_tool_round_trip(openai_client, model_name):
 
 @pytest.mark.parametrize("kind", ["named", "required", "auto"])
 def test_streamed_tool_calls_reassemble_to_the_non_streamed_ones(openai_client, model_name, kind):
-    extra = {"named": dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}),
-             "required": dict(tool_choice="required", parallel_tool_calls=False),
-             "auto": dict(extra_body={"guided_regex": HERMES_CALL})}[kind]
+    extra = {
+        "named": dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+        "required": dict(tool_choice="required", parallel_tool_calls=False),
+        "auto": dict(extra_body={"guided_regex": HERMES_CALL}),
+    }[kind]
     params = dict(model=model_name, messages=ASK_WEATHER, tools=[WEATHER, TIME], temperature=0, max_tokens=120, **extra)
     whole = openai_client.chat.completions.create(**params).choices[0]
     calls: dict[int, dict] = {}
@@ -231,15 +310,21 @@ def test_streamed_tool_calls_reassemble_to_the_non_streamed_ones(openai_client, 
                     calls[delta.index]["arguments"] += delta.function.arguments
     assert finish == whole.finish_reason == "tool_calls"
     assert [calls[i] for i in sorted(calls)] == [
-        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls]
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
+    ]
 
 
 def test_structured_output_refusals_name_the_problem(http, model_name):
     base = {"model": model_name, "messages": ASK_WEATHER, "max_tokens": 5}
     unique = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}
-    assert_error(http.post("/v1/chat/completions", json=base | {"response_format": unique}), 400, contains="uniqueItems")
-    assert_error(http.post("/v1/chat/completions", json=base | {"guided_decoding_backend": "outlines"}), 400,
-                 contains="guided_decoding_backend")
+    assert_error(
+        http.post("/v1/chat/completions", json=base | {"response_format": unique}), 400, contains="uniqueItems"
+    )
+    assert_error(
+        http.post("/v1/chat/completions", json=base | {"guided_decoding_backend": "outlines"}),
+        400,
+        contains="guided_decoding_backend",
+    )
     both = base | {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}
     assert_error(http.post("/v1/chat/completions", json=both), 400, contains="cannot be combined")
     # metadata fields are accepted and change nothing

@@ -13,9 +13,16 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "The three primary colours are"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +75,18 @@ def test_detokenize_round_trip(http, model_name):
     assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
 
 
-@pytest.mark.parametrize("body, contains", [
-    ({"prompt": "x", "messages": CHAT}, "exactly one of prompt"),
-    ({}, "exactly one of prompt"),
-    ({"prompt": "x", "tools": TOOLS}, "tools"),
-    ({"messages": CHAT, "add_generation_prompt": False}, "add_generation_prompt"),
-    ({"messages": CHAT, "add_special_tokens": True}, "add_special_tokens"),
-    ({"prompt": "a\ud800"}, "not valid Unicode"),
-    ({"messages": [{"role": "user", "content": "\udc00"}]}, "not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "body, contains",
+    [
+        ({"prompt": "x", "messages": CHAT}, "exactly one of prompt"),
+        ({}, "exactly one of prompt"),
+        ({"prompt": "x", "tools": TOOLS}, "tools"),
+        ({"messages": CHAT, "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"messages": CHAT, "add_special_tokens": True}, "add_special_tokens"),
+        ({"prompt": "a\ud800"}, "not valid Unicode"),
+        ({"messages": [{"role": "user", "content": "\udc00"}]}, "not valid Unicode"),
+    ],
+)
 def test_tokenize_refuses(http, body, contains):
     # json.dumps escapes a lone surrogate as \\ud800, which is what a client sends
     response = http.post("/tokenize", content=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -85,8 +95,10 @@ def test_tokenize_refuses(http, body, contains):
 
 def test_inputs_longer_than_the_context_are_400(http, limits):
     max_model_len = limits[0]
-    for path, body in (("/tokenize", {"prompt": "word " * (max_model_len + 10)}),
-                       ("/detokenize", {"tokens": [1] * (max_model_len + 1)})):
+    for path, body in (
+        ("/tokenize", {"prompt": "word " * (max_model_len + 10)}),
+        ("/detokenize", {"tokens": [1] * (max_model_len + 1)}),
+    ):
         error = assert_error(http.post(path, json=body), 400, contains="maximum context length")
         assert error["code"] == "context_length_exceeded"
 
@@ -126,7 +138,7 @@ def test_completions_default_to_16_tokens_and_chat_to_the_context(http, model_na
         for line in stream.iter_lines():
             if not line.startswith("data: "):
                 continue
-            choice = json.loads(line[len("data: "):])["choices"][0]
+            choice = json.loads(line[len("data: ") :])["choices"][0]
             assert choice["finish_reason"] is None, choice
             steps += "role" not in choice["delta"]  # a chunk for every step after the first, the role's
             if steps > 16:

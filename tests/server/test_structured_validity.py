@@ -20,9 +20,13 @@ CONCURRENCY = 32
 
 async def _json_schema(client, model, name, schema, temperature):
     completion = await client.chat.completions.create(
-        model=model, temperature=temperature, seed=0, max_tokens=MAX_TOKENS,
+        model=model,
+        temperature=temperature,
+        seed=0,
+        max_tokens=MAX_TOKENS,
         messages=[{"role": "user", "content": f"Produce a JSON document for '{name}'."}],
-        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
+    )
     choice = completion.choices[0]
     return choice.finish_reason == "stop", choice.message.content
 
@@ -30,9 +34,14 @@ async def _json_schema(client, model, name, schema, temperature):
 async def _named_tool(client, model, name, schema, temperature):
     tool = {"type": "function", "function": {"name": name, "description": f"Records a {name}.", "parameters": schema}}
     completion = await client.chat.completions.create(
-        model=model, temperature=temperature, seed=0, max_tokens=MAX_TOKENS, tools=[tool],
+        model=model,
+        temperature=temperature,
+        seed=0,
+        max_tokens=MAX_TOKENS,
+        tools=[tool],
         messages=[{"role": "user", "content": f"Record a {name}."}],
-        tool_choice={"type": "function", "function": {"name": name}})
+        tool_choice={"type": "function", "function": {"name": name}},
+    )
     choice = completion.choices[0]
     [call] = choice.message.tool_calls
     return choice.finish_reason == "tool_calls" and call.function.name == name, call.function.arguments
@@ -53,8 +62,12 @@ def test_every_schema_is_met(async_openai_factory, model_name):
                 valid = False
             return (kind.__name__, name, temperature), valid, text
 
-        cases = [one(kind, name, schema, t) for kind in (_json_schema, _named_tool) for name, schema in SCHEMAS
-                 for t in (0.0, 1.0)]
+        cases = [
+            one(kind, name, schema, t)
+            for kind in (_json_schema, _named_tool)
+            for name, schema in SCHEMAS
+            for t in (0.0, 1.0)
+        ]
         return await asyncio.gather(*cases)
 
     results = asyncio.run(run())

@@ -13,8 +13,12 @@ from hypothesis import strategies as st
 
 from server.tools.calls import ParsedCall, ParsedOutput
 from server.tools.events import ContentDelta, ToolCallDelta, new_call_id
-from server.tools.fallback_prompt import (render_tool_calls_as_text, render_tool_result, template_supports_tools,
-                                          tool_system_prompt)
+from server.tools.fallback_prompt import (
+    render_tool_calls_as_text,
+    render_tool_result,
+    template_supports_tools,
+    tool_system_prompt,
+)
 from server.tools.hermes import HermesParser
 from server.tools.llama3_json import Llama3JsonParser
 from server.tools.mistral import MistralParser
@@ -61,7 +65,7 @@ def dumps(value) -> str:
 
 
 def hermes_call(name, arguments) -> str:
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 # ---- hermes ---------------------------------------------------------------------------------------------------
@@ -77,9 +81,17 @@ def test_hermes_parallel_calls_and_content_around_them():
     assert parsed.calls == [ParsedCall("a", '{"x":1}'), ParsedCall("b", "{}")]
 
 
-@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {"x": 1}', '{"arguments": {}}',
-                                  '{"name": "", "arguments": {}}', '{"name": "f", "arguments": [1]}', '["f"]',
-                                  "call f please"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"name": "f", "arguments": {"x": 1}',
+        '{"arguments": {}}',
+        '{"name": "", "arguments": {}}',
+        '{"name": "f", "arguments": [1]}',
+        '["f"]',
+        "call f please",
+    ],
+)
 def test_hermes_malformed_call_stays_content(body):
     text = f"Hi <tool_call>{body}</tool_call>"
     assert HermesParser.parse(text) == ParsedOutput(text, [])
@@ -122,9 +134,13 @@ def test_hermes_stream_sends_content_before_a_call_at_once():
     assert streamer.feed(" that up. <tool_") == [ContentDelta(" that up.")]  # the space waits: it may be trailing
     assert streamer.feed('call>{"name": "f", ') == []
     assert streamer.feed('"arguments": {"a": 1}}</tool_call>') == [
-        ToolCallDelta(0, "call_0", "f", ""), ToolCallDelta(0, None, None, '{"a":1}')]
-    assert streamer.feed(hermes_call("g", {})) == [ToolCallDelta(1, "call_1", "g", ""),
-                                                   ToolCallDelta(1, None, None, "{}")]
+        ToolCallDelta(0, "call_0", "f", ""),
+        ToolCallDelta(0, None, None, '{"a":1}'),
+    ]
+    assert streamer.feed(hermes_call("g", {})) == [
+        ToolCallDelta(1, "call_1", "g", ""),
+        ToolCallDelta(1, None, None, "{}"),
+    ]
     assert streamer.finish() == []
 
 
@@ -157,9 +173,14 @@ def test_call_ids_look_like_openai_ones_and_differ():
 
 
 # ---- llama3_json ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ['{"name": "f", "parameters": {"a": 1}}',
-                                  '<|python_tag|>{"name": "f", "parameters": {"a": 1}}',
-                                  '  \n<|python_tag|> {"name": "f", "arguments": {"a": 1}} \n'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "f", "parameters": {"a": 1}}',
+        '<|python_tag|>{"name": "f", "parameters": {"a": 1}}',
+        '  \n<|python_tag|> {"name": "f", "arguments": {"a": 1}} \n',
+    ],
+)
 def test_llama3_single_call(text):
     assert Llama3JsonParser.parse(text) == ParsedOutput(None, [ParsedCall("f", '{"a":1}')])
 
@@ -170,18 +191,21 @@ def test_llama3_calls_separated_by_semicolons(separator):
     assert Llama3JsonParser.parse(text).calls == [ParsedCall(n, f'{{"n":"{n}"}}') for n in ("a", "b;c", "d")]
 
 
-@pytest.mark.parametrize("text", [
-    'Here you go: {"name": "f", "parameters": {}}',  # text first
-    '{"name": "f", "parameters": {}} and that is it',  # text after
-    '{"name": "f", "parameters": {}}; oops',
-    '{"name": "f", "parameters": {}} {"name": "g", "parameters": {}}',  # no separator
-    '{"name": "Ada", "age": 36}',  # JSON that is no call: no parameters
-    '{"name": "f", "parameters": "a=1"}',
-    '{"name": "f", "parameters": {',
-    "<|python_tag|>",
-    '<|python_tag|>brave_search.call(query="x")',
-    "[1, 2]",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Here you go: {"name": "f", "parameters": {}}',  # text first
+        '{"name": "f", "parameters": {}} and that is it',  # text after
+        '{"name": "f", "parameters": {}}; oops',
+        '{"name": "f", "parameters": {}} {"name": "g", "parameters": {}}',  # no separator
+        '{"name": "Ada", "age": 36}',  # JSON that is no call: no parameters
+        '{"name": "f", "parameters": "a=1"}',
+        '{"name": "f", "parameters": {',
+        "<|python_tag|>",
+        '<|python_tag|>brave_search.call(query="x")',
+        "[1, 2]",
+    ],
+)
 def test_llama3_output_that_is_not_only_calls_is_content(text):
     assert Llama3JsonParser.parse(text) == ParsedOutput(text.strip(), [])
 
@@ -207,12 +231,27 @@ def test_mistral_array_of_calls():
 def test_mistral_named_calls():
     text = 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich"}[TOOL_CALLS]get_time[ARGS]{}'
     parsed = MistralParser.parse(text)
-    assert parsed == ParsedOutput("Checking.", [ParsedCall("get_weather", '{"city":"Zürich"}'),
-                                                ParsedCall("get_time", "{}")])
+    assert parsed == ParsedOutput(
+        "Checking.", [ParsedCall("get_weather", '{"city":"Zürich"}'), ParsedCall("get_time", "{}")]
+    )
 
 
-@pytest.mark.parametrize("after", ['[{"name": "a", "arguments": {}', '[{"arguments": {}}]', '[]', "[1]", "hello",
-                                   "f[ARGS]", "f[ARGS][1]", 'f[ARGS]{"a": }', "f[ARG", "f(x)", ""])
+@pytest.mark.parametrize(
+    "after",
+    [
+        '[{"name": "a", "arguments": {}',
+        '[{"arguments": {}}]',
+        "[]",
+        "[1]",
+        "hello",
+        "f[ARGS]",
+        "f[ARGS][1]",
+        'f[ARGS]{"a": }',
+        "f[ARG",
+        "f(x)",
+        "",
+    ],
+)
 def test_mistral_malformed_calls_stay_content(after):
     text = "Hi [TOOL_CALLS]" + after
     assert MistralParser.parse(text) == ParsedOutput(text, [])
@@ -222,8 +261,11 @@ def test_mistral_stream():
     streamer = MistralParser.streaming(counting_ids())
     assert streamer.feed("Ok [TOOL") == [ContentDelta("Ok")]
     assert streamer.feed('_CALLS][{"name": "a", "arguments": {"s": "}]"}}') == []
-    assert streamer.feed("] after") == [ToolCallDelta(0, "call_0", "a", ""), ToolCallDelta(0, None, None, '{"s":"}]"}'),
-                                        ContentDelta("  after")]  # with the space held back after "Ok"
+    assert streamer.feed("] after") == [
+        ToolCallDelta(0, "call_0", "a", ""),
+        ToolCallDelta(0, None, None, '{"s":"}]"}'),
+        ContentDelta("  after"),
+    ]  # with the space held back after "Ok"
     assert streamer.finish() == []
 
 
@@ -234,15 +276,22 @@ def test_json_nested_too_deep_to_decode_is_content_not_an_error(parser):
 
 
 # ---- split invariance: any cut of the text into deltas streams exactly what parse finds ---------------------
-json_scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**6)
-                | st.floats(allow_nan=False, allow_infinity=False)
-                | st.text(st.sampled_from('ab é世🙂"\\\n{}[];<>/'), max_size=6))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.sampled_from('ab é世🙂"\\\n{}[];<>/'), max_size=6)
+)
 json_keys = st.text(st.sampled_from("abé"), max_size=3)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(json_keys, inner, max_size=3), max_leaves=6)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(json_keys, inner, max_size=3),
+    max_leaves=6,
+)
 arguments_objects = st.dictionaries(st.text(st.sampled_from("abcé_"), max_size=4), json_values, max_size=3)
 function_names = st.sampled_from(["get_weather", "f", "search_web"])
-words = st.text(st.sampled_from("ab é世\n {}[];:\"<>|/_"), max_size=8)
+words = st.text(st.sampled_from('ab é世\n {}[];:"<>|/_'), max_size=8)
 
 
 def prefixes(marker: str) -> st.SearchStrategy[str]:
@@ -255,8 +304,15 @@ def hermes_outputs(draw) -> str:
         return f"<tool_call>{newline}{dumps({'name': name, 'arguments': args})}{newline}</tool_call>"
 
     calls = st.builds(call, function_names, arguments_objects, st.sampled_from(["", "\n"]))
-    pieces = st.one_of(words, calls, prefixes("<tool_call>"), prefixes("</tool_call>"), st.just("<tool_call>{"),
-                       st.just('{"name": "f", "arguments": {}}'), st.just("<toolbox>"))
+    pieces = st.one_of(
+        words,
+        calls,
+        prefixes("<tool_call>"),
+        prefixes("</tool_call>"),
+        st.just("<tool_call>{"),
+        st.just('{"name": "f", "arguments": {}}'),
+        st.just("<toolbox>"),
+    )
     return "".join(draw(st.lists(pieces, max_size=6)))
 
 
@@ -323,12 +379,17 @@ SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
     " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
-QWEN_TEMPLATE_PART = ('{%- if tools %}\n{{- "# Tools\\n\\n<tools>" }}{%- for tool in tools %}'
-                      '{{- tool | tojson }}{%- endfor %}{{- "</tools>\\n\\nFor each function call, return ...'
-                      ' within <tool_call></tool_call> XML tags" }}')
-LLAMA3_TEMPLATE_PART = ('{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}'
-                        '{%- if builtin_tools is defined %}{{- "<|python_tag|>" }}{%- endif %}')
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN_TEMPLATE_PART = (
+    '{%- if tools %}\n{{- "# Tools\\n\\n<tools>" }}{%- for tool in tools %}'
+    '{{- tool | tojson }}{%- endfor %}{{- "</tools>\\n\\nFor each function call, return ...'
+    ' within <tool_call></tool_call> XML tags" }}'
+)
+LLAMA3_TEMPLATE_PART = (
+    '{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}'
+    '{%- if builtin_tools is defined %}{{- "<|python_tag|>" }}{%- endif %}'
+)
 MISTRAL_TEMPLATE_PART = '{%- if tools %}{{- "[AVAILABLE_TOOLS]" }}{%- endif %}{{- "[TOOL_CALLS]" }}'
 
 
@@ -336,17 +397,31 @@ def test_parsers_are_registered_by_name():
     assert PARSERS == {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
 
 
-@pytest.mark.parametrize("template, expected", [
-    (QWEN_TEMPLATE_PART, "hermes"), (LLAMA3_TEMPLATE_PART, "llama3_json"), ('{{ "ipython" }}', "llama3_json"),
-    (MISTRAL_TEMPLATE_PART, "mistral"), (SMOLLM2_TEMPLATE, None), (None, None), ("", None)])
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (QWEN_TEMPLATE_PART, "hermes"),
+        (LLAMA3_TEMPLATE_PART, "llama3_json"),
+        ('{{ "ipython" }}', "llama3_json"),
+        (MISTRAL_TEMPLATE_PART, "mistral"),
+        (SMOLLM2_TEMPLATE, None),
+        (None, None),
+        ("", None),
+    ],
+)
 def test_parser_for_template(template, expected):
     assert parser_for_template(template) == expected
 
 
 # ---- fallback prompt ------------------------------------------------------------------------------------------
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 CLOCK_TOOL = {"type": "function", "function": {"name": "get_time"}}
 
 
@@ -360,12 +435,17 @@ def test_tool_system_prompt_lists_the_functions_and_the_call_format():
 def test_tool_calls_render_as_text_hermes_reads_back():
     tool_calls = [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]
     text = render_tool_calls_as_text(tool_calls)
-    assert text == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
-                    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
-    assert HermesParser.parse(text).calls == [ParsedCall("get_weather", '{"city":"Zürich"}'),
-                                              ParsedCall("get_time", "{}")]
+    assert text == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    )
+    assert HermesParser.parse(text).calls == [
+        ParsedCall("get_weather", '{"city":"Zürich"}'),
+        ParsedCall("get_time", "{}"),
+    ]
 
 
 def test_tool_call_arguments_that_are_not_json_render_as_sent():
@@ -376,13 +456,21 @@ def test_tool_call_arguments_that_are_not_json_render_as_sent():
 def test_render_tool_result():
     assert render_tool_result("22 °C") == "<tool_response>\n22 °C\n</tool_response>"
     assert render_tool_result("22 °C", "call_1", "get_weather") == (
-        '<tool_response>\n{"tool_call_id": "call_1", "name": "get_weather", "content": "22 °C"}\n</tool_response>')
+        '<tool_response>\n{"tool_call_id": "call_1", "name": "get_weather", "content": "22 °C"}\n</tool_response>'
+    )
     assert render_tool_result("x", name="f") == '<tool_response>\n{"name": "f", "content": "x"}\n</tool_response>'
 
 
-@pytest.mark.parametrize("template, expected", [
-    (SMOLLM2_TEMPLATE, False), (QWEN_TEMPLATE_PART, True), (LLAMA3_TEMPLATE_PART, True), (None, False),
-    ("{{ builtin_tools }}", False)])
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (SMOLLM2_TEMPLATE, False),
+        (QWEN_TEMPLATE_PART, True),
+        (LLAMA3_TEMPLATE_PART, True),
+        (None, False),
+        ("{{ builtin_tools }}", False),
+    ],
+)
 def test_template_supports_tools(template, expected):
     assert template_supports_tools(template) == expected
 
@@ -394,8 +482,10 @@ def test_parse_required_keeps_the_arguments_text_as_written():
 
 
 def test_parse_required_odd_shapes():
-    text = ('[{"arguments": {"x": 1}, "name": "late"}, {"extra": {"name": "no"}, "name": "c"}, {"x": 1},'
-            ' {"name": "s", "arguments": 5}]')
+    text = (
+        '[{"arguments": {"x": 1}, "name": "late"}, {"extra": {"name": "no"}, "name": "c"}, {"x": 1},'
+        ' {"name": "s", "arguments": 5}]'
+    )
     assert parse_required(text) == [ParsedCall("late", '{"x": 1}'), ParsedCall("c", "{}"), ParsedCall("s", "5")]
 
 
@@ -406,8 +496,10 @@ def test_required_stream_announces_a_call_once_its_name_is_complete_then_streams
     assert streamer.feed('{"city": "Pa') == [ToolCallDelta(0, None, None, '{"city": "Pa')]
     assert streamer.feed('ris"} ') == [ToolCallDelta(0, None, None, 'ris"}')]
     assert streamer.feed('}, {"arguments": {"q": "🙂"}, ') == []
-    assert streamer.feed('"name": "search"}]') == [ToolCallDelta(1, "call_1", "search", ""),
-                                                   ToolCallDelta(1, None, None, '{"q": "🙂"}')]
+    assert streamer.feed('"name": "search"}]') == [
+        ToolCallDelta(1, "call_1", "search", ""),
+        ToolCallDelta(1, None, None, '{"q": "🙂"}'),
+    ]
     assert streamer.finish() == []
 
 
@@ -426,8 +518,10 @@ def required_outputs(draw):
         return json.dumps(value, ensure_ascii=rnd.random() < 0.5)
 
     calls = draw(st.lists(st.tuples(function_names, arguments_objects, st.booleans()), min_size=1, max_size=3))
-    objects = [{"arguments": args, "name": name} if args_first else {"name": name, "arguments": args}
-               for name, args, args_first in calls]
+    objects = [
+        {"arguments": args, "name": name} if args_first else {"name": name, "arguments": args}
+        for name, args, args_first in calls
+    ]
     return space() + render(objects) + space(), [(name, args) for name, args, _ in calls]
 
 
@@ -440,6 +534,6 @@ def test_property_required_stream_matches_parse_required(output, cuts):
     for deltas in (cut(text, cuts), list(text)):
         assert reassemble(run_stream(RequiredCallsStreamer(counting_ids()), deltas)).calls == parsed
     # Cut short by max_tokens: whatever arrived still streams exactly what parse_required finds.
-    prefix = text[:min(cuts, default=len(text) // 2)]
+    prefix = text[: min(cuts, default=len(text) // 2)]
     streamed = reassemble(run_stream(RequiredCallsStreamer(counting_ids()), cut(prefix, cuts)))
     assert streamed.calls == parse_required(prefix)

@@ -16,8 +16,9 @@ from tests.trtllm.conftest import A100, CPU, H100, T4
 
 
 def options(folder, out, **kw) -> BuildOptions:
-    return BuildOptions(**({"model": str(folder), "output": str(out), "backend": "trtllm", "calib_samples": 16,
-                            "progress": False} | kw))
+    return BuildOptions(
+        **({"model": str(folder), "output": str(out), "backend": "trtllm", "calib_samples": 16, "progress": False} | kw)
+    )
 
 
 def calls(fake, name):
@@ -52,14 +53,18 @@ def test_every_profile_maps_to_the_exact_trtllm_configs(fake_trtllm, tiny_chat_f
     calib = calls(fake_trtllm, "CalibConfig")
     if calibrated or kv != "model":
         kwargs = calib[0]
-        assert kwargs["calib_batches"] == 16 and kwargs["calib_batch_size"] == 1 and kwargs["calib_max_seq_length"] == 512
+        assert (
+            kwargs["calib_batches"] == 16 and kwargs["calib_batch_size"] == 1 and kwargs["calib_max_seq_length"] == 512
+        )
         dataset = calls(fake_trtllm, "calibration dataset")[0]
         assert len(dataset) == 16 and all(row["text"].startswith("<|im_start|>") for row in dataset)  # chat template
     else:
         assert calib == []
     llm_kwargs = calls(fake_trtllm, "LLM")[0]
     assert llm_kwargs["model"] == str(tiny_chat_folder) and llm_kwargs["tokenizer"] == str(tiny_chat_folder)
-    assert set(llm_kwargs) == {"model", "tokenizer", "quant_config", "build_config"} | ({"calib_config"} if calib else set())
+    assert set(llm_kwargs) == {"model", "tokenizer", "quant_config", "build_config"} | (
+        {"calib_config"} if calib else set()
+    )
     assert calls(fake_trtllm, "LLM.save")[0].endswith("/trtllm") and calls(fake_trtllm, "LLM.shutdown") == [None]
 
     m = result.manifest
@@ -81,7 +86,9 @@ def test_auto_picks_fp8_on_hopper_and_int8_smoothquant_on_ampere(fake_trtllm, ti
 def test_nvfp4_builds_for_blackwell_only_through_trtllm(fake_trtllm, tiny_chat_folder, tmp_path):
     b200 = Hardware(device="cuda", name="NVIDIA B200", memory_bytes=180 << 30, sm=100)
     m = build(options(tiny_chat_folder, tmp_path / "e", precision="nvfp4", kv_cache_dtype="fp8"), b200).manifest
-    assert [_names(c) for c in calls(fake_trtllm, "QuantConfig")] == [{"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}]
+    assert [_names(c) for c in calls(fake_trtllm, "QuantConfig")] == [
+        {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}
+    ]
     assert len(calls(fake_trtllm, "CalibConfig")) == 1
     assert (m.precision, m.target.requires) == ("nvfp4", mf.Requirements(device="cuda", min_sm=100))
 
@@ -89,17 +96,26 @@ def test_nvfp4_builds_for_blackwell_only_through_trtllm(fake_trtllm, tiny_chat_f
 @pytest.mark.parametrize(
     "hardware, kw, message",
     [
-        (A100, dict(precision="fp8"), "fp8 needs a GPU with SM >= 89 in TensorRT-LLM, and NVIDIA A100-SXM4-80GB is SM 80"),
+        (
+            A100,
+            dict(precision="fp8"),
+            "fp8 needs a GPU with SM >= 89 in TensorRT-LLM, and NVIDIA A100-SXM4-80GB is SM 80",
+        ),
         (A100, dict(precision="int8-sq", kv_cache_dtype="fp8"), "an fp8 KV cache needs a GPU with SM >= 89"),
         (T4, dict(precision="int4-awq"), "int4-awq needs a GPU with SM >= 80"),
         (T4, dict(precision="auto"), "need a GPU with SM >= 80 and Tesla T4 is SM 75"),
         (H100, dict(precision="fp32"), "'fp32' is not one of them"),
-        (H100, dict(precision="nvfp4"), "nvfp4 needs a GPU with SM >= 100 in TensorRT-LLM, and NVIDIA H100 80GB HBM3 is SM 90"),
+        (
+            H100,
+            dict(precision="nvfp4"),
+            "nvfp4 needs a GPU with SM >= 100 in TensorRT-LLM, and NVIDIA H100 80GB HBM3 is SM 90",
+        ),
         (CPU, dict(precision="fp8"), "builds on an NVIDIA GPU and torch sees none"),
     ],
 )
-def test_unsupported_hardware_or_precision_is_one_sentence(fake_trtllm, tiny_chat_folder, tmp_path, hardware, kw,
-                                                           message):
+def test_unsupported_hardware_or_precision_is_one_sentence(
+    fake_trtllm, tiny_chat_folder, tmp_path, hardware, kw, message
+):
     with pytest.raises(BuildError, match=message.replace("(", r"\(")) as info:
         build(options(tiny_chat_folder, tmp_path / "e", **kw), hardware)
     assert "\n" not in str(info.value)
@@ -123,8 +139,9 @@ def test_kiln_imports_no_tensorrt_llm_at_module_load():
 
 def test_the_user_calibration_set_is_what_tensorrt_llm_calibrates_on(fake_trtllm, tiny_chat_folder, tmp_path):
     calib = tmp_path / "mine.jsonl"
-    calib.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"}]})
-                               for i in range(20)))
+    calib.write_text(
+        "\n".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"}]}) for i in range(20))
+    )
     result = build(options(tiny_chat_folder, tmp_path / "e", precision="int4-awq", calib=str(calib)), H100)
     dataset = calls(fake_trtllm, "calibration dataset")[0]
     assert len(dataset) == 16 and all("question" in row["text"] for row in dataset)
@@ -165,6 +182,9 @@ def test_the_manifest_records_real_config_objects_as_json():
         lora_target_modules: list = field(default_factory=lambda: [Kind.PAGED])
 
     described = _describe(BuildConfig())
-    assert json.loads(json.dumps(described)) == {"max_batch_size": 64, "kv_cache_type": "PAGED",
-                                                 "plugin_config": "PluginConfig(paged_kv_cache=True)",
-                                                 "lora_target_modules": ["PAGED"]}
+    assert json.loads(json.dumps(described)) == {
+        "max_batch_size": 64,
+        "kv_cache_type": "PAGED",
+        "plugin_config": "PluginConfig(paged_kv_cache=True)",
+        "lora_target_modules": ["PAGED"],
+    }

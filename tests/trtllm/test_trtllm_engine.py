@@ -24,8 +24,17 @@ EOS = 2  # SmolLM2's <|im_end|>
 @pytest.fixture
 def engine_dir(fake_trtllm, tiny_chat_folder, tmp_path, monkeypatch):
     out = tmp_path / "engine"
-    build(BuildOptions(model=str(tiny_chat_folder), output=str(out), backend="trtllm", precision="fp8",
-                       calib_samples=16, progress=False), H100)
+    build(
+        BuildOptions(
+            model=str(tiny_chat_folder),
+            output=str(out),
+            backend="trtllm",
+            precision="fp8",
+            calib_samples=16,
+            progress=False,
+        ),
+        H100,
+    )
     monkeypatch.setattr(engines.hardware, "detect", lambda device=None: H100)
     fake_trtllm.reset()
     return out
@@ -54,8 +63,12 @@ def test_the_llm_is_started_on_the_engine_with_kv_cache_and_scheduler_configs(en
     assert kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": True}
     assert kwargs["scheduler_config"].kwargs["capacity_scheduler_policy"].name == "GUARANTEED_NO_EVICT"
     assert "speculative_config" not in kwargs
-    assert (engine.info.backend, engine.info.dtype, engine.info.kv_cache_dtype, engine.info.max_model_len) == \
-        ("trtllm", "fp8", "fp8", 2048)
+    assert (engine.info.backend, engine.info.dtype, engine.info.kv_cache_dtype, engine.info.max_model_len) == (
+        "trtllm",
+        "fp8",
+        "fp8",
+        2048,
+    )
 
     fake_trtllm.reset()
     make(engine_dir, gpu_memory_fraction=0.5, enable_prefix_caching=False, scheduler_policy="max_utilization")
@@ -74,16 +87,48 @@ def test_speculation_eagle_maps_and_ngram_or_draft_are_refused_on_tensorrt_engin
 
 
 SAMPLING_CASES = [
-    (SamplingParams(temperature=0.0, max_tokens=7),
-     dict(max_tokens=7, n=1, temperature=0.0, top_k=1, detokenize=False, end_id=EOS)),
-    (SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.25,
-                    repetition_penalty=1.1, seed=7, max_tokens=20, min_tokens=3, stop_token_ids=[5, 6], logprobs=2,
-                    n=3),
-     dict(max_tokens=20, n=3, temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
-          frequency_penalty=0.25, repetition_penalty=1.1, seed=7, min_tokens=3, stop_token_ids=[5, 6], logprobs=2,
-          detokenize=False, end_id=EOS)),
-    (SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=4),
-     dict(max_tokens=4, n=1, temperature=1.0, top_p=1.0, detokenize=False, end_id=-1)),
+    (
+        SamplingParams(temperature=0.0, max_tokens=7),
+        dict(max_tokens=7, n=1, temperature=0.0, top_k=1, detokenize=False, end_id=EOS),
+    ),
+    (
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            repetition_penalty=1.1,
+            seed=7,
+            max_tokens=20,
+            min_tokens=3,
+            stop_token_ids=[5, 6],
+            logprobs=2,
+            n=3,
+        ),
+        dict(
+            max_tokens=20,
+            n=3,
+            temperature=0.8,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            repetition_penalty=1.1,
+            seed=7,
+            min_tokens=3,
+            stop_token_ids=[5, 6],
+            logprobs=2,
+            detokenize=False,
+            end_id=EOS,
+        ),
+    ),
+    (
+        SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=4),
+        dict(max_tokens=4, n=1, temperature=1.0, top_p=1.0, detokenize=False, end_id=-1),
+    ),
 ]
 
 
@@ -128,11 +173,14 @@ def test_streaming_maps_token_diffs_and_finish_reasons(engine_dir, fake_trtllm):
     assert engine.stats().generation_tokens == 5 and engine.stats().prompt_tokens == 3
 
 
-@pytest.mark.parametrize("script, params, reason, stop_token", [
-    ([11, 12, EOS, 13], SamplingParams(temperature=0.0, max_tokens=9), "stop", None),
-    ([11, 12, 99, 13], SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[99]), "stop", 99),
-    ([11, 12, EOS, 13], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), "length", None),
-])
+@pytest.mark.parametrize(
+    "script, params, reason, stop_token",
+    [
+        ([11, 12, EOS, 13], SamplingParams(temperature=0.0, max_tokens=9), "stop", None),
+        ([11, 12, 99, 13], SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[99]), "stop", 99),
+        ([11, 12, EOS, 13], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), "length", None),
+    ],
+)
 def test_eos_stop_ids_and_ignore_eos(engine_dir, fake_trtllm, script, params, reason, stop_token):
     fake_trtllm.FAKE.script = script
     engine = make(engine_dir)
@@ -199,10 +247,18 @@ def test_abort_by_id_reaches_the_request_and_finishes_it(engine_dir, fake_trtllm
 
 def test_iteration_stats_feed_kiln_metrics(engine_dir, fake_trtllm):
     fake_trtllm.FAKE.stats = [
-        {"numActiveRequests": 3, "numQueuedRequests": 1,
-         "kvCacheStats": {"maxNumBlocks": 1000, "usedNumBlocks": 250, "tokensPerBlock": 64, "reusedBlocks": 4,
-                          "missedBlocks": 6},
-         "specDecodingStats": {"numDraftTokens": 8, "numAcceptedTokens": 5, "numRequestsWithDraftTokens": 2}},
+        {
+            "numActiveRequests": 3,
+            "numQueuedRequests": 1,
+            "kvCacheStats": {
+                "maxNumBlocks": 1000,
+                "usedNumBlocks": 250,
+                "tokensPerBlock": 64,
+                "reusedBlocks": 4,
+                "missedBlocks": 6,
+            },
+            "specDecodingStats": {"numDraftTokens": 8, "numAcceptedTokens": 5, "numRequestsWithDraftTokens": 2},
+        },
     ]
     engine = make(engine_dir)
 

@@ -22,17 +22,28 @@ def guided(structured: StructuredOutput, **kw):
     return configs.sampling_params(load(), SamplingParams(max_tokens=8, structured=structured, **kw), [EOS], 49152)
 
 
-@pytest.mark.parametrize("structured, field, value, executor", [
-    # the schema text goes on as is (the client's property order is the output's); the executor gets JSON_SCHEMA
-    (StructuredOutput("json", SCHEMA), "json", SCHEMA, ("JSON_SCHEMA", SCHEMA)),
-    # an object, not xgrammar's builtin JSON grammar (json_object=True), which also takes a top-level array
-    (StructuredOutput("json_object"), "json", '{"type": "object"}', ("JSON_SCHEMA", '{"type": "object"}')),
-    (StructuredOutput("regex", r"\d{3}-[a-z]+"), "regex", r"\d{3}-[a-z]+", ("REGEX", r"\d{3}-[a-z]+")),
-    (StructuredOutput("grammar", 'root ::= "yes" | "no"'), "grammar", 'root ::= "yes" | "no"',
-     ("EBNF_GRAMMAR", 'root ::= "yes" | "no"')),
-    (StructuredOutput("choice", choices=("a.b", "c|d", "x y")), "regex", r"(a\.b|c\|d|x y)",
-     ("REGEX", r"(a\.b|c\|d|x y)")),
-])
+@pytest.mark.parametrize(
+    "structured, field, value, executor",
+    [
+        # the schema text goes on as is (the client's property order is the output's); the executor gets JSON_SCHEMA
+        (StructuredOutput("json", SCHEMA), "json", SCHEMA, ("JSON_SCHEMA", SCHEMA)),
+        # an object, not xgrammar's builtin JSON grammar (json_object=True), which also takes a top-level array
+        (StructuredOutput("json_object"), "json", '{"type": "object"}', ("JSON_SCHEMA", '{"type": "object"}')),
+        (StructuredOutput("regex", r"\d{3}-[a-z]+"), "regex", r"\d{3}-[a-z]+", ("REGEX", r"\d{3}-[a-z]+")),
+        (
+            StructuredOutput("grammar", 'root ::= "yes" | "no"'),
+            "grammar",
+            'root ::= "yes" | "no"',
+            ("EBNF_GRAMMAR", 'root ::= "yes" | "no"'),
+        ),
+        (
+            StructuredOutput("choice", choices=("a.b", "c|d", "x y")),
+            "regex",
+            r"(a\.b|c\|d|x y)",
+            ("REGEX", r"(a\.b|c\|d|x y)"),
+        ),
+    ],
+)
 def test_each_kind_maps_to_one_guide(fake_trtllm, structured, field, value, executor):
     params = guided(structured)
     gd = params.guided_decoding
@@ -47,8 +58,10 @@ def test_each_kind_maps_to_one_guide(fake_trtllm, structured, field, value, exec
 def test_choices_escape_only_xgrammars_metacharacters():
     """xgrammar's regex dialect (cpp/regex_converter.cc) knows `\\^$.*+?()[]{}|` escaped; re.escape would also
     escape space, '-', '#', '&', '~' and whitespace, which xgrammar does not recognise."""
-    assert configs.choice_regex(("1+1=2?", "(a)", "[b]", "{c}", "^$", "back\\slash")) == \
-        r"(1\+1=2\?|\(a\)|\[b\]|\{c\}|\^\$|back\\slash)"
+    assert (
+        configs.choice_regex(("1+1=2?", "(a)", "[b]", "{c}", "^$", "back\\slash"))
+        == r"(1\+1=2\?|\(a\)|\[b\]|\{c\}|\^\$|back\\slash)"
+    )
     raw = ("x y", "a-b", "#&~", "tab\there", "new\nline", "/'\"", "é")
     assert configs.choice_regex(raw) == "(" + "|".join(raw) + ")"
     assert configs.choice_regex(raw) != "(" + "|".join(map(re.escape, raw)) + ")"
@@ -127,13 +140,16 @@ def test_a_structured_request_on_an_llm_without_a_guided_decoding_backend_fails_
         run(go())
 
 
-@pytest.mark.parametrize("structured, error, message", [
-    (StructuredOutput("grammar", 'start: "a" | "b"'), TrtllmUnsupported, "not Lark"),
-    (StructuredOutput("choice"), ValueError, "at least one choice"),
-    (StructuredOutput("regex", "(a"), ValueError, "The regex constraint is not valid: Regex parsing error"),
-    (StructuredOutput("grammar", 'root ::= "a" |'), ValueError, "The grammar constraint is not valid: EBNF"),
-    (StructuredOutput("json", '{"type": "objekt"}'), ValueError, "The json constraint is not valid: .*objekt"),
-])
+@pytest.mark.parametrize(
+    "structured, error, message",
+    [
+        (StructuredOutput("grammar", 'start: "a" | "b"'), TrtllmUnsupported, "not Lark"),
+        (StructuredOutput("choice"), ValueError, "at least one choice"),
+        (StructuredOutput("regex", "(a"), ValueError, "The regex constraint is not valid: Regex parsing error"),
+        (StructuredOutput("grammar", 'root ::= "a" |'), ValueError, "The grammar constraint is not valid: EBNF"),
+        (StructuredOutput("json", '{"type": "objekt"}'), ValueError, "The json constraint is not valid: .*objekt"),
+    ],
+)
 def test_constraints_tensorrt_llm_cannot_take_are_refused(fake_trtllm, structured, error, message):
     if error is ValueError and "not valid" in message:
         pytest.importorskip("xgrammar")  # kiln's pre-check: in the executor, a bad guide fails the whole batch

@@ -20,8 +20,18 @@ from tests.trtllm.conftest import H100
 @pytest.fixture
 def trt_engine(fake_trtllm, tiny_chat_folder, tmp_path, monkeypatch):
     out = tmp_path / "engine"
-    build(BuildOptions(model=str(tiny_chat_folder), output=str(out), backend="trtllm", precision="int8-sq",
-                       kv_cache_dtype="int8", calib_samples=16, progress=False), H100)
+    build(
+        BuildOptions(
+            model=str(tiny_chat_folder),
+            output=str(out),
+            backend="trtllm",
+            precision="int8-sq",
+            kv_cache_dtype="int8",
+            calib_samples=16,
+            progress=False,
+        ),
+        H100,
+    )
     monkeypatch.setattr(engines.hardware, "detect", lambda device=None: H100)
     return TrtllmEngine.from_config(EngineConfig(engine_dir=str(out), served_model_name="tiny-trt"))
 
@@ -38,14 +48,19 @@ def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
         async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
             client = AsyncOpenAI(base_url="http://kiln/v1", api_key="unused", http_client=http, max_retries=0)
             messages = [{"role": "user", "content": "Say something."}]
-            whole = await client.chat.completions.create(model="tiny-trt", messages=messages, max_tokens=8,
-                                                         temperature=0)
-            stream = await client.chat.completions.create(model="tiny-trt", messages=messages, max_tokens=8,
-                                                          temperature=0, stream=True,
-                                                          stream_options={"include_usage": True})
+            whole = await client.chat.completions.create(
+                model="tiny-trt", messages=messages, max_tokens=8, temperature=0
+            )
+            stream = await client.chat.completions.create(
+                model="tiny-trt",
+                messages=messages,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             chunks = [chunk async for chunk in stream]
-            completion = await client.completions.create(model="tiny-trt", prompt=[1, 2, 3], max_tokens=4,
-                                                         logprobs=2)
+            completion = await client.completions.create(model="tiny-trt", prompt=[1, 2, 3], max_tokens=4, logprobs=2)
             metrics = (await http.get("/metrics")).text
             metadata = (await http.get("/v1/metadata")).json()
         await trt_engine.shutdown()

@@ -39,27 +39,37 @@ def wheel_venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """(the fresh venv, the environment to run its commands in)"""
     work = tmp_path_factory.mktemp("wheel")
     # no PYTHONPATH (it could point at the checkout) and no KILN_* but the model cache
-    env = {k: v for k, v in os.environ.items()
-           if k != "PYTHONPATH" and (not k.startswith("KILN_") or k == "KILN_CACHE_DIR")}
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(work / "dist"), str(REPO)],
-        work, env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PYTHONPATH" and (not k.startswith("KILN_") or k == "KILN_CACHE_DIR")
+    }
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(work / "dist"), str(REPO)],
+        work,
+        env,
+    )
     (wheel,) = (work / "dist").glob("kiln-*.whl")
     venv = work / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], work, env)
     python = venv / "bin" / "python"
-    purelib = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work,
-                       env).stdout.strip())
+    purelib = Path(
+        run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work, env).stdout.strip()
+    )
     (purelib / "zz_kiln_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)], work,
-        env)
+    run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)], work, env
+    )
     return venv, env
 
 
 def test_the_wheel_carries_kiln_and_its_data(wheel_venv):
     venv, env = wheel_venv
-    probe = ("import engines, server; from engines.profiles import PROFILES_DIR; "
-             "from engines.calibration import CALIBRATION_DIR; "
-             "print(engines.__file__, server.__file__, PROFILES_DIR, CALIBRATION_DIR, sep='\\n')")
+    probe = (
+        "import engines, server; from engines.profiles import PROFILES_DIR; "
+        "from engines.calibration import CALIBRATION_DIR; "
+        "print(engines.__file__, server.__file__, PROFILES_DIR, CALIBRATION_DIR, sep='\\n')"
+    )
     paths = run([str(venv / "bin" / "python"), "-c", probe], venv.parent, env).stdout.split()
     for path in paths:
         assert Path(path).resolve().is_relative_to(venv.resolve()), f"{path} is not from the wheel"
@@ -81,8 +91,13 @@ def test_kiln_serve_from_the_wheel_answers_a_chat_completion(wheel_venv):
         port = sock.getsockname()[1]
     log_path = venv.parent / "serve.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen([str(venv / "bin" / "kiln"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=venv.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(venv / "bin" / "kiln"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=venv.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             deadline = time.monotonic() + LOAD_TIMEOUT_S
@@ -95,9 +110,15 @@ def test_kiln_serve_from_the_wheel_answers_a_chat_completion(wheel_venv):
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
-            answer = client.post("/v1/chat/completions", json={
-                "model": client.get("/v1/models").json()["data"][0]["id"], "max_tokens": 8, "temperature": 0,
-                "messages": [{"role": "user", "content": "Say hello."}]})
+            answer = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": client.get("/v1/models").json()["data"][0]["id"],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                },
+            )
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"]
     finally:

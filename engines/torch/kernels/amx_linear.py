@@ -31,9 +31,14 @@ MAX_ROWS = 512  # rows up to which the kernel beats oneDNN's packed matmul (benc
 
 _SOURCE = Path(__file__).with_name("amx_linear.cpp")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
-_EXT = LazyExtension("kiln_amx_linear", _SOURCE, _CFLAGS,
-                     required_cpu_flags=("avx512_bf16", "amx_tile", "amx_bf16"), ldflags=["-fopenmp"],
-                     fallback="oneDNN")
+_EXT = LazyExtension(
+    "kiln_amx_linear",
+    _SOURCE,
+    _CFLAGS,
+    required_cpu_flags=("avx512_bf16", "amx_tile", "amx_bf16"),
+    ldflags=["-fopenmp"],
+    fallback="oneDNN",
+)
 _granted: bool | None = None
 
 
@@ -48,8 +53,13 @@ def available() -> bool:
 
 def fits(weight: torch.Tensor) -> bool:
     """Shapes the kernel takes: a 2-D bf16 weight or int8 codes [N, K] with N and K multiples of 32."""
-    return (weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.int8) and weight.shape[0] % 32 == 0
-            and weight.shape[1] % 32 == 0 and weight.numel() > 0)
+    return (
+        weight.dim() == 2
+        and weight.dtype in (torch.bfloat16, torch.int8)
+        and weight.shape[0] % 32 == 0
+        and weight.shape[1] % 32 == 0
+        and weight.numel() > 0
+    )
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -74,8 +84,9 @@ def int4_fits(n: int, k: int, group_size: int) -> bool:
     return n % 32 == 0 and k % 32 == 0 and n * k > 0 and group_size % 32 == 0 and k % group_size == 0
 
 
-def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def pack_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Signed int4 codes int8 [N, K] in [-8, 7], fp32 scales [N, K/g], int8 zero points [N, K/g] or None
     (kiln's convention: w = (q - z) * s) -> (packed, scales_t, zoff) for amx_int4_linear:
     - packed uint8: the codes in `pack`'s order, each tile row of 32 values as 16 bytes holding value j
@@ -97,16 +108,23 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     return packed, scales_t, zoff
 
 
-def amx_int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zoff: torch.Tensor | None,
-                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def amx_int4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_t: torch.Tensor,
+    zoff: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] bf16 @ ((Q - Z) * S)^T (+ bias) -> [..., N] bf16, from `pack_int4`. Codes become exact
     bf16 (q - z) in cache per k step; each group's fp32 sums are scaled per column and added up in fp32.
     Needs available()."""
     return _EXT.get().amx_int4_linear(x, packed, scales_t, zoff, group_size, bias)
 
 
-def amx_int8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def amx_int8_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., K] bf16 @ (Q * scales[:, None])^T (+ bias) -> [..., N] bf16, from `pack(Q)` of int8 codes
     Q [N, K] and fp32 per-column scales [N]. The codes are widened to bf16 exactly, per column block in
     cache; the scale multiplies the fp32 sum. Needs available()."""

@@ -1,7 +1,8 @@
 """Row-wise argmax of float32 CPU logits (argmax.cpp): torch.argmax(x, dim=-1), faster.
 
 Greedy decoding takes one argmax per sequence per step; torch's is a visible share of a batch-32 decode
-step over a 49k vocabulary (docs/performance.md). Compiled on first use like the other kernels (cached in TORCH_EXTENSIONS_DIR); other devices,
+step over a 49k vocabulary (docs/performance.md). Compiled on first use like the other kernels (cached in
+TORCH_EXTENSIONS_DIR); other devices,
 dtypes and shapes, or a failed build (one warning), use torch.argmax.
 """
 

@@ -32,8 +32,9 @@ _SOURCE = Path(__file__).with_name("bf16_gemv.cpp")
 # Explicit ISA flags rather than -march=native: the cached binary stays valid on any CPU with
 # avx512_bf16 (Zen4, Sapphire Rapids, ...), and available() checks for it before loading.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-_EXT = LazyExtension("kiln_bf16_gemv", _SOURCE, _CFLAGS, required_cpu_flags=("avx512_bf16",),
-                     ldflags=["-fopenmp"], fallback="F.linear")
+_EXT = LazyExtension(
+    "kiln_bf16_gemv", _SOURCE, _CFLAGS, required_cpu_flags=("avx512_bf16",), ldflags=["-fopenmp"], fallback="F.linear"
+)
 
 
 def available() -> bool:

@@ -37,8 +37,16 @@ def cpu_flags() -> set[str]:
 
 
 class LazyExtension:
-    def __init__(self, name: str, source: Path, cflags: list[str], *, required_cpu_flags: tuple[str, ...] = (),
-                 ldflags: list[str] | None = None, fallback: str = "torch code"):
+    def __init__(
+        self,
+        name: str,
+        source: Path,
+        cflags: list[str],
+        *,
+        required_cpu_flags: tuple[str, ...] = (),
+        ldflags: list[str] | None = None,
+        fallback: str = "torch code",
+    ):
         self.name, self.source, self.cflags, self.ldflags = name, source, cflags, ldflags or []
         self.required_cpu_flags, self.fallback = required_cpu_flags, fallback
         self.module = None
@@ -58,9 +66,14 @@ class LazyExtension:
                         raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
                     from torch.utils.cpp_extension import load
 
-                    self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
-                                       extra_ldflags=self.ldflags, extra_include_paths=[str(HEADERS_DIR)],
-                                       verbose=False)
+                    self.module = load(
+                        name=self.name,
+                        sources=[str(self.source)],
+                        extra_cflags=self.cflags,
+                        extra_ldflags=self.ldflags,
+                        extra_include_paths=[str(HEADERS_DIR)],
+                        verbose=False,
+                    )
                 except Exception as e:  # no compiler, no ninja, unsupported CPU...
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     log.warning("%s kernel unavailable, %s is used instead: %s", self.name, self.fallback, first)

@@ -47,8 +47,14 @@ _SOURCE = Path(__file__).with_name("int_gemv.cpp")
 # available() checks the flags first). -ffp-contract=off: GCC may otherwise fuse the epilogue's
 # multiply and add (scale, bias) into one FMA in some inlined tile shapes and not others.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
-_EXT = LazyExtension("kiln_int_gemv", _SOURCE, _CFLAGS, required_cpu_flags=("avx512f", "avx512bw", "avx512vl"),
-                     ldflags=["-fopenmp"], fallback="torch code")
+_EXT = LazyExtension(
+    "kiln_int_gemv",
+    _SOURCE,
+    _CFLAGS,
+    required_cpu_flags=("avx512f", "avx512bw", "avx512vl"),
+    ldflags=["-fopenmp"],
+    fallback="torch code",
+)
 
 
 def available() -> bool:
@@ -60,8 +66,10 @@ def available() -> bool:
 # int8
 # ------------------------------------------------------------------------------------------------------
 
-def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+
+def int8_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """q * s[:, None] as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
 
     `out` (contiguous [N, K] of `dtype`), when given, is filled and returned instead of a new tensor.
@@ -73,8 +81,9 @@ def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return w if out is None else out.copy_(w)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., K] (bf16 / fp32) @ (q * s[:, None])^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation.
 
     qweight int8 [N, K], scales fp32 [N], bias [N] (any float dtype; added in fp32). Fast for at most
@@ -89,6 +98,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # ------------------------------------------------------------------------------------------------------
 # int4
 # ------------------------------------------------------------------------------------------------------
+
 
 def int4_group_ok(group_size: int, k: int) -> bool:
     """Group sizes the int4 kernel handles: 16, 32 or a multiple of 64, dividing K."""
@@ -123,13 +133,24 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return (u.reshape(n, -1)[:, :k] - 8).to(torch.int8)
 
 
-def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-                    k: int, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+def int4_dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(q - z) * s as [N, K] in `dtype`, computed in fp32 (= engines.quant.rtn.dequantize, then cast).
     `out`: as int8_dequantize."""
     ext = _EXT.get()
-    if (ext is not None and packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and int4_group_ok(group_size, k)):
+    if (
+        ext is not None
+        and packed.device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and int4_group_ok(group_size, k)
+    ):
         return ext.int4_dequantize(packed, scales, zeros, group_size, k, dtype, out)
     n = packed.shape[0]
     q = unpack_int4(packed, k).float().view(n, k // group_size, group_size)
@@ -139,8 +160,14 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w if out is None else out.copy_(w)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] (bf16 / fp32) @ dequant(W)^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation.
 
     packed: pack_int4 of the signed codes; scales fp32 [N, K / g]; zeros int8 [N, K / g] in [-8, 7]

@@ -20,8 +20,14 @@ from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-std=c++17", "-fopenmp"]
-_EXT = LazyExtension("kiln_paged_attention", _SOURCE, _CFLAGS, required_cpu_flags=("avx512f", "avx512bw"),
-                     ldflags=["-fopenmp"], fallback="the torch decode path")
+_EXT = LazyExtension(
+    "kiln_paged_attention",
+    _SOURCE,
+    _CFLAGS,
+    required_cpu_flags=("avx512f", "avx512bw"),
+    ldflags=["-fopenmp"],
+    fallback="the torch decode path",
+)
 
 
 def available() -> bool:

@@ -32,11 +32,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + d, rms_norm(x + d, weight, eps)): the residual add before a norm, fused for bf16 CPU tensors and
     bit-identical to the two ops."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and d.dtype == torch.bfloat16 \
-            and weight.dtype == torch.bfloat16 and x.shape == d.shape:
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and d.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.shape == d.shape
+    ):
         ext = _EXT.get()
         if ext is not None:
             return ext.add_rms_norm_bf16(x, d, weight, eps)

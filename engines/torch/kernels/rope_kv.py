@@ -17,8 +17,13 @@ from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("rope_kv.cpp")
 # -ffp-contract=off: x * cos + swapped * sin must round twice, as torch's separate ops do
-_EXT = LazyExtension("kiln_rope_kv", _SOURCE, ["-O3", "-ffp-contract=off", "-std=c++17", "-fopenmp"],
-                     ldflags=["-fopenmp"], fallback="the torch RoPE path")
+_EXT = LazyExtension(
+    "kiln_rope_kv",
+    _SOURCE,
+    ["-O3", "-ffp-contract=off", "-std=c++17", "-fopenmp"],
+    ldflags=["-fopenmp"],
+    fallback="the torch RoPE path",
+)
 
 
 def available() -> bool:

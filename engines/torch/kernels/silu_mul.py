@@ -1,7 +1,8 @@
 """SwiGLU's `silu(gate) * up` for bf16 activations on CPU in one op (silu_mul.cpp), rounded like torch.
 
 F.silu on the gate half and a multiply by the up half of the fused gate_up projection are two strided
-passes, a visible share of a prefill step (docs/performance.md); the kernel reads each row once. Compiled on first use like rms_norm
+passes, a visible share of a prefill step (docs/performance.md); the kernel reads each row once. Compiled on first
+use like rms_norm
 (cached in TORCH_EXTENSIONS_DIR); `silu_mul` falls back to torch on other dtypes or devices and when
 the extension cannot be built (one warning). AVX-512 where the CPU has it, portable C++ otherwise.
 """
@@ -16,8 +17,7 @@ import torch.nn.functional as F
 from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("silu_mul.cpp")
-_EXT = LazyExtension("kiln_silu_mul", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"],
-                     fallback="F.silu(gate) * up")
+_EXT = LazyExtension("kiln_silu_mul", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.silu(gate) * up")
 
 
 def available() -> bool:

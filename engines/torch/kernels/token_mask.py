@@ -11,8 +11,13 @@ import xgrammar as xgr
 from engines.torch.kernels.extension import LazyExtension
 
 _SOURCE = Path(__file__).with_name("token_mask.cpp")
-_EXT = LazyExtension("kiln_token_mask", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"],
-                     fallback="xgrammar.apply_token_bitmask_inplace")
+_EXT = LazyExtension(
+    "kiln_token_mask",
+    _SOURCE,
+    ["-O3", "-fopenmp"],
+    ldflags=["-fopenmp"],
+    fallback="xgrammar.apply_token_bitmask_inplace",
+)
 
 
 def available() -> bool:

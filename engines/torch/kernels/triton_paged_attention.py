@@ -84,10 +84,28 @@ def decode_attention(
     # truncates in its own fp32 -> bf16 cast)
     out = torch.empty(b, heads, head_dim, dtype=torch.float32, device=q.device)
     decode_kernel[(b, kv_heads)](
-        q, cache, block_tables, context_lens, k_scale, v_scale, out, float(scale),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        cache.stride(0), cache.stride(1), cache.stride(2),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, KIND=_KINDS[kind],
+        q,
+        cache,
+        block_tables,
+        context_lens,
+        k_scale,
+        v_scale,
+        out,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=BLOCK_N,
+        KIND=_KINDS[kind],
     )
     return out.to(q.dtype)

@@ -21,10 +21,31 @@ def _widen(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, scale,
-                  stride_qb, stride_qh, stride_ob, stride_oh, stride_tb, stride_kv, stride_ch, stride_cb,
-                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr):
+def decode_kernel(
+    q_ptr,
+    cache_ptr,
+    tables_ptr,
+    lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    out_ptr,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_tb,
+    stride_kv,
+    stride_ch,
+    stride_cb,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KIND: tl.constexpr,
+):
     """Grid (sequences, KV heads). KIND: 0 model dtype, 1 int8 codes, 2 fp8 bytes (as int8)."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)

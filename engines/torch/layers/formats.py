@@ -33,15 +33,18 @@ from engines.quant.types import QuantizedWeight
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 
 
-
-def encode_dense(prefix: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def encode_dense(
+    prefix: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     out = {f"{prefix}.weight": weight.to(dtype).contiguous()}
     if bias is not None:
         out[f"{prefix}.bias"] = bias.to(dtype).contiguous()
     return out
 
 
-def encode_int8(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def encode_int8(
+    prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """A per-channel symmetric 8-bit weight (int8 weight-only and SmoothQuant W8A8 store the same)."""
     if qw.bits != 8 or not qw.symmetric or qw.group_size is not None:
         raise ValueError(f"{prefix}: int8 formats need per-channel symmetric 8-bit weights")
@@ -49,7 +52,9 @@ def encode_int8(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dty
     return _with_bias(out, prefix, bias, dtype)
 
 
-def encode_int4(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def encode_int4(
+    prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     if qw.bits != 4 or qw.group_size is None:
         raise ValueError(f"{prefix}: int4 format needs group-wise 4-bit weights")
     out = {f"{prefix}.qweight_packed": pack_int4(qw.qweight), f"{prefix}.scales": qw.scales.float().contiguous()}
@@ -60,8 +65,9 @@ def encode_int4(prefix: str, qw: QuantizedWeight, bias: torch.Tensor | None, dty
     return _with_bias(out, prefix, bias, dtype)
 
 
-def encode_fp8(prefix: str, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def encode_fp8(
+    prefix: str, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     out = {f"{prefix}.weight_fp8": w_fp8.contiguous(), f"{prefix}.weight_scale": w_scale.float().contiguous()}
     return _with_bias(out, prefix, bias, dtype)
 
@@ -81,8 +87,15 @@ class WeightFormat:
 
     name: ClassVar[str]
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         """The module for `prefix`; take(field) pops `<prefix>.<field>` (on the target device)."""
         raise NotImplementedError
 
@@ -90,16 +103,30 @@ class WeightFormat:
 class Dense(WeightFormat):
     name = "dense"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         return DenseLinear(take("weight").to(dtype), bias, dispatch)
 
 
 class Int8(WeightFormat):
     name = "int8"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         from engines.torch.layers.quantized import Int8WeightOnlyLinear
 
         return Int8WeightOnlyLinear(take("qweight"), take("scales"), bias)
@@ -108,8 +135,15 @@ class Int8(WeightFormat):
 class W8A8(WeightFormat):
     name = "w8a8"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         from engines.torch.layers.quantized import W8A8Int8Linear
 
         return W8A8Int8Linear(take("qweight"), take("scales"), bias)
@@ -118,8 +152,15 @@ class W8A8(WeightFormat):
 class Int4(WeightFormat):
     name = "int4"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         from engines.torch.layers.quantized import Int4WeightOnlyLinear
 
         packed, scales = take("qweight_packed"), take("scales")
@@ -127,16 +168,24 @@ class Int4(WeightFormat):
         k = packed.shape[1] * 2
         if k % scales.shape[1]:
             raise ValueError(f"{prefix}: {scales.shape[1]} groups do not divide K={k}.")
-        qw = QuantizedWeight(unpack_int4(packed, signed=True), scales, zeros, 4, k // scales.shape[1],
-                             zeros is None, g_idx)
+        qw = QuantizedWeight(
+            unpack_int4(packed, signed=True), scales, zeros, 4, k // scales.shape[1], zeros is None, g_idx
+        )
         return Int4WeightOnlyLinear(qw, bias)
 
 
 class Fp8(WeightFormat):
     name = "fp8"
 
-    def load(self, take: Take, take_optional: TakeOptional, prefix: str, bias: torch.Tensor | None,
-             dispatch: LinearDispatch, dtype: torch.dtype) -> nn.Module:
+    def load(
+        self,
+        take: Take,
+        take_optional: TakeOptional,
+        prefix: str,
+        bias: torch.Tensor | None,
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         from engines.torch.layers.quantized import Fp8Linear
 
         return Fp8Linear(take("weight_fp8"), take("weight_scale"), bias)
@@ -155,8 +204,14 @@ def unregister_format(name: str) -> None:
     _FORMATS.pop(name, None)
 
 
-def make_linear(fmt: str, tensors: dict[str, torch.Tensor], prefix: str, dispatch: LinearDispatch,
-                dtype: torch.dtype, device: torch.device) -> nn.Module:
+def make_linear(
+    fmt: str,
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    dispatch: LinearDispatch,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
     """The runtime module for `prefix`, consuming its tensors from `tensors`."""
     if fmt not in _FORMATS:
         raise ValueError(f"{prefix}: unknown weight format {fmt!r}; kiln knows {', '.join(_FORMATS)}.")

@@ -17,13 +17,14 @@ bf16 weights on a CPU with avx512_bf16:
 
 oneDNN compiles (JIT) and caches a kernel per row count: served at every batch size and prompt length a server
 meets, that cache grew the process by close to a MiB per new count and weight shape (hundreds of MiB over a
-10-minute soak, bench/soak.py; docs/performance.md). Rows are padded up to one of 4 sizes per octave (at most 25% more rows, 28 sizes up to
+10-minute soak, bench/soak.py; docs/performance.md). Rows are padded up to one of 4 sizes per octave (at most 25%
+more rows, 28 sizes up to
 512), which bounds the cache; each output row is bit-identical to the unpadded call's.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,11 @@ class DenseLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # at most one packed copy: AMX's where the kernel runs here and takes the shape, else oneDNN's
         self.amx_packed = amx_linear.pack(weight) if dispatch.amx and amx_linear.fits(weight) else None
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PREPACK_ROWS_HINT)
-                       if dispatch.prepack and self.amx_packed is None else None)
+        self.packed = (
+            torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PREPACK_ROWS_HINT)
+            if dispatch.prepack and self.amx_packed is None
+            else None
+        )
 
     @property
     def weight_bytes(self) -> int:
@@ -98,8 +102,9 @@ class DenseLinear(nn.Module):
         if x.shape[0] <= self.dispatch.small_m_max:
             return self.dispatch.small(x, self.weight, self.bias)
         if self.packed is not None:
-            return _padded_rows(x, lambda padded: torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.bias,
-                                                                                      "none", [], ""))
+            return _padded_rows(
+                x, lambda padded: torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.bias, "none", [], "")
+            )
         if self.dispatch.pad_rows:
             return _padded_rows(x, lambda padded: F.linear(padded, self.weight, self.bias))
         return F.linear(x, self.weight, self.bias)

@@ -52,8 +52,9 @@ def _amx_codes(qweight: torch.Tensor) -> torch.Tensor | None:
 def _amx_step(x: torch.Tensor, in_features: int) -> bool:
     """Whether a layer holding AMX-packed codes runs x on them: bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
     (numel bounds: numel = rows * in_features, without a reshape)."""
-    return (x.dtype == torch.bfloat16
-            and AMX_INT8_MIN_ROWS * in_features <= x.numel() <= amx_linear.MAX_ROWS * in_features)
+    return (
+        x.dtype == torch.bfloat16 and AMX_INT8_MIN_ROWS * in_features <= x.numel() <= amx_linear.MAX_ROWS * in_features
+    )
 
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
@@ -65,8 +66,10 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
 # W8A16: int8 per-channel symmetric weights
 # ----------------------------------------------------------------------------------------------------
 
-def int8_weight_only_fallback(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
+
+def int8_weight_only_fallback(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = x (q * s)^T with the weight dequantized into x's dtype. x [..., K], q int8 [N, K], s [N]."""
     w = qweight.to(x.dtype) * scales.reshape(-1, 1).to(x.dtype)  # w: [N, K]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -97,21 +100,26 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("qweight", qweight.contiguous())  # [N, K] int8
         s = scales.reshape(n).float().contiguous()
         self.register_buffer("scales", s)  # [N] float32
-        self._scales_by_dtype = {torch.float32: s, torch.bfloat16: s.to(torch.bfloat16),
-                                 torch.float16: s.to(torch.float16)}
+        self._scales_by_dtype = {
+            torch.float32: s,
+            torch.bfloat16: s.to(torch.bfloat16),
+            torch.float16: s.to(torch.float16),
+        }
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._int8pack_mm = _has_op("_weight_int8pack_mm")
-        self.small_m_max = (int_linear.SMALL_M_MAX_INT8
-                            if self.qweight.device.type == "cpu" and int_linear.available() else 0)
+        self.small_m_max = (
+            int_linear.SMALL_M_MAX_INT8 if self.qweight.device.type == "cpu" and int_linear.available() else 0
+        )
         self.use_kernel = self._int8pack_mm or self.small_m_max > 0  # False: always the fallback
         # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
         self.amx_packed = _amx_codes(self.qweight)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> Int8WeightOnlyLinear:
         if qw.bits != 8 or not qw.symmetric or qw.group_size is not None or qw.g_idx is not None:
-            raise ValueError("Int8WeightOnlyLinear needs a per-channel symmetric 8-bit QuantizedWeight "
-                             "(quantize_rtn(w, 8))")
+            raise ValueError(
+                "Int8WeightOnlyLinear needs a per-channel symmetric 8-bit QuantizedWeight (quantize_rtn(w, 8))"
+            )
         return cls(qw.qweight, qw.scales, bias)
 
     @property
@@ -129,8 +137,12 @@ class Int8WeightOnlyLinear(nn.Module):
             return amx_linear.amx_int8_linear(x, self.amx_packed, self.scales, self.bias)
         # decode-sized steps first, with the cheapest checks (this runs ~120 times per decode step):
         # numel <= small_m_max * K is M <= small_m_max
-        if (x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features and x.dtype in _INT_KERNEL_DTYPES
-                and self.use_kernel):
+        if (
+            x.is_cpu
+            and 0 < x.numel() <= self.small_m_max * self.in_features
+            and x.dtype in _INT_KERNEL_DTYPES
+            and self.use_kernel
+        ):
             return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
         x2, lead = _flatten(x)  # x2: [M, K]
         if self.small_m_max and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
@@ -150,8 +162,10 @@ class Int8WeightOnlyLinear(nn.Module):
 # W4A16: group-wise int4 weights
 # ----------------------------------------------------------------------------------------------------
 
-def int4_to_torch_cpu_format(qw: QuantizedWeight, dtype: torch.dtype = torch.float32
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def int4_to_torch_cpu_format(
+    qw: QuantizedWeight, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """QuantizedWeight (4-bit, group-wise, contiguous groups) -> (unsigned codes int32 [N, K] in [0, 15],
     scales_and_zeros [K // g, N, 2] in `dtype`) for torch's CPU int4pack kernel.
 
@@ -170,8 +184,7 @@ def int4_to_torch_cpu_format(qw: QuantizedWeight, dtype: torch.dtype = torch.flo
     return u, sz
 
 
-def int4_weight_only_fallback(x: torch.Tensor, qw: QuantizedWeight,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_weight_only_fallback(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize-on-the-fly reference path: y = x dequantize(qw)^T in x's dtype. x [..., K]."""
     w = dequantize(qw).to(x.dtype)  # [N, K]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -221,15 +234,17 @@ class Int4WeightOnlyLinear(nn.Module):
                 if not torch.equal(gi[perm], torch.arange(k) // g):
                     raise ValueError("g_idx must give every group exactly group_size columns")
                 self.perm = perm
-                qw = QuantizedWeight(qw.qweight[:, perm].contiguous(), qw.scales, qw.zeros, 4, g,
-                                     qw.symmetric)
+                qw = QuantizedWeight(qw.qweight[:, perm].contiguous(), qw.scales, qw.zeros, 4, g, qw.symmetric)
             else:
                 qw = QuantizedWeight(qw.qweight, qw.scales, qw.zeros, 4, g, qw.symmetric)
         self.qw = qw  # contiguous-group view, kept for the fallback path (int8 codes)
         on_cpu = qw.qweight.device.type == "cpu"
         # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
-        self.amx = (amx_linear.pack_int4(qw.qweight, qw.scales, qw.zeros, g)
-                    if on_cpu and amx_linear.int4_fits(n, k, g) and amx_linear.available() else None)
+        self.amx = (
+            amx_linear.pack_int4(qw.qweight, qw.scales, qw.zeros, g)
+            if on_cpu and amx_linear.int4_fits(n, k, g) and amx_linear.available()
+            else None
+        )
         self.small_m_max = 0
         self.use_kernel = False
         self._sz: dict[torch.dtype, torch.Tensor] = {}
@@ -240,18 +255,22 @@ class Int4WeightOnlyLinear(nn.Module):
             self.kscales = qw.scales.float().contiguous()  # [N, G]
             self.kzeros = None if qw.zeros is None else qw.zeros.to(torch.int8).contiguous()  # [N, G]
             self.qw = None  # the packed form holds everything; drop the unpacked int8 codes
-        elif (on_cpu and g in (32, 64, 128, 256) and n % 16 == 0  # what torch's int4 kernel accepts
-              and _has_op("_convert_weight_to_int4pack_for_cpu") and _has_op("_weight_int4pack_mm_for_cpu")):
+        elif (
+            on_cpu
+            and g in (32, 64, 128, 256)
+            and n % 16 == 0  # what torch's int4 kernel accepts
+            and _has_op("_convert_weight_to_int4pack_for_cpu")
+            and _has_op("_weight_int4pack_mm_for_cpu")
+        ):
             self.use_kernel = True
             u, sz = int4_to_torch_cpu_format(qw, torch.float32)
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)  # uint8 [N, K/2]
-            self._sz = {torch.float32: sz, torch.bfloat16: sz.to(torch.bfloat16),
-                        torch.float16: sz.to(torch.float16)}
+            self._sz = {torch.float32: sz, torch.bfloat16: sz.to(torch.bfloat16), torch.float16: sz.to(torch.float16)}
             # the kernel holds everything it needs; drop the unpacked int8 codes to save memory
             self.qw = None
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> Int4WeightOnlyLinear:
         return cls(qw, bias)
 
     @property
@@ -274,14 +293,14 @@ class Int4WeightOnlyLinear(nn.Module):
         Int8WeightOnlyLinear.dequantized_weight."""
         k = self.in_features
         if self.small_m_max:
-            return int_linear.int4_dequantize(self.kpacked, self.kscales, self.kzeros, self.group_size, k, dtype,
-                                              out)
+            return int_linear.int4_dequantize(self.kpacked, self.kscales, self.kzeros, self.group_size, k, dtype, out)
         if self.use_kernel:
             # torch's packed form: its own op on an identity input (M = K) returns w^T computed as
             # (u - 8) * scale + zero with zero = -z * s rounded to fp32 (one more rounding than ours)
             eye = torch.eye(k, dtype=torch.float32)
-            w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size,
-                                                             self._sz[torch.float32])  # [K, N]
+            w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.packed, self.group_size, self._sz[torch.float32]
+            )  # [K, N]
             w = w_t.t().to(dtype)
         else:
             w = dequantize(self.qw).to(dtype)
@@ -291,27 +310,37 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.amx is not None and _amx_step(x, self.in_features):
             xg = x if self.perm is None else x.index_select(-1, self.perm)  # grouped column order
             return amx_linear.amx_int4_linear(xg, *self.amx, self.group_size, self.bias)
-        if (self.small_m_max and x.is_cpu and 0 < x.numel() <= self.small_m_max * self.in_features
-                and x.dtype in _INT_KERNEL_DTYPES and self.perm is None):  # decode-sized: cheapest checks
-            return int_linear.int4_linear(x, self.kpacked, self.kscales, self.kzeros, self.group_size,
-                                          self.bias)  # [..., N], leading dims kept
+        if (
+            self.small_m_max
+            and x.is_cpu
+            and 0 < x.numel() <= self.small_m_max * self.in_features
+            and x.dtype in _INT_KERNEL_DTYPES
+            and self.perm is None
+        ):  # decode-sized: cheapest checks
+            return int_linear.int4_linear(
+                x, self.kpacked, self.kscales, self.kzeros, self.group_size, self.bias
+            )  # [..., N], leading dims kept
         x2, lead = _flatten(x)  # x2: [M, K]
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm.to(x2.device))  # [M, K] in grouped column order
         if self.use_kernel and x2.device.type != "cpu":
-            raise RuntimeError("Int4WeightOnlyLinear was packed for a CPU kernel; "
-                               "build it from the QuantizedWeight on the target device instead")
+            raise RuntimeError(
+                "Int4WeightOnlyLinear was packed for a CPU kernel; "
+                "build it from the QuantizedWeight on the target device instead"
+            )
         if self.small_m_max:
             if x2.shape[0] <= self.small_m_max and x2.dtype in _INT_KERNEL_DTYPES:
-                y = int_linear.int4_linear(x2, self.kpacked, self.kscales, self.kzeros, self.group_size,
-                                           self.bias)  # [M, N]
+                y = int_linear.int4_linear(
+                    x2, self.kpacked, self.kscales, self.kzeros, self.group_size, self.bias
+                )  # [M, N]
             else:  # prefill-sized: dequantize once, one GEMM (faster than per-row kernels here)
                 w = self.dequantized_weight(x2.dtype if x2.dtype in _INT_KERNEL_DTYPES else torch.float32)
                 y = F.linear(x2.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x2.dtype)
         elif self.use_kernel:
             xk = x2 if x2.dtype in self._sz else x2.float()  # other dtypes run the kernel in fp32
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group_size,
-                                                           self._sz[xk.dtype]).to(x2.dtype)  # [M, N]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group_size, self._sz[xk.dtype]).to(
+                x2.dtype
+            )  # [M, N]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
@@ -375,14 +404,18 @@ class W8A8Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.use_kernel = _has_op("_int_mm") and k % 8 == 0 and n % 8 == 0
         # decode-sized steps take kiln's W8A16 kernel on the same int8 weights (see the class doc)
-        self.small_m_max = (W8A16_MAX_ROWS if self.qweight.device.type == "cpu" and int_linear.available() else 0)
+        self.small_m_max = W8A16_MAX_ROWS if self.qweight.device.type == "cpu" and int_linear.available() else 0
         self._w_scales_flat = self.w_scales.reshape(n).contiguous()
         # Intel AMX: W8A16 on the same codes for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows (class doc)
         self.amx_packed = _amx_codes(self.qweight)
 
     @classmethod
-    def from_quantized(cls, qweight: torch.Tensor | QuantizedWeight, w_scales: torch.Tensor | None = None,
-                       bias: torch.Tensor | None = None) -> "W8A8Int8Linear":
+    def from_quantized(
+        cls,
+        qweight: torch.Tensor | QuantizedWeight,
+        w_scales: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> W8A8Int8Linear:
         """From quantize_w8a8's (int8 [N, K], scales [N]) or a per-channel symmetric 8-bit QuantizedWeight."""
         if isinstance(qweight, QuantizedWeight):
             qw = qweight
@@ -424,10 +457,12 @@ class W8A8Int8Linear(nn.Module):
 # FP8 (E4M3) weights
 # ----------------------------------------------------------------------------------------------------
 
+
 def fp8_e4m3_to_scaled(w_fp8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float8_e4m3fn [N, K] -> `dtype` holding exactly w * 2**-8, by bit manipulation.
 
-    torch's own fp8 -> bf16 cast is scalar on CPU; this is several times faster (docs/performance.md). E4M3 bits s.eeee.mmm placed at fp16 bits 15 and 13..7
+    torch's own fp8 -> bf16 cast is scalar on CPU; this is several times faster (docs/performance.md). E4M3 bits
+    s.eeee.mmm placed at fp16 bits 15 and 13..7
     form the fp16 number w * 2**-8 (bias 7 vs 15; E4M3 subnormals land on fp16 subnormals), which
     converts exactly to bf16/fp32. Via int8 sign extension: (int16(b) << 7) has the sign in bits
     15 and 14, so bit 14 is cleared. NaN codes (0x7F/0xFF) become ±1.875 instead; quantize_fp8 clamps,
@@ -450,8 +485,9 @@ def fp8_upcast_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
     return (y.float() * s).to(x2.dtype)
 
 
-def fp8_scaled_mm_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_scaled_mm_linear(
+    x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = Q(x) W8^T * scales (+ b) in x's dtype on torch._scaled_mm, x quantized dynamically to E4M3.
     x2 [M, K], w_fp8 [N, K], w_scale [N, 1] or 0-d, bias [N] or None.
 
@@ -470,8 +506,9 @@ def fp8_scaled_mm_linear(x2: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.T
         sb = w_scale
     xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K] fp8
     # mat2 must be column-major: weight [N, K] row-major transposed is exactly that
-    return torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=sb, bias=None if bias is None else bias.to(x2.dtype),
-                            out_dtype=x2.dtype)  # [M, N]
+    return torch._scaled_mm(
+        xq, w_fp8.t(), scale_a=xs, scale_b=sb, bias=None if bias is None else bias.to(x2.dtype), out_dtype=x2.dtype
+    )  # [M, N]
 
 
 def _scaled_mm_supported(capability: tuple[int, int], k: int, n: int, dtype: torch.dtype, per_channel: bool) -> bool:
@@ -519,13 +556,13 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = k, n
         self.per_channel = w_scale.numel() > 1
         self.register_buffer("weight", w_fp8.contiguous())  # [N, K] fp8
-        self.register_buffer("w_scale", w_scale.float().reshape(n, 1) if self.per_channel
-                             else w_scale.float().reshape(()))
+        self.register_buffer(
+            "w_scale", w_scale.float().reshape(n, 1) if self.per_channel else w_scale.float().reshape(())
+        )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_quantized(cls, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> "Fp8Linear":
+    def from_quantized(cls, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Fp8Linear:
         """From engines.quant.fp8.quantize_fp8's (fp8 [N, K], scale [N, 1] or 0-d)."""
         return cls(w_fp8, w_scale, bias)
 

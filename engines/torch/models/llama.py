@@ -196,7 +196,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + swapped * signed_sin
 
 
-def read_hf_checkpoint(folder: Path, args: LlamaArgs, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_hf_checkpoint(
+    folder: Path, args: LlamaArgs, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
     with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once."""
     files = sorted(folder.glob("*.safetensors"))
@@ -236,9 +238,14 @@ def read_hf_checkpoint(folder: Path, args: LlamaArgs, dtype: torch.dtype, device
 PROJECTIONS = LlamaForCausalLM.projections
 
 
-def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[str, str],
-             dtype: torch.dtype, device: torch.device,
-             model_class: type[LlamaForCausalLM] = LlamaForCausalLM) -> LlamaForCausalLM:
+def assemble(
+    args: LlamaArgs,
+    tensors: dict[str, torch.Tensor],
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    device: torch.device,
+    model_class: type[LlamaForCausalLM] = LlamaForCausalLM,
+) -> LlamaForCausalLM:
     """Build the model on the meta device and move `tensors` (kiln names, consumed) into place.
 
     formats maps each projection kind (model_class.projections and "lm_head") to its stored weight
@@ -280,10 +287,17 @@ def assemble(args: LlamaArgs, tensors: dict[str, torch.Tensor], formats: dict[st
 
 
 def param_count(args: LlamaArgs) -> int:
-    return decoder_param_count(hidden=args.hidden_size, layers=args.num_layers, heads=args.num_heads,
-                               kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                               intermediate=args.intermediate_size, vocab=args.vocab_size,
-                               tied_embeddings=args.tie_word_embeddings, qkv_bias=args.qkv_bias)
+    return decoder_param_count(
+        hidden=args.hidden_size,
+        layers=args.num_layers,
+        heads=args.num_heads,
+        kv_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        intermediate=args.intermediate_size,
+        vocab=args.vocab_size,
+        tied_embeddings=args.tie_word_embeddings,
+        qkv_bias=args.qkv_bias,
+    )
 
 
 def _up_rows(args: LlamaArgs) -> slice:
@@ -301,12 +315,21 @@ TOPOLOGY = QuantTopology(
     norm_groups=(NormGroup("input_norm", ("qkv_proj",)), NormGroup("post_norm", ("gate_up_proj",))),
     # down before o: the order the scale searches have always run in. SmoothQuant leaves o_proj alone
     # (attention output has few outlier channels).
-    row_folds=(RowFold("down_proj", "gate_up_proj", _up_rows, reciprocal=True),
-               RowFold("o_proj", "qkv_proj", _v_rows, smooth=False)),
+    row_folds=(
+        RowFold("down_proj", "gate_up_proj", _up_rows, reciprocal=True),
+        RowFold("o_proj", "qkv_proj", _v_rows, smooth=False),
+    ),
 )
 
 
-LLAMA = Architecture(model_type="llama", args_from_config=LlamaArgs.from_hf_config, model_class=LlamaForCausalLM,
-                     read_checkpoint=read_hf_checkpoint, assemble=assemble, topology=TOPOLOGY, param_count=param_count)
+LLAMA = Architecture(
+    model_type="llama",
+    args_from_config=LlamaArgs.from_hf_config,
+    model_class=LlamaForCausalLM,
+    read_checkpoint=read_hf_checkpoint,
+    assemble=assemble,
+    topology=TOPOLOGY,
+    param_count=param_count,
+)
 MISTRAL = replace(LLAMA, model_type="mistral")
 QWEN2 = replace(LLAMA, model_type="qwen2", args_from_config=qwen2_args)

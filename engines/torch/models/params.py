@@ -4,8 +4,19 @@ without loading torch) and the build's size estimates (from an architecture's ar
 from __future__ import annotations
 
 
-def decoder_param_count(*, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
-                        vocab: int, tied_embeddings: bool, qkv_bias: bool, experts: int = 1) -> int:
+def decoder_param_count(
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    vocab: int,
+    tied_embeddings: bool,
+    qkv_bias: bool,
+    experts: int = 1,
+) -> int:
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
     if qkv_bias:
         attention += (heads + 2 * kv_heads) * head_dim

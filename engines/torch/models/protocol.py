@@ -49,7 +49,8 @@ class CausalLM(Protocol):
 
     def init_rope(self, max_positions: int, dtype: torch.dtype, device: torch.device | str) -> None: ...
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list) -> torch.Tensor: ...  # -> hidden states [T, hidden]
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list
+    ) -> torch.Tensor: ...  # -> hidden states [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, hidden] -> [N, vocab] float32

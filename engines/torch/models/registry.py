@@ -10,10 +10,14 @@ from typing import Any
 from engines.torch.models import llama
 from engines.torch.models.architecture import Architecture
 
-ARCHITECTURES: dict[str, Architecture[Any]] = {arch.model_type: arch for arch in (llama.LLAMA, llama.MISTRAL, llama.QWEN2)}
+ARCHITECTURES: dict[str, Architecture[Any]] = {
+    arch.model_type: arch for arch in (llama.LLAMA, llama.MISTRAL, llama.QWEN2)
+}
 
 
 def architecture(model_type: str) -> Architecture[Any]:
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"Model type {model_type!r} is not supported; kiln's torch engine runs {', '.join(ARCHITECTURES)}.")
+        raise ValueError(
+            f"Model type {model_type!r} is not supported; kiln's torch engine runs {', '.join(ARCHITECTURES)}."
+        )
     return ARCHITECTURES[model_type]

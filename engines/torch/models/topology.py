@@ -42,4 +42,3 @@ class RowFold:
 class QuantTopology:
     norm_groups: tuple[NormGroup, ...]
     row_folds: tuple[RowFold, ...]
-

@@ -10,7 +10,7 @@ penalties, temperature and truncation as the target) and hand q to verification.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

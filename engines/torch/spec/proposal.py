@@ -17,7 +17,7 @@ class Proposal:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def truncated(self, k: int) -> "Proposal | None":
+    def truncated(self, k: int) -> Proposal | None:
         """The first k tokens (None for k = 0): the scheduler trims a proposal to its token budget."""
         if k <= 0:
             return None

@@ -11,8 +11,8 @@ would have drawn it. A deterministic proposer's draft is a point mass: q = one_h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -47,7 +47,7 @@ def verify(
 
     results, emitted_rows, emitted_tokens = [], [], []
     offset = 0
-    for seq, _, prop in items:
+    for _seq, _, prop in items:
         k = len(prop)
         if rows[offset].params.greedy:
             tokens = _accept_greedy(argmax[offset : offset + k + 1], prop.token_ids)

@@ -1,4 +1,5 @@
-"""Fake tensorrt_llm.sampling_params.GuidedDecodingParams, field for field the 1.0 class (tensorrt_llm/sampling_params.py):
+"""Fake tensorrt_llm.sampling_params.GuidedDecodingParams, field for field the 1.0 class
+(tensorrt_llm/sampling_params.py):
 a slots, keyword-only dataclass whose `_validate()` allows at most one truthy guide. The real class does not validate
 itself: `SamplingParams.__post_init__` -> `SamplingParams._validate` calls it, so a request with two guides fails
 when its SamplingParams is built (the fake SamplingParams in llmapi does the same)."""
@@ -6,16 +7,16 @@ when its SamplingParams is built (the fake SamplingParams in llmapi does the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass(slots=True, kw_only=True)
 class GuidedDecodingParams:
-    json: Optional[Any] = None  # str, dict or a pydantic model; a dict is json.dumps'ed for the executor
-    regex: Optional[str] = None
-    grammar: Optional[str] = None  # EBNF (xgrammar's dialect)
+    json: Any | None = None  # str, dict or a pydantic model; a dict is json.dumps'ed for the executor
+    regex: str | None = None
+    grammar: str | None = None  # EBNF (xgrammar's dialect)
     json_object: bool = False
-    structural_tag: Optional[str] = None  # PyTorch backend only: the TensorRT engine's GuidedDecoder ignores it
+    structural_tag: str | None = None  # PyTorch backend only: the TensorRT engine's GuidedDecoder ignores it
 
     def _validate(self):
         num_guides = sum(bool(getattr(self, f.name)) for f in fields(self))
@@ -32,8 +33,12 @@ def guide_for_executor(guided: GuidedDecodingParams | None) -> tuple[str, Any] |
         return None
     if guided.json_object:
         return ("JSON", None)
-    for name, guide_type in (("json", "JSON_SCHEMA"), ("regex", "REGEX"), ("grammar", "EBNF_GRAMMAR"),
-                             ("structural_tag", "STRUCTURAL_TAG")):
+    for name, guide_type in (
+        ("json", "JSON_SCHEMA"),
+        ("regex", "REGEX"),
+        ("grammar", "EBNF_GRAMMAR"),
+        ("structural_tag", "STRUCTURAL_TAG"),
+    ):
         value = getattr(guided, name)
         if value is not None:
             return (guide_type, json.dumps(value) if isinstance(value, dict) else value)

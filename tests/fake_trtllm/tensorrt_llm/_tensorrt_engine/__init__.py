@@ -10,18 +10,39 @@ from pathlib import Path
 
 from tensorrt_llm._fake import CALLS, FAKE
 
-LLM_FIELDS = frozenset({"model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code",
-                        "tensor_parallel_size", "dtype", "revision", "build_config", "quant_config", "calib_config",
-                        "kv_cache_config", "scheduler_config", "speculative_config", "enable_chunked_prefill",
-                        "max_batch_size", "max_num_tokens", "iter_stats_max_iterations", "enable_build_cache",
-                        "guided_decoding_backend"})
+LLM_FIELDS = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "tokenizer_mode",
+        "skip_tokenizer_init",
+        "trust_remote_code",
+        "tensor_parallel_size",
+        "dtype",
+        "revision",
+        "build_config",
+        "quant_config",
+        "calib_config",
+        "kv_cache_config",
+        "scheduler_config",
+        "speculative_config",
+        "enable_chunked_prefill",
+        "max_batch_size",
+        "max_num_tokens",
+        "iter_stats_max_iterations",
+        "enable_build_cache",
+        "guided_decoding_backend",
+    }
+)
 # tensorrt_llm/llmapi/llm_args.py BaseLlmArgs.guided_decoding_backend: Optional[Literal["xgrammar", "llguidance"]]
 GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance")
 # cpp/tensorrt_llm/executor/executorImpl.cpp Executor::Impl::fetchNewRequests: a guided request on an executor without
 # a GuidedDecodingConfig fails this TLLM_CHECK_WITH_INFO, caught into an error response for that request only
-NO_GUIDED_DECODER = ("Encountered an error when fetching new request: [TensorRT-LLM][ERROR] Assertion failed: Request "
-                     "is specified with GuidedDecodingParams, but GuidedDecoder is not setup. Please provide a valid "
-                     "GuidedDecodingConfig to setup GuidedDecoder.")
+NO_GUIDED_DECODER = (
+    "Encountered an error when fetching new request: [TensorRT-LLM][ERROR] Assertion failed: Request "
+    "is specified with GuidedDecodingParams, but GuidedDecoder is not setup. Please provide a valid "
+    "GuidedDecodingConfig to setup GuidedDecoder."
+)
 _ids = itertools.count()
 
 
@@ -32,8 +53,10 @@ class LLM:
             raise TypeError(f"LLM got unexpected keyword arguments {sorted(unknown)}")
         backend = kwargs.get("guided_decoding_backend")
         if backend is not None and backend not in GUIDED_DECODING_BACKENDS:  # pydantic's Literal check (a ValueError)
-            raise ValueError(f"1 validation error for TrtLlmArgs\nguided_decoding_backend\n  Input should be "
-                             f"'xgrammar' or 'llguidance' [type=literal_error, input_value={backend!r}]")
+            raise ValueError(
+                f"1 validation error for TrtLlmArgs\nguided_decoding_backend\n  Input should be "
+                f"'xgrammar' or 'llguidance' [type=literal_error, input_value={backend!r}]"
+            )
         if backend == "llguidance":  # _TrtLLM._build_model (llmapi/llm.py) gives TensorRT engines xgrammar only
             raise ValueError(f"Unsupported guided decoding backend {backend}")
         self.model = model
@@ -78,8 +101,9 @@ class LLM:
 class RequestOutput:
     """One request's result: async-iterable while streaming; `outputs` are CompletionOutputs."""
 
-    def __init__(self, request_id: int, prompt_token_ids: list[int], params, error: str | None = None,
-                 llm: LLM | None = None):
+    def __init__(
+        self, request_id: int, prompt_token_ids: list[int], params, error: str | None = None, llm: LLM | None = None
+    ):
         from tensorrt_llm.llmapi import CompletionOutput
 
         self._error = error  # the executor's error response: iterating raises RequestError, like the real result

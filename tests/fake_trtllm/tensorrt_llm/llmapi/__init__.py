@@ -34,27 +34,77 @@ class CapacitySchedulerPolicy(enum.Enum):  # tensorrt_llm/llmapi/llm_args.py
 
 
 class QuantConfig(Recorded):
-    FIELDS = frozenset({"quant_algo", "kv_cache_quant_algo", "group_size", "smoothquant_val", "clamp_val",
-                        "use_meta_recipe", "has_zero_point", "pre_quant_scale", "exclude_modules"})
+    FIELDS = frozenset(
+        {
+            "quant_algo",
+            "kv_cache_quant_algo",
+            "group_size",
+            "smoothquant_val",
+            "clamp_val",
+            "use_meta_recipe",
+            "has_zero_point",
+            "pre_quant_scale",
+            "exclude_modules",
+        }
+    )
 
 
 class CalibConfig(Recorded):
-    FIELDS = frozenset({"device", "calib_dataset", "calib_batches", "calib_batch_size", "calib_max_seq_length",
-                        "random_seed", "tokenizer_max_seq_length"})
+    FIELDS = frozenset(
+        {
+            "device",
+            "calib_dataset",
+            "calib_batches",
+            "calib_batch_size",
+            "calib_max_seq_length",
+            "random_seed",
+            "tokenizer_max_seq_length",
+        }
+    )
 
 
 class BuildConfig(Recorded):
-    FIELDS = frozenset({"max_input_len", "max_seq_len", "opt_batch_size", "max_batch_size", "max_beam_width",
-                        "max_num_tokens", "opt_num_tokens", "max_prompt_embedding_table_size", "kv_cache_type",
-                        "gather_context_logits", "gather_generation_logits", "strongly_typed", "max_draft_len",
-                        "speculative_decoding_mode", "use_refit", "plugin_config", "weight_streaming"})
+    FIELDS = frozenset(
+        {
+            "max_input_len",
+            "max_seq_len",
+            "opt_batch_size",
+            "max_batch_size",
+            "max_beam_width",
+            "max_num_tokens",
+            "opt_num_tokens",
+            "max_prompt_embedding_table_size",
+            "kv_cache_type",
+            "gather_context_logits",
+            "gather_generation_logits",
+            "strongly_typed",
+            "max_draft_len",
+            "speculative_decoding_mode",
+            "use_refit",
+            "plugin_config",
+            "weight_streaming",
+        }
+    )
 
 
 class KvCacheConfig(Recorded):
-    FIELDS = frozenset({"enable_block_reuse", "max_tokens", "max_attention_window", "sink_token_length",
-                        "free_gpu_memory_fraction", "host_cache_size", "onboard_blocks", "cross_kv_cache_fraction",
-                        "secondary_offload_min_priority", "event_buffer_max_size", "enable_partial_reuse",
-                        "copy_on_partial_reuse", "dtype"})
+    FIELDS = frozenset(
+        {
+            "enable_block_reuse",
+            "max_tokens",
+            "max_attention_window",
+            "sink_token_length",
+            "free_gpu_memory_fraction",
+            "host_cache_size",
+            "onboard_blocks",
+            "cross_kv_cache_fraction",
+            "secondary_offload_min_priority",
+            "event_buffer_max_size",
+            "enable_partial_reuse",
+            "copy_on_partial_reuse",
+            "dtype",
+        }
+    )
 
 
 class SchedulerConfig(Recorded):
@@ -62,9 +112,21 @@ class SchedulerConfig(Recorded):
 
 
 class EagleDecodingConfig(Recorded):
-    FIELDS = frozenset({"max_draft_len", "speculative_model_dir", "eagle_choices", "greedy_sampling",
-                        "posterior_threshold", "use_dynamic_tree", "dynamic_tree_max_topK", "num_eagle_layers",
-                        "max_non_leaves_per_layer", "pytorch_weights_path", "eagle3_one_model"})
+    FIELDS = frozenset(
+        {
+            "max_draft_len",
+            "speculative_model_dir",
+            "eagle_choices",
+            "greedy_sampling",
+            "posterior_threshold",
+            "use_dynamic_tree",
+            "dynamic_tree_max_topK",
+            "num_eagle_layers",
+            "max_non_leaves_per_layer",
+            "pytorch_weights_path",
+            "eagle3_one_model",
+        }
+    )
 
 
 class NGramDecodingConfig(Recorded):
@@ -76,16 +138,55 @@ class DraftTargetDecodingConfig(Recorded):
 
 
 class SamplingParams(Recorded):  # tensorrt_llm/sampling_params.py
-    FIELDS = frozenset({
-        "end_id", "pad_id", "max_tokens", "bad", "bad_token_ids", "stop", "stop_token_ids",
-        "include_stop_str_in_output", "embedding_bias", "logits_processor", "apply_batched_logits_processor", "n",
-        "best_of", "use_beam_search", "top_k", "top_p", "top_p_min", "top_p_reset_ids", "top_p_decay", "seed",
-        "temperature", "min_tokens", "beam_search_diversity_rate", "repetition_penalty", "presence_penalty",
-        "frequency_penalty", "length_penalty", "early_stopping", "no_repeat_ngram_size", "min_p", "logprobs",
-        "prompt_logprobs", "return_context_logits", "return_generation_logits", "exclude_input_from_output",
-        "return_encoder_output", "return_perf_metrics", "lookahead_config", "guided_decoding", "ignore_eos",
-        "detokenize", "add_special_tokens", "truncate_prompt_tokens", "skip_special_tokens",
-        "spaces_between_special_tokens"})
+    FIELDS = frozenset(
+        {
+            "end_id",
+            "pad_id",
+            "max_tokens",
+            "bad",
+            "bad_token_ids",
+            "stop",
+            "stop_token_ids",
+            "include_stop_str_in_output",
+            "embedding_bias",
+            "logits_processor",
+            "apply_batched_logits_processor",
+            "n",
+            "best_of",
+            "use_beam_search",
+            "top_k",
+            "top_p",
+            "top_p_min",
+            "top_p_reset_ids",
+            "top_p_decay",
+            "seed",
+            "temperature",
+            "min_tokens",
+            "beam_search_diversity_rate",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "length_penalty",
+            "early_stopping",
+            "no_repeat_ngram_size",
+            "min_p",
+            "logprobs",
+            "prompt_logprobs",
+            "return_context_logits",
+            "return_generation_logits",
+            "exclude_input_from_output",
+            "return_encoder_output",
+            "return_perf_metrics",
+            "lookahead_config",
+            "guided_decoding",
+            "ignore_eos",
+            "detokenize",
+            "add_special_tokens",
+            "truncate_prompt_tokens",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+        }
+    )
 
     def __init__(self, **kwargs):
         # SamplingParams.__post_init__ -> _validate() -> guided_decoding._validate(): two guides fail here
@@ -114,11 +215,11 @@ class CompletionOutput:  # tensorrt_llm/executor/result.py
 
     @property
     def token_ids_diff(self) -> list[int]:
-        return self.token_ids[self._last_token_ids_len:]
+        return self.token_ids[self._last_token_ids_len :]
 
     @property
     def logprobs_diff(self) -> list:
-        return self.logprobs[self._last_logprobs_len:]
+        return self.logprobs[self._last_logprobs_len :]
 
 
 from tensorrt_llm._tensorrt_engine import LLM, RequestOutput  # noqa: E402,F401
