@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fuzz test-wheel test-docker bench bench-lm-eval
+.PHONY: install serve lint test test-fuzz test-wheel test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 
 serve: install
 	$(BIN)/kiln serve --host $(HOST) --port $(PORT)
+
+# ruff (lint and format) over the whole tree; mypy on the interfaces ([tool.mypy] files in pyproject.toml)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # pytest's own exit status fails the target, including 5 when no test was collected.
 test: install
