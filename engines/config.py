@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+SchedulerPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
 SPECULATIVE_METHODS = ("draft", "ngram", "eagle")  # eagle: the trtllm backend only
 BACKENDS = ("auto", "torch", "trtllm")
@@ -51,7 +52,7 @@ class EngineConfig:
     ngram_max: int = 4
     # trtllm backend only: KvCacheConfig.free_gpu_memory_fraction and the in-flight batching scheduler policy
     gpu_memory_fraction: float = 0.9
-    scheduler_policy: str = "guaranteed_no_evict"
+    scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -108,7 +108,7 @@ class _NamedCall:
         self._started = False
 
     def feed(self, text: str) -> list[StreamEvent]:
-        events = [] if self._started else [ToolCallDelta(0, new_call_id(), self._name, "")]
+        events: list[StreamEvent] = [] if self._started else [ToolCallDelta(0, new_call_id(), self._name, "")]
         self._started = True
         return events + ([ToolCallDelta(0, None, None, text)] if text else [])
 
@@ -119,10 +119,12 @@ class _NamedCall:
 def output_reader(plan: ToolPlan):
     """A fresh reader of one choice's text: feed(text) and finish() give content and tool-call events."""
     if plan.mode == "auto":
+        assert plan.parser is not None  # plan_tools sets the parser of every "auto" plan
         return PARSERS[plan.parser].streaming()
     if plan.mode == "required":
         return RequiredCallsStreamer()
     if plan.mode == "named":
+        assert plan.function is not None  # plan_tools sets the function of every "named" plan
         return _NamedCall(plan.function)
     return _Passthrough()
 

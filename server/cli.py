@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import cast
 
 from pydantic import ValidationError
 
@@ -90,7 +91,9 @@ def serve_command(args: argparse.Namespace) -> int:
         # no logging config of uvicorn's own: its records go to kiln's handler, so that every line, the
         # access log's included, has one format and its request id
         log_config=None,
-        timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
+        # uvicorn's annotation says int | None, but it only passes the value to asyncio.timeout, which takes a
+        # float: the setting's fractions of a second are kept
+        timeout_graceful_shutdown=cast(int, settings.graceful_shutdown_timeout),
     )
     server = KilnServer(config, app.state.in_flight, settings.graceful_shutdown_timeout)
     server.run()

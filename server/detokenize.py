@@ -8,11 +8,13 @@ incomplete character, so it is held back until the next token completes it (vLLM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 PROMPT_CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])

@@ -48,6 +48,7 @@ class EngineHolder:
     def get(self) -> Engine:
         """The engine, or a 503 error while it loads or after it died."""
         if self.ready:
+            assert self.engine is not None  # ready implies an engine
             return self.engine
         status, message = self.status()
         if status == "dead":

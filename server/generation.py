@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import anyio
 
@@ -237,7 +238,9 @@ class Generation:
                 deltas.append(delta)
         if not self._reported[index] and all(choice.finish_reason for choice in own):
             self._reported[index] = True
-            self.metrics.observe_finished(self.model_name, output.timings, now, [c.finish_reason for c in own])
+            # every finish_reason is set (checked just above)
+            reasons = cast(list[str], [c.finish_reason for c in own])
+            self.metrics.observe_finished(self.model_name, output.timings, now, reasons)
         return deltas
 
     @property
@@ -267,8 +270,9 @@ class Generation:
             for delta in deltas:
                 texts[delta.index].append(delta.text)
                 logprobs[delta.index].extend(delta.logprobs)
+        # iterating ends only once every choice is finished, so each finish_reason is set
         return [
-            ChoiceResult(c.index, "".join(texts[c.index]), logprobs[c.index], c.finish_reason, c.num_tokens)
+            ChoiceResult(c.index, "".join(texts[c.index]), logprobs[c.index], cast(str, c.finish_reason), c.num_tokens)
             for c in self.choices
         ]
 

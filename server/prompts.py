@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from server.errors import bad_request
 from server.protocol import ChatMessage
@@ -53,7 +54,7 @@ def _entry(message: ChatMessage, i: int, native_tools: bool) -> dict:
         content = message.text()
     except ValueError as exc:
         raise bad_request(f"messages[{i}].content: {exc}.", param=f"messages.{i}.content") from None
-    entry = {"role": _TEMPLATE_ROLE.get(message.role, message.role), "content": content}
+    entry: dict[str, Any] = {"role": _TEMPLATE_ROLE.get(message.role, message.role), "content": content}
     if message.name is not None:
         entry["name"] = message.name
     calls = [call.model_dump() for call in message.tool_calls or ()]

@@ -480,6 +480,7 @@ class TokenizeRequest(_TokenizerRequest):
     def num_content_chars(self) -> int:
         """Characters of text in the prompt or the messages (a lower bound on the rendered prompt's)."""
         if self.messages is None:
+            assert self.prompt is not None  # _one_input: exactly one of prompt and messages is given
             return len(self.prompt)
         return sum(
             len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or ())

@@ -22,6 +22,7 @@ from server.protocol import (
     ResponsesTextFormat,
     Tool,
     ToolCall,
+    ToolChoice,
 )
 from server.structured import json_schema_output
 
@@ -36,9 +37,11 @@ def chat_request(body: ResponsesRequest, items: list[ResponsesInputItem]) -> Cha
         raise bad_request(
             f"The conversation has {len(messages)} messages, more than the {MAX_MESSAGES} allowed.", param="input"
         )
-    choice = body.tool_choice
-    if isinstance(choice, ResponsesNamedToolChoice):
-        choice = NamedToolChoice(type="function", function=NamedToolChoiceFunction(name=choice.name))
+    choice: ToolChoice | None
+    if isinstance(body.tool_choice, ResponsesNamedToolChoice):
+        choice = NamedToolChoice(type="function", function=NamedToolChoiceFunction(name=body.tool_choice.name))
+    else:
+        choice = body.tool_choice
     tools = [
         Tool(
             type="function",

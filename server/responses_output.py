@@ -5,6 +5,7 @@ a JSON response keeps only its items, so the two always agree."""
 from __future__ import annotations
 
 import uuid
+from typing import Literal, cast
 
 from server.protocol import (
     ResponsesFunctionCallItem,
@@ -34,10 +35,11 @@ class OutputBuilder:
             if isinstance(e, ContentDelta):
                 if e.text:
                     index = self._open_message(out)
-                    self.items[index].content[0].text += e.text
+                    message = cast(ResponsesOutputMessage, self.items[index])  # _open_message's index is the message's
+                    message.content[0].text += e.text
                     out.append(
                         _at(
-                            self.items[index],
+                            message,
                             index,
                             "response.output_text.delta",
                             content_index=0,
@@ -51,11 +53,12 @@ class OutputBuilder:
                 self._calls[e.index] = self._add(item, out)
             index = self._calls[e.index]
             if e.arguments:
-                self.items[index].arguments += e.arguments
-                out.append(_at(self.items[index], index, "response.function_call_arguments.delta", delta=e.arguments))
+                call = cast(ResponsesOutputFunctionCall, self.items[index])  # _calls holds function_call items only
+                call.arguments += e.arguments
+                out.append(_at(call, index, "response.function_call_arguments.delta", delta=e.arguments))
         return out
 
-    def finish(self, status: str) -> list[dict]:
+    def finish(self, status: Literal["completed", "incomplete"]) -> list[dict]:
         """Close every item with `status` ("completed" or "incomplete"). An output without any text or call is
         one empty message, so that there is always an output_text to read."""
         out: list[dict] = []
@@ -76,8 +79,8 @@ class OutputBuilder:
 
     def _open_message(self, out: list[dict]) -> int:
         if self._message is None:
-            self._message = self._add(ResponsesOutputMessage(id=f"msg_{uuid.uuid4().hex}"), out)
-            message = self.items[self._message]
+            message = ResponsesOutputMessage(id=f"msg_{uuid.uuid4().hex}")
+            self._message = self._add(message, out)
             message.content.append(ResponsesOutputText())
             out.append(
                 _at(

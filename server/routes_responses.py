@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import contextmanager
+from typing import Literal
 
 from fastapi import APIRouter, Request
 
@@ -93,7 +94,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         )
 
     def finish(finish_reason: str) -> tuple[ResponseObject, list[dict]]:
-        status = "incomplete" if finish_reason == "length" else "completed"
+        status: Literal["completed", "incomplete"] = "incomplete" if finish_reason == "length" else "completed"
         events = builder.finish(status)
         response = snapshot(status, generation.usage())
         if body.store:
@@ -128,7 +129,8 @@ def _responses_params():
     try:
         yield
     except APIError as exc:
-        exc.param = _PARAMS.get(exc.param, exc.param)
+        if exc.param is not None:
+            exc.param = _PARAMS.get(exc.param, exc.param)
         raise
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from engines.base import EngineInfo, RequestError, SamplingParams, StructuredOutput
 from server.errors import bad_request, from_request_error
 from server.protocol import SamplingFields
@@ -55,7 +57,15 @@ def build_sampling_params(
     return params
 
 
-def check_fields(body: SamplingFields) -> None:
+class _NamesUnknownFields(Protocol):
+    """A request body that keeps the fields it does not declare (SamplingFields, the tokenizer and Responses
+    requests)."""
+
+    @property
+    def unknown_fields(self) -> list[str]: ...
+
+
+def check_fields(body: _NamesUnknownFields) -> None:
     """400 naming the request fields kiln does not implement (metadata fields pass: protocol.METADATA_FIELDS)."""
     unknown = body.unknown_fields
     if unknown:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engines.base import StructuredOutput
+from engines.base import StructuredKind, StructuredOutput
 from server.errors import bad_request
 from server.protocol import SamplingFields
+
+_GUIDED_KINDS: tuple[StructuredKind, ...] = ("json", "regex", "choice", "grammar")  # the guided_* fields
 
 
 def structured_output(body: SamplingFields) -> StructuredOutput | None:
@@ -25,17 +27,14 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
         found.append(("response_format", _json(fmt.json_schema.schema_, "response_format.json_schema.schema")))
     if body.structured_outputs is not None:
         so = body.structured_outputs
-        kinds = [
-            (name, value)
-            for name, value in (
-                ("json", so.json_),
-                ("regex", so.regex),
-                ("choice", so.choice),
-                ("grammar", so.grammar),
-                ("json_object", so.json_object or None),
-            )
-            if value is not None
-        ]
+        given: tuple[tuple[StructuredKind, Any], ...] = (
+            ("json", so.json_),
+            ("regex", so.regex),
+            ("choice", so.choice),
+            ("grammar", so.grammar),
+            ("json_object", so.json_object or None),
+        )
+        kinds = [(name, value) for name, value in given if value is not None]
         if len(kinds) != 1:
             raise bad_request(
                 f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object; got {len(kinds)}.",
@@ -43,7 +42,7 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
             )
         name, value = kinds[0]
         found.append(("structured_outputs", _spec(name, value, f"structured_outputs.{name}")))
-    for name in ("json", "regex", "choice", "grammar"):
+    for name in _GUIDED_KINDS:
         value = getattr(body, f"guided_{name}")
         if value is not None:
             found.append((f"guided_{name}", _spec(name, value, f"guided_{name}")))
@@ -58,7 +57,7 @@ def json_schema_output(schema: Any, param: str) -> StructuredOutput:
     return _json(schema, param)
 
 
-def _spec(kind: str, value: Any, param: str) -> StructuredOutput:
+def _spec(kind: StructuredKind, value: Any, param: str) -> StructuredOutput:
     if kind == "json":
         return _json(value, param)
     if kind == "json_object":

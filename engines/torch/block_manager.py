@@ -68,6 +68,7 @@ class BlockManager:
         else:
             block_id, _ = self.cached_free.popitem(last=False)
             block = self.blocks[block_id]
+            assert block.block_hash is not None  # only blocks with a hash are cached (_unref)
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
             block.block_hash = None

@@ -34,7 +34,7 @@ def call_from_object(obj, argument_keys: tuple[str, ...] = ("arguments",)) -> Pa
     if not isinstance(obj, dict):
         return None
     name = obj.get("name")
-    arguments = next((obj[key] for key in argument_keys if key in obj), {})
+    arguments: object = next((obj[key] for key in argument_keys if key in obj), {})
     if not isinstance(name, str) or not name or not isinstance(arguments, dict):
         return None
     return ParsedCall(name, compact_json(arguments))

@@ -55,8 +55,9 @@ class MistralSegmenter(Segmenter):
             items = json.loads(text[start:end])
         except JSON_ERRORS:
             return _NOT_CALLS
-        calls = [call_from_object(item) for item in items]  # an array: the text starts with "["
-        if not calls or any(call is None for call in calls):
+        found = [call_from_object(item) for item in items]  # an array: the text starts with "["
+        calls = [call for call in found if call is not None]
+        if not calls or len(calls) != len(found):
             return _NOT_CALLS
         return Calls(end, calls)
 

@@ -101,7 +101,7 @@ class _CallArrayScanner:
             if self._copying == "string":
                 self._copying = None
             elif self._token is not None:
-                self._end_token()
+                self._end_token(self._token)
 
     def _structural_char(self, char: str) -> None:
         if self._copying:  # inside an arguments object or array
@@ -148,9 +148,9 @@ class _CallArrayScanner:
         elif char in "[{":
             self._depth += 1
 
-    def _end_token(self) -> None:
+    def _end_token(self, token: str) -> None:
         try:
-            text = json.loads(self._token)
+            text = json.loads(token)
         except ValueError:
             text = None
         self._token = None

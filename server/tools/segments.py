@@ -57,7 +57,9 @@ _WHITESPACE = re.compile(r"\s*")  # what str.strip() strips
 
 def skip_whitespace(text: str, at: int) -> int:
     """The index of the first character at or after `at` that is not whitespace (or the end)."""
-    return _WHITESPACE.match(text, at).end()
+    match = _WHITESPACE.match(text, at)
+    assert match is not None  # \s* matches anywhere, if only the empty string
+    return match.end()
 
 
 def partial_marker_length(text: str, marker: str) -> int:
