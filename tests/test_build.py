@@ -20,6 +20,7 @@ from engines.model_source import ModelNotFoundError, resolve_model
 from engines.schemes import torch_names
 from engines.torch.loader import LoadedModel, build_core, load_engine_dir
 from tests.conftest import greedy, run_to_completion
+from tests.tiny_llama import tiny_llama_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -27,23 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama (GQA, untied head) sized to the default tokenizer's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-chat")
     default = resolve_model(None)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(num_key_value_heads=2)
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     for name in TOKENIZER_FILES:

@@ -32,6 +32,7 @@ from engines.torch.models.registry import ARCHITECTURES, architecture
 from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
 from tests.conftest import greedy, run_to_completion
 from tests.test_engine_hf_parity import hf_greedy
+from tests.tiny_llama import tiny_llama_config
 
 TOY = "kiln-toy"
 CPU = torch.device("cpu")
@@ -102,22 +103,10 @@ def toy_registered():
 def folders(tmp_path_factory, toy_registered) -> tuple[Path, Path]:
     """(Llama folder, the same weights as a toy folder): a 2-layer random Llama with multi-head attention
     (so o_proj's AWQ scale folds into the v rows too), sized to the default tokenizer's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("registry")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(num_key_value_heads=4)
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(root / "llama")
     default = resolve_model(None)

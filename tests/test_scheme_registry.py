@@ -21,8 +21,7 @@ from engines.hardware import Hardware
 from engines.plan import ModelShape, format_plan, gpu_hardware, make_plan
 from engines.profiles import ProfileError, bytes_per_param, load_profile, supported_on
 from engines.schemes import LayerResult, QuantizeContext, Scheme
-from engines.torch.layers.formats import Take, TakeOptional, WeightFormat
-from engines.torch.layers.linear import LinearDispatch
+from engines.torch.layers.formats import StoredLayer, WeightFormat
 from engines.torch.loader import load_engine_dir
 from engines.torch.models.llama import PROJECTIONS
 from engines.trtllm import api as trt
@@ -44,16 +43,8 @@ class ToyHalfLinear(nn.Module):
 class ToyHalfFormat(WeightFormat):
     name = "toy-half"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
-        return ToyHalfLinear(take("weight_half"), bias)
+    def load(self, layer: StoredLayer) -> nn.Module:
+        return ToyHalfLinear(layer.take("weight_half"), layer.bias)
 
 
 class ToyHalf(Scheme):

@@ -23,6 +23,7 @@ registering the scheme registers it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -78,8 +79,16 @@ def _with_bias(out: dict, prefix: str, bias: torch.Tensor | None, dtype: torch.d
     return out
 
 
-Take = Callable[[str], torch.Tensor]  # pops `<prefix>.<field>` onto the target device, KeyError if missing
-TakeOptional = Callable[[str], "torch.Tensor | None"]
+@dataclass(frozen=True)
+class StoredLayer:
+    """One projection's stored tensors as a format's `load` sees them."""
+
+    take: Callable[[str], torch.Tensor]  # pops `<prefix>.<field>` onto the target device, KeyError if missing
+    take_optional: Callable[[str], torch.Tensor | None]
+    prefix: str
+    bias: torch.Tensor | None  # already in `dtype`
+    dispatch: LinearDispatch
+    dtype: torch.dtype
 
 
 class WeightFormat:
@@ -87,108 +96,60 @@ class WeightFormat:
 
     name: ClassVar[str]
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
-        """The module for `prefix`; take(field) pops `<prefix>.<field>` (on the target device)."""
+    def load(self, layer: StoredLayer) -> nn.Module:
+        """The runtime module for `layer.prefix`."""
         raise NotImplementedError
 
 
 class Dense(WeightFormat):
     name = "dense"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
-        return DenseLinear(take("weight").to(dtype), bias, dispatch)
+    def load(self, layer: StoredLayer) -> nn.Module:
+        return DenseLinear(layer.take("weight").to(layer.dtype), layer.bias, layer.dispatch)
 
 
 class Int8(WeightFormat):
     name = "int8"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
+    def load(self, layer: StoredLayer) -> nn.Module:
         from engines.torch.layers.quantized import Int8WeightOnlyLinear
 
-        return Int8WeightOnlyLinear(take("qweight"), take("scales"), bias)
+        return Int8WeightOnlyLinear(layer.take("qweight"), layer.take("scales"), layer.bias)
 
 
 class W8A8(WeightFormat):
     name = "w8a8"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
+    def load(self, layer: StoredLayer) -> nn.Module:
         from engines.torch.layers.quantized import W8A8Int8Linear
 
-        return W8A8Int8Linear(take("qweight"), take("scales"), bias)
+        return W8A8Int8Linear(layer.take("qweight"), layer.take("scales"), layer.bias)
 
 
 class Int4(WeightFormat):
     name = "int4"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
+    def load(self, layer: StoredLayer) -> nn.Module:
         from engines.torch.layers.quantized import Int4WeightOnlyLinear
 
-        packed, scales = take("qweight_packed"), take("scales")
-        zeros, g_idx = take_optional("zeros"), take_optional("g_idx")
+        packed, scales = layer.take("qweight_packed"), layer.take("scales")
+        zeros, g_idx = layer.take_optional("zeros"), layer.take_optional("g_idx")
         k = packed.shape[1] * 2
         if k % scales.shape[1]:
-            raise ValueError(f"{prefix}: {scales.shape[1]} groups do not divide K={k}.")
+            raise ValueError(f"{layer.prefix}: {scales.shape[1]} groups do not divide K={k}.")
         qw = QuantizedWeight(
             unpack_int4(packed, signed=True), scales, zeros, 4, k // scales.shape[1], zeros is None, g_idx
         )
-        return Int4WeightOnlyLinear(qw, bias)
+        return Int4WeightOnlyLinear(qw, layer.bias)
 
 
 class Fp8(WeightFormat):
     name = "fp8"
 
-    def load(
-        self,
-        take: Take,
-        take_optional: TakeOptional,
-        prefix: str,
-        bias: torch.Tensor | None,
-        dispatch: LinearDispatch,
-        dtype: torch.dtype,
-    ) -> nn.Module:
+    def load(self, layer: StoredLayer) -> nn.Module:
         from engines.torch.layers.quantized import Fp8Linear
 
-        return Fp8Linear(take("weight_fp8"), take("weight_scale"), bias)
+        return Fp8Linear(layer.take("weight_fp8"), layer.take("weight_scale"), layer.bias)
 
 
 _FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Dense(), Int8(), Int4(), W8A8(), Fp8())}
@@ -228,4 +189,5 @@ def make_linear(
         return tensor
 
     bias = take_optional("bias")
-    return _FORMATS[fmt].load(take, take_optional, prefix, None if bias is None else bias.to(dtype), dispatch, dtype)
+    bias_in_dtype = None if bias is None else bias.to(dtype)
+    return _FORMATS[fmt].load(StoredLayer(take, take_optional, prefix, bias_in_dtype, dispatch, dtype))
