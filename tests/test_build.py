@@ -13,14 +13,15 @@ import torch
 
 from engines.base import GenerationRequest
 from engines.build import manifest as mf
-from engines.build.builder import BuildError, BuildOptions, build
+from engines.build.builder import BuildError, build
 from engines.config import EngineConfig
 from engines.hardware import Hardware
 from engines.model_source import ModelNotFoundError, resolve_model
 from engines.schemes import torch_names
 from engines.torch.loader import LoadedModel, build_core, load_engine_dir
+from tests.build_fixtures import build_options as options
+from tests.build_fixtures import tiny_llama_config
 from tests.conftest import greedy, run_to_completion
-from tests.tiny_llama import tiny_llama_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -39,21 +40,6 @@ def tiny_chat_model(tmp_path_factory) -> Path:
         if (default / name).is_file():
             shutil.copy(default / name, folder / name)
     return folder
-
-
-def options(model: Path | None, output: Path, **kw) -> BuildOptions:
-    base = dict(
-        model=str(model) if model else None,
-        output=str(output),
-        kv_cache_dtype="model",
-        calib_samples=16,
-        eval_samples=4,
-        eval_tokens=8,
-        bench=False,
-        progress=False,
-    )
-    base.update(kw)
-    return BuildOptions(**base)
 
 
 def greedy_tokens(loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]]) -> dict:

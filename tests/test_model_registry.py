@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from engines.base import GenerationRequest
-from engines.build.builder import BuildOptions, build
+from engines.build.builder import build
 from engines.build.calibrate import CalibrationResult, Needs, calibrate
 from engines.build.quantize import quantize_model
 from engines.config import EngineConfig
@@ -30,9 +30,9 @@ from engines.torch.loader import build_core, load_engine_dir, load_model
 from engines.torch.models import llama
 from engines.torch.models.registry import ARCHITECTURES, architecture
 from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
+from tests.build_fixtures import build_options, tiny_llama_config
 from tests.conftest import greedy, run_to_completion
 from tests.test_engine_hf_parity import hf_greedy
-from tests.tiny_llama import tiny_llama_config
 
 TOY = "kiln-toy"
 CPU = torch.device("cpu")
@@ -190,16 +190,7 @@ def test_toy_folds_along_its_topology_like_the_fused_llama(folders, precision):
 
 def test_toy_builds_a_quantized_engine_that_loads_and_generates(folders, tmp_path):
     llama_folder, toy_folder = folders
-    options = dict(
-        precision="int8-sq",
-        kv_cache_dtype="model",
-        calib_samples=16,
-        eval_samples=4,
-        eval_tokens=8,
-        bench=False,
-        progress=False,
-    )
-    toy = build(BuildOptions(model=str(toy_folder), output=str(tmp_path / "toy"), **options))
+    toy = build(build_options(toy_folder, tmp_path / "toy", precision="int8-sq"))
     assert toy.manifest["model"]["model_type"] == TOY
     assert set(toy.manifest["weight_formats"]) == {*ToyForCausalLM.projections, "lm_head"}
     loaded = load_engine_dir(EngineConfig(engine_dir=str(tmp_path / "toy")))
@@ -208,5 +199,5 @@ def test_toy_builds_a_quantized_engine_that_loads_and_generates(folders, tmp_pat
     tokens = generate(loaded)
     assert all(len(t) == 12 for t in tokens.values())
     # the same weights built as the fused Llama lose as much accuracy: the toy's folding is as exact
-    fused = build(BuildOptions(model=str(llama_folder), output=str(tmp_path / "llama"), **options))
+    fused = build(build_options(llama_folder, tmp_path / "llama", precision="int8-sq"))
     assert toy.report["accuracy"]["kl_mean"] == pytest.approx(fused.report["accuracy"]["kl_mean"], rel=0.05, abs=1e-4)
