@@ -191,8 +191,8 @@ def test_toy_folds_along_its_topology_like_the_fused_llama(folders, precision):
 def test_toy_builds_a_quantized_engine_that_loads_and_generates(folders, tmp_path):
     llama_folder, toy_folder = folders
     toy = build(build_options(toy_folder, tmp_path / "toy", precision="int8-sq"))
-    assert toy.manifest["model"]["model_type"] == TOY
-    assert set(toy.manifest["weight_formats"]) == {*ToyForCausalLM.projections, "lm_head"}
+    assert toy.manifest.model.model_type == TOY
+    assert set(toy.manifest.weight_formats) == {*ToyForCausalLM.projections, "lm_head"}
     loaded = load_engine_dir(EngineConfig(engine_dir=str(tmp_path / "toy")))
     assert type(loaded.model) is ToyForCausalLM
     assert type(loaded.model.layers[0].up_proj).__name__ == "W8A8Int8Linear"
