@@ -49,7 +49,7 @@ def test_selection(monkeypatch):
 
 
 def test_kernels_are_chosen_at_load_only(tiny_models, make_engine, monkeypatch):
-    """Build an engine, then serve: neither the selection nor any kernel's availability or supports check runs
+    """Build an engine, then serve: neither the selection nor any kernel's availability or shape check runs
     again during the steps."""
     calls: dict[str, int] = {}
 
@@ -64,7 +64,7 @@ def test_kernels_are_chosen_at_load_only(tiny_models, make_engine, monkeypatch):
 
     for module in (paged_attention, rope_kv, triton_paged_attention, amx_linear, bf16_linear, int_linear):
         count(module, "available")
-    count(triton_paged_attention, "supports")
+    count(triton_paged_attention, "takes")
     count(model_runner, "select_attention_backend")
     core = make_engine(tiny_models("llama-gqa")[0])
     assert calls.pop("engines.torch.model_runner.select_attention_backend") == 1

@@ -120,7 +120,7 @@ def test_masks_what_lies_past_the_context():
     assert not torch.allclose(_kernel(q, cache, meta), before)
 
 
-def test_supports_is_cuda_only():
+def test_triton_is_cuda_only():
     q, cache, _ = _case("model", torch.float32, 2, 2, [1])
-    assert not triton_paged_attention.supports(q, cache)  # CPU keeps the C++ kernel or the torch path
-    assert not triton_paged_attention.available("cpu")
+    assert triton_paged_attention.takes(q.dtype, q.shape[-1])
+    assert not triton_paged_attention.available("cpu")  # CPU keeps the C++ kernel or the torch path

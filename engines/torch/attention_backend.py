@@ -46,9 +46,6 @@ CPP_ATTENTION = AttentionBackend("paged_attention (C++)", paged_attention.decode
 CPP_FUSED_ATTENTION = AttentionBackend("paged_attention (C++)", paged_attention.decode_attention, fused_rope=True)
 TRITON_ATTENTION = AttentionBackend("triton", triton_paged_attention.decode_attention, graph_safe=True)
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256  # one tile of registers (triton_paged_attention.supports)
-
 
 def select_attention_backend(
     device: torch.device, dtype: torch.dtype, head_dim: int, *, reference: bool = False
@@ -59,11 +56,6 @@ def select_attention_backend(
         return TORCH_ATTENTION
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and paged_attention.available():
         return CPP_FUSED_ATTENTION if rope_kv.available() else CPP_ATTENTION
-    if (
-        device.type == "cuda"
-        and dtype in _TRITON_DTYPES
-        and head_dim <= _TRITON_MAX_HEAD_DIM
-        and triton_paged_attention.available(device)
-    ):
+    if triton_paged_attention.takes(dtype, head_dim) and triton_paged_attention.available(device):
         return TRITON_ATTENTION
     return TORCH_ATTENTION

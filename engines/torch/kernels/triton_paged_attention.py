@@ -47,18 +47,13 @@ def available(device: torch.device | str) -> bool:
     return device.type == "cuda" and _triton_importable() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether decode_attention takes these tensors: CUDA, bf16/fp16/fp32 q, a contiguous cache of q's dtype
-    or int8 codes, head_dim up to 256 (one tile of registers)."""
-    return (
-        q.is_cuda
-        and cache.device == q.device
-        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and cache.dtype in (q.dtype, torch.int8)
-        and cache.is_contiguous()
-        and q.shape[-1] <= 256
-        and available(q.device)
-    )
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # of q; the cache is q's dtype or int8 codes
+MAX_HEAD_DIM = 256  # one tile of registers
+
+
+def takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether decode_attention takes a model of this dtype and head size (on a device where `available`)."""
+    return dtype in DTYPES and head_dim <= MAX_HEAD_DIM
 
 
 def decode_attention(
