@@ -88,13 +88,16 @@ class EngineStatsCollector(Collector):
         yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
         info = engine.info
         yield gauge("kv_cache_capacity_tokens", "Tokens the KV-cache pool holds.", info.kv_capacity_tokens)
-        # vLLM's cache_config_info: a constant 1 whose labels carry the configuration
+        # vLLM's cache_config_info: a constant 1 whose labels carry the configuration. num_gpu_blocks repeats
+        # num_blocks under vLLM's label name (on a CPU too): the Gateway API Inference Extension's endpoint
+        # picker reads the pool size from that label.
         config = GaugeMetricFamily(
             "kiln:cache_config_info",
             "KV-cache configuration (labels; value is 1).",
-            labels=["model_name", "cache_dtype", "block_size", "num_blocks"],
+            labels=["model_name", "cache_dtype", "block_size", "num_blocks", "num_gpu_blocks"],
         )
-        config.add_metric(labels + [info.kv_cache_dtype, str(info.block_size), str(info.num_kv_blocks)], 1)
+        blocks = str(info.num_kv_blocks)
+        config.add_metric(labels + [info.kv_cache_dtype, str(info.block_size), blocks, blocks], 1)
         yield config
         yield counter(
             "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import scrape
 
@@ -87,3 +88,14 @@ def test_metrics_move_with_requests(http, openai_client, model_name):
     for name in HISTOGRAMS:
         assert after[f"{name}_count"] - before.get(f"{name}_count", 0) >= 2, name
         assert f'{name}_bucket{{le="+Inf"}}' in after
+
+
+def test_cache_config_info_carries_the_pool_under_vllm_label_names(http):
+    """The endpoint picker of the Gateway API Inference Extension reads block_size and num_gpu_blocks from the
+    cache-config info metric's labels; they must describe the pool /v1/metadata reports."""
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    (sample,) = families["kiln:cache_config_info"].samples
+    metadata = http.get("/v1/metadata").json()
+    assert sample.value == 1
+    assert int(sample.labels["block_size"]) == metadata["block_size"]
+    assert int(sample.labels["num_gpu_blocks"]) == int(sample.labels["num_blocks"]) == metadata["num_kv_blocks"] > 0
