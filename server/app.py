@@ -29,6 +29,7 @@ from server.metrics import ServerMetrics
 from server.request_id import RequestIdMiddleware
 from server.settings import ServerSettings
 from server.shutdown import InFlight
+from server.tracing import create_tracer
 
 # Status nginx uses for "client closed request"; nobody reads it, the log does.
 CLIENT_CLOSED_REQUEST = 499
@@ -75,6 +76,7 @@ def create_app(
     engine dies later (the caller stops the server so that its supervisor restarts it)."""
     settings = settings or ServerSettings()
     holder = EngineHolder(settings.served_model_name, engine)
+    tracer = create_tracer(settings.otlp_traces_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -88,12 +90,15 @@ def create_app(
             await holder.stop_watching()
             if engine is None:
                 await holder.shutdown()
+            if tracer is not None:
+                tracer.shutdown()
 
     app = _KilnAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine_holder = holder
     app.state.metrics = ServerMetrics(holder)
     app.state.in_flight = InFlight()
+    app.state.tracer = tracer
     install_error_handlers(app)
     # The last added runs first: the API key is checked before the body size, and both before a byte is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)

@@ -7,7 +7,6 @@ one readable sentence on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import cast
 
@@ -71,11 +70,10 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.request_id import LOG_FORMAT, install_log_filter
+    from server.log_format import configure_logging
     from server.uvicorn_server import KilnServer
 
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    install_log_filter()
+    configure_logging(settings.log_level, settings.log_format)
     server: KilnServer | None = None
 
     def stop_on_failure() -> None:

@@ -17,7 +17,15 @@ from typing import cast
 
 import anyio
 
-from engines.base import CompletionOutput, Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
+from engines.base import (
+    CompletionOutput,
+    Engine,
+    GenerationOutput,
+    GenerationRequest,
+    RequestTimings,
+    SamplingParams,
+    TokenLogprob,
+)
 from server.detokenize import IncrementalDetokenizer
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -144,6 +152,8 @@ class Generation:
         self._tasks: list[asyncio.Task] = []
         self._ended = [False] * len(self.requests)  # its engine stream ended (finished or failed)
         self._last_output_at: list[float | None] = [None] * len(self.requests)
+        # each engine request's timings, from its latest output (None before its first): for tracing
+        self.timings: list[RequestTimings | None] = [None] * len(self.requests)
         self._reported = [False] * len(self.requests)  # its end-of-request metrics are observed
         self.has_output = False  # an engine output arrived (before it, the requests are queued)
         # choice index -> its request's prompt logprobs (when asked for), from the request's first output
@@ -226,6 +236,7 @@ class Generation:
         else:
             self.metrics.observe_inter_token(self.model_name, now - last)
         self._last_output_at[index] = now
+        self.timings[index] = output.timings
         self._cached_tokens[index] = max(self._cached_tokens[index], output.num_cached_tokens)
         own = self._choices_of[index]
         if output.prompt_logprobs is not None:

@@ -73,17 +73,11 @@ class RequestIdMiddleware:
 
 
 class RequestIdLogFilter(logging.Filter):
-    """Gives every record `request_id`: ` request_id=<id>` while a request is served, else empty (startup,
-    the engine's own thread)."""
+    """Gives every record `request_id`, the text format's suffix: ` request_id=<id>` while a request is served,
+    else empty (startup, the engine's own thread); and `request_id_value`, the id or None, for the JSON format."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = _current.get()
         record.request_id = f" request_id={request_id}" if request_id else ""
+        record.request_id_value = request_id
         return True
-
-
-def install_log_filter() -> None:
-    """On the root logger's handlers, so that records propagated from any logger (kiln's, uvicorn's)
-    get it; a logger's own filters see only the records logged on that logger."""
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdLogFilter())

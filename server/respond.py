@@ -42,14 +42,22 @@ async def respond(
 async def start_in_flight(request: Request, generation: Generation) -> Callable[[], Awaitable[None]]:
     """Submit the generation's engine requests (a refusal raises here, while an HTTP status can still answer it)
     and count it in flight (the shutdown deadline ends what is in flight); the returned close() aborts what is
-    left and uncounts it."""
+    left, uncounts it and, with tracing on, records its span."""
     in_flight = request.app.state.in_flight
+    tracer = request.app.state.tracer
     await generation.start()
     in_flight.add(generation)
+    closed = False
 
     async def close() -> None:
+        nonlocal closed
+        if closed:  # a stream closes both from its generator and from the response's background task
+            return
+        closed = True
         in_flight.discard(generation)
         await generation.aclose()
+        if tracer is not None:
+            tracer.record(request.state.request_id, request.headers, generation)
 
     return close
 

@@ -141,6 +141,17 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="critical, error, warning, info or debug (default: info)"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text, or json: one JSON object per line (timestamp, level, logger, message, request_id) "
+        "for kiln's and uvicorn's logs, the access log's included (default: text)",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="send one OpenTelemetry span per request to this OTLP collector, e.g. http://otel:4317 "
+        "(gRPC; with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf a URL ending in /v1/traces); needs "
+        "the tracing extra (default: off)",
+    )
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
         None,
         description="the model's tool-call format for tool_choice auto: hermes, llama3_json or mistral "
@@ -155,6 +166,7 @@ class ServerSettings(BaseSettings):
         "speculative_method",
         "speculative_draft",
         "tool_call_parser",
+        "otlp_traces_endpoint",
         mode="before",
     )
     @classmethod
@@ -175,7 +187,7 @@ class ServerSettings(BaseSettings):
         # Browsers send origins in lower case and CORSMiddleware compares them exactly.
         return [origin.lower() for origin in value]
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -218,6 +230,12 @@ class ServerSettings(BaseSettings):
                 "--speculative-method draft needs --speculative-draft (an engine directory built with "
                 "`kiln build --draft-of`, or a model folder)"
             )
+        if self.otlp_traces_endpoint:
+            from server.tracing import check_available
+
+            problem = check_available()
+            if problem:
+                raise ValueError(problem)
         self.engine_config().validate()
         return self
 
