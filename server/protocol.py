@@ -419,7 +419,7 @@ class ModelList(BaseModel):
 
 class HealthResponse(BaseModel):
     object: Literal["health.response"] = "health.response"
-    status: Literal["live", "ready", "loading", "failed", "dead"]
+    status: Literal["live", "ready", "loading", "failed", "dead", "draining"]
     message: str
 
 

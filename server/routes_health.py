@@ -10,6 +10,8 @@ from server.protocol import HealthResponse
 
 router = APIRouter()
 
+DRAINING = "The server is shutting down: requests in flight finish, new ones are not taken."
+
 
 @router.get("/v1/health/live", response_model=HealthResponse)
 async def live(request: Request):
@@ -24,8 +26,11 @@ async def live(request: Request):
 @router.get("/v1/health/ready", response_model=HealthResponse)
 @router.get("/health", response_model=HealthResponse)
 async def ready(request: Request):
-    """200 once the engine is loaded and its step loop runs; 503 while loading, after a failed load or a crash."""
+    """200 once the engine is loaded and its step loop runs; 503 while loading, after a failed load or a crash,
+    and from SIGTERM on (draining: requests in flight finish, the replica takes no new ones)."""
     status, message = request.app.state.engine_holder.status()
+    if request.app.state.in_flight.draining:
+        status, message = "draining", DRAINING
     body = HealthResponse(status=status, message=message)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 

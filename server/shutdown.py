@@ -31,6 +31,9 @@ class InFlight:
     def __init__(self):
         self._generations: set[Generation] = set()
         self._deadline: asyncio.TimerHandle | None = None
+        # SIGTERM was received: readiness answers 503 from then on, so that load balancers take the replica out
+        # while what is in flight finishes (uvicorn closes its listener only on its next tick, up to 0.1 s later)
+        self.draining = False
 
     def add(self, generation: Generation) -> None:
         self._generations.add(generation)
@@ -42,7 +45,8 @@ class InFlight:
         return len(self._generations)
 
     def end_after(self, loop: asyncio.AbstractEventLoop, grace_period: float) -> None:
-        """From a signal handler: end what is still in flight `grace_period` - FLUSH_SECONDS from now."""
+        """From a signal handler: drain, and end what is still in flight `grace_period` - FLUSH_SECONDS from now."""
+        self.draining = True
         if self._deadline is None:
             delay = max(0.0, grace_period - FLUSH_SECONDS)
             loop.call_soon_threadsafe(self._schedule, loop, delay)

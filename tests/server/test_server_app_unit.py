@@ -137,6 +137,23 @@ def test_api_key_off_means_open():
     assert client.get("/v1/version").status_code == 200
 
 
+def test_readiness_is_503_draining_once_sigterm_is_handled():
+    app = create_app(ServerSettings())
+    client = _SyncASGIClient(app)
+    assert client.get("/v1/health/ready").json()["status"] == "loading"
+    # what KilnServer.handle_exit does on SIGTERM (the deadline it schedules is not reached here)
+    asyncio.run(_end_after(app.state.in_flight, grace_period=60))
+    for path in ("/v1/health/ready", "/health"):
+        response = client.get(path)
+        assert response.status_code == 503 and response.json()["status"] == "draining", response.text
+    assert client.get("/v1/health/live").status_code == 200  # draining is not dead: no restart
+
+
+async def _end_after(in_flight, grace_period: float) -> None:
+    in_flight.end_after(asyncio.get_running_loop(), grace_period)
+    await asyncio.sleep(0)
+
+
 def test_engine_errors_map_to_statuses():
     overloaded = from_exception(EngineOverloadedError("The server is busy."))
     assert (overloaded.status_code, overloaded.type) == (429, "rate_limit_error")
