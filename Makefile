@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve lint test test-fuzz test-wheel test-docker bench bench-lm-eval
+.PHONY: install serve lint test test-fuzz test-wheel test-chart test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ test-fuzz: install
 # leaves the folder out, see norecursedirs)
 test-wheel: install
 	$(BIN)/python -m pytest tests/wheel -m wheel $(PYTEST_ARGS)
+
+# the Helm chart deploy/helm/kiln: helm lint/template with every values file, kubernetes-validate, the CRD
+# schemas in tests/deploy/crds, and the rendered names against a live kiln's /metrics (tests/deploy; `make test`
+# leaves the folder out). Installs the `deploy` extra, then pinned helm and kubectl into $(BIN).
+test-chart: install
+	$(BIN)/pip install -e '.[deploy]'
+	$(BIN)/python -m scripts.install_deploy_tools
+	$(BIN)/python -m pytest tests/deploy -m chart $(PYTEST_ARGS)
 
 # compose.yaml end to end on a Docker engine with Compose v2 (CI starts one with ../shared/ci/docker-engine.sh)
 test-docker: install
