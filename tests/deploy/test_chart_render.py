@@ -235,3 +235,17 @@ def test_endpoint_picker_maps_pods_labelled_kiln_to_kiln_metrics():
     assert engine["name"] == extractor["defaultEngine"] == "kiln"
     for slot in ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "cacheInfoSpec"):
         assert engine[slot].startswith("kiln:")
+
+
+def test_kiln_selectors_do_not_pick_the_endpoint_picker():
+    docs = render(EXAMPLES / "inferencepool.yaml")
+    selectors = [
+        only(docs, "InferencePool")["spec"]["selector"]["matchLabels"],
+        only(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"],
+        next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kiln")["spec"]["selector"],
+    ]
+    epp = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kiln-epp")
+    epp_service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kiln-epp")
+    for selector in selectors:
+        for labels in (epp["spec"]["template"]["metadata"]["labels"], epp_service["metadata"]["labels"]):
+            assert not selector.items() <= labels.items()

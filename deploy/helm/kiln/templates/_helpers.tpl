@@ -27,6 +27,19 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{- /* The endpoint picker's own labels, so kiln's Service, ServiceMonitor and InferencePool never select it. */ -}}
+{{- define "kiln.eppSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kiln.name" . }}-epp
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kiln.eppLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kiln.eppSelectorLabels" . }}
+app.kubernetes.io/component: endpoint-picker
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "kiln.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "kiln.fullname" .) .Values.serviceAccount.name }}
