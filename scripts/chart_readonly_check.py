@@ -115,8 +115,17 @@ def wait_ready(port: int, name: str, timeout: float) -> None:
     raise SystemExit(f"{name} not ready after {timeout:.0f} s:\n" + logs(name))
 
 
-def logs(name: str) -> str:
-    return subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True, text=True).stderr
+def logs(name: str, tail: str = "40") -> str:
+    result = subprocess.run(["docker", "logs", "--tail", tail, name], capture_output=True, text=True)
+    return result.stdout + result.stderr
+
+
+def refuse_writes_outside_volumes(output: str, container: str) -> None:
+    """kiln degrades rather than fails on some refused writes (a kernel falls back to torch), so its log
+    is searched for the error too."""
+    errors = [line for line in output.splitlines() if "Read-only file system" in line]
+    if errors:
+        raise SystemExit(f"{container} tried to write outside its volumes:\n" + "\n".join(errors))
 
 
 def chat(port: int) -> str:
@@ -150,7 +159,13 @@ def main() -> int:
         for init in pod.get("initContainers", []):
             print(f"init container {init['name']} ...", flush=True)
             started = time.monotonic()
-            subprocess.run(["docker", "run", "--rm", *docker_args(init, pod, folders, configmaps)], check=True)
+            run = subprocess.run(
+                ["docker", "run", "--rm", *docker_args(init, pod, folders, configmaps)], capture_output=True, text=True
+            )
+            output = run.stdout + run.stderr
+            if run.returncode != 0:
+                raise SystemExit(f"init container {init['name']} failed ({run.returncode}):\n{output[-3000:]}")
+            refuse_writes_outside_volumes(output, init["name"])
             print(f"init container {init['name']}: done in {time.monotonic() - started:.0f} s", flush=True)
         (serve,) = pod["containers"]
         subprocess.run(
@@ -166,9 +181,7 @@ def main() -> int:
             )
             status = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True)
             print(f"SIGTERM: docker stop rc={stop.returncode}, kiln exit code {status.stdout.decode().strip()}")
-            errors = [line for line in logs(name).splitlines() if "Read-only file system" in line]
-            if errors:
-                raise SystemExit("kiln tried to write outside its volumes:\n" + "\n".join(errors))
+            refuse_writes_outside_volumes(logs(name, tail="all"), serve["name"])
             written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.parent in folders.values())
             print("written to the volumes (top level):", ", ".join(written))
         finally:
