@@ -249,3 +249,16 @@ def test_kiln_selectors_do_not_pick_the_endpoint_picker():
     for selector in selectors:
         for labels in (epp["spec"]["template"]["metadata"]["labels"], epp_service["metadata"]["labels"]):
             assert not selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=VALUES_IDS)
+def test_no_volume_hides_the_image_cache_the_seed_links_to(values):
+    """The seed links the image's converted models from image.cacheSeedDir: a volume mounted over that
+    folder (or above it) would leave the links dangling and the model reconverted at each start."""
+    pod = workload(render(values))["spec"]["template"]["spec"]
+    seed = next(c for c in pod["initContainers"] if c["name"] == "seed-cache")
+    (source,) = re.findall(r"^src=(\S+)$", seed["args"][0], re.M)
+    for container in pod["containers"] + pod["initContainers"]:
+        for mount in container["volumeMounts"]:
+            path = mount["mountPath"].rstrip("/")
+            assert not (source == path or source.startswith(path + "/")), f"{container['name']}: {path} hides {source}"

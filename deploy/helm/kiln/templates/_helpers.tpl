@@ -136,8 +136,10 @@ must leave kiln its whole grace period after the preStop sleep, or SIGKILL cuts 
   value: {{ printf "%s/torch_extensions" .Values.cache.mountPath | quote }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.cache.mountPath | quote }}
+# HOME inside the cache volume rather than a volume on the image's HOME, which would hide what the image
+# keeps there (the trtllm image's converted default model, linked by the seed)
 - name: HOME
-  value: /home/kiln
+  value: {{ printf "%s/home" .Values.cache.mountPath | quote }}
 {{- end }}
 
 {{- define "kiln.cacheMounts" -}}
@@ -145,8 +147,6 @@ must leave kiln its whole grace period after the preStop sleep, or SIGKILL cuts 
   mountPath: {{ .Values.cache.mountPath }}
 - name: tmp
   mountPath: /tmp
-- name: home
-  mountPath: /home/kiln
 {{- end }}
 
 {{- define "kiln.modelMount" -}}
@@ -164,9 +164,6 @@ must leave kiln its whole grace period after the preStop sleep, or SIGKILL cuts 
 - name: tmp
   emptyDir:
     sizeLimit: {{ .Values.tmp.sizeLimit }}
-- name: home
-  emptyDir:
-    sizeLimit: 1Gi
 {{- if eq .Values.model.storage "hostPath" }}
 - name: models
   hostPath:
@@ -194,7 +191,7 @@ converted models are linked (read-only is enough, and they are large). Idempoten
       set -eu
       src={{ .Values.image.cacheSeedDir }}
       dst={{ .Values.cache.mountPath }}
-      mkdir -p "$dst/kiln/gguf" "$dst/torch_extensions" "$dst/huggingface"
+      mkdir -p "$dst/kiln/gguf" "$dst/torch_extensions" "$dst/huggingface" "$dst/home"
       if [ -d "$src/torch_extensions" ]; then cp -a "$src/torch_extensions/." "$dst/torch_extensions/"; fi
       for model in "$src"/kiln/gguf/*; do
         if [ -d "$model" ] && [ ! -e "$dst/kiln/gguf/${model##*/}" ]; then ln -s "$model" "$dst/kiln/gguf/"; fi
@@ -240,7 +237,7 @@ converted models are linked (read-only is enough, and they are large). Idempoten
     - name: engines
       mountPath: {{ .Values.engine.mountPath }}
     {{- include "kiln.cacheMounts" . | nindent 4 }}
-    {{- include "kiln.modelMount" . | nindent 4 }}
+    {{- with (include "kiln.modelMount" .) }}{{ . | trim | nindent 4 }}{{ end }}
     {{- if .Values.shm.enabled }}
     - name: shm
       mountPath: /dev/shm
