@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
+SCALEOUT_STAMP := $(VENV)/.kiln-scaleout-installed
 HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve lint test test-fuzz test-wheel test-chart test-docker bench bench-lm-eval
+.PHONY: install serve lint test test-fuzz test-wheel test-chart test-scaleout test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -49,6 +50,18 @@ test-chart: install
 	$(BIN)/pip install -e '.[deploy]'
 	$(BIN)/python -m scripts.install_deploy_tools
 	$(BIN)/python -m pytest tests/deploy -m chart $(PYTEST_ARGS)
+
+# kiln replicas on loopback behind haproxy (SIGTERM failover), vllm-router (cache_aware vs round_robin) and
+# Prometheus (the HPA formula on the scraped queue): bench/scaleout driven by tests/scaleout (`make test` leaves
+# the folder out, see norecursedirs). Installs haproxy and prometheus with apt-get when missing (needs root) and
+# the pinned vllm-router (pyproject's scaleout extra); tables, JSON and PNGs land in bench/results/.
+test-scaleout: $(SCALEOUT_STAMP)
+	bash scripts/install-scaleout-tools.sh
+	$(BIN)/python -m pytest tests/scaleout -m scaleout -s $(PYTEST_ARGS)
+
+$(SCALEOUT_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[scaleout]'
+	touch $@
 
 # compose.yaml end to end on a Docker engine with Compose v2 (CI starts one with ../shared/ci/docker-engine.sh)
 test-docker: install
