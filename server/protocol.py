@@ -1,8 +1,9 @@
 """Pydantic models of every request and response body, shaped like OpenAI's API.
 
 A request field kiln does not implement is refused with a 400 naming it (`unknown_fields`), except the
-metadata in METADATA_FIELDS, which changes nothing about the output; inside messages and other nested
-objects unknown keys are ignored (SDKs send back assistant messages with keys like `refusal: null`).
+metadata in METADATA_FIELDS, which changes nothing about the output, and the fields SGLang-derived routers add
+to every request (ROUTER_DEFAULTS) while they carry the value that asks for what kiln does anyway; inside messages
+and other nested objects unknown keys are ignored (SDKs send back assistant messages with keys like `refusal: null`).
 Responses are built explicitly so that `null` fields appear where OpenAI shows them.
 """
 
@@ -27,6 +28,21 @@ MAX_TOOLS = 128
 
 # Accepted and ignored: they describe the request or how OpenAI would store it, not what to generate.
 METADATA_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+# vllm-router (and sglang-router, which it derives from) re-serialize every chat or completions body with these
+# fields at SGLang's defaults, whatever the client sent. Each value below asks for kiln's own behaviour (special
+# tokens skipped, stop strings trimmed, no continued final message, no hidden states; the reasoning switches only
+# act through a reasoning parser, which kiln does not have), so accepting it changes nothing; any other value is
+# still refused as unimplemented.
+ROUTER_DEFAULTS: dict[str, bool] = {
+    "skip_special_tokens": True,
+    "no_stop_trim": False,
+    "continue_final_message": False,
+    "return_hidden_states": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "include_reasoning": True,
+}
 
 # Every integer of a request fits in 64 bits, so none can overflow a tensor or a C call later.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -124,7 +140,12 @@ class SamplingFields(_Request):
 
     @property
     def unknown_fields(self) -> list[str]:
-        return sorted(set(self.model_extra or ()) - METADATA_FIELDS)
+        extra = self.model_extra or {}
+        return sorted(
+            name
+            for name, value in extra.items()
+            if name not in METADATA_FIELDS and not (name in ROUTER_DEFAULTS and value is ROUTER_DEFAULTS[name])
+        )
 
     @field_validator("stop")
     @classmethod
