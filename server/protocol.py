@@ -101,6 +101,15 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
 
+def unknown_fields(extra: dict[str, Any] | None) -> list[str]:
+    """The fields of a request body's top level that kiln does not implement, sorted."""
+    return sorted(
+        name
+        for name, value in (extra or {}).items()
+        if name not in METADATA_FIELDS and not (name in ROUTER_DEFAULTS and value is ROUTER_DEFAULTS[name])
+    )
+
+
 # ---- shared sampling fields ---------------------------------------------------------------------
 class SamplingFields(_Request):
     # the top level keeps unknown fields so that `unknown_fields` can name them
@@ -140,12 +149,7 @@ class SamplingFields(_Request):
 
     @property
     def unknown_fields(self) -> list[str]:
-        extra = self.model_extra or {}
-        return sorted(
-            name
-            for name, value in extra.items()
-            if name not in METADATA_FIELDS and not (name in ROUTER_DEFAULTS and value is ROUTER_DEFAULTS[name])
-        )
+        return unknown_fields(self.model_extra)
 
     @field_validator("stop")
     @classmethod
@@ -475,7 +479,8 @@ class _TokenizerRequest(_Request):
 
     @property
     def unknown_fields(self) -> list[str]:
-        return sorted(set(self.model_extra or ()) - METADATA_FIELDS)
+        # vllm-router's cache_aware policy tokenizes every chat through /tokenize with continue_final_message
+        return unknown_fields(self.model_extra)
 
 
 class TokenizeRequest(_TokenizerRequest):

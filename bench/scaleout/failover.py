@@ -22,8 +22,8 @@ from bench.scaleout.replicas import Replica, free_port, start_replicas, stop_rep
 
 WORKERS = 4
 MAX_TOKENS = 16
-BEFORE_S = 12  # load before the SIGTERM
-AFTER_S = 12  # load after the SIGTERMed replica has exited
+BEFORE_S = 10  # load before the SIGTERM
+AFTER_S = 10  # load after the SIGTERMed replica has exited
 GRACE_S = 60
 EXIT_TIMEOUT_S = GRACE_S + 30
 

@@ -39,7 +39,7 @@ async def chat(api: AsyncOpenAI, model: str, messages: list[dict], max_tokens: i
             model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=stream
         )
         replica = raw.headers.get(REPLICA_HEADER)
-        body = await raw.parse()
+        body = raw.parse()  # the SDK's async raw response parses synchronously (a stream is read below)
         if stream:
             finish_reasons = [choice.finish_reason async for chunk in body for choice in chunk.choices]
             ok, prompt_tokens = bool(finish_reasons) and finish_reasons[-1] is not None, 0

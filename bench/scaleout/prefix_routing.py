@@ -2,9 +2,14 @@
 prefix-heavy workload, judged by kiln's own prefix-cache counters.
 
 Honest sizing: with a large KV pool every replica keeps every prefix and both policies hit alike. Here each
-replica's pool (KV_CACHE_MEMORY) holds about PREFIXES / 2 + 1 prefixes, not all PREFIXES: round_robin sends
-every prefix to both replicas, which then evict one another's prefixes (LRU); cache_aware keeps each prefix on
-one replica, so the pair holds them all. The run prints the pool size in tokens next to the prefix lengths.
+replica's pool (KV_CACHE_MEMORY) holds PREFIXES / 2 prefixes and the blocks of the running requests, not all
+PREFIXES: round_robin sends every prefix to both replicas, so each keeps evicting prefixes it will need again
+(least recently used first); cache_aware keeps each prefix on one replica, so the pair holds them all. The
+table shows the pool size in tokens next to the prompt length.
+
+vllm-router's cache_aware policy matches prefixes by token: it tokenizes each chat on the workers (POST
+/v1/chat/completions/render, which kiln does not have, then vLLM's /tokenize, which kiln has), so those calls show
+in the replicas' logs; they do not touch the prefix cache.
 
 Each policy gets fresh prefixes (other seeds) on the same replicas: blocks the previous policy left behind match
 nothing and are evicted like any cold block, so the two runs start equally cold.
@@ -26,11 +31,11 @@ from bench.scaleout.replicas import Replica, free_port, start_replicas, stop_rep
 
 POLICIES = ("round_robin", "cache_aware")
 PREFIXES = 6
-PREFIX_WORDS = 230  # about 320 tokens: 20 KV blocks of 16
-REQUESTS_PER_PREFIX = 8
-CONCURRENCY = 4
+PREFIX_WORDS = 95  # about 135 tokens: with the chat template, 10 KV blocks of 16 per prompt
+REQUESTS_PER_PREFIX = 5
+CONCURRENCY = 2  # few running requests: their own blocks must not crowd the prefixes out
 MAX_TOKENS = 8
-KV_CACHE_MEMORY = "26MiB"  # about 73 blocks of 16 tokens: 3 prefixes and the running requests, not 6
+KV_CACHE_MEMORY = "14MiB"  # 39 blocks of 16 tokens: 3 prefixes and the running requests, not 6
 QUESTIONS = ("Summarize it.", "Name its topic.", "Give it a title.", "What is the first word?", "Is it long?")
 
 
@@ -74,6 +79,8 @@ def run_policy(policy: str, seed: int, replicas: list[Replica], model: str, work
         *("--host", "127.0.0.1", "--port", str(port), "--policy", policy),
         *("--worker-urls", *(r.url for r in replicas)),
         *("--health-check-endpoint", "/v1/health/ready", "--log-level", "warning"),
+        # its own metrics listener, on a free port: the default one is fixed, and taken by any other router
+        *("--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())),
     ]
     url = f"http://127.0.0.1:{port}"
     router = start_service(f"vllm-router {policy}", command, work_dir / f"vllm-router-{policy}.log", f"{url}/health")

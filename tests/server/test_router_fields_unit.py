@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 
 ROUTED_CHAT = {
     "model": "m",
@@ -60,3 +60,12 @@ def test_any_other_value_is_still_refused(name, value):
 def test_other_unknown_fields_are_still_named():
     body = {**ROUTED_CHAT, "chat_template_kwargs": {}}
     assert ChatCompletionRequest.model_validate(body).unknown_fields == ["chat_template_kwargs"]
+
+
+def test_the_tokenize_call_of_cache_aware_routing_has_no_unknown_fields():
+    # vllm-router's cache_aware policy tokenizes each chat on the workers (POST /tokenize) to match prefixes
+    body = {"model": "m", "continue_final_message": False, "messages": [{"role": "user", "content": "hi"}]}
+    assert TokenizeRequest.model_validate(body).unknown_fields == []
+    assert TokenizeRequest.model_validate({**body, "continue_final_message": True}).unknown_fields == [
+        "continue_final_message"
+    ]
