@@ -48,6 +48,7 @@ def run_all(names: list[str]) -> dict:
     tables = []
     for name in names:
         scenario_started = time.monotonic()
+        (work_dir / name).mkdir()
         result = SCENARIOS[name].run(work_dir / name, work_dir / "logs")
         result["run_s"] = round(time.monotonic() - scenario_started, 1)
         doc["runs"][name] = result

@@ -19,7 +19,7 @@ from bench.scaleout.replicas import Replica, free_port, start_replicas, stop_rep
 
 MAX_NUM_SEQS = 2
 BURST = 24  # concurrent requests, half to each replica (as a Kubernetes Service would spread them)
-MAX_TOKENS = 32
+MAX_TOKENS = 16
 IDLE_BEFORE_S = 4
 IDLE_AFTER_S = 20  # longer than the shortened scale-down window, so the recommendation comes back down
 HPA = HpaSpec(target=5, min_replicas=1, max_replicas=6, tolerance=0.1, scale_down_window_s=10)
@@ -138,11 +138,19 @@ def table(result: dict) -> str:
         "| t (s) | " + " | ".join(f"{p} waiting" for p in result["pods"]) + " | average | raw desired | desired |",
         "|---:|" + "---:|" * (len(result["pods"]) + 3),
     ]
+    # one row per run of equal seconds (the series has one point a second)
+    runs: list[list[dict]] = []
+    for row in result["series"]:
+        key = (row["per_pod"], row["raw"], row["desired"])
+        if runs and (runs[-1][0]["per_pod"], runs[-1][0]["raw"], runs[-1][0]["desired"]) == key:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
     lines += [
-        f"| {r['time_s']:.0f} | "
-        + " | ".join(f"{v:.0f}" for v in r["per_pod"])
-        + f" | {r['average']:.1f} | {r['raw']} | {r['desired']} |"
-        for r in result["series"]
+        f"| {run[0]['time_s'] + 0.0:.0f}-{run[-1]['time_s']:.0f} | "
+        + " | ".join(f"{v:.0f}" for v in run[0]["per_pod"])
+        + f" | {run[0]['average']:.1f} | {run[0]['raw']} | {run[0]['desired']} |"
+        for run in runs
     ]
     lines.append(
         f"\nmax recommendation during the burst: {result['max_desired_during_burst']}; at the end: "

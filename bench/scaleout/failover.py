@@ -22,8 +22,10 @@ from bench.scaleout.replicas import Replica, free_port, start_replicas, stop_rep
 
 WORKERS = 4
 MAX_TOKENS = 16
-BEFORE_S = 10  # load before the SIGTERM
-AFTER_S = 10  # load after the SIGTERMed replica has exited
+BEFORE_S = 5  # load before the SIGTERM, at least, and until each replica has answered MIN_DONE requests
+AFTER_S = 5  # load after the SIGTERMed replica has exited, at least, and until the other answered MIN_DONE more
+MIN_DONE = 3
+PHASE_TIMEOUT_S = 120
 GRACE_S = 60
 EXIT_TIMEOUT_S = GRACE_S + 30
 
@@ -72,20 +74,36 @@ def prompt(index: int) -> list[dict]:
     return [{"role": "user", "content": f"Count from 1 to {3 + index % 10}, one number per line."}]
 
 
-async def drive(proxy_url: str, model: str, victim: Replica) -> dict:
+async def until(enough, minimum_s: float) -> None:
+    """At least `minimum_s`, then until enough() holds (at most PHASE_TIMEOUT_S in all)."""
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    await asyncio.sleep(minimum_s)
+    while not enough() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+
+async def drive(proxy_url: str, model: str, replicas: list[Replica]) -> dict:
+    victim, survivor = replicas
     api = load.client(proxy_url)
     stop = asyncio.Event()
+    done: list[load.Outcome] = []  # as they finish, for the phases below to count
 
     async def call(index: int) -> load.Outcome:
-        return await load.chat(api, model, prompt(index), MAX_TOKENS, stream=index % 2 == 0)
+        outcome = await load.chat(api, model, prompt(index), MAX_TOKENS, stream=index % 2 == 0)
+        done.append(outcome)
+        return outcome
+
+    def served(replica: Replica, since: float = 0.0) -> int:
+        return sum(o.ok and o.replica == replica.name and o.finished >= since for o in done)
 
     async def schedule() -> dict:
-        await asyncio.sleep(BEFORE_S)
+        # phases end on completions, not only on time: a loaded machine may need long for a few requests
+        await until(lambda: min(served(r) for r in replicas) >= MIN_DONE, BEFORE_S)
         sigterm_at = time.monotonic()
         victim.terminate()
         code = await asyncio.to_thread(victim.wait, EXIT_TIMEOUT_S)
         exited_at = time.monotonic()
-        await asyncio.sleep(AFTER_S)
+        await until(lambda: served(survivor, exited_at) >= MIN_DONE, AFTER_S)
         stop.set()
         return {"sigterm_at": sigterm_at, "exited_at": exited_at, "exit_code": code}
 
@@ -134,7 +152,7 @@ def run(work_dir: Path, log_dir: Path) -> dict:
     try:
         model = httpx.get(f"{replicas[0].url}/v1/models", timeout=10).json()["data"][0]["id"]
         haproxy, proxy_url = start_haproxy(replicas, work_dir)
-        result = asyncio.run(drive(proxy_url, model, replicas[0]))
+        result = asyncio.run(drive(proxy_url, model, replicas))
         return summarize(result, replicas)
     finally:
         if haproxy is not None:
