@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ from pathlib import Path
 
 import httpx
 
+from bench.event_loop import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 # Generous: a clean machine converts the model and compiles kiln's kernels first, and the replicas load together
 # on two cores.
 READY_TIMEOUT_S = 600
 _METRIC_LINE = re.compile(r"^(kiln:[a-z0-9_]+)(?:\{[^}]*\})? (\S+)$", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
