@@ -1,10 +1,12 @@
 """Kernel sources are compiled from a copy staged by content (engines/torch/kernels/extension.py
-`stage_sources`): the same sources installed at another path (a wheel in another venv, an image) reuse the
-kernel already built instead of compiling it again, and a changed source or shared header is rebuilt."""
+`stage_sources`): the same sources installed at another path (a wheel in another venv, an image) and built
+kernels copied to another TORCH_EXTENSIONS_DIR (the Helm chart's seeded cache) load without compiling again;
+a changed source or shared header is rebuilt."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engines.torch.kernels import extension
-from engines.torch.kernels.extension import stage_sources
+from engines.torch.kernels.extension import STAGED_MTIME, stage_sources
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -24,39 +26,51 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
 
 
 @pytest.fixture
-def extensions_dir(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "torch_extensions"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+def staging(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "staged"
+    monkeypatch.setattr(extension, "staging_root", lambda: root)
     return root
 
 
-def write_probe(folder: Path) -> Path:
+def write_probe(folder: Path, text: str = PROBE) -> Path:
     folder.mkdir(parents=True)
     source = folder / "probe.cpp"
-    source.write_text(PROBE)
+    source.write_text(text)
     return source
 
 
-def test_identical_sources_at_two_paths_stage_to_one_folder_written_once(tmp_path, extensions_dir):
+def test_identical_sources_at_two_paths_stage_to_one_folder_with_a_fixed_time(tmp_path, staging):
     first = stage_sources(write_probe(tmp_path / "install-a"))
-    mtime = first.stat().st_mtime_ns
     second = stage_sources(write_probe(tmp_path / "install-b"))
-    assert first == second and first.is_relative_to(extensions_dir)
+    assert first == second and first.parent.parent == staging
     assert first.read_text() == PROBE and (first.parent / "kiln_bf16.h").is_file()
-    assert first.stat().st_mtime_ns == mtime, "a staged file was rewritten: ninja would rebuild from it"
-    assert [p.name for p in first.parent.parent.iterdir()] == [first.parent.name], "a staging folder was left"
+    assert {p.stat().st_mtime for p in first.parent.iterdir()} == {STAGED_MTIME}
+    assert [p.name for p in staging.iterdir()] == [first.parent.name], "a scratch folder was left behind"
 
 
-def test_a_changed_source_or_shared_header_stages_elsewhere(tmp_path, extensions_dir, monkeypatch):
+def test_a_partly_removed_staging_folder_is_written_again(tmp_path, staging):
     staged = stage_sources(write_probe(tmp_path / "a"))
-    changed = write_probe(tmp_path / "b")
-    changed.write_text(PROBE + "// edited\n")
-    assert stage_sources(changed).parent != staged.parent
+    (staged.parent / "kiln_bf16.h").unlink()  # as a temporary-file cleaner might
+    assert stage_sources(write_probe(tmp_path / "b")) == staged
+    assert (staged.parent / "kiln_bf16.h").stat().st_mtime == STAGED_MTIME
+
+
+def test_a_changed_source_or_shared_header_stages_elsewhere(tmp_path, staging, monkeypatch):
+    staged = stage_sources(write_probe(tmp_path / "a"))
+    assert stage_sources(write_probe(tmp_path / "b", PROBE + "// edited\n")).parent != staged.parent
     headers = tmp_path / "headers"
     headers.mkdir()
     (headers / "kiln_bf16.h").write_text((extension.HEADERS_DIR / "kiln_bf16.h").read_text() + "// edited\n")
     monkeypatch.setattr(extension, "HEADERS_DIR", headers)
     assert stage_sources(write_probe(tmp_path / "c")).parent != staged.parent
+
+
+def test_sources_that_cannot_be_staged_compile_in_place(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr(extension, "staging_root", lambda: blocked / "kiln-kernel-sources")
+    source = write_probe(tmp_path / "a")
+    assert stage_sources(source) == source
 
 
 LOAD = """
@@ -68,20 +82,26 @@ assert module is not None and module.answer() == 42
 """
 
 
-def test_a_kernel_built_from_one_install_path_is_reused_from_another(tmp_path, extensions_dir):
-    """Two processes (torch's in-process version cache plays no part), the probe's source at two paths: the
-    second loads the first one's library without compiling (its build output keeps its time)."""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+def test_a_built_kernel_is_reused_from_another_install_path_and_another_extensions_dir(tmp_path):
+    """Separate processes (torch's in-process version cache plays no part). The probe is built once from
+    one install path; loading it from a second path, then from a copy of the extensions folder made as the
+    chart's seed makes it (`cp -a`), leaves the built library as it was."""
+    temp = tmp_path / "tmp"  # the staging folder's parent, private to this test
+    temp.mkdir()
 
-    def load_from(folder: str) -> None:
-        source = write_probe(tmp_path / folder)
+    def load(install: str, extensions: Path) -> list[int]:
+        source = write_probe(tmp_path / install)
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "TMPDIR": str(temp)}
         result = subprocess.run(
             [sys.executable, "-c", LOAD, str(source)], cwd=REPO, env=env, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stderr
+        return [p.stat().st_mtime_ns for p in extensions.rglob("kiln_test_staging_probe*.so")]
 
-    load_from("install-a")
-    (library,) = extensions_dir.rglob("kiln_test_staging_probe*.so")
-    built = library.stat().st_mtime_ns
-    load_from("install-b")
-    assert [p.stat().st_mtime_ns for p in extensions_dir.rglob("kiln_test_staging_probe*.so")] == [built]
+    image = tmp_path / "image-extensions"
+    built = load("install-a", image)
+    assert len(built) == 1
+    assert load("install-b", image) == built
+    pod = tmp_path / "pod-extensions"
+    shutil.copytree(image, pod, copy_function=shutil.copy2)  # cp -a keeps times
+    assert load("install-c", pod) == built

@@ -9,11 +9,12 @@ and the kernel module uses its torch fallback. Explicit ISA flags rather than -m
 cached binary valid on any CPU that has them.
 
 Each build compiles a copy of its source and of the headers the kernels share (kiln_bf16.h, in this
-folder), staged in TORCH_EXTENSIONS_DIR under a hash of their contents (`stage_sources`): the compile
-command then names the same paths wherever kiln is installed (a repository, a wheel in another venv, an
-image), so ninja reuses a kernel already built from identical sources instead of rebuilding it because the
-path in its command changed; a changed source or header is a new folder and a rebuild. A source compiled
-from elsewhere (a test's probe) gets the shared headers the same way.
+folder), staged under the temporary folder by a hash of their contents, with one fixed, old modification
+time (`stage_sources`). The compile command then names the same paths and ninja sees the same inputs wherever
+kiln is installed (a repository, a wheel in another venv, an image) and wherever the built kernels were
+copied (the Helm chart seeds a pod's TORCH_EXTENSIONS_DIR from the image's), so a kernel built from identical
+sources is loaded, not rebuilt because a path in its command changed. A changed source or header is a new
+folder and a rebuild. A source compiled from elsewhere (a test's probe) gets the shared headers the same way.
 """
 
 from __future__ import annotations
@@ -31,27 +32,37 @@ log = logging.getLogger("kiln.kernels")
 HEADERS_DIR = Path(__file__).parent  # kiln_bf16.h and any other header the kernels share
 
 
-def extensions_root() -> Path:
-    """Where torch keeps compiled extensions (TORCH_EXTENSIONS_DIR, else its default cache folder)."""
-    from torch.utils.cpp_extension import get_default_build_root
+# Staged files carry this time (2000-01-01) rather than their copy's: their content is fixed by the folder's
+# name, so nothing built from them can be older than what they hold.
+STAGED_MTIME = 946684800
 
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+def staging_root() -> Path:
+    return Path(tempfile.gettempdir()) / "kiln-kernel-sources"
 
 
 def stage_sources(source: Path) -> Path:
-    """`source` and the shared headers copied to <extensions root>/kiln-sources/<hash of their contents>/,
-    created once and never rewritten (so their times stay older than what was built from them); returns the
-    staged source. The folder appears whole or not at all (written beside it, then renamed)."""
+    """`source` and the shared headers copied to <tmp>/kiln-kernel-sources/<hash of their contents>/; returns
+    the staged source. The folder appears whole or not at all (written beside it, then renamed), and is
+    written again identically if a temporary-file cleaner removed any of it. Where it cannot be written, the source
+    is compiled where it is (a rebuild wherever that path changes, as torch alone would do)."""
     files = [source, *sorted(HEADERS_DIR.glob("*.h"))]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    staged = extensions_root() / "kiln-sources" / digest.hexdigest()[:16]
-    if not staged.is_dir():
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=staged.parent))
+    staged = staging_root() / digest.hexdigest()[:16]
+    if not all((staged / path.name).is_file() for path in files):
+        try:
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=staged.parent))
+        except OSError as e:
+            log.debug("kernel sources not staged (%s): compiling %s in place", e, source)
+            return source
         for path in files:
             shutil.copyfile(path, scratch / path.name)
+            os.utime(scratch / path.name, (STAGED_MTIME, STAGED_MTIME))
+        scratch.chmod(0o755)  # mkdtemp's 0700 would hide the sources from other users of the machine
+        shutil.rmtree(staged, ignore_errors=True)  # a folder a temporary-file cleaner emptied in part
         try:
             scratch.rename(staged)
         except OSError:  # another process staged the same contents first
@@ -107,7 +118,8 @@ class LazyExtension:
                         sources=[str(staged)],
                         extra_cflags=self.cflags,
                         extra_ldflags=self.ldflags,
-                        extra_include_paths=[str(staged.parent)],
+                        # the shared headers: staged beside the source, or this folder when not staged
+                        extra_include_paths=[str(staged.parent if staged != self.source else HEADERS_DIR)],
                         verbose=False,
                     )
                 except Exception as e:  # no compiler, no ninja, unsupported CPU...
