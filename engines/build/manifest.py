@@ -82,6 +82,19 @@ class TrtllmBuild(_Part):
     quant_config: dict[str, Any] = {}
     build_config: dict[str, Any] = {}
     build_seconds: float | None = None
+    # The limits the engine was compiled with, which serving must honour (BuildConfig in tensorrt_llm/builder.py):
+    # None in engines built before kiln recorded them.
+    max_batch_size: int | None = None
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    # Chunked context (prefill) was compiled in, so the LLM may run with enable_chunked_prefill.
+    chunked_prefill: bool = False
+    # Built with gather_generation_logits, which TensorRT-LLM's LLM API needs to return logprobs.
+    gather_generation_logits: bool = False
+    # How the model is split across GPUs (tensor_parallel_size x pipeline_parallel_size ranks, one engine each).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
 
 class DraftOf(_Part):
