@@ -67,20 +67,17 @@ def scheduler_config(api: TrtllmApi, policy: str):
     return api.llmapi.SchedulerConfig(capacity_scheduler_policy=member)
 
 
-def speculative_config(api: TrtllmApi, method: str | None, num_tokens: int, draft: str | None):
-    """TensorRT-LLM 1.x runs n-gram and draft-target speculation only in its PyTorch backend
-    (NGramDecodingConfig / DraftTargetDecodingConfig.supports_backend("pytorch")); a TensorRT engine
-    speculates with EAGLE, given an EAGLE checkpoint, and must have been built for it."""
-    if method is None:
-        return None
-    if method == "eagle":
-        if draft is None:
-            raise TrtllmUnsupported("EAGLE speculation needs --speculative-draft with an EAGLE checkpoint folder.")
-        return api.llmapi.EagleDecodingConfig(max_draft_len=num_tokens, speculative_model_dir=draft)
-    raise TrtllmUnsupported(
-        f"TensorRT-LLM runs {method} speculation only in its PyTorch backend, not on a TensorRT "
-        "engine; use --speculative-method eagle with an EAGLE checkpoint, or kiln's torch backend."
-    )
+def check_no_speculation(method: str | None) -> None:
+    """TensorRT-LLM 1.0 runs n-gram and draft-target speculation only in its PyTorch backend
+    (NGramDecodingConfig / DraftTargetDecodingConfig.supports_backend("pytorch")); a TensorRT engine speculates only
+    when it was compiled for it (BuildConfig.speculative_decoding_mode, e.g. EAGLE from an EAGLE checkpoint), and
+    `kiln build --backend trtllm` compiles no such engine. So every method is refused before the engine loads."""
+    if method is not None:
+        raise TrtllmUnsupported(
+            f"the trtllm backend does not run speculative decoding ({method}): TensorRT-LLM speculates on a "
+            "TensorRT engine only when it was built for it, which kiln's trtllm build does not do; serve without "
+            "--speculative-method, or use --backend torch."
+        )
 
 
 # The LLM's guided_decoding_backend (llmapi/llm_args.py BaseLlmArgs: Literal["xgrammar", "llguidance"], default None).
@@ -127,18 +124,11 @@ def _check_compiles(field: str, text: str) -> None:
         raise ValueError(f"The {field} constraint is not valid: {reason}.") from exc
 
 
-def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: bool = False):
+def guided_decoding(api: TrtllmApi, structured: StructuredOutput):
     """kiln's StructuredOutput as TensorRT-LLM's GuidedDecodingParams (tensorrt_llm/sampling_params.py), which takes
     one of json (schema text, passed on as is), json_object, regex, grammar (EBNF) or structural_tag; json_object
     becomes the schema of any object and choice a regex alternation. Raises ValueError (TrtllmUnsupported for what
     TensorRT-LLM cannot do) in one sentence."""
-    if speculative:
-        # GuidedDecoder::build advances the grammar by one accepted token per step (getLastTokens(0)), which
-        # speculative decoding breaks; 1.0's PyTorch backend refuses the combination outright (create_py_executor).
-        raise TrtllmUnsupported(
-            "structured output cannot be combined with speculative decoding on the trtllm "
-            "backend; serve without --speculative-method, or use kiln's torch backend."
-        )
     kind, value = structured.kind, structured.value
     if kind == "json_object":
         # not json_object=True: that compiles xgrammar's builtin JSON grammar, whose root is an object or an array,
@@ -164,13 +154,31 @@ def guided_decoding(api: TrtllmApi, structured: StructuredOutput, speculative: b
     return api.llmapi.GuidedDecodingParams(**{field: value})
 
 
+# The build flag that compiles generation logits into the engine (the manifest's trtllm.gather_generation_logits)
+LOGPROBS_REFUSAL = (
+    "logprobs need a TensorRT-LLM engine built with generation logits; rebuild the engine with "
+    "`kiln build --backend trtllm --gather-logits`."
+)
+
+
 def sampling_params(
-    api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int, speculative: bool = False
+    api: TrtllmApi, params: SamplingParams, eos_token_ids: list[int], vocab_size: int, gather_logits: bool = False
 ):
-    """kiln's SamplingParams as TensorRT-LLM's. Greedy is temperature 0 in both (TensorRT-LLM takes top_k 1
-    for it, which is what it does with temperature 0 too); ignore_eos maps to an end_id outside the
-    vocabulary, TensorRT-LLM's way to never stop on EOS; logit_bias has no TensorRT-LLM field and is refused;
-    a structured constraint becomes guided_decoding (`speculative`: the LLM runs speculative decoding)."""
+    """kiln's SamplingParams as TensorRT-LLM's. Greedy is temperature 0 in kiln and top_k 1 (top_p unset) in
+    TensorRT-LLM (SamplingParams._greedy_decoding, tensorrt_llm/sampling_params.py, reads only those two); its
+    _validate refuses greedy with n > 1 ("Greedy decoding in the LLM API does not allow multiple returns"), so a
+    greedy request asks for one sequence and the engine copies it into the n choices, as kiln's torch backend's n
+    greedy choices are identical. ignore_eos is SamplingParams.ignore_eos with the real end_id: the executor request
+    then gets end_id -1 and the real pad_id (executor/worker.py _enqueue_request), where end_id=-1 here would also
+    make pad_id -1 (SamplingParams.__post_init__). logit_bias has no TensorRT-LLM field and is refused; a structured
+    constraint becomes guided_decoding.
+
+    Logprobs: BaseLLM._check_arguments (llmapi/llm.py) refuses them unless the LLM was given
+    gather_generation_logits, which kiln does when the engine was built with it (`gather_logits`); otherwise this
+    refuses in one sentence. TensorRT-LLM's logprobs=k returns the top k plus the sampled token, and a falsy 0 returns
+    nothing, so OpenAI's top_logprobs 0 (the chosen token only) asks for 1 and kiln keeps the chosen token."""
+    if params.logprobs is not None and not gather_logits:
+        raise TrtllmUnsupported(LOGPROBS_REFUSAL)
     if params.logit_bias:
         raise TrtllmUnsupported("logit_bias is not supported by the trtllm backend.")
     if params.prompt_logprobs is not None:
@@ -181,7 +189,7 @@ def sampling_params(
         )
     kwargs = dict(
         max_tokens=params.max_tokens,
-        n=params.n,
+        n=1 if params.greedy else params.n,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k if 0 < params.top_k < vocab_size else None,
@@ -192,10 +200,11 @@ def sampling_params(
         seed=params.seed,
         min_tokens=params.min_tokens or None,
         stop_token_ids=list(params.stop_token_ids) or None,
-        logprobs=params.logprobs,
+        logprobs=None if params.logprobs is None else max(params.logprobs, 1),
         detokenize=False,  # kiln detokenizes (stop strings, incremental text) like for the torch backend
-        end_id=-1 if params.ignore_eos else (eos_token_ids[0] if eos_token_ids else None),
-        guided_decoding=guided_decoding(api, params.structured, speculative) if params.structured else None,
+        end_id=eos_token_ids[0] if eos_token_ids else None,
+        ignore_eos=params.ignore_eos or None,
+        guided_decoding=guided_decoding(api, params.structured) if params.structured else None,
     )
     if params.greedy:
         kwargs["top_k"] = 1

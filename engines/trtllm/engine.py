@@ -4,14 +4,20 @@ Each request is one `LLM.generate_async(prompt_token_ids, SamplingParams, stream
 server's running event loop (TensorRT-LLM gives a result created there an asyncio queue); its
 RequestOutputs stream as kiln GenerationOutputs built from each CompletionOutput's token_ids_diff,
 logprobs_diff and finish_reason. Detokenization, stop strings and the OpenAI shapes stay in kiln's server,
-as for the torch backend. A closed stream or `abort()` calls the result's `abort()`. A background task
-polls `LLM.get_stats()` into the same EngineStats the torch engine keeps.
+as for the torch backend. A closed stream or `abort()` calls the result's `abort()`.
+
+Metrics: kiln counts its own requests (waiting: submitted, no output yet, which on a TensorRT engine covers both
+the executor's queue and the prefill, since the first RequestOutput carries the first token; running: streaming
+output, not finished). A background task reads KV-cache and block-reuse figures from `LLM.get_stats_async`, the
+iteration stats as TensorRT-LLM 1.0 hands them out (see `_poll_stats`), into the same EngineStats the torch
+engine keeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +35,6 @@ from engines.base import (
     GenerationRequest,
     RequestFailedError,
     RequestTimings,
-    SpeculationInfo,
     TokenLogprob,
     check_request_fits,
 )
@@ -37,7 +42,7 @@ from engines.build.manifest import Manifest
 from engines.config import EngineConfig
 from engines.trtllm import api as trt
 from engines.trtllm import configs
-from engines.trtllm.stats import apply_iteration_stats, apply_prefix_reuse
+from engines.trtllm.stats import apply_iteration_stats
 
 log = logging.getLogger("kiln.engine.trtllm")
 
@@ -57,6 +62,8 @@ class TrtllmEngine(Engine):
         self._stats_task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._started = False
+        # the LLM was given gather_generation_logits (the engine was built with it): logprobs can be served
+        self.gather_logits = _gathers_logits(manifest)
         eos = tokenizer.eos_token_id
         self.eos_token_ids = [eos] if eos is not None else []
         self.vocab_size = len(tokenizer)
@@ -82,11 +89,6 @@ class TrtllmEngine(Engine):
                     built_for=manifest.target.description,
                 ),
                 scheduler_policy=config.scheduler_policy,
-                speculative=(
-                    SpeculationInfo(config.speculative_method, config.num_speculative_tokens)
-                    if config.speculative_method
-                    else None
-                ),
             ),
         )
 
@@ -99,6 +101,7 @@ class TrtllmEngine(Engine):
         from engines.build import manifest as mf
         from engines.hardware import detect
 
+        configs.check_no_speculation(config.speculative_method)
         folder = Path(config.engine_dir).expanduser()
         manifest = mf.load_manifest(folder)
         if manifest.backend != "trtllm":
@@ -109,21 +112,16 @@ class TrtllmEngine(Engine):
             raise trt.TrtllmUnavailable("the trtllm backend needs an NVIDIA GPU and torch sees none.")
         mf.check_hardware(manifest, hardware)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        # gather_generation_logits is an LLM argument (BaseLlmArgs, llmapi/llm_args.py) that the executor can only
+        # honour on an engine compiled with BuildConfig(gather_generation_logits=True), so it follows the manifest
+        gather = {"gather_generation_logits": True} if _gathers_logits(manifest) else {}
         llm = api.llm_class(
             model=str(folder / (manifest.trtllm.engine_dir if manifest.trtllm else "trtllm")),
             tokenizer=str(folder),
             kv_cache_config=configs.kv_cache_config(api, config.gpu_memory_fraction, config.enable_prefix_caching),
             scheduler_config=configs.scheduler_config(api, config.scheduler_policy),
             guided_decoding_backend=configs.GUIDED_DECODING_BACKEND,  # structured output (see configs)
-            **(
-                {"speculative_config": spec}
-                if (
-                    spec := configs.speculative_config(
-                        api, config.speculative_method, config.num_speculative_tokens, config.speculative_draft
-                    )
-                )
-                else {}
-            ),
+            **gather,
         )
         return cls(llm, api, tokenizer, manifest, config, folder)
 
@@ -170,23 +168,14 @@ class TrtllmEngine(Engine):
     async def prepare(self, request: GenerationRequest) -> None:
         """Check a structured constraint (xgrammar parses it, cached by constraint) off the event loop."""
         if request.sampling_params.structured is not None:
-            await asyncio.to_thread(
-                configs.guided_decoding,
-                self.api,
-                request.sampling_params.structured,
-                bool(self.config.speculative_method),
-            )
+            await asyncio.to_thread(configs.guided_decoding, self.api, request.sampling_params.structured)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if not self.is_alive:
             raise EngineDeadError("The engine is not running.")
         self.check_request(request)
         params = configs.sampling_params(
-            self.api,
-            request.sampling_params,
-            self.eos_token_ids,
-            self.vocab_size,
-            speculative=bool(self.config.speculative_method),
+            self.api, request.sampling_params, self.eos_token_ids, self.vocab_size, self.gather_logits
         )
         timings = RequestTimings(arrival=request.arrival_time)
         result = self.llm.generate_async(request.prompt_token_ids, sampling_params=params, streaming=True)
@@ -199,9 +188,22 @@ class TrtllmEngine(Engine):
         self, request: GenerationRequest, result, timings: RequestTimings
     ) -> AsyncIterator[GenerationOutput]:
         finished = False
+        running = False
+        self._stats.num_waiting += 1
+        # a greedy request ran as one sequence (see configs.sampling_params): each delta is copied into the n choices
+        copies = request.sampling_params.n if request.sampling_params.greedy else 1
         try:
             async for output in self._results_of(result):
-                deltas = [self._delta(c, request.sampling_params.logprobs) for c in output.outputs]
+                if not running:
+                    running = True
+                    self._stats.num_waiting -= 1
+                    self._stats.num_running += 1
+                deltas = [
+                    dataclasses.replace(delta, index=i) if copies > 1 else delta
+                    for c in output.outputs
+                    for delta in [self._delta(c, request.sampling_params.logprobs)]
+                    for i in range(copies)
+                ]
                 generated = sum(len(d.new_token_ids) for d in deltas)
                 self._stats.generation_tokens += generated
                 if generated and timings.first_token is None:
@@ -213,6 +215,10 @@ class TrtllmEngine(Engine):
                 if finished:
                     return
         finally:
+            if running:
+                self._stats.num_running -= 1
+            else:
+                self._stats.num_waiting -= 1
             self._results.pop(request.request_id, None)
             if not finished:
                 result.abort()
@@ -249,33 +255,40 @@ class TrtllmEngine(Engine):
         )
 
     async def _poll_stats(self) -> None:
+        """Iteration stats through `LLM.get_stats_async` (GenerationExecutor.aget_stats, executor/executor.py): an
+        async iterable of dicts (executor/result.py IterationResult) that ends when no record came within the timeout,
+        and stays ended until the next request is submitted; before the first request it ends at once. So it is read
+        again after a pause whenever it ends. Not `LLM.get_stats`: from a thread, its queue's get returns None on a
+        timeout and json.loads(None) raises, losing the records read, and that sync get taints the queue for the
+        async reader."""
         while True:
             try:
-                iterations = await asyncio.to_thread(self.llm.get_stats, STATS_POLL_SECONDS)
-            except Exception as exc:  # stats are best effort: a failing poll is logged, serving goes on
-                log.debug("get_stats failed: %s", exc)
-                iterations = []
-            for iteration in iterations:
-                apply_iteration_stats(self._stats, iteration)
-                apply_prefix_reuse(self._stats, iteration)
-                kv = iteration.get("kvCacheStats") or {}
-                if kv.get("tokensPerBlock"):
-                    self._info.block_size = int(kv["tokensPerBlock"])
-                    self._info.num_kv_blocks = self._stats.kv_blocks_total
-            if not iterations:
-                await asyncio.sleep(STATS_POLL_SECONDS)
+                async for iteration in self.llm.get_stats_async(STATS_POLL_SECONDS):
+                    self._apply(iteration)
+            except Exception as exc:  # stats are best effort: a failing read is logged, serving goes on
+                log.debug("get_stats_async failed: %s", exc)
+            await asyncio.sleep(STATS_POLL_SECONDS)
+
+    def _apply(self, iteration: dict) -> None:
+        apply_iteration_stats(self._stats, iteration)
+        kv = iteration.get("kvCacheStats") or {}
+        if kv.get("tokensPerBlock"):
+            self._info.block_size = int(kv["tokensPerBlock"])
+            self._info.num_kv_blocks = self._stats.kv_blocks_total
+
+
+def _gathers_logits(manifest: Manifest) -> bool:
+    """The engine was built with BuildConfig(gather_generation_logits=True) (`kiln build --gather-logits`)."""
+    return bool(manifest.trtllm and manifest.trtllm.gather_generation_logits)
 
 
 def _logprobs(tokens: list[int], entries, top_k: int) -> list[TokenLogprob]:
-    """TensorRT-LLM's logprobs_diff (per token: {token_id: Logprob(logprob, rank)}, the top-k plus the
-    sampled token) as kiln TokenLogprobs."""
+    """TensorRT-LLM's logprobs_diff as kiln TokenLogprobs. On a TensorRT engine each entry is a dict
+    {token_id: Logprob(logprob, rank)} (executor/result.py compute_logprobs): the top k by rank 1..k plus the sampled
+    token with its own rank when it is not among them. top_k 0 keeps the sampled token's logprob and no list."""
     out = []
     for token, entry in zip(tokens, entries):
-        if isinstance(entry, dict):
-            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-            chosen = entry[token].logprob if token in entry else float("nan")
-            top = [(tid, lp.logprob) for tid, lp in ranked if lp.rank is not None and lp.rank <= top_k]
-            out.append(TokenLogprob(token, chosen, top))
-        else:  # older releases: the sampled token's logprob only
-            out.append(TokenLogprob(token, float(entry), []))
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+        top = [(tid, lp.logprob) for tid, lp in ranked if lp.rank <= top_k]
+        out.append(TokenLogprob(token, entry[token].logprob, top))
     return out

@@ -1,6 +1,7 @@
-"""TrtllmEngine against the recording fake of tensorrt_llm: how kiln starts the LLM (KV cache, scheduler,
-speculation), maps every sampling field, turns streamed RequestOutputs into kiln outputs, aborts, reads
-iteration stats into kiln's metrics, and picks the backend."""
+"""TrtllmEngine against the recording fake of tensorrt_llm: how kiln starts the LLM (KV cache, scheduler), maps
+every sampling field, turns streamed RequestOutputs into kiln outputs, aborts, fails requests, and picks the
+backend (logprobs, stats, greedy n, ignore_eos and speculation as TensorRT-LLM 1.0 does them:
+test_trtllm_runtime_contract.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import engines.hardware
 from engines import create_engine, select_backend
 from engines.base import EngineDeadError, GenerationRequest, RequestFailedError, SamplingParams
+from engines.build import manifest as mf
 from engines.build.builder import BuildOptions, build
 from engines.config import EngineConfig
 from engines.trtllm import configs
@@ -44,6 +46,14 @@ def make(engine_dir, **kw) -> TrtllmEngine:
     return TrtllmEngine.from_config(EngineConfig(engine_dir=str(engine_dir), **kw))
 
 
+def with_generation_logits(engine_dir):
+    """The engine directory as `kiln build --backend trtllm --gather-logits` records it."""
+    manifest = mf.load_manifest(engine_dir, verify=False)
+    trtllm = manifest.trtllm.model_copy(update={"gather_generation_logits": True})
+    mf.write_manifest(engine_dir, manifest.model_copy(update={"trtllm": trtllm}))
+    return engine_dir
+
+
 def calls(fake, name):
     return [args for (kind, *args) in fake.CALLS if kind == name]
 
@@ -75,15 +85,6 @@ def test_the_llm_is_started_on_the_engine_with_kv_cache_and_scheduler_configs(en
     ((kwargs,),) = calls(fake_trtllm, "LLM")
     assert kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.5, "enable_block_reuse": False}
     assert kwargs["scheduler_config"].kwargs["capacity_scheduler_policy"].name == "MAX_UTILIZATION"
-
-
-def test_speculation_eagle_maps_and_ngram_or_draft_are_refused_on_tensorrt_engines(engine_dir, fake_trtllm, tmp_path):
-    make(engine_dir, speculative_method="eagle", num_speculative_tokens=3, speculative_draft=str(tmp_path))
-    ((kwargs,),) = calls(fake_trtllm, "LLM")
-    assert kwargs["speculative_config"].kwargs == {"max_draft_len": 3, "speculative_model_dir": str(tmp_path)}
-    for method in ("ngram", "draft"):
-        with pytest.raises(TrtllmUnsupported, match=f"runs {method} speculation only in its PyTorch backend"):
-            make(engine_dir, speculative_method=method, speculative_draft=str(tmp_path))
 
 
 SAMPLING_CASES = [
@@ -127,7 +128,7 @@ SAMPLING_CASES = [
     ),
     (
         SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=4),
-        dict(max_tokens=4, n=1, temperature=1.0, top_p=1.0, detokenize=False, end_id=-1),
+        dict(max_tokens=4, n=1, temperature=1.0, top_p=1.0, detokenize=False, end_id=EOS, ignore_eos=True),
     ),
 ]
 
@@ -136,7 +137,7 @@ SAMPLING_CASES = [
 def test_every_sampling_field_maps_to_sampling_params(fake_trtllm, params, expected):
     from engines.trtllm.api import load
 
-    mapped = configs.sampling_params(load(), params, [EOS], 49152)
+    mapped = configs.sampling_params(load(), params, [EOS], 49152, gather_logits=True)
     assert mapped.kwargs == expected
 
 
@@ -197,7 +198,7 @@ def test_eos_stop_ids_and_ignore_eos(engine_dir, fake_trtllm, script, params, re
 
 
 def test_n_choices_and_logprobs(engine_dir, fake_trtllm):
-    engine = make(engine_dir)
+    engine = make(with_generation_logits(engine_dir))
 
     async def go():
         await engine.start()
@@ -243,40 +244,6 @@ def test_abort_by_id_reaches_the_request_and_finishes_it(engine_dir, fake_trtllm
     outs = run(go())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(calls(fake_trtllm, "RequestOutput.abort")) == 1
-
-
-def test_iteration_stats_feed_kiln_metrics(engine_dir, fake_trtllm):
-    fake_trtllm.FAKE.stats = [
-        {
-            "numActiveRequests": 3,
-            "numQueuedRequests": 1,
-            "kvCacheStats": {
-                "maxNumBlocks": 1000,
-                "usedNumBlocks": 250,
-                "tokensPerBlock": 64,
-                "reusedBlocks": 4,
-                "missedBlocks": 6,
-            },
-            "specDecodingStats": {"numDraftTokens": 8, "numAcceptedTokens": 5, "numRequestsWithDraftTokens": 2},
-        },
-    ]
-    engine = make(engine_dir)
-
-    async def go():
-        await engine.start()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if engine.stats().num_steps:
-                break
-        await engine.shutdown()
-
-    run(go())
-    s = engine.stats()
-    assert (s.num_running, s.num_waiting, s.kv_blocks_total, s.kv_blocks_used) == (3, 1, 1000, 250)
-    assert (s.prefix_cache_hits, s.prefix_cache_queries) == (4 * 64, 10 * 64)
-    assert (s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_num_drafts) == (8, 5, 2)
-    assert (engine.info.block_size, engine.info.num_kv_blocks) == (64, 1000)
-    assert calls(fake_trtllm, "LLM.shutdown") and not engine.is_alive
 
 
 def test_bad_requests_are_value_errors(engine_dir, fake_trtllm):

@@ -157,18 +157,13 @@ def test_constraints_tensorrt_llm_cannot_take_are_refused(fake_trtllm, structure
         guided(structured)
 
 
-def test_structured_requests_with_what_the_grammar_cannot_honour_are_value_errors(engine_dir, fake_trtllm, tmp_path):
-    spec = make(engine_dir, speculative_method="eagle", num_speculative_tokens=3, speculative_draft=str(tmp_path))
+def test_structured_requests_with_what_the_grammar_cannot_honour_are_value_errors(engine_dir, fake_trtllm):
     json_object = StructuredOutput("json_object")
 
     async def go(engine, request):
         await engine.start()
         return await collect(engine, request)
 
-    with pytest.raises(TrtllmUnsupported, match="cannot be combined with speculative decoding"):
-        run(go(spec, GenerationRequest("s", [1], SamplingParams(structured=json_object))))
-    with pytest.raises(TrtllmUnsupported, match="speculative decoding"):
-        run(spec.prepare(GenerationRequest("p", [1], SamplingParams(structured=json_object))))
     engine = make(engine_dir)
     for field in (dict(ignore_eos=True), dict(min_tokens=2)):  # engines/base.py SamplingParams.validate
         with pytest.raises(ValueError, match=f"{next(iter(field))} cannot be combined with a structured output"):

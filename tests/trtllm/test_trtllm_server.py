@@ -15,6 +15,7 @@ from engines.trtllm.engine import TrtllmEngine
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.trtllm.conftest import H100
+from tests.trtllm.test_trtllm_engine import with_generation_logits
 
 
 @pytest.fixture
@@ -33,7 +34,18 @@ def trt_engine(fake_trtllm, tiny_chat_folder, tmp_path, monkeypatch):
         H100,
     )
     monkeypatch.setattr(engines.hardware, "detect", lambda device=None: H100)
+    out = with_generation_logits(out)  # the completion below asks for logprobs
     return TrtllmEngine.from_config(EngineConfig(engine_dir=str(out), served_model_name="tiny-trt"))
+
+
+def gauges(metrics: str) -> tuple[str, str]:
+    """The running and waiting request gauges' values in /metrics text."""
+    values = {
+        line.split("{")[0]: line.rsplit(" ", 1)[1]
+        for line in metrics.splitlines()
+        if line.startswith(("kiln:num_requests_running{", "kiln:num_requests_waiting{"))
+    }
+    return values["kiln:num_requests_running"], values["kiln:num_requests_waiting"]
 
 
 def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
@@ -51,22 +63,36 @@ def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
             whole = await client.chat.completions.create(
                 model="tiny-trt", messages=messages, max_tokens=8, temperature=0
             )
-            stream = await client.chat.completions.create(
-                model="tiny-trt",
-                messages=messages,
-                max_tokens=8,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            chunks = [chunk async for chunk in stream]
+
+            async def streamed():
+                stream = await client.chat.completions.create(
+                    model="tiny-trt",
+                    messages=messages,
+                    max_tokens=8,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                return [chunk async for chunk in stream]
+
+            fake_trtllm.FAKE.step_seconds = 0.1  # each engine step takes a while: watch the gauges meanwhile
+            task = asyncio.create_task(streamed())
+            seen = set()
+            while not task.done():
+                seen.add(gauges((await http.get("/metrics")).text))
+                await asyncio.sleep(0.005)
+            chunks = await task
+            fake_trtllm.FAKE.step_seconds = 0.0
             completion = await client.completions.create(model="tiny-trt", prompt=[1, 2, 3], max_tokens=4, logprobs=2)
             metrics = (await http.get("/metrics")).text
             metadata = (await http.get("/v1/metadata")).json()
         await trt_engine.shutdown()
-        return whole, chunks, completion, metrics, metadata
+        return whole, chunks, completion, metrics, metadata, seen
 
-    whole, chunks, completion, metrics, metadata = asyncio.run(go())
+    whole, chunks, completion, metrics, metadata, seen = asyncio.run(go())
+    # (running, waiting): waiting until the first token, running while it streams, nothing once done
+    assert {("0.0", "1.0"), ("1.0", "0.0")} <= seen <= {("0.0", "0.0"), ("0.0", "1.0"), ("1.0", "0.0")}
+    assert gauges(metrics) == ("0.0", "0.0")
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
     assert whole.choices[0].message.content
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

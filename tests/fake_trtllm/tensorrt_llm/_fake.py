@@ -11,7 +11,9 @@ CALLS: list[tuple] = []
 class Knobs:
     script: list[int] | None = None  # tokens every output generates, in order (None: a deterministic walk)
     tokens_per_step: int = 1  # tokens each streamed RequestOutput adds per output
-    stats: list[dict] = field(default_factory=list)  # what the next get_stats() returns (then emptied)
+    # iteration stats records the executor reports, one per generation step (executor/result.py here)
+    stats: list[dict] = field(default_factory=list)
+    step_seconds: float = 0.0  # how long each streamed RequestOutput takes, the first one included
     # The two ways a streamed result fails in TensorRT-LLM (executor/executor.py
     # GenerationExecutor._handle_background_error): an error response for one request is raised as RequestError
     # and the executor goes on; any other error shuts the executor down first, then is raised.

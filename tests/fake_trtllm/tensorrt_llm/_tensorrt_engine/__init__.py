@@ -32,6 +32,7 @@ LLM_FIELDS = frozenset(
         "iter_stats_max_iterations",
         "enable_build_cache",
         "guided_decoding_backend",
+        "gather_generation_logits",
     }
 )
 # tensorrt_llm/llmapi/llm_args.py BaseLlmArgs.guided_decoding_backend: Optional[Literal["xgrammar", "llguidance"]]
@@ -62,7 +63,9 @@ class LLM:
         self.model = model
         self.kwargs = kwargs
         self.shut_down = False
+        self._stats = None  # GenerationExecutor._iter_stats_result: made by the first generate_async
         CALLS.append(("LLM", {"model": model, **kwargs}))
+        _check_speculation_fits_engine(model, kwargs.get("speculative_config"))
         calib = kwargs.get("calib_config")
         if calib is not None:  # TensorRT-LLM reads the calibration dataset while it builds
             lines = (Path(calib.calib_dataset) / "train.jsonl").read_text().splitlines()
@@ -83,7 +86,18 @@ class LLM:
         asyncio.get_running_loop()  # like TensorRT-LLM, a streaming result needs the running event loop
         from tensorrt_llm.llmapi import guide_for_executor
 
+        _check_arguments(self.kwargs, sampling_params)
+        # GenerationExecutor._maybe_initialize_iteration_results: stats flow again after each new request
+        from tensorrt_llm.executor.result import IterationResult
+
+        if self._stats is None:
+            self._stats = IterationResult()
+        else:
+            self._stats.mark_undone()
         CALLS.append(("LLM.generate_async", list(inputs), sampling_params, streaming))
+        # executor/worker.py _enqueue_request builds the C++ Request with these two
+        request = {"end_id": _executor_end_id(sampling_params), "pad_id": sampling_params.pad_id}
+        CALLS.append(("executor request", request))
         guide = guide_for_executor(getattr(sampling_params, "guided_decoding", None))
         error = None
         if guide is not None:
@@ -92,10 +106,54 @@ class LLM:
                 error = NO_GUIDED_DECODER
         return RequestOutput(next(_ids), list(inputs), sampling_params, error, llm=self)
 
-    def get_stats(self, timeout: float):
-        stats, FAKE.stats = FAKE.stats, []
+    def get_stats(self, timeout: float) -> list[dict]:
+        """GenerationExecutor.get_stats (see executor/result.py here)."""
         CALLS.append(("LLM.get_stats", timeout))
-        return stats
+        if self._stats is None:
+            return []
+        self._stats.set_timeout(timeout)
+        return self._stats.get_results()
+
+    def get_stats_async(self, timeout: float):
+        """GenerationExecutor.aget_stats: an async iterable of stats dicts."""
+        from tensorrt_llm.executor.result import empty_async_iterable
+
+        CALLS.append(("LLM.get_stats_async", timeout))
+        if self._stats is None:
+            return empty_async_iterable()
+        self._stats.set_timeout(timeout)
+        return self._stats
+
+
+def _check_arguments(llm_kwargs: dict, params) -> None:
+    """BaseLLM._check_arguments (llmapi/llm.py) on a TensorRT engine: logprobs need the LLM's own
+    gather_generation_logits (an LLM argument, BaseLlmArgs in llmapi/llm_args.py); a logprobs of 0 is falsy and
+    passes, and then returns no logprobs."""
+    if params.logprobs and not llm_kwargs.get("gather_generation_logits"):
+        raise ValueError(
+            f"`sampling_params.logprobs={params.logprobs}` requires `gather_generation_logits=True` "
+            "to be passed explicitly to the `LLM()` constructor."
+        )
+
+
+def _executor_end_id(params) -> int | None:
+    """executor/worker.py _enqueue_request: `end_id=-1 if sampling_params.ignore_eos else sampling_params.end_id`
+    (pad_id passes as is); the stop words stay."""
+    return -1 if params.ignore_eos else params.end_id
+
+
+def _check_speculation_fits_engine(model, speculative_config) -> None:
+    """A TensorRT engine's speculative decoding mode is compiled in (BuildConfig.speculative_decoding_mode,
+    tensorrt_llm/builder.py); an LLM given EagleDecodingConfig on an engine built without EAGLE cannot start its
+    executor. The fake fails in the constructor; the real error's text is not reproduced."""
+    from tensorrt_llm.llmapi import EagleDecodingConfig
+
+    if not isinstance(speculative_config, EagleDecodingConfig):
+        return
+    config = Path(model) / "config.json"
+    built = json.loads(config.read_text()).get("build_config", {}) if config.is_file() else {}
+    if built.get("speculative_decoding_mode") != "EAGLE":
+        raise RuntimeError(f"(fake) the engine in {model} was not built for EAGLE speculative decoding")
 
 
 class RequestOutput:
@@ -138,7 +196,9 @@ class RequestOutput:
     async def __anext__(self):
         if self.finished:
             raise StopAsyncIteration
-        await asyncio.sleep(0)
+        await asyncio.sleep(FAKE.step_seconds)
+        if self._llm is not None and self._llm._stats is not None and FAKE.stats:
+            self._llm._stats.put(FAKE.stats.pop(0))  # the executor's stats thread: one record per iteration
         if FAKE.fail_generation:
             if self._llm is not None:
                 self._llm.shutdown()
@@ -150,7 +210,7 @@ class RequestOutput:
 
             raise RequestError(self._error)
         p = self.params
-        end_id = getattr(p, "end_id", None)
+        end_id = _executor_end_id(p)
         stops = set(getattr(p, "stop_token_ids", None) or [])
         for out, plan in zip(self.outputs, self._plans):
             out._last_token_ids_len = len(out.token_ids)

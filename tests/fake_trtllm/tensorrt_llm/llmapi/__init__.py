@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
 from tensorrt_llm._fake import Recorded
@@ -189,10 +190,45 @@ class SamplingParams(Recorded):  # tensorrt_llm/sampling_params.py
     )
 
     def __init__(self, **kwargs):
-        # SamplingParams.__post_init__ -> _validate() -> guided_decoding._validate(): two guides fail here
-        if kwargs.get("guided_decoding") is not None:
-            kwargs["guided_decoding"]._validate()
         super().__init__(**kwargs)
+        # SamplingParams.__post_init__ (tensorrt_llm/sampling_params.py): pad_id defaults to end_id (so end_id=-1 makes
+        # pad_id -1 too), best_of to n; then _validate(). Set as attributes: `kwargs` stays what kiln passed.
+        self.end_id = kwargs.get("end_id")
+        self.pad_id = kwargs.get("pad_id", self.end_id)
+        self.n = kwargs.get("n", 1)
+        self.best_of = kwargs.get("best_of") or self.n
+        self.top_k, self.top_p = kwargs.get("top_k"), kwargs.get("top_p")
+        self.use_beam_search = kwargs.get("use_beam_search", False)
+        self.ignore_eos = kwargs.get("ignore_eos", False)
+        self.logprobs = kwargs.get("logprobs")
+        self._validate()
+
+    def _validate(self):
+        """SamplingParams._validate, check for check."""
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
+        if self.best_of > 1 and self._greedy_decoding and not os.environ.get("TLLM_ALLOW_N_GREEDY_DECODING"):
+            raise ValueError(
+                f"Greedy decoding in the LLM API does not allow multiple returns. Please set to best_of=1, got "
+                f"best_of={self.best_of}. Please set to best_of=1 or set an environment variable "
+                f"TLLM_ALLOW_N_GREEDY_DECODING=1 to allow best_of > 1 under the greedy decoding."
+            )
+        truncate = self.kwargs.get("truncate_prompt_tokens")
+        if truncate is not None and truncate < 1:
+            raise ValueError(f"truncate_prompt_tokens must be >= 1, got {truncate}")
+        if self.kwargs.get("guided_decoding") is not None:  # two guides fail here
+            self.kwargs["guided_decoding"]._validate()
+        # "users might pass in logprob=True for Top-1 logprobs": 0 stays 0, which returns no logprobs at all
+        self.logprobs = self.logprobs and int(self.logprobs)
+
+    @property
+    def _greedy_decoding(self) -> bool:
+        """SamplingParams._greedy_decoding: top_k and top_p only; temperature plays no part."""
+        return (
+            not self.use_beam_search
+            and (self.top_k is None or self.top_k == 1)
+            and (self.top_p is None or self.top_p == 0.0)
+        )
 
 
 @dataclass
