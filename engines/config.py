@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SchedulerPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
-SPECULATIVE_METHODS = ("draft", "ngram", "eagle")  # eagle: the trtllm backend only
+SPECULATIVE_METHODS = ("draft", "ngram")  # the torch backend's; the trtllm backend refuses both
 BACKENDS = ("auto", "torch", "trtllm")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 MAX_SPECULATIVE_TOKENS = 16
@@ -88,7 +88,7 @@ class EngineConfig:
                 )
             return
         if method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_method must be draft, ngram or eagle, got {method!r}.")
+            raise ValueError(f"speculative_method must be draft or ngram, got {method!r}.")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(
                 f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "

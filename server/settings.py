@@ -83,10 +83,10 @@ class ServerSettings(BaseSettings):
     device: str = Field(EngineConfig.device, description="auto, cpu or cuda (default: auto)")
 
     # Speculative decoding (off unless a method is given)
-    speculative_method: Literal["draft", "ngram", "eagle"] | None = Field(
+    speculative_method: Literal["draft", "ngram"] | None = Field(
         None,
         description="speculative decoding: draft (a draft model proposes) or ngram (prompt lookup proposes; "
-        "no model needed); eagle on the trtllm backend (default: off)",
+        "no model needed); torch backend only (default: off)",
     )
     speculative_draft: str | None = Field(
         None,

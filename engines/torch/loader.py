@@ -252,8 +252,6 @@ def make_proposer(
         from engines.torch.spec.ngram import NgramProposer
 
         return NgramProposer(config.ngram_min, config.ngram_max)
-    if config.speculative_method == "eagle":
-        raise ValueError("EAGLE speculation runs on the trtllm backend only; the torch backend offers ngram and draft.")
     if config.speculative_method != "draft":
         return None
     from engines.torch.spec.draft_model import DraftModelProposer
