@@ -106,6 +106,12 @@ class BuildOptions:
             raise BuildError(f"--group-size must be a power of two of at least 32, got {self.group_size}.")
         if self.backend not in ("torch", "trtllm"):
             raise BuildError(f"--backend must be torch or trtllm, got {self.backend!r}.")
+        if self.max_accuracy_loss is not None and self.backend == "trtllm":
+            # kiln's accuracy evaluation runs its own quantized models; a TensorRT-LLM engine is not evaluated
+            raise BuildError(
+                "--max-accuracy-loss picks a precision by kiln's evaluation, which does not run TensorRT-LLM "
+                "engines; give --precision instead, or build with --backend torch."
+            )
         if self.max_accuracy_loss is not None and self.max_accuracy_loss <= 0:
             raise BuildError(f"--max-accuracy-loss must be a positive KL divergence, got {self.max_accuracy_loss}.")
         if self.eval_samples < 1 or self.eval_tokens < 1:

@@ -10,7 +10,9 @@ import asyncio
 import pytest
 
 from engines.base import GenerationRequest, SamplingParams
+from engines.build.builder import BuildError, BuildOptions, build
 from engines.trtllm.api import TrtllmUnsupported
+from tests.trtllm.conftest import H100
 from tests.trtllm.test_trtllm_engine import (  # noqa: F401
     EOS,
     calls,
@@ -197,3 +199,17 @@ def test_every_speculative_method_is_refused_before_the_engine_loads(engine_dir,
     with pytest.raises(TrtllmUnsupported, match="the trtllm backend does not run speculative decoding"):
         make(engine_dir, speculative_method=method, speculative_draft=str(tmp_path))
     assert calls(fake_trtllm, "LLM") == []
+
+
+def test_max_accuracy_loss_is_refused_with_the_trtllm_backend(fake_trtllm, tiny_chat_folder, tmp_path):
+    options = BuildOptions(
+        model=str(tiny_chat_folder),
+        output=str(tmp_path / "engine"),
+        backend="trtllm",
+        precision="fp8",
+        max_accuracy_loss=0.05,
+        progress=False,
+    )
+    with pytest.raises(BuildError, match="--max-accuracy-loss picks a precision by kiln's evaluation"):
+        build(options, H100)
+    assert calls(fake_trtllm, "LLM") == [] and not (tmp_path / "engine").exists()
