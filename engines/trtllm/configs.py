@@ -154,7 +154,7 @@ def guided_decoding(api: TrtllmApi, structured: StructuredOutput):
     return api.llmapi.GuidedDecodingParams(**{field: value})
 
 
-# The build flag that compiles generation logits into the engine (the manifest's trtllm.gather_generation_logits)
+# A logprobs request on an engine built without generation logits (engine.json's trtllm.gather_generation_logits)
 LOGPROBS_REFUSAL = (
     "logprobs need a TensorRT-LLM engine built with generation logits; rebuild the engine with "
     "`kiln build --backend trtllm --gather-logits`."

@@ -198,12 +198,9 @@ class TrtllmEngine(Engine):
                     running = True
                     self._stats.num_waiting -= 1
                     self._stats.num_running += 1
-                deltas = [
-                    dataclasses.replace(delta, index=i) if copies > 1 else delta
-                    for c in output.outputs
-                    for delta in [self._delta(c, request.sampling_params.logprobs)]
-                    for i in range(copies)
-                ]
+                deltas = [self._delta(c, request.sampling_params.logprobs) for c in output.outputs]
+                if copies > 1:
+                    deltas = [dataclasses.replace(deltas[0], index=i) for i in range(copies)]
                 generated = sum(len(d.new_token_ids) for d in deltas)
                 self._stats.generation_tokens += generated
                 if generated and timings.first_token is None:
