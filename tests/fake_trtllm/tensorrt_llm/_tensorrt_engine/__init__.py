@@ -8,6 +8,7 @@ import itertools
 import json
 from pathlib import Path
 
+from tensorrt_llm import _build
 from tensorrt_llm._fake import CALLS, FAKE
 
 LLM_FIELDS = frozenset(
@@ -66,15 +67,27 @@ class LLM:
         self._stats = None  # GenerationExecutor._iter_stats_result: made by the first generate_async
         CALLS.append(("LLM", {"model": model, **kwargs}))
         _check_speculation_fits_engine(model, kwargs.get("speculative_config"))
-        calib = kwargs.get("calib_config")
-        if calib is not None:  # TensorRT-LLM reads the calibration dataset while it builds
-            lines = (Path(calib.calib_dataset) / "train.jsonl").read_text().splitlines()
-            CALLS.append(("calibration dataset", [json.loads(line) for line in lines]))
+        # a built engine's config.json has its build_config; a Hugging Face folder is quantized and built first; a
+        # path with neither (tests of the LLM API alone, e.g. model="m") gets an executor without length limits
+        config_file = Path(model) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        self.limits = None
+        if config is None:
+            self.engine_config = {}
+        elif "build_config" in config:
+            self.engine_config = config
+            self.limits = _build.executor_limits(config, bool(kwargs.get("enable_chunked_prefill")))
+        else:
+            _build.load_hf_model(kwargs.get("quant_config"), kwargs.get("calib_config"))
+            from tensorrt_llm.llmapi import BuildConfig
+
+            build_config = kwargs.get("build_config") or BuildConfig()
+            self.engine_config = _build.build(model, kwargs.get("quant_config"), build_config)
 
     def save(self, engine_dir: str) -> None:
         path = Path(engine_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"fake": True, "model": str(self.model)}))
+        (path / "config.json").write_text(json.dumps(self.engine_config | {"fake_model": str(self.model)}))
         (path / "rank0.engine").write_bytes(b"fake TensorRT engine")
         CALLS.append(("LLM.save", engine_dir))
 
@@ -99,11 +112,11 @@ class LLM:
         request = {"end_id": _executor_end_id(sampling_params), "pad_id": sampling_params.pad_id}
         CALLS.append(("executor request", request))
         guide = guide_for_executor(getattr(sampling_params, "guided_decoding", None))
-        error = None
+        error = _build.request_error(self.limits, len(inputs), getattr(sampling_params, "max_tokens", None))
         if guide is not None:
             CALLS.append(("executor guide", guide))
             if self.kwargs.get("guided_decoding_backend") is None:
-                error = NO_GUIDED_DECODER
+                error = error or NO_GUIDED_DECODER
         return RequestOutput(next(_ids), list(inputs), sampling_params, error, llm=self)
 
     def get_stats(self, timeout: float) -> list[dict]:

@@ -87,6 +87,15 @@ class BuildConfig(Recorded):
         }
     )
 
+    def __init__(self, **kwargs):
+        # builder.py BuildConfig's defaults (max_input_len 1024, max_seq_len None, ...) for what the caller leaves out
+        from tensorrt_llm._build import BUILD_CONFIG_DEFAULTS, PluginConfig
+
+        for key, value in BUILD_CONFIG_DEFAULTS.items():
+            setattr(self, key, value)
+        self.plugin_config = PluginConfig()
+        super().__init__(**kwargs)
+
 
 class KvCacheConfig(Recorded):
     FIELDS = frozenset(
