@@ -90,6 +90,14 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="measure decode tok/s at concurrency 1 and 32 for the report (default: on)",
     )
+    add(
+        "--gather-logits",
+        action="store_true",
+        help="--backend trtllm: build with gather_generation_logits, which TensorRT-LLM needs to return logprobs; "
+        "serving it then keeps the last 8 steps' logits of every batch slot on the GPU (2 x 8 x max batch 64 x vocab "
+        "x 4 bytes: 200 MB for a 49k vocabulary, 525 MB for 128k) and each logprobs request's logits in pinned host "
+        "memory (max_tokens x vocab x 4 bytes) (default: off: the engine refuses logprobs)",
+    )
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     add("--force", action="store_true", help="rebuild even when the engine in --output is up to date")
     add(

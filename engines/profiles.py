@@ -39,6 +39,7 @@ else:  # pragma: no cover
 from engines import schemes
 from engines.data_files import data_dir
 from engines.hardware import CPU_FLAGS_OF_INTEREST, Hardware
+from engines.trtllm import flows as trtllm_flows
 
 PROFILES_DIR = data_dir("profiles")
 
@@ -140,6 +141,13 @@ def load_profile(path: Path) -> Profile:
         raise fail(f"'precision' must be one of {', '.join(precisions)}, got {data['precision']!r}")
     if data["kv_cache_dtype"] not in KV_CACHE_DTYPES:
         raise fail(f"'kv_cache_dtype' must be one of {', '.join(KV_CACHE_DTYPES)}, got {data['kv_cache_dtype']!r}")
+    if "trtllm" in backend:
+        try:
+            refusal = trtllm_flows.refusal(data["precision"], data["kv_cache_dtype"])
+        except ValueError as exc:  # TrtllmUnsupported: not a TensorRT-LLM precision
+            refusal = str(exc)
+        if refusal:
+            raise fail(f"backend 'trtllm' cannot build it: {refusal.rstrip('.')}")
     if not isinstance(data["priority"], int) or isinstance(data["priority"], bool):
         raise fail(f"'priority' must be an integer, got {data['priority']!r}")
     group_size = data.get("group_size")

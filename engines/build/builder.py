@@ -79,6 +79,7 @@ class BuildOptions:
     force: bool = False
     progress: bool = True
     draft_of: str | None = None  # build a speculative-decoding draft for this engine directory
+    gather_logits: bool = False  # trtllm: BuildConfig(gather_generation_logits=True), which logprobs need
 
     def validate(self) -> None:
         torch_precisions = schemes.torch_names()
@@ -112,6 +113,8 @@ class BuildOptions:
                 "--max-accuracy-loss picks a precision by kiln's evaluation, which does not run TensorRT-LLM "
                 "engines; give --precision instead, or build with --backend torch."
             )
+        if self.gather_logits and self.backend != "trtllm":
+            raise BuildError("--gather-logits applies to --backend trtllm; torch engines return logprobs without it.")
         if self.max_accuracy_loss is not None and self.max_accuracy_loss <= 0:
             raise BuildError(f"--max-accuracy-loss must be a positive KL divergence, got {self.max_accuracy_loss}.")
         if self.eval_samples < 1 or self.eval_tokens < 1:

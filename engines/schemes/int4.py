@@ -58,7 +58,10 @@ class _Int4(Scheme):
 
 class Int4Rtn(_Int4):
     name = "int4-rtn"
-    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16", min_sm=80, grouped=True)
+    # TensorRT-LLM's W4A16 has one scale per output channel (from_hugging_face quantizes with
+    # symmetric_quantize_last_axis_of_batched_matrix; QuantConfig.group_size is not read), so no group size: the
+    # trtllm build refuses a --group-size other than the default for it
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W4A16", min_sm=80)
 
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.rtn import quantize_rtn

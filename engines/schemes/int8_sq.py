@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from engines.build.quantize import LayerWeights
 
-# SmoothQuant's migration strength; kiln's torch build and its TensorRT-LLM build (smoothquant_val) both use it.
+# SmoothQuant's migration strength of kiln's torch build.
 ALPHA = 0.5
 
 
@@ -27,9 +27,11 @@ class Int8SmoothQuant(Scheme):
     calibration = frozenset({"channel_amax"})
     min_sm = 80  # INT8 tensor cores: Ampere
     sm_reason = "INT8 tensor cores"
-    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(
-        quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True, quant_config={"smoothquant_val": ALPHA}
-    )
+    # No smoothquant_val: TensorRT-LLM 1.0 builds W8A8_SQ_PER_CHANNEL through ModelOpt, and PretrainedModel.quantize
+    # (models/modeling_utils.py) does not pass QuantConfig.smoothquant_val to quantize_and_export, which smooths with
+    # ModelOpt's INT8_SMOOTHQUANT_CFG and its default alpha (1.0; 0.5 only for Gemma). Only the legacy converter's
+    # W8A8_SQ_*_PLUGIN algorithms read smoothquant_val.
+    trtllm: ClassVar[TrtllmMapping | None] = TrtllmMapping(quant_algo="W8A8_SQ_PER_CHANNEL", min_sm=80, calibrated=True)
 
     def quantize_layer(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, LayerResult]:
         from engines.quant.smoothquant import quantize_w8a8, smooth_scales

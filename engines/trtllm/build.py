@@ -6,12 +6,15 @@ LLM API and write it as a kiln engine directory:
     DIR/trtllm/       what `LLM.save()` writes (the TensorRT engine and its config.json)
     DIR/ tokenizer files and chat template, read by kiln's server
 
-Calibration (FP8, SmoothQuant, AWQ, GPTQ, INT8/FP8 KV cache) runs inside TensorRT-LLM on kiln's calibration
-set (or --calib), rendered through the model's chat template into a local dataset folder.
+Calibration (FP8, SmoothQuant, AWQ, an FP8 or INT8 KV cache) runs inside TensorRT-LLM's ModelOpt flow on kiln's
+calibration set (or --calib), rendered through the model's chat template into a local dataset folder. The pairs of
+precision and KV dtype TensorRT-LLM 1.0 cannot build from float weights are refused before anything loads
+(engines/trtllm/flows.py); the engine's sequence limits are set and recorded as engines/trtllm/limits.py explains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -28,8 +31,9 @@ from engines.build.fingerprint import model_fingerprint
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.hardware import Hardware
 from engines.model_source import resolve_model
+from engines.profiles import DEFAULT_GROUP_SIZE
 from engines.trtllm import api as trt
-from engines.trtllm import configs
+from engines.trtllm import configs, flows, limits
 from engines.version import __version__
 
 log = logging.getLogger("kiln.build.trtllm")
@@ -45,7 +49,7 @@ TOKENIZER_FILES = (
 )
 CALIB_MAX_SEQ_LEN = 512
 DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_NUM_TOKENS = 8192
+DEFAULT_MAX_NUM_TOKENS = 8192  # BuildConfig's default: the tokens of one step (a prefill chunk with chunked prefill)
 
 
 # What `--precision auto` builds with TensorRT-LLM, best first, each with its scheme's KV dtype: FP8 weights and KV
@@ -79,7 +83,10 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
         precision, kv = auto_precision(hardware) if options.precision == "auto" else (options.precision, None)
         if options.kv_cache_dtype != "auto":
             kv = options.kv_cache_dtype
-        kv = kv or ("fp8" if (hardware.sm or 0) >= 89 else "int8")
+        kv = kv or flows.default_kv(precision, hardware.sm or 0) or "model"
+        if (refusal := flows.refusal(precision, kv)) is not None:
+            raise trt.TrtllmUnsupported(refusal)
+        _check_group_size(precision, options.group_size)
         trt.check_gpu(precision, kv, hardware.sm, hardware.name)
         quant = configs.quant_config(api, precision, kv, options.group_size)
     except (trt.TrtllmUnavailable, trt.TrtllmUnsupported) as exc:
@@ -92,15 +99,23 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     output = Path(options.output).expanduser()
     if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
         raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
-    max_seq_len = int(getattr(hf_config, "max_position_embeddings", 4096))
-    build = configs.build_config(api, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, max_seq_len)
+    planned = limits.plan(
+        int(getattr(hf_config, "max_position_embeddings", 4096)),
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MAX_NUM_TOKENS,
+        trt.trtllm_mapping(precision).quant_algo,
+        configs.KV_ALGO[kv],
+    )
+    build = configs.build_config(api, planned, options.gather_logits)
     calib_requests = None
     if configs.needs_calibration(precision, kv):
         calib_requests = calibration.select_samples(
             calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
             options.calib_samples,
         )
-    build_hash = _build_hash(folder, precision, kv, options.group_size, calib_requests, hardware, api.version)
+    build_hash = _build_hash(
+        folder, precision, kv, options.group_size, calib_requests, hardware, api.version, planned, options.gather_logits
+    )
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
 
@@ -125,6 +140,7 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
         finally:
             llm.shutdown()
         shutil.rmtree(tmp / "calibration", ignore_errors=True)
+        engine_limits = limits.compiled(json.loads((tmp / "trtllm" / "config.json").read_text()), planned)
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
@@ -139,7 +155,8 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
             api.version,
             calib_source,
             hf_config,
-            max_seq_len,
+            engine_limits,
+            options.gather_logits,
             files,
             tmp,
             time.perf_counter() - started,
@@ -155,8 +172,26 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     return BuildResult(output, False, manifest)
 
 
+def _check_group_size(precision: str, group_size: int) -> None:
+    """A group size TensorRT-LLM would ignore is refused rather than recorded as if it applied."""
+    ignored = schemes.get(precision).grouped and not trt.trtllm_mapping(precision).grouped
+    if ignored and group_size != DEFAULT_GROUP_SIZE:
+        raise trt.TrtllmUnsupported(
+            f"--group-size does not apply to {precision} on the trtllm backend (TensorRT-LLM's W4A16 keeps one scale "
+            "per output channel); drop --group-size, or build int4-awq, whose group size TensorRT-LLM uses."
+        )
+
+
 def _build_hash(
-    folder: Path, precision: str, kv: str, group_size: int, calib_requests, hardware: Hardware, version: str
+    folder: Path,
+    precision: str,
+    kv: str,
+    group_size: int,
+    calib_requests,
+    hardware: Hardware,
+    version: str,
+    planned: limits.EngineLimits,
+    gather_logits: bool,
 ) -> str:
     """Same model files, settings, calibration data, GPU and TensorRT-LLM: the same engine (so a second
     `docker compose up` reuses it)."""
@@ -171,6 +206,8 @@ def _build_hash(
         "trtllm": version,
         "calib": calibration.fingerprint(calib_requests) if calib_requests else None,
         "gpu": [hardware.name, hardware.sm, hardware.count],
+        "limits": dataclasses.asdict(planned),
+        "gather_generation_logits": gather_logits,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -214,7 +251,8 @@ def _manifest(
     version: str,
     calib_source: mf.Calibration | None,
     hf_config,
-    max_seq_len: int,
+    engine_limits: limits.EngineLimits,
+    gather_logits: bool,
     files: list[str],
     tmp: Path,
     seconds: float,
@@ -228,7 +266,7 @@ def _manifest(
         model=mf.ModelSource(source=options.model or "embedded:SmolLM2-135M-Instruct", model_type=hf_config.model_type),
         precision=precision,
         kv_cache_dtype=kv,
-        max_model_len=max_seq_len,
+        max_model_len=engine_limits.max_seq_len,
         target=mf.Target(
             device="cuda",
             description=hardware.describe(),
@@ -241,6 +279,12 @@ def _manifest(
             quant_config=_describe(quant),
             build_config=_describe(build),
             build_seconds=round(seconds, 1),
+            max_batch_size=engine_limits.max_batch_size,
+            max_input_len=engine_limits.max_input_len,
+            max_seq_len=engine_limits.max_seq_len,
+            max_num_tokens=engine_limits.max_num_tokens,
+            chunked_prefill=engine_limits.chunked_prefill,
+            gather_generation_logits=gather_logits,
         ),
         calibration=calib_source,
         files=mf.checksums(tmp, files),

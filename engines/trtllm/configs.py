@@ -13,10 +13,10 @@ import re
 
 from engines.base import SamplingParams, StructuredOutput
 from engines.structured_schema import check_json_schema
+from engines.trtllm import flows
 from engines.trtllm.api import TrtllmApi, TrtllmUnsupported, trtllm_mapping
-
-# kiln KV dtype -> QuantAlgo member name of the KV cache; each precision's QuantAlgo is its scheme's (engines/schemes)
-KV_ALGO = {"model": None, "int8": "INT8", "fp8": "FP8"}
+from engines.trtllm.flows import KV_ALGO  # each precision's QuantAlgo is its scheme's (engines/schemes)
+from engines.trtllm.limits import EngineLimits
 
 
 def quant_config(api: TrtllmApi, precision: str, kv_cache_dtype: str, group_size: int):
@@ -34,7 +34,8 @@ def quant_config(api: TrtllmApi, precision: str, kv_cache_dtype: str, group_size
 
 
 def needs_calibration(precision: str, kv_cache_dtype: str) -> bool:
-    return trtllm_mapping(precision).calibrated or KV_ALGO[kv_cache_dtype] is not None
+    """Only TensorRT-LLM's ModelOpt flow calibrates a pair kiln builds (engines/trtllm/flows.py)."""
+    return flows.flow(precision, kv_cache_dtype) is flows.Flow.MODELOPT
 
 
 def calib_config(api: TrtllmApi, dataset_dir: str, samples: int, max_seq_length: int):
@@ -45,10 +46,17 @@ def calib_config(api: TrtllmApi, dataset_dir: str, samples: int, max_seq_length:
     )
 
 
-def build_config(api: TrtllmApi, max_batch_size: int, max_num_tokens: int, max_seq_len: int):
-    """In-flight batching over a paged KV cache is BuildConfig's default (the paged_kv_cache and
-    remove_input_padding plugins), so kiln only sizes the engine."""
-    return api.llmapi.BuildConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len)
+def build_config(api: TrtllmApi, limits: EngineLimits, gather_generation_logits: bool):
+    """In-flight batching over a paged KV cache, padding removal and (paged) context FMHA are BuildConfig's
+    defaults, so kiln only sizes the engine: every limit explicitly (BuildConfig's max_input_len would be 1024; see
+    engines/trtllm/limits.py), and gather_generation_logits when logprobs are wanted (--gather-logits)."""
+    return api.llmapi.BuildConfig(
+        max_batch_size=limits.max_batch_size,
+        max_num_tokens=limits.max_num_tokens,
+        max_seq_len=limits.max_seq_len,
+        max_input_len=limits.max_input_len,
+        gather_generation_logits=gather_generation_logits,
+    )
 
 
 def kv_cache_config(api: TrtllmApi, free_gpu_memory_fraction: float, enable_block_reuse: bool):

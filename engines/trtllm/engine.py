@@ -42,6 +42,7 @@ from engines.build.manifest import Manifest
 from engines.config import EngineConfig
 from engines.trtllm import api as trt
 from engines.trtllm import configs
+from engines.trtllm.limits import check_prompt_fits
 from engines.trtllm.stats import apply_iteration_stats
 
 log = logging.getLogger("kiln.engine.trtllm")
@@ -122,6 +123,8 @@ class TrtllmEngine(Engine):
             scheduler_config=configs.scheduler_config(api, config.scheduler_policy),
             guided_decoding_backend=configs.GUIDED_DECODING_BACKEND,  # structured output (see configs)
             **gather,
+            # only where the build kept paged context FMHA, which chunked context needs (engines/trtllm/limits.py)
+            **({"enable_chunked_prefill": True} if manifest.trtllm and manifest.trtllm.chunked_prefill else {}),
         )
         return cls(llm, api, tokenizer, manifest, config, folder)
 
@@ -162,6 +165,7 @@ class TrtllmEngine(Engine):
 
     def check_request(self, request: GenerationRequest) -> None:
         check_request_fits(request, self.vocab_size, self._info.max_model_len)
+        check_prompt_fits(request, self.manifest)
         if request.request_id in self._results:
             raise ValueError(f"Request id {request.request_id!r} is already in use.")
 
