@@ -70,7 +70,10 @@ def compiled(engine_config: dict, planned: EngineLimits) -> EngineLimits:
     plugins = build.get("plugin_config") or {}
     max_seq_len = int(build.get("max_seq_len") or planned.max_seq_len)
     max_num_tokens = int(build.get("max_num_tokens") or planned.max_num_tokens)
-    chunked = planned.chunked_prefill and bool(plugins.get("use_paged_context_fmha", True))
+    # PluginConfig stores its fields as "_name" behind properties: either spelling is read (kiln has not yet seen a
+    # config.json written by a real 1.0 build); without the key, kiln's plan stands
+    paged_context_fmha = plugins.get("use_paged_context_fmha", plugins.get("_use_paged_context_fmha", True))
+    chunked = planned.chunked_prefill and bool(paged_context_fmha)
     return EngineLimits(
         max_batch_size=int(build.get("max_batch_size") or planned.max_batch_size),
         max_seq_len=max_seq_len,
