@@ -75,7 +75,6 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        api = trt.load()
         if hardware.device != "cuda":
             raise trt.TrtllmUnavailable(
                 "--backend trtllm builds on an NVIDIA GPU and torch sees none; build with --backend torch here."
@@ -88,6 +87,7 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
             raise trt.TrtllmUnsupported(refusal)
         _check_group_size(precision, options.group_size)
         trt.check_gpu(precision, kv, hardware.sm, hardware.name)
+        api = trt.load()  # after the checks above, which hold whether or not tensorrt_llm is installed
         quant = configs.quant_config(api, precision, kv, options.group_size)
     except (trt.TrtllmUnavailable, trt.TrtllmUnsupported) as exc:
         raise BuildError(str(exc)) from exc

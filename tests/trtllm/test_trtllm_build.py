@@ -252,6 +252,9 @@ def test_without_tensorrt_llm_the_build_says_what_is_missing(tiny_chat_folder, t
     assert "tensorrt_llm" not in sys.modules
     with pytest.raises(BuildError, match="needs the tensorrt_llm package"):
         build(options(tiny_chat_folder, tmp_path / "e", precision="fp8"), H100)
+    # a pair TensorRT-LLM cannot build is refused as such, with or without tensorrt_llm installed
+    with pytest.raises(BuildError, match="cannot build int8-wo weights with an fp8 KV cache"):
+        build(options(tiny_chat_folder, tmp_path / "e", precision="int8-wo", kv_cache_dtype="fp8"), H100)
 
 
 def test_kiln_imports_no_tensorrt_llm_at_module_load():
