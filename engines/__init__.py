@@ -11,6 +11,10 @@ def create_engine(config: EngineConfig) -> Engine:
         from engines.trtllm.engine import TrtllmEngine
 
         return TrtllmEngine.from_config(config)
+    if (config.tensor_parallel_size or 1) > 1 or (config.pipeline_parallel_size or 1) > 1:
+        from engines.parallel import TORCH_REFUSAL
+
+        raise ValueError(TORCH_REFUSAL)
     from engines.torch.engine import AsyncTorchEngine
 
     return AsyncTorchEngine.from_config(config)

@@ -107,6 +107,18 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
         "(unless --model) at int4-awq (unless --precision); serve with `kiln serve --engine-dir ENGINE_DIR "
         "--speculative-draft OUTPUT`",
     )
+    add(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="--backend trtllm: split every layer across this many GPUs (TensorRT-LLM tensor parallelism; default: 1)",
+    )
+    add(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="--backend trtllm: split the layers into this many consecutive stages, one GPU each (default: 1)",
+    )
     _defaults_from_environment(build, BUILD_ENV_FLAGS)
     build.set_defaults(handler=build_command)
 
@@ -126,6 +138,8 @@ BUILD_ENV_FLAGS = (
     "eval_samples",
     "eval_tokens",
     "device",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
 )
 
 
@@ -192,7 +206,24 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         help="plan for this GPU, e.g. H100, H200, A100-40GB, A100-80GB, L40S, L4, A10G, RTX-4090 "
         "(default: this machine)",
     )
-    add("--gpus", type=int, default=1, help="number of such GPUs, the model split across them (default: 1)")
+    add(
+        "--gpus",
+        type=int,
+        default=1,
+        help="number of such GPUs; the model uses those its split names (default: 1)",
+    )
+    add(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="plan a TensorRT-LLM engine whose layers are split across this many GPUs (default: 1)",
+    )
+    add(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="plan a TensorRT-LLM engine whose layers run in this many stages, one GPU each (default: 1)",
+    )
     add("--max-model-len", type=int, help="context length per sequence (default: the model's)")
     add("--batch", type=int, default=1, help="sequences held in the KV cache at once (default: 1)")
     add("--params", help="parameter count, e.g. 70e9 or 70B (overrides the config)")
@@ -244,6 +275,7 @@ def plan_command(args: argparse.Namespace) -> int:
     import dataclasses
 
     from engines.hardware import detect
+    from engines.parallel import GpuSplit, SplitError
     from engines.plan import ModelShape, PlanError, format_plan, gpu_hardware, load_shape, make_plan, parse_count
     from engines.profiles import ProfileError
 
@@ -264,8 +296,9 @@ def plan_command(args: argparse.Namespace) -> int:
             shape = ModelShape(name=args.model or "custom", **given)
         else:
             shape = dataclasses.replace(load_shape(args.model), **given)
-        plan = make_plan(shape, target, batch=args.batch, max_model_len=args.max_model_len)
-    except (PlanError, ProfileError) as exc:
+        split = GpuSplit(args.tensor_parallel_size, args.pipeline_parallel_size)
+        plan = make_plan(shape, target, batch=args.batch, max_model_len=args.max_model_len, split=split)
+    except (PlanError, ProfileError, SplitError) as exc:
         print(f"kiln plan: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(format_plan(plan))

@@ -53,6 +53,9 @@ class EngineConfig:
     # trtllm backend only: KvCacheConfig.free_gpu_memory_fraction and the in-flight batching scheduler policy
     gpu_memory_fraction: float = 0.9
     scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
+    # trtllm backend only: the engine's GPU split, which serving may only confirm (None: the engine's, engine.json)
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -77,6 +80,10 @@ class EngineConfig:
             )
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}.")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
         self._validate_speculative()
 
     def _validate_speculative(self) -> None:

@@ -1,23 +1,30 @@
 """Capacity planning: how much memory a model needs per precision, and whether it fits a GPU or CPU.
 
-For each precision (bf16, fp8, int8, int4) the plan adds up
+For each precision (bf16, fp8, int8, int4) the plan adds up, per GPU the model runs on,
 - weights: parameters x bytes per parameter (int4 adds an fp16 scale and a 4-bit zero per group of 128),
+  divided by the GPUs of the split (tensor x pipeline parallel, engines/parallel.py),
 - KV cache: batch x max_model_len tokens x 2 (K and V) x layers x kv_heads x head_dim x bytes per
   element of the KV dtype that precision's profiles use (bf16 with bf16, fp8 with fp8, int8 otherwise),
+  with the KV heads divided by the tensor-parallel size (at least one each) and the layers by the
+  pipeline-parallel size,
 - headroom: 10% of the two for activations, workspace and the runtime,
-and compares the total with the memory of the target (named GPUs, or this machine). Sizes are in
-GB = 10^9 bytes, as model sizes are usually quoted (a 70B model is ~140 GB in bf16).
+and compares the total with one GPU's memory (or this machine's). GPUs beyond the split hold nothing:
+a model fits only if one rank's share does, and when it does not, the plan names the smallest
+--tensor-parallel-size that fits the GPUs given. Sizes are in GB = 10^9 bytes, as model sizes are
+usually quoted (a 70B model is ~140 GB in bf16).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from engines import schemes
 from engines.hardware import Hardware
+from engines.parallel import ONE_GPU, GpuSplit
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 from engines.torch.models.params import decoder_param_count
 
@@ -80,8 +87,12 @@ class ModelShape:
     head_dim: int
     max_position_embeddings: int | None = None
 
-    def kv_bytes_per_token(self, bytes_per_element: float) -> float:
-        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_element
+    def kv_bytes_per_token(self, bytes_per_element: float, split: GpuSplit = ONE_GPU) -> float:
+        """K and V of one token on one GPU of `split`: its share of the layers and of the KV heads (a
+        tensor-parallel size above the KV heads replicates them, one head per GPU)."""
+        layers = math.ceil(self.layers / split.pipeline)
+        kv_heads = math.ceil(self.kv_heads / split.tensor)
+        return 2 * layers * kv_heads * self.head_dim * bytes_per_element
 
 
 def shape_from_config(config: dict, name: str = "model") -> ModelShape:
@@ -160,13 +171,16 @@ class PlanRow:
 class Plan:
     shape: ModelShape
     target: Hardware
-    target_memory_bytes: float
+    target_memory_bytes: float  # of one GPU (or this machine's RAM): what each rank's share must fit
+    split: GpuSplit
     batch: int
     max_model_len: int
     rows: tuple[PlanRow, ...]
     recommended: Profile | None
     recommended_fits: bool
     profile_by_precision: dict[str, str]  # row precision -> the supported profile that builds it, if any
+    # the smallest tensor-parallel size at which the recommended profile fits the GPUs given, when this split does not
+    suggested_tensor_parallel: int | None = None
 
 
 def make_plan(
@@ -175,33 +189,26 @@ def make_plan(
     batch: int = 1,
     max_model_len: int | None = None,
     profiles: list[Profile] | None = None,
+    split: GpuSplit = ONE_GPU,
 ) -> Plan:
     if batch < 1:
         raise PlanError(f"--batch must be at least 1, got {batch}.")
     max_model_len = max_model_len or shape.max_position_embeddings or 4096
     if max_model_len < 1:
         raise PlanError(f"--max-model-len must be at least 1, got {max_model_len}.")
-    memory = target.total_memory_bytes
-    tokens = batch * max_model_len
-    rows = []
-    for scheme in schemes.schemes():  # one row per family, for the scheme that stands for it
-        if not scheme.plan_row:
-            continue
-        kv_dtype, kv_bytes_per_element = KV_SIZES[scheme.default_kv]
-        weights = shape.params * scheme.bytes_per_param(DEFAULT_GROUP_SIZE)
-        kv = tokens * shape.kv_bytes_per_token(kv_bytes_per_element)
-        headroom = HEADROOM * (weights + kv)
-        total = weights + kv + headroom
-        rows.append(PlanRow(scheme.family, weights, kv_dtype, kv, headroom, total, total <= memory))
-
-    recommended = pick(target, shape.params * 2, memory, profiles)
+    if split.world_size > target.count:
+        raise PlanError(f"A split over {split.describe()} needs --gpus {split.world_size} or more.")
+    memory = target.memory_bytes
+    rows = _rows(shape, batch * max_model_len, split, memory)
+    # the profile for the memory the split spans: tensor x pipeline GPUs, never GPUs nothing splits the model across
+    recommended = pick(target, shape.params * 2, memory * split.world_size, profiles)
     recommended_scheme = schemes.get(recommended.precision)
-    row = next((r for r in rows if r.precision == recommended_scheme.family), None)
-    if row is not None:
-        recommended_fits = row.fits
-    else:  # a family without a row (fp32): its weights and headroom alone
-        recommended_fits = (
-            shape.params * recommended_scheme.bytes_per_param(DEFAULT_GROUP_SIZE) * (1 + HEADROOM) <= memory
+    recommended_fits = _fits(shape, batch * max_model_len, split, memory, recommended_scheme)
+    suggested = None
+    if not recommended_fits:
+        wider = (GpuSplit(t, split.pipeline) for t in _powers_of_two(split.tensor, target.count // split.pipeline))
+        suggested = next(
+            (s.tensor for s in wider if _fits(shape, batch * max_model_len, s, memory, recommended_scheme)), None
         )
     row_names = {r.precision for r in rows}
     profile_by_precision = {}
@@ -210,8 +217,50 @@ def make_plan(
         if row_name in row_names and row_name not in profile_by_precision and supported_on(profile, target)[0]:
             profile_by_precision[row_name] = profile.name  # profiles come highest priority first
     return Plan(
-        shape, target, memory, batch, max_model_len, tuple(rows), recommended, recommended_fits, profile_by_precision
+        shape,
+        target,
+        memory,
+        split,
+        batch,
+        max_model_len,
+        tuple(rows),
+        recommended,
+        recommended_fits,
+        profile_by_precision,
+        suggested,
     )
+
+
+def _rows(shape: ModelShape, tokens: int, split: GpuSplit, memory: float) -> list[PlanRow]:
+    rows = []
+    for scheme in schemes.schemes():  # one row per family, for the scheme that stands for it
+        if not scheme.plan_row:
+            continue
+        kv_dtype, kv_bytes_per_element = KV_SIZES[scheme.default_kv]
+        weights = shape.params * scheme.bytes_per_param(DEFAULT_GROUP_SIZE) / split.world_size
+        kv = tokens * shape.kv_bytes_per_token(kv_bytes_per_element, split)
+        headroom = HEADROOM * (weights + kv)
+        total = weights + kv + headroom
+        rows.append(PlanRow(scheme.family, weights, kv_dtype, kv, headroom, total, total <= memory))
+    return rows
+
+
+def _fits(shape: ModelShape, tokens: int, split: GpuSplit, memory: float, scheme) -> bool:
+    row = next((r for r in _rows(shape, tokens, split, memory) if r.precision == scheme.family), None)
+    if row is not None:
+        return row.fits
+    # a family without a row (fp32): its weights and headroom alone
+    return shape.params * scheme.bytes_per_param(DEFAULT_GROUP_SIZE) / split.world_size * (1 + HEADROOM) <= memory
+
+
+def _powers_of_two(above: int, most: int) -> list[int]:
+    """Tensor-parallel sizes to try, above the current one: powers of two, which divide the usual head counts."""
+    sizes, size = [], 1
+    while size <= most:
+        if size > above:
+            sizes.append(size)
+        size *= 2
+    return sizes
 
 
 def _gb(value: float) -> str:
@@ -226,8 +275,8 @@ def format_plan(plan: Plan) -> str:
     shape, target = plan.shape, plan.target
     if target.device == "cuda":
         where = (
-            f"{target.count} x {target.name} (SM {target.sm}, {_gb(target.memory_bytes)} each, "
-            f"{_gb(plan.target_memory_bytes)} in all)"
+            f"{target.count} x {target.name} (SM {target.sm}, {_gb(target.memory_bytes)} each); the model split over "
+            f"{plan.split.describe()}, sizes per GPU"
         )
     else:
         where = f"this machine's RAM, {_gb(plan.target_memory_bytes)} ({target.name})"
@@ -256,7 +305,14 @@ def format_plan(plan: Plan) -> str:
     lines += format_table(table, right_align={1, 3, 4, 5})
     lines.append("")
     rec = plan.recommended
-    verdict = "" if plan.recommended_fits else "; it does not fit even so: add GPUs or shorten the context"
+    verdict = ""
+    if not plan.recommended_fits and plan.suggested_tensor_parallel:
+        verdict = (
+            f"; it does not fit on {plan.split.describe()}: build it with --backend trtllm "
+            f"--tensor-parallel-size {plan.suggested_tensor_parallel}"
+        )
+    elif not plan.recommended_fits:
+        verdict = "; it does not fit even so: add GPUs or shorten the context"
     lines.append(f"Recommended profile: {rec.name} ({rec.precision} weights, {rec.kv_cache_dtype} KV cache){verdict}")
     return "\n".join(lines)
 

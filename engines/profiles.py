@@ -9,8 +9,10 @@ How `pick(hardware, model_bytes_bf16, memory_bytes)` chooses (the rules, as data
 1. Keep the profiles the hardware supports (`supported_on`): the device matches, the GPU's SM is
    within [min_sm, max_sm], the CPU has the required flags.
 2. Try them from the highest `priority` down and take the first whose weights fit the memory
-   budget: 90% of GPU memory (all GPUs together) on CUDA, 50% of RAM on CPU. The weight size of a
-   profile is the bf16 size scaled to its precision (int4 counts its group scales and zeros).
+   budget: 90% of the memory of the GPUs the model runs on (one GPU for kiln's torch engine, tensor x
+   pipeline parallel GPUs for a split TensorRT-LLM engine: never GPUs nothing splits the model
+   across), 50% of RAM on CPU. The weight size of a profile is the bf16 size scaled to its precision
+   (int4 counts its group scales and zeros).
 3. When none fits, take the supported profile with the smallest weights: the best there is.
 
 With the shipped priorities this gives:
@@ -48,7 +50,7 @@ KV_CACHE_DTYPES = ("model", "int8", "fp8")
 DEVICES = ("cpu", "cuda")
 DEFAULT_GROUP_SIZE = 128
 
-GPU_MEMORY_BUDGET = 0.90  # of all GPUs' memory the weights may take
+GPU_MEMORY_BUDGET = 0.90  # of the memory of the GPUs the model runs on that the weights may take
 CPU_MEMORY_BUDGET = 0.50  # of RAM the weights may take before int4 wins on CPU
 
 

@@ -118,6 +118,18 @@ class ServerSettings(BaseSettings):
         EngineConfig.scheduler_policy,
         description="trtllm: guaranteed_no_evict or max_utilization (default: guaranteed_no_evict)",
     )
+    tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="trtllm: GPUs each layer is split across; must equal the engine's (default: the engine's, "
+        "from engine.json)",
+    )
+    pipeline_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="trtllm: consecutive stages the layers are split into, one GPU each; must equal the engine's "
+        "(default: the engine's, from engine.json)",
+    )
 
     # Serving behaviour
     graceful_shutdown_timeout: float = Field(
@@ -230,6 +242,12 @@ class ServerSettings(BaseSettings):
                 "--speculative-method draft needs --speculative-draft (an engine directory built with "
                 "`kiln build --draft-of`, or a model folder)"
             )
+        if (self.tensor_parallel_size or 1) * (self.pipeline_parallel_size or 1) > 1:
+            from engines import select_backend
+            from engines.parallel import TORCH_REFUSAL
+
+            if select_backend(self.engine_config()) != "trtllm":
+                raise ValueError(TORCH_REFUSAL.rstrip("."))
         if self.otlp_traces_endpoint:
             from server.tracing import check_available
 
@@ -267,6 +285,8 @@ class ServerSettings(BaseSettings):
             ngram_max=self.ngram_max,
             gpu_memory_fraction=self.gpu_memory_fraction,
             scheduler_policy=self.scheduler_policy,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
         )
 
 

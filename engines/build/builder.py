@@ -35,6 +35,7 @@ from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.speed import decode_speed
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
+from engines.parallel import TORCH_REFUSAL, GpuSplit, SplitError
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 from engines.torch.models.registry import architecture
 from engines.trtllm.build import build_trtllm
@@ -80,6 +81,9 @@ class BuildOptions:
     progress: bool = True
     draft_of: str | None = None  # build a speculative-decoding draft for this engine directory
     gather_logits: bool = False  # trtllm: BuildConfig(gather_generation_logits=True), which logprobs need
+    # GPUs the model is split across (engines/parallel.py): --backend trtllm only
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def validate(self) -> None:
         torch_precisions = schemes.torch_names()
@@ -115,6 +119,12 @@ class BuildOptions:
             )
         if self.gather_logits and self.backend != "trtllm":
             raise BuildError("--gather-logits applies to --backend trtllm; torch engines return logprobs without it.")
+        try:
+            split = GpuSplit(self.tensor_parallel_size, self.pipeline_parallel_size)
+        except SplitError as exc:
+            raise BuildError(str(exc)) from None
+        if split.is_split and self.backend != "trtllm":
+            raise BuildError(TORCH_REFUSAL)
         if self.max_accuracy_loss is not None and self.max_accuracy_loss <= 0:
             raise BuildError(f"--max-accuracy-loss must be a positive KL divergence, got {self.max_accuracy_loss}.")
         if self.eval_samples < 1 or self.eval_tokens < 1:
@@ -312,7 +322,8 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
     if not profiles:
         raise BuildError(f"No build profile supports this machine ({hardware.describe()}).")
     if options.max_accuracy_loss is None:
-        chosen: list[Profile] = [pick(hardware, params * 2, hardware.total_memory_bytes, profiles)]
+        # kiln's torch engine runs on one device: one GPU's memory, however many the machine has
+        chosen: list[Profile] = [pick(hardware, params * 2, hardware.memory_bytes, profiles)]
     else:  # smallest weights first; among equals, the higher-priority profile
         chosen = sorted(profiles, key=lambda p: (p.weight_bytes(params * 2), -p.priority))
     return [

@@ -25,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engines import calibration, schemes
+from engines import calibration, parallel, schemes
 from engines.build import manifest as mf
 from engines.build.fingerprint import model_fingerprint
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
@@ -89,7 +89,9 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
         trt.check_gpu(precision, kv, hardware.sm, hardware.name)
         api = trt.load()  # after the checks above, which hold whether or not tensorrt_llm is installed
         quant = configs.quant_config(api, precision, kv, options.group_size)
-    except (trt.TrtllmUnavailable, trt.TrtllmUnsupported) as exc:
+        split = parallel.GpuSplit(options.tensor_parallel_size, options.pipeline_parallel_size)
+        parallel.check_gpus(split, hardware, "This build")
+    except (trt.TrtllmUnavailable, trt.TrtllmUnsupported, parallel.SplitError) as exc:
         raise BuildError(str(exc)) from exc
 
     started = time.perf_counter()
@@ -114,7 +116,16 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
             options.calib_samples,
         )
     build_hash = _build_hash(
-        folder, precision, kv, options.group_size, calib_requests, hardware, api.version, planned, options.gather_logits
+        folder,
+        precision,
+        kv,
+        options.group_size,
+        calib_requests,
+        hardware,
+        api.version,
+        planned,
+        options.gather_logits,
+        split,
     )
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
@@ -123,7 +134,9 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        # the split is an LLM argument: each MPI rank builds its own engine (engines/parallel.py)
         kwargs = dict(model=str(folder), tokenizer=str(folder), quant_config=quant, build_config=build)
+        kwargs.update(split.llm_kwargs())
         calib_source = None
         if calib_requests is not None:
             dataset = _write_calibration_dataset(tmp / "calibration", calib_requests, tokenizer)
@@ -192,6 +205,7 @@ def _build_hash(
     version: str,
     planned: limits.EngineLimits,
     gather_logits: bool,
+    split: parallel.GpuSplit,
 ) -> str:
     """Same model files, settings, calibration data, GPU and TensorRT-LLM: the same engine (so a second
     `docker compose up` reuses it)."""
@@ -208,6 +222,7 @@ def _build_hash(
         "gpu": [hardware.name, hardware.sm, hardware.count],
         "limits": dataclasses.asdict(planned),
         "gather_generation_logits": gather_logits,
+        "split": [split.tensor, split.pipeline],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -285,6 +300,8 @@ def _manifest(
             max_num_tokens=engine_limits.max_num_tokens,
             chunked_prefill=engine_limits.chunked_prefill,
             gather_generation_logits=gather_logits,
+            tensor_parallel_size=options.tensor_parallel_size,
+            pipeline_parallel_size=options.pipeline_parallel_size,
         ),
         calibration=calib_source,
         files=mf.checksums(tmp, files),

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from engines import parallel
 from engines.base import (
     BuiltEngine,
     CompletionOutput,
@@ -112,6 +113,9 @@ class TrtllmEngine(Engine):
         if hardware.device != "cuda":
             raise trt.TrtllmUnavailable("the trtllm backend needs an NVIDIA GPU and torch sees none.")
         mf.check_hardware(manifest, hardware)
+        split = parallel.serve_split(
+            manifest.trtllm, config.tensor_parallel_size, config.pipeline_parallel_size, hardware
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder)
         # gather_generation_logits is an LLM argument (BaseLlmArgs, llmapi/llm_args.py) that the executor can only
         # honour on an engine compiled with BuildConfig(gather_generation_logits=True), so it follows the manifest
@@ -125,6 +129,7 @@ class TrtllmEngine(Engine):
             **gather,
             # only where the build kept paged context FMHA, which chunked context needs (engines/trtllm/limits.py)
             **({"enable_chunked_prefill": True} if manifest.trtllm and manifest.trtllm.chunked_prefill else {}),
+            **split.llm_kwargs(),  # a split engine: BaseLLM.__init__ spawns its MPI workers (engines/parallel.py)
         )
         return cls(llm, api, tokenizer, manifest, config, folder)
 

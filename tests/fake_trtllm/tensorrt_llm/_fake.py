@@ -19,6 +19,7 @@ class Knobs:
     # and the executor goes on; any other error shuts the executor down first, then is raised.
     fail_request: str | None = None  # the next generation step raises RequestError(this), for that request only
     fail_generation: str | None = None  # the next generation step raises RuntimeError(this) and the LLM is shut down
+    gpus: int = 1  # what torch.cuda.device_count() says: llmapi/llm.py BaseLLM.__init__ checks a split against it
 
 
 FAKE = Knobs()

@@ -19,6 +19,7 @@ LLM_FIELDS = frozenset(
         "skip_tokenizer_init",
         "trust_remote_code",
         "tensor_parallel_size",
+        "pipeline_parallel_size",
         "dtype",
         "revision",
         "build_config",
@@ -61,6 +62,9 @@ class LLM:
             )
         if backend == "llguidance":  # _TrtLLM._build_model (llmapi/llm.py) gives TensorRT engines xgrammar only
             raise ValueError(f"Unsupported guided decoding backend {backend}")
+        self.tp_size, self.pp_size = _mapping(Path(model), kwargs)
+        if self.tp_size * self.pp_size > FAKE.gpus:  # llmapi/llm.py BaseLLM.__init__, before MpiPoolSession spawns
+            raise RuntimeError(f"Only {FAKE.gpus} GPUs are available, but {self.tp_size * self.pp_size} are required.")
         self.model = model
         self.kwargs = kwargs
         self.shut_down = False
@@ -87,8 +91,13 @@ class LLM:
     def save(self, engine_dir: str) -> None:
         path = Path(engine_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.engine_config | {"fake_model": str(self.model)}))
-        (path / "rank0.engine").write_bytes(b"fake TensorRT engine")
+        # an engine's config.json carries its mapping (builder.py EngineConfig: pretrained_config.mapping), one
+        # engine file per rank
+        mapping = {"world_size": self.tp_size * self.pp_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+        config = self.engine_config | {"fake_model": str(self.model), "pretrained_config": {"mapping": mapping}}
+        (path / "config.json").write_text(json.dumps(config))
+        for rank in range(mapping["world_size"]):
+            (path / f"rank{rank}.engine").write_bytes(b"fake TensorRT engine")
         CALLS.append(("LLM.save", engine_dir))
 
     def shutdown(self) -> None:
@@ -167,6 +176,23 @@ def _check_speculation_fits_engine(model, speculative_config) -> None:
     built = json.loads(config.read_text()).get("build_config", {}) if config.is_file() else {}
     if built.get("speculative_decoding_mode") != "EAGLE":
         raise RuntimeError(f"(fake) the engine in {model} was not built for EAGLE speculative decoding")
+
+
+def _mapping(model: Path, kwargs: dict) -> tuple[int, int]:
+    """(tp_size, pp_size) the LLM runs with. For a built engine, llmapi/llm_args.py
+    BaseLlmArgs._load_config_from_engine (1.0) accepts a requested size of 1 or the engine's and takes the engine's;
+    anything else raises. For a checkpoint, the requested split (the ranks it builds)."""
+    tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
+    config = model / "config.json"
+    engine = json.loads(config.read_text()).get("pretrained_config") if config.is_file() else None
+    if engine is None:
+        return tp, pp
+    mapping = engine["mapping"]
+    if tp not in (1, mapping["tp_size"]):
+        raise ValueError(f"tp_size {tp} is not consistent with the engine's tp_size {mapping['tp_size']}")
+    if pp not in (1, mapping["pp_size"]):
+        raise ValueError(f"pp_size {pp} is not consistent with the engine's pp_size {mapping['pp_size']}")
+    return mapping["tp_size"], mapping["pp_size"]
 
 
 class RequestOutput:
