@@ -1,7 +1,7 @@
-"""The device-check scripts, as far as a CPU machine can check them: scripts/gpu-check-trtllm.sh's
-syntax, its refusals (no tensorrt_llm, no GPU, a GPU before SM 80), the precision it picks per SM, and
-scripts/openai_checks.py's answer when no server listens. Fake `nvidia-smi` and `kiln` commands
-and a stub tensorrt_llm module stand in for the TensorRT-LLM image."""
+"""The device-check scripts, as far as a CPU machine can check them: scripts/gpu-check-trtllm.sh's syntax, its
+refusals (no docker, no image) and its whole flow against a stand-in for the docker CLI (tests/gpu_check_fake_docker.py:
+kiln's real server and check scripts, the build played), and scripts/openai_checks.py's answer when no server
+listens."""
 
 from __future__ import annotations
 
@@ -17,55 +17,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / "scripts" / "gpu-check-trtllm.sh"
 OPENAI_CHECKS = REPO / "scripts" / "openai_checks.py"
+FAKE_DOCKER = REPO / "tests" / "gpu_check_fake_docker.py"
 BASH = shutil.which("bash")
-# What the script runs besides python; linked into a private bin folder so PATH holds nothing else
-# (in particular no real nvidia-smi or kiln, whatever this machine has).
-TOOLS = ["bash", "dirname", "head", "tr", "mktemp", "date", "awk", "rm", "sleep", "tail", "cat", "mkdir"]
+# What the script runs besides docker; linked into a private bin folder so PATH holds nothing else
+# (in particular no real docker, whatever this machine has).
+TOOLS = ["bash", "dirname", "mktemp", "chmod", "tr", "cut", "tail", "grep", "sed", "cat", "rm", "sleep"]
 
 
-def fake_bin(tmp_path: Path, nvidia_smi_cap: str | None = None, kiln: str | None = None) -> Path:
-    bin_dir = tmp_path / "bin"
+def fake_bin(tmp_path: Path, docker: bool) -> Path:
+    bin_dir = tmp_path / ("bin" if docker else "bin-without-docker")
     bin_dir.mkdir()
     for tool in TOOLS:
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    if nvidia_smi_cap is not None:
-        write_exe(
-            bin_dir / "nvidia-smi",
-            f"""#!{BASH}
-case "$*" in
-  *compute_cap*) echo "{nvidia_smi_cap}" ;;
-  *name*) echo "Fake GPU" ;;
-esac
-""",
-        )
-    if kiln is not None:
-        write_exe(bin_dir / "kiln", kiln)
+    if docker:
+        (bin_dir / "docker").write_text(f'#!{BASH}\nexec {sys.executable} {FAKE_DOCKER} "$@"\n')
+        (bin_dir / "docker").chmod(0o755)
     return bin_dir
 
 
-def write_exe(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(0o755)
-
-
-def stub_tensorrt_llm(tmp_path: Path) -> Path:
-    (tmp_path / "stub" / "tensorrt_llm").mkdir(parents=True)
-    (tmp_path / "stub" / "tensorrt_llm" / "__init__.py").write_text("")
-    return tmp_path / "stub"
-
-
-def run_gpu_check(
-    bin_dir: Path, pythonpath: Path | None = None, timeout: float = 60, **env: str
-) -> subprocess.CompletedProcess:
+def run_gpu_check(bin_dir: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     environ = {
         "PATH": str(bin_dir),
-        "PYTHON": sys.executable,
         "HOME": os.environ.get("HOME", "/tmp"),
         "TMPDIR": str(bin_dir.parent),
+        "FAKE_DOCKER_STATE": str(bin_dir.parent / "docker-state"),
+        **{k: v for k, v in os.environ.items() if k in ("KILN_CACHE_DIR", "TORCH_EXTENSIONS_DIR")},
         **env,
     }
-    if pythonpath:
-        environ["PYTHONPATH"] = str(pythonpath)
     # Run from elsewhere: the script must find the repository itself.
     return subprocess.run(
         [BASH, str(GPU_CHECK)], capture_output=True, text=True, env=environ, cwd=bin_dir.parent, timeout=timeout
@@ -77,88 +55,43 @@ def test_gpu_check_trtllm_syntax():
     assert result.returncode == 0, result.stderr
 
 
-def test_gpu_check_trtllm_needs_tensorrt_llm(tmp_path):
-    assert subprocess.run([sys.executable, "-c", "import tensorrt_llm"], capture_output=True).returncode != 0, (
-        "this python has tensorrt_llm; the refusal cannot be tested here"
-    )
-    result = run_gpu_check(fake_bin(tmp_path))
-    assert result.returncode != 0
-    assert result.stdout == ""
+def test_gpu_check_trtllm_runs_on_the_docker_host_with_the_image(tmp_path):
+    result = run_gpu_check(fake_bin(tmp_path, docker=False))
+    assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "tensorrt_llm" in lines[0], result.stderr
-
-
-def test_gpu_check_trtllm_needs_nvidia_smi(tmp_path):
-    result = run_gpu_check(fake_bin(tmp_path), stub_tensorrt_llm(tmp_path))
-    assert result.returncode != 0
+    assert len(lines) == 1 and "docker is not on PATH" in lines[0], result.stderr
+    result = run_gpu_check(fake_bin(tmp_path, docker=True), FAKE_DOCKER_NO_IMAGE="1")
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nvidia-smi" in lines[0], result.stderr
-
-
-def test_gpu_check_trtllm_refuses_before_sm80(tmp_path):
-    result = run_gpu_check(fake_bin(tmp_path, nvidia_smi_cap="7.5"), stub_tensorrt_llm(tmp_path))
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SM 75" in lines[0] and "SM >= 80" in lines[0], result.stderr
-
-
-@pytest.mark.parametrize(
-    "cap, precision, kv",
-    [
-        ("9.0", "fp8", "fp8"),
-        ("8.9", "fp8", "fp8"),
-        ("8.6", "int8-sq", "int8"),
-        ("8.0", "int8-sq", "int8"),
-        ("12.0", "fp8", "fp8"),
-    ],
-)
-def test_gpu_check_trtllm_picks_precision_by_sm(tmp_path, cap, precision, kv):
-    # A kiln whose build records its arguments and fails: the script must stop there (set -e).
-    record = tmp_path / "build-args"
-    kiln = f'#!{BASH}\necho "$@" > {record}\nexit 3\n'
-    result = run_gpu_check(
-        fake_bin(tmp_path, nvidia_smi_cap=cap, kiln=kiln), stub_tensorrt_llm(tmp_path), MODEL="/models/m"
-    )
-    assert result.returncode == 3, result.stderr
-    args = record.read_text().split()
-    assert args[:2] == ["build", "--backend"] and args[2] == "trtllm"
-    assert args[args.index("--precision") + 1] == precision
-    assert args[args.index("--kv-cache-dtype") + 1] == kv
-    assert args[args.index("--model") + 1] == "/models/m"
-    assert "--output" in args
+    assert lines == [
+        "gpu-check-trtllm: no image kiln-trtllm; build it first: docker build -f docker/Dockerfile.trtllm "
+        "-t kiln-trtllm ."
+    ], result.stderr
 
 
 @pytest.mark.slow
-def test_gpu_check_trtllm_whole_run_with_fakes(tmp_path):
-    """The whole flow on a CPU: a fake kiln whose `build` writes an empty folder and whose `serve`
-    runs the real server on the default model, then the OpenAI checks and the summary table."""
-    record = tmp_path / "build-args"
-    kiln = f"""#!{BASH}
-set -e
-if [[ "$1" == build ]]; then
-  echo "$@" > {record}
-  while [[ $# -gt 0 ]]; do [[ "$1" == --output ]] && mkdir -p "$2"; shift; done
-  exit 0
-fi
-shift  # serve: drop --engine-dir and its value, keep the rest
-args=()
-while [[ $# -gt 0 ]]; do
-  if [[ "$1" == --engine-dir ]]; then shift 2; else args+=("$1"); shift; fi
-done
-exec {sys.executable} -m server.cli serve "${{args[@]}}"
-"""
-    port = free_port()
-    result = run_gpu_check(
-        fake_bin(tmp_path, nvidia_smi_cap="8.9", kiln=kiln), stub_tensorrt_llm(tmp_path), timeout=900, PORT=str(port)
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "--precision fp8 --kv-cache-dtype fp8" in record.read_text()
-    summary = result.stdout.strip().splitlines()[-1]
-    cells = [c.strip() for c in summary.strip("|").split("|")]
-    assert cells[:4] == ["Fake GPU", "89", "fp8", "fp8"], summary
-    passed, total = cells[6].split("/")
-    assert passed == total and int(total) >= 14, summary
-    assert not list(tmp_path.glob("kiln-gpu-check-trtllm.*")), "the work folder stays after a clean run"
+def test_gpu_check_trtllm_whole_flow_with_a_fake_docker(tmp_path):
+    """Every step and the one table, on a CPU: the torch engine behind both `kiln serve`s passes every HTTP check but
+    the one that expects an engine built without --gather-logits to refuse logprobs, so exactly that row fails."""
+    bin_dir = fake_bin(tmp_path, docker=True)
+    (tmp_path / "docker-state").mkdir()
+    result = run_gpu_check(bin_dir, timeout=1200, PORT=str(free_port()))
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 1, report
+    table = {}
+    for line in result.stdout[result.stdout.index("| check | result | figure |") :].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3:
+            table[cells[0]] = cells[1]
+    failed = {check for check, verdict in table.items() if verdict != "PASS"}
+    assert failed == {"default engine: logprobs refused without --gather-logits"}, report
+    steps = ["image ENV and entrypoint", "import without a shell", "refuse int4-gptq", "refuse int8-wo + fp8 KV"]
+    steps += ["build, default profile", "build --gather-logits", "serve default", "serve logits"]
+    assert set(steps) <= set(table), report
+    assert "default engine: stats while streaming" in table and "logits engine: logprobs" in table, report
+    assert sum(check.startswith("openai_checks: ") for check in table) >= 14, report
+    assert f"{len(table) - 1}/{len(table)} passed" in result.stdout, report
+    assert list(tmp_path.glob("kiln-gpu-check-*")), "a failed run keeps its logs"
 
 
 def free_port() -> int:
