@@ -171,3 +171,16 @@ def test_compose_gpu_reserves_kiln_gpus_for_both_services(gpus, count):
     for name in ("build", "server"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["count"] == count, f"{name} reserves {device['count']} GPUs with KILN_GPUS={gpus}"
+
+
+def test_kiln_s_torch_build_picks_a_profile_for_one_gpu_of_several(monkeypatch):
+    """kiln's torch engine runs on one device, so `--precision auto` must fit one GPU: a 40B model's INT8 weights
+    (40 GB) fit two A100-40GB together but not one, so it gets INT4."""
+    from types import SimpleNamespace
+
+    from engines.build import builder
+
+    monkeypatch.setattr(builder, "architecture", lambda model_type: SimpleNamespace(param_count=lambda args: 40e9))
+    two_a100 = dataclasses.replace(H100, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30, sm=80, count=2)
+    (chosen,) = builder._candidates(BuildOptions(), two_a100, SimpleNamespace(model_type="llama"), None)
+    assert (chosen.precision, chosen.profile) == ("int4-awq", "any-gpu-int4-awq")
