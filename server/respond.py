@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from server.disconnect import run_until_disconnected
 from server.generation import ChoiceResult, Generation
+from server.shutdown import draining_error
 from server.streaming import openai_events, sse_response
 
 
@@ -45,6 +46,11 @@ async def start_in_flight(request: Request, generation: Generation) -> Callable[
     left, uncounts it and, with tracing on, records its span."""
     in_flight = request.app.state.in_flight
     tracer = request.app.state.tracer
+    if in_flight.draining:
+        # SIGTERM came and uvicorn closes its listener on its next tick: a request on a connection accepted in that
+        # moment would start work the grace period is meant to end, so it is sent elsewhere (the readiness check
+        # already answers 503)
+        raise draining_error()
     await generation.start()
     in_flight.add(generation)
     closed = False

@@ -25,6 +25,15 @@ def shutting_down_error() -> APIError:
     )
 
 
+def draining_error() -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down and takes no new requests; retry on another replica.",
+        "service_unavailable_error",
+        code="server_shutting_down",
+    )
+
+
 class InFlight:
     """The generations being served, to end at the shutdown deadline."""
 

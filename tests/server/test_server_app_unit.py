@@ -173,3 +173,28 @@ def test_dead_engine_is_not_ready():
     with pytest.raises(Exception) as raised:
         holder.get()
     assert raised.value.status_code == 503 and raised.value.code == "engine_dead"
+
+
+def test_a_request_accepted_while_draining_is_503_and_starts_nothing():
+    """Between SIGTERM and uvicorn closing its listener (its next tick), a connection can still be accepted: that
+    request must not start work the grace period is meant to end."""
+    from types import SimpleNamespace
+
+    from server.errors import APIError
+    from server.respond import start_in_flight
+    from server.shutdown import InFlight
+
+    class Unstarted:  # a Generation as far as start_in_flight touches it before submitting
+        started = False
+
+        async def start(self):
+            self.started = True
+
+    in_flight = InFlight()
+    in_flight.draining = True
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(in_flight=in_flight, tracer=None)))
+    generation = Unstarted()
+    with pytest.raises(APIError) as raised:
+        asyncio.run(start_in_flight(request, generation))
+    assert (raised.value.status_code, raised.value.code) == (503, "server_shutting_down")
+    assert not generation.started and len(in_flight) == 0
