@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -404,6 +405,29 @@ def print_tables(results: list[dict], timing: list[dict]) -> None:
             )
 
 
+@contextlib.contextmanager
+def connected(url: str, api_key: str | None, wait_s: float, prog: str) -> Iterator[tuple[httpx.Client, openai.OpenAI]]:
+    """httpx and openai clients of the server at `url` once it is ready; exit 1 with one sentence when it is not."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
+        problem = server_answers(http, wait_s)
+        if problem:
+            print(f"{prog}: {problem}; start `kiln serve` or pass --url.", file=sys.stderr)
+            raise SystemExit(1)
+        # max_retries=0: a retry would hide exactly the failures these checks look for; the SDK insists on a key,
+        # which kiln ignores without --api-key
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0, timeout=300) as client:
+            yield http, client
+
+
+def print_summary(results: list[dict]) -> list[str]:
+    """Print how many checks passed and which failed; return the failed ones' names."""
+    failed = [r["check"] for r in results if not r["ok"]]
+    summary = f"{len(results) - len(failed)}/{len(results)} checks passed"
+    print(f"\n{summary}; failed: {', '.join(failed)}" if failed else f"\n{summary}")
+    return failed
+
+
 def server_answers(http: httpx.Client, wait_s: float) -> str | None:
     """None when /v1/health/ready says 200 (within wait_s), else why not, in one sentence."""
     deadline = time.monotonic() + wait_s
@@ -427,30 +451,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-timing", action="store_true", help="skip the timing (faster)")
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
-    api_key = args.api_key or "none"  # the SDK insists on a key; kiln ignores it without --api-key
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-
-    with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
-        problem = server_answers(http, args.wait)
-        if problem:
-            print(f"openai_checks: {problem}; start `kiln serve` or pass --url.", file=sys.stderr)
-            return 1
-        # max_retries=0: a retry would hide exactly the failures these checks look for.
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=300) as client:
-            ctx = Context(url=url, client=client, http=http)
-            results = [run_check(name, lambda f=func: f(ctx)) for name, func in CHECKS]
-            if not args.no_timing:
-                results.append(
-                    run_check(
-                        f"timing c=1 x{TIMING_LEVELS[0][1]}, c=8 x{TIMING_LEVELS[1][1]}",
-                        lambda: check_timing(ctx, api_key),
-                    )
+    with connected(url, args.api_key, args.wait, "openai_checks") as (http, client):
+        ctx = Context(url=url, client=client, http=http)
+        results = [run_check(name, lambda f=func: f(ctx)) for name, func in CHECKS]
+        if not args.no_timing:
+            results.append(
+                run_check(
+                    f"timing c=1 x{TIMING_LEVELS[0][1]}, c=8 x{TIMING_LEVELS[1][1]}",
+                    lambda: check_timing(ctx, args.api_key or "none"),
                 )
+            )
 
     print_tables(results, ctx.timing)
-    failed = [r["check"] for r in results if not r["ok"]]
-    summary = f"{len(results) - len(failed)}/{len(results)} checks passed"
-    print(f"\n{summary}; failed: {', '.join(failed)}" if failed else f"\n{summary}")
+    failed = print_summary(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

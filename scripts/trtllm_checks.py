@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import openai
-from openai_checks import cell, check_envelope, expect, run_check, scrape, server_answers, wait_until
+from openai_checks import cell, check_envelope, connected, expect, print_summary, run_check, scrape, wait_until
 
 # A question the default model answers in a few tokens and then ends (EOS), and a request that never ends early.
 SHORT = [{"role": "user", "content": "What color is the sky on a clear day? Answer with one word."}]
@@ -237,23 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.logprobs == "refused":
         checks["logprobs"] = ("logprobs refused without --gather-logits", check_logprobs_refused)
     url = args.url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-
-    with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
-        problem = server_answers(http, args.wait)
-        if problem:
-            print(f"trtllm_checks: {problem}; start `kiln serve` or pass --url.", file=sys.stderr)
-            return 1
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=300) as client:
-            ctx = Ctx(client, http, client.models.list().data[0].id)
-            results = [run_check(checks[key][0], lambda f=checks[key][1]: f(ctx)) for key in chosen]
+    with connected(url, args.api_key, args.wait, "trtllm_checks") as (http, client):
+        ctx = Ctx(client, http, client.models.list().data[0].id)
+        results = [run_check(checks[key][0], lambda f=checks[key][1]: f(ctx)) for key in chosen]
 
     print("| check | result | figure |\n|---|---|---|")
     for r in results:
         print(f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} | {cell(r['detail'])} |")
-    failed = [r["check"] for r in results if not r["ok"]]
-    summary = f"{len(results) - len(failed)}/{len(results)} checks passed"
-    print(f"\n{summary}; failed: {', '.join(failed)}" if failed else f"\n{summary}")
+    failed = print_summary(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"url": url, "checks": results, "failed": len(failed)}, indent=2) + "\n")

@@ -3,10 +3,12 @@ test that asks for it), GPUs to pretend to be, and a tiny model folder with the 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -63,3 +65,12 @@ def tiny_chat_folder(tmp_path_factory) -> Path:
         if (default / name).is_file():
             shutil.copy(default / name, folder / name)
     return folder
+
+
+@contextlib.asynccontextmanager
+async def sdk_over_asgi(app):
+    """The openai SDK (and httpx) talking to kiln's app in-process, with no retries that would hide a failure."""
+    from openai import AsyncOpenAI
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kiln") as http:
+        yield AsyncOpenAI(base_url="http://kiln/v1", api_key="unused", http_client=http, max_retries=0), http

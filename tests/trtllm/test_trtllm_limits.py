@@ -9,7 +9,6 @@ import asyncio
 import json
 import shutil
 
-import httpx
 import pytest
 
 import engines.hardware
@@ -19,7 +18,7 @@ from engines.build.builder import BuildOptions, build
 from engines.config import EngineConfig
 from engines.trtllm.engine import TrtllmEngine
 from engines.trtllm.limits import input_limit
-from tests.trtllm.conftest import A100, H100
+from tests.trtllm.conftest import A100, H100, sdk_over_asgi
 
 CONTEXT = 16384  # longer than one engine step (max_num_tokens 8192), so chunking decides what a prompt may be
 LONG = 9000
@@ -93,7 +92,7 @@ def test_an_int8_kv_engine_refuses_a_prompt_longer_than_one_step_before_the_engi
 def test_the_openai_sdk_gets_a_400_for_a_prompt_the_engine_cannot_take(
     fake_trtllm, long_context_folder, tmp_path, monkeypatch
 ):
-    from openai import AsyncOpenAI, BadRequestError
+    from openai import BadRequestError
 
     from server.app import create_app
     from server.settings import ServerSettings
@@ -105,9 +104,7 @@ def test_the_openai_sdk_gets_a_400_for_a_prompt_the_engine_cannot_take(
 
     async def go():
         await engine.start()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
-            client = AsyncOpenAI(base_url="http://kiln/v1", api_key="unused", http_client=http, max_retries=0)
+        async with sdk_over_asgi(app) as (client, http):
             with pytest.raises(BadRequestError) as info:
                 await client.completions.create(model="tiny-trt", prompt=[7] * LONG, max_tokens=4)
             ok = await client.completions.create(model="tiny-trt", prompt=[7] * 100, max_tokens=4)

@@ -14,7 +14,7 @@ from engines.config import EngineConfig
 from engines.trtllm.engine import TrtllmEngine
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.trtllm.conftest import H100
+from tests.trtllm.conftest import H100, sdk_over_asgi
 from tests.trtllm.test_trtllm_engine import with_generation_logits
 
 
@@ -49,16 +49,13 @@ def gauges(metrics: str) -> tuple[str, str]:
 
 
 def test_openai_sdk_against_the_trtllm_backend(trt_engine, fake_trtllm):
-    from openai import AsyncOpenAI
 
     fake_trtllm.FAKE.tokens_per_step = 3
     app = create_app(ServerSettings(served_model_name="tiny-trt"), engine=trt_engine)
 
     async def go():
         await trt_engine.start()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
-            client = AsyncOpenAI(base_url="http://kiln/v1", api_key="unused", http_client=http, max_retries=0)
+        async with sdk_over_asgi(app) as (client, http):
             messages = [{"role": "user", "content": "Say something."}]
             whole = await client.chat.completions.create(
                 model="tiny-trt", messages=messages, max_tokens=8, temperature=0
