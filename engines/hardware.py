@@ -11,16 +11,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# The CPU features kiln's kernels and profiles care about, in /proc/cpuinfo spelling.
-CPU_FLAGS_OF_INTEREST = (
-    "avx2",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_vnni",
-    "avx512_fp16",
-    "amx_bf16",
-    "amx_int8",
-)
+from engines import cpu_isa
+
+# The CPU features kiln's kernels and profiles care about, in /proc/cpuinfo spelling: those of the ISA levels
+# (engines/cpu_isa.py), level by level.
+CPU_FLAGS_OF_INTEREST = tuple(flag for level in cpu_isa.LEVELS for flag in sorted(level.flags))
+# The few that tell CPU classes apart, for one-line descriptions.
+DESCRIBED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
 
 GiB = 1 << 30
 
@@ -32,7 +29,8 @@ class Hardware:
     memory_bytes: int  # per GPU on cuda; usable RAM on cpu
     count: int = 1  # GPUs on cuda; 1 on cpu
     sm: int | None = None  # compute capability as major * 10 + minor (90 for H100); None on cpu
-    cpu_flags: frozenset[str] = field(default_factory=frozenset)  # subset of CPU_FLAGS_OF_INTEREST
+    # subset of CPU_FLAGS_OF_INTEREST, after KILN_CPU_ISA's restriction (engines/cpu_isa.py)
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)
     cores: int = 1  # CPU cores this process may run on
     driver_version: str | None = None  # NVIDIA driver, when NVML answered
 
@@ -55,14 +53,20 @@ class Hardware:
         """Native bf16 math: Ampere GPUs and later, or CPUs with AVX512-BF16 or AMX-BF16."""
         if self.device == "cuda":
             return (self.sm or 0) >= 80
-        return bool(self.cpu_flags & {"avx512_bf16", "amx_bf16"})
+        return cpu_isa.native_bf16(self.cpu_flags)
+
+    @property
+    def cpu_level(self) -> str | None:
+        """The ISA level of the CPU (engines/cpu_isa.py): avx2, avx512, avx512vnni, avx512bf16, amx; None below."""
+        return cpu_isa.level_of(self.cpu_flags)
 
     def describe(self) -> str:
         if self.device == "cuda":
             driver = f", driver {self.driver_version}" if self.driver_version else ""
             return f"cuda: {self.count}x {self.name} (SM {self.sm}, {self.memory_bytes / GiB:.1f} GiB each{driver})"
-        flags = " ".join(flag for flag in CPU_FLAGS_OF_INTEREST if flag in self.cpu_flags) or "no AVX2, AVX-512 or AMX"
-        return f"cpu: {self.name}, {self.cores} cores, {self.memory_bytes / GiB:.1f} GiB RAM ({flags})"
+        flags = " ".join(flag for flag in DESCRIBED_FLAGS if flag in self.cpu_flags) or "no AVX2, AVX-512 or AMX"
+        level = f"{self.cpu_level}: " if self.cpu_level else ""
+        return f"cpu: {self.name}, {self.cores} cores, {self.memory_bytes / GiB:.1f} GiB RAM ({level}{flags})"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -89,7 +93,7 @@ def _detect_cuda(torch) -> Hardware:
         memory_bytes=props.total_memory,
         count=torch.cuda.device_count(),
         sm=props.major * 10 + props.minor,
-        cpu_flags=_cpu_flags(_read("/proc/cpuinfo")),
+        cpu_flags=_cpu_flags(),
         cores=_cores(),
         driver_version=_nvml_driver_version(),
     )
@@ -110,13 +114,14 @@ def _nvml_driver_version() -> str | None:
 
 
 def _detect_cpu(cpuinfo: str | None = None, meminfo: str | None = None) -> Hardware:
+    flags = _cpu_flags(cpuinfo)
     cpuinfo = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
     meminfo = _read("/proc/meminfo") if meminfo is None else meminfo
     return Hardware(
         device="cpu",
         name=_cpu_model(cpuinfo),
         memory_bytes=_memory_bytes(meminfo),
-        cpu_flags=_cpu_flags(cpuinfo),
+        cpu_flags=flags,
         cores=_cores(),
     )
 
@@ -142,9 +147,14 @@ def _cpu_model(cpuinfo: str) -> str:
     return _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _cpu_flags(cpuinfo: str) -> frozenset[str]:
-    flags = set((_cpuinfo_field(cpuinfo, "flags") or "").split())
-    return frozenset(flag for flag in CPU_FLAGS_OF_INTEREST if flag in flags)
+def _cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The flags of interest of this CPU (or of `cpuinfo`'s text), restricted by KILN_CPU_ISA."""
+    flags = (
+        cpu_isa.cpu_flags()
+        if cpuinfo is None
+        else cpu_isa.restrict(cpu_isa.proc_cpu_flags(cpuinfo), cpu_isa.override())
+    )
+    return flags & frozenset(CPU_FLAGS_OF_INTEREST)
 
 
 def _cores() -> int:

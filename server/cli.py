@@ -12,6 +12,7 @@ from typing import cast
 
 from pydantic import ValidationError
 
+from engines import cpu_isa
 from engines.cli import EXIT_USAGE, UsageParser, add_commands
 from server import __version__
 from server.settings import ServerSettings
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:  # every command reads the CPU's flags (kernels, --dtype auto, profiles): a wrong override stops it here
+        cpu_isa.check()
+    except cpu_isa.CpuIsaError as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return args.handler(args)
 

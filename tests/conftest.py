@@ -169,3 +169,14 @@ def run_to_completion(core: LLMEngine, requests: list[GenerationRequest], arriva
                 tokens[out.request_id].setdefault(choice.index, []).extend(choice.new_token_ids)
         step += 1
     return tokens
+
+
+@pytest.fixture
+def kernels_decide_again():
+    """Kernels and `--dtype auto` decide again under the CPU flags the test sets (KILN_CPU_ISA with monkeypatch, or
+    a patched flag source), and again after it, under the real ones (extension.reset: the documented way)."""
+    from engines.torch.kernels import extension
+
+    extension.reset()
+    yield
+    extension.reset()

@@ -85,8 +85,9 @@ def test_compose_commands_and_settings_are_kilns(compose_file):
         command = [arg.replace("${KILN_BUILD_BACKEND:-trtllm}", "trtllm") for arg in service["command"]]
         build_parser().parse_args(command)  # exits 2 on a flag kiln does not have
         passed = {variable.split("=")[0] for variable in service.get("environment", [])}
-        # KILN_MALLOC_TUNING is read by the engine itself (engines/torch/host_malloc.py), not a flag
-        unknown = passed - settings[command[0]] - {"KILN_MALLOC_TUNING"}
+        # read by the engine itself, not flags: KILN_MALLOC_TUNING (engines/torch/host_malloc.py) and KILN_CPU_ISA
+        # (engines/cpu_isa.py, which every kiln command reads)
+        unknown = passed - settings[command[0]] - {"KILN_MALLOC_TUNING", "KILN_CPU_ISA"}
         assert not unknown, f"{compose_file} {name} passes {sorted(unknown)}, which `kiln {command[0]}` does not read"
 
 

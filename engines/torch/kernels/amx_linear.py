@@ -38,17 +38,13 @@ _EXT = LazyExtension(
     required_cpu_flags=("avx512_bf16", "amx_tile", "amx_bf16"),
     ldflags=["-fopenmp"],
     fallback="oneDNN",
+    ready=lambda ext: bool(ext.amx_init()),  # Linux grants AMX tile state to a process that asks
 )
-_granted: bool | None = None
 
 
 def available() -> bool:
     """True when the kernel can run here: compiled (or loaded) and AMX state granted by the kernel."""
-    global _granted
-    if _granted is None:
-        ext = _EXT.get()
-        _granted = ext is not None and bool(ext.amx_init())
-    return _granted
+    return _EXT.available()
 
 
 def fits(weight: torch.Tensor) -> bool:

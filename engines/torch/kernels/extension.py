@@ -1,12 +1,19 @@
 """Lazily compiled C++ extensions, shared by kiln's CPU kernels.
 
-Each kernel module declares one LazyExtension: its source beside it, the compiler flags, and the
-CPU flags those flags require. The first get() checks the CPU, then compiles with
+Each kernel module declares one LazyExtension per variant: its source beside it, the compiler flags, and the
+CPU flags those flags require (a variant compiled with other flags has its own name, e.g. kiln_rms_norm_avx2,
+so that builds do not clash in the cache). The first get() checks the CPU, then compiles with
 torch.utils.cpp_extension.load (g++ and ninja on PATH; ~30-60 s once, cached in
 TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and loaded in about a second afterwards).
-When the CPU lacks a flag or the build fails, get() returns None after one warning, never raises,
-and the kernel module uses its torch fallback. Explicit ISA flags rather than -march=native keep a
+When the CPU lacks a flag or the build fails, get() returns None after one warning, and the kernel
+module uses its torch fallback; it raises only for a wrong KILN_CPU_ISA, which every entry point refuses first. Explicit ISA flags rather than -march=native keep a
 cached binary valid on any CPU that has them.
+
+The CPU's flags come from `cpu_flags()`, the one place kernels read them: /proc/cpuinfo restricted by
+KILN_CPU_ISA (engines/cpu_isa.py), so a variant is chosen, and the report of `python -m engines.torch.kernels
+--report` made, from the same flags. Each LazyExtension records the kernel module that declared it, so the report
+(dispatch.py) finds a module's variants without the module listing them. `reset()` forgets the flags and every
+extension's outcome, for tests that change KILN_CPU_ISA.
 
 Each build compiles a copy of its source and of the headers the kernels share (kiln_bf16.h, in this
 folder), staged under the temporary folder by a hash of their contents, with one fixed, old modification
@@ -23,9 +30,13 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from engines import cpu_isa
 
 log = logging.getLogger("kiln.kernels")
 
@@ -70,16 +81,13 @@ def stage_sources(source: Path) -> Path:
     return staged / source.name
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as kiln uses them: /proc/cpuinfo's (empty where there is none), without those of the
+    levels above KILN_CPU_ISA. Raises engines.cpu_isa.CpuIsaError when that variable is wrong."""
+    return cpu_isa.cpu_flags()
+
+
+EXTENSIONS: list[LazyExtension] = []  # every variant declared, in import order
 
 
 class LazyExtension:
@@ -92,12 +100,27 @@ class LazyExtension:
         required_cpu_flags: tuple[str, ...] = (),
         ldflags: list[str] | None = None,
         fallback: str = "torch code",
+        ready: Callable[[object], bool] | None = None,
     ):
+        """`ready(module)`, when given, runs once after loading; False makes the extension unavailable (AMX: the
+        kernel asks Linux for the tile state)."""
         self.name, self.source, self.cflags, self.ldflags = name, source, cflags, ldflags or []
-        self.required_cpu_flags, self.fallback = required_cpu_flags, fallback
+        self.required_cpu_flags, self.fallback, self.ready = required_cpu_flags, fallback, ready
+        # the kernel module that declared this variant (the caller's), for the dispatch report
+        self.owner: str = sys._getframe(1).f_globals.get("__name__", "")
         self.module = None
         self.tried = False
         self._lock = threading.Lock()
+        EXTENSIONS.append(self)
+
+    @property
+    def isa(self) -> str | None:
+        """The ISA level its required flags belong to (engines/cpu_isa.py); None: any x86-64 CPU."""
+        return cpu_isa.label(self.required_cpu_flags)
+
+    def usable_with(self, flags: Iterable[str]) -> bool:
+        """Whether a CPU with `flags` may run it (no compiling: what dispatch and its tests decide from)."""
+        return set(self.required_cpu_flags) <= set(flags)
 
     def get(self):
         """The compiled module, or None when it cannot be used here (compiles it on the first call)."""
@@ -105,8 +128,8 @@ class LazyExtension:
             return self.module
         with self._lock:
             if not self.tried:
+                have = cpu_flags()  # outside the fallback below: a wrong KILN_CPU_ISA stops the process
                 try:
-                    have = cpu_flags()
                     missing = [flag for flag in self.required_cpu_flags if flag not in have]
                     if missing:
                         raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
@@ -122,6 +145,8 @@ class LazyExtension:
                         extra_include_paths=[str(staged.parent if staged != self.source else HEADERS_DIR)],
                         verbose=False,
                     )
+                    if self.ready is not None and not self.ready(self.module):
+                        raise RuntimeError("it refused to start on this machine")
                 except Exception as e:  # no compiler, no ninja, unsupported CPU...
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     log.warning("%s kernel unavailable, %s is used instead: %s", self.name, self.fallback, first)
@@ -131,3 +156,17 @@ class LazyExtension:
 
     def available(self) -> bool:
         return self.get() is not None
+
+    def forget(self) -> None:
+        """Decide again on the next get() (the loaded library stays loaded; loading it again is cheap)."""
+        with self._lock:
+            self.module, self.tried = None, False
+
+
+def reset() -> None:
+    """Read KILN_CPU_ISA and the CPU's flags again and forget which extensions were loaded, so the next call of
+    every kernel decides under the flags now in force. For tests that set KILN_CPU_ISA with monkeypatch: call it
+    after setting the variable and again after monkeypatch restored it."""
+    cpu_isa.reset()
+    for extension in EXTENSIONS:
+        extension.forget()
