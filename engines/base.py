@@ -363,6 +363,9 @@ class EngineDetails:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     torch_threads: int | None = None
+    # the implementation each CPU kernel op runs (engines/torch/kernels/dispatch.py): an ISA level, "x86-64" or
+    # "torch"; None off the CPU
+    cpu_kernels: dict[str, str] | None = None
 
 
 @dataclass

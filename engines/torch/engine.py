@@ -166,10 +166,18 @@ class AsyncTorchEngine(Engine):
         sampled request through the whole step path (prefill, decode, speculation when on), so that the
         first requests after readiness pay no compilation or first-call cost."""
         if self.loaded.device.type == "cpu":
+            from engines import cpu_isa
+            from engines.torch.kernels import dispatch
             from engines.torch.kernels.registry import KERNELS
 
             for kernel in KERNELS.values():
                 kernel.available()
+            self._info.details.cpu_kernels = dispatch.report(compiled=True)
+            log.info(
+                "CPU kernels at ISA level %s: %s",
+                cpu_isa.describe(),
+                ", ".join(f"{op} {implementation}" for op, implementation in self._info.details.cpu_kernels.items()),
+            )
         prompt = list(range(1, 1 + min(WARM_UP_PROMPT_TOKENS, self.core.max_model_len - WARM_UP_MAX_TOKENS)))
         params = SamplingParams(temperature=1.0, max_tokens=WARM_UP_MAX_TOKENS, ignore_eos=True, seed=0)
         with torch.inference_mode():

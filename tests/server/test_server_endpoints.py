@@ -49,6 +49,18 @@ def test_metadata_and_version(http, model_name):
     assert version == metadata["versions"]["kiln"]
 
 
+def test_metadata_and_log_name_the_implementation_of_each_cpu_kernel(http, live_server):
+    """The engine says once at start, and /v1/metadata keeps saying, which variant each CPU kernel op runs here."""
+    from engines import cpu_isa
+    from engines.torch.kernels import dispatch
+
+    extra = http.get("/v1/metadata").json()["extra"]
+    assert extra["cpu_kernels"] == dispatch.report(compiled=True)
+    (line,) = [line for line in live_server.log().splitlines() if "CPU kernels at ISA level" in line]
+    assert f"CPU kernels at ISA level {cpu_isa.describe()}: " in line
+    assert all(f"{op} {implementation}" in line for op, implementation in extra["cpu_kernels"].items())
+
+
 METRIC_NAMES = [
     "kiln:num_requests_running",
     "kiln:num_requests_waiting",
