@@ -59,14 +59,21 @@ class LiveServer:
             raise
 
 
-def start_server(tmp_path: Path, *args: str, api_key: str | None = None, module: str = "server.cli") -> LiveServer:
-    """`python -m <module> serve ...` (a module that wraps kiln's CLI can inject faults)."""
+def start_server(
+    tmp_path: Path,
+    *args: str,
+    api_key: str | None = None,
+    module: str = "server.cli",
+    env: dict[str, str] | None = None,
+) -> LiveServer:
+    """`python -m <module> serve ...` (a module that wraps kiln's CLI can inject faults); `env` adds variables to
+    the test's environment, of which no other KILN_* variable reaches the server."""
     port = free_port()
     log_path = tmp_path / f"kiln-serve-{port}.log"
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     if api_key:
         command += ["--api-key", api_key]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_") or k == "KILN_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_") or k == "KILN_CACHE_DIR"} | (env or {})
     log_file = open(log_path, "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     server = LiveServer(process, f"http://127.0.0.1:{port}", api_key, log_path)
