@@ -28,13 +28,24 @@ _VARIANTS = [
     LazyExtension("toy_amx", _SOURCE, [], required_cpu_flags=("avx512_bf16", "amx_tile", "amx_bf16")),
     LazyExtension("toy_vnni", _SOURCE, [], required_cpu_flags=("avx512f", "avx512bw", "avx512_vnni")),
     LazyExtension("toy_avx512", _SOURCE, [], required_cpu_flags=("avx512f", "avx512bw", "avx512vl")),
+    LazyExtension("toy_avx_vnni", _SOURCE, [], required_cpu_flags=("avx2", "fma", "f16c", "avx_vnni")),
 ]
 EXPECTED_TOY = {None: "torch", "avx2": "avx2", "avx512": "avx512", "avx512vnni": "avx512vnni"}
 
 
 def test_variants_are_ordered_best_first():
-    assert [v.name for v in dispatch.variants(TOY)] == ["toy_amx", "toy_vnni", "toy_avx512", "toy_avx2"]
-    assert [v.isa for v in dispatch.variants(TOY)] == ["amx", "avx512vnni", "avx512", "avx2"]
+    names = ["toy_amx", "toy_vnni", "toy_avx512", "toy_avx_vnni", "toy_avx2"]
+    assert [v.name for v in dispatch.variants(TOY)] == names
+    assert [v.isa for v in dispatch.variants(TOY)] == ["amx", "avx512vnni", "avx512", "avx2", "avx2"]
+
+
+def test_an_avx2_machine_with_avx_vnni_runs_the_avx_vnni_variant():
+    assert dispatch.chosen(TOY, CPU_CLASSES["alder-lake (AVX2 + AVX-VNNI)"][0]).name == "toy_avx_vnni"
+    assert dispatch.chosen(TOY, CPU_CLASSES["zen3 (AVX2)"][0]).name == "toy_avx2"
+    # KILN_CPU_ISA=avx2 keeps AVX-VNNI: it is an AVX2-class extension
+    assert dispatch.chosen(TOY, cpu_isa.restrict(CPU_CLASSES["alder-lake (AVX2 + AVX-VNNI)"][0], "avx2")).name == (
+        "toy_avx_vnni"
+    )
 
 
 @pytest.mark.parametrize("name, flags, level", [(name, *cls) for name, cls in CLASSES])
@@ -100,7 +111,7 @@ def test_forced_avx2_report_names_no_avx512_or_amx_kernel():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("CPU ISA level: avx2 (KILN_CPU_ISA; the CPU has ")
-    implementations = dict(line.strip().split(": ") for line in lines[1:])
+    implementations = {op: rest.split()[0] for op, rest in (line.strip().split(": ") for line in lines[1:])}
     assert set(implementations) == set(dispatch.ops())
     assert set(implementations.values()) <= {"avx2", dispatch.ANY_X86, dispatch.TORCH}
 

@@ -19,8 +19,10 @@ from engines.torch.kernels.registry import KERNELS
 
 def print_report(compiled: bool) -> None:
     print(f"CPU ISA level: {cpu_isa.describe()}")
-    for op, implementation in dispatch.report(compiled=compiled).items():
-        print(f"  {op}: {implementation}")
+    flags = cpu_isa.cpu_flags()
+    for op, module in dispatch.ops().items():
+        variant = dispatch.chosen(module, flags, compiled)
+        print(f"  {op}: {dispatch.label(variant)}" + (f" ({variant.name})" if variant else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,10 @@ def ops() -> dict[str, ModuleType]:
 
 
 def variants(module: ModuleType) -> list[LazyExtension]:
-    """The module's variants, best first: highest ISA level first, declaration order among equals."""
+    """The module's variants, best first: highest ISA level first; within a level the one requiring more flags
+    (an AVX2 variant that also needs AVX-VNNI before the plain AVX2 one), then declaration order."""
     declared = [ext for ext in extension.EXTENSIONS if ext.owner == module.__name__]
-    return sorted(declared, key=lambda ext: -_rank(ext.isa))
+    return sorted(declared, key=lambda ext: (-_rank(ext.isa), -len(set(ext.required_cpu_flags))))
 
 
 def _rank(level: str | None) -> int:

@@ -6,8 +6,8 @@ so that builds do not clash in the cache). The first get() checks the CPU, then 
 torch.utils.cpp_extension.load (g++ and ninja on PATH; ~30-60 s once, cached in
 TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and loaded in about a second afterwards).
 When the CPU lacks a flag or the build fails, get() returns None after one warning, and the kernel
-module uses its torch fallback; it raises only for a wrong KILN_CPU_ISA, which every entry point refuses first. Explicit ISA flags rather than -march=native keep a
-cached binary valid on any CPU that has them.
+module uses its torch fallback; it raises only for a wrong KILN_CPU_ISA, which every entry point refuses
+first. Explicit ISA flags rather than -march=native keep a cached binary valid on any CPU that has them.
 
 The CPU's flags come from `cpu_flags()`, the one place kernels read them: /proc/cpuinfo restricted by
 KILN_CPU_ISA (engines/cpu_isa.py), so a variant is chosen, and the report of `python -m engines.torch.kernels
