@@ -31,6 +31,7 @@ from engines.build.manifest import Manifest
 from engines.config import EngineConfig
 from engines.daemon import run_in_daemon_thread
 from engines.hardware import detect as detect_hardware
+from engines.torch import host_malloc
 from engines.torch.llm_engine import LLMEngine
 from engines.torch.loader import LoadedModel, build_core, load_model
 
@@ -42,6 +43,9 @@ MAX_CONSECUTIVE_STEP_FAILURES = 8
 # The warm-up request: shorter than a KV block, so it leaves nothing in the prefix cache.
 WARM_UP_PROMPT_TOKENS = 8
 WARM_UP_MAX_TOKENS = 4
+# After this long without work the step loop returns freed host memory to the OS (host_malloc.release_free):
+# long enough that requests arriving one after another keep the warm heap, short against an idle spell.
+IDLE_RELEASE_S = 2.0
 # Errors after which the device cannot be trusted with any request: the loop dies and the server exits.
 _DEVICE_ERROR_MARKERS = (
     "CUDA error",
@@ -280,12 +284,21 @@ class AsyncTorchEngine(Engine):
             self._deliver(request_id, RequestFailedError(f"The engine failed on this request: {exc!r}"))
         return outputs
 
+    def _next_command(self) -> tuple:
+        """The next command, waiting for it; once idle for IDLE_RELEASE_S, freed host memory goes back first."""
+        try:
+            return self._inbox.get(timeout=IDLE_RELEASE_S)
+        except queue.Empty:
+            if self.loaded.device.type == "cpu":
+                host_malloc.release_free()
+            return self._inbox.get()
+
     def _loop(self) -> None:
         try:
             with torch.inference_mode():
                 while not self._stopping:
                     if not self.core.has_work():
-                        self._handle(self._inbox.get())
+                        self._handle(self._next_command())
                     while True:
                         try:
                             self._handle(self._inbox.get_nowait())

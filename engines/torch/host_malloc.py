@@ -9,6 +9,11 @@ prefill step, against a few hundred after tuning (docs/performance.md). vLLM pre
 tune() raises the mmap threshold to its 32 MiB maximum and keeps up to 1 GiB of free heap; it leaves malloc
 alone when another allocator is preloaded, when the user set these tunables (MALLOC_*_ variables or
 GLIBC_TUNABLES), on a libc other than glibc, and when KILN_MALLOC_TUNING=0.
+
+The price of keeping freed memory is resident memory at idle: after a burst of prefills the heap holds up to
+the trim threshold of free pages. release_free() hands them back (malloc_trim); the engine calls it once it has
+been idle for a while, so a busy server keeps its warm heap and an idle one shrinks (docs/performance.md,
+"Resident memory").
 """
 
 from __future__ import annotations
@@ -57,3 +62,15 @@ def tune() -> bool:
         log.warning("glibc malloc tuning was refused; activations are re-faulted every step")
     _done = ok
     return ok
+
+
+def release_free() -> bool:
+    """Give the free pages of every glibc arena back to the OS; True when glibc released any. ctypes drops the
+    GIL for the call, so HTTP handling goes on meanwhile."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return malloc_trim(0) == 1

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from engines.quant.fp8 import FP8_DTYPE
+from engines.torch import lazy_memory
 from engines.torch.attention import AttentionMetadata, KVLayer, PrefillSpan
 from engines.torch.attention_backend import AttentionBackend, select_attention_backend
 from engines.torch.models.protocol import CausalLM
@@ -48,7 +49,12 @@ class KVCache:
         self.scratch_block = num_blocks if scratch_block else None
         shape = (num_layers, 2, kv_heads, num_blocks + scratch_block, block_size, head_dim)
         self.kv_cache_dtype = kv_cache_dtype
-        self.data = torch.zeros(shape, dtype=self.storage_dtype(kv_cache_dtype, dtype), device=device)
+        storage = self.storage_dtype(kv_cache_dtype, dtype)
+        # on the host, pages become resident as blocks are first written, not all at allocation (lazy_memory)
+        if torch.device(device).type == "cpu":
+            self.data = lazy_memory.zeros(shape, storage)
+        else:
+            self.data = torch.zeros(shape, dtype=storage, device=device)
         if kv_cache_dtype == "model":
             self.layers = list(self.data.unbind(0))
             return
