@@ -72,3 +72,41 @@ def test_tuned_malloc_reuses_freed_activations():
 def test_user_settings_win(env):
     tuned, _ = _probe(**env)
     assert not tuned
+
+
+# After a step's activations are freed, the tuned heap keeps them (no new faults next step); release_free(), which
+# the engine calls once idle, hands them back to the OS.
+RELEASE_PROBE = """
+import ctypes, re
+from engines.torch import host_malloc
+assert host_malloc.tune()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kib():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+SIZE = 12 << 20
+blocks = [libc.malloc(SIZE) for _ in range(4)]
+for b in blocks:
+    ctypes.memset(b, 1, SIZE)
+for b in blocks:
+    libc.free(b)
+kept = rss_kib()
+released = host_malloc.release_free()
+print(released, kept - rss_kib())
+"""
+
+
+def test_release_free_returns_the_kept_heap():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "KILN_MALLOC", "GLIBC_TUNABLES"))}
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE_PROBE],
+        env=clean,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    released, dropped_kib = out.stdout.split()
+    assert released == "True"
+    assert int(dropped_kib) > 3 * (12 << 10), dropped_kib  # at least 3 of the 4 freed 12 MiB activations
