@@ -5,7 +5,7 @@ Phases, each sampling the server's /proc/PID/status and /proc/PID/smaps:
   warm idle   after `--warm-up` sequential chat requests and `--settle` seconds without work (the step loop
               hands freed heap back after 2 s idle, engines/torch/engine.py);
   c=32        peak and last VmRSS while `--concurrency` workers each send one chat request after another for
-              `--duration` s (prompts of 128 words, max_tokens 128, ignore_eos);
+              `--duration` s (prompts of 128 words, max_tokens 128, ignore_eos), until the last one finishes;
   idle after  `--settle` seconds after that load.
 Each phase is split into the KV pool's resident pages (the largest anonymous mapping: the host pool is one
 mmap, engines/torch/lazy_memory.py), the rest of the anonymous memory (weights, packed weights, Python,
@@ -105,9 +105,11 @@ async def run(args, base_url: str, pid: int) -> dict:
                 await chat(client, model, prompt(), args.max_tokens)
                 requests += 1
 
+        drained = asyncio.Event()  # sampling goes on while the requests in flight at `stop` finish
+
         async def sampler() -> None:
             nonlocal peak
-            while not stop.is_set():
+            while not drained.is_set():
                 now = memory(pid)
                 samples.append({"t": round(time.monotonic() - t0, 2), **now})
                 peak = max(peak, now, key=lambda m: m["vm_rss"])
@@ -117,7 +119,9 @@ async def run(args, base_url: str, pid: int) -> dict:
         sampling = asyncio.create_task(sampler())
         await asyncio.sleep(args.duration)
         stop.set()
-        await asyncio.gather(*tasks, sampling)
+        await asyncio.gather(*tasks)
+        drained.set()
+        await sampling
         end = memory(pid)
         phases[f"c={args.concurrency} peak"] = max(peak, end, key=lambda m: m["vm_rss"])
         phases[f"c={args.concurrency} end"] = end
