@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from engines.torch.kernels import argmax
+from tests.isa_helpers import isa_level_fixture
 
 pytestmark = pytest.mark.skipif(not argmax.available(), reason="argmax kernel unavailable")
+
+isa_level = isa_level_fixture(argmax._EXT)  # every test below, once per ISA level this CPU has
 
 
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 49152, 49157])

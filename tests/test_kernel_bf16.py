@@ -15,6 +15,7 @@ import torch
 
 from engines.torch.kernels import int_linear, rms_norm
 from engines.torch.kernels.extension import LazyExtension, cpu_flags
+from tests.isa_helpers import force_level, levels_here
 
 PROBE = r"""
 #include <torch/extension.h>
@@ -174,8 +175,11 @@ def test_int8_dequantize_rounds_like_torch():
 
 
 @pytest.mark.skipif(not rms_norm.available(), reason="rms_norm kernel unavailable")
-def test_residual_add_rounds_like_torch():
-    """add_rms_norm's sum is torch's bf16 add: ties (1 + 2**-8), overflow to Inf, Inf - Inf = NaN, denormals."""
+@pytest.mark.parametrize("level", levels_here())
+def test_residual_add_rounds_like_torch(level, monkeypatch):
+    """add_rms_norm's sum is torch's bf16 add: ties (1 + 2**-8), overflow to Inf, Inf - Inf = NaN, denormals;
+    at every ISA level (the AVX2 build rounds with its own 8-lane code in kiln_simd.h)."""
+    force_level(monkeypatch, rms_norm._EXT, level)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 64, generator=g).bfloat16()
     d = torch.randn(4, 64, generator=g).bfloat16()

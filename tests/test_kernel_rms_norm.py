@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import rms_norm as kernel
+from tests.isa_helpers import isa_level_fixture
+
+isa_level = isa_level_fixture(kernel._EXT)  # every test below, once per ISA level this CPU has
 
 
 def hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,6 +10,9 @@ import torch
 from engines.torch.attention import KVLayer, write_kv
 from engines.torch.kernels import rope_kv
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, _rotate
+from tests.isa_helpers import isa_level_fixture
+
+isa_level = isa_level_fixture(rope_kv._EXT)  # every test below, once per ISA level this CPU has
 
 H, KVH, D, NB, BS = 9, 3, 64, 48, 16
 

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import silu_mul as kernel
+from tests.isa_helpers import isa_level_fixture
+
+isa_level = isa_level_fixture(kernel._EXT)  # every test below, once per ISA level this CPU has
 
 
 def reference(gate_up: torch.Tensor) -> torch.Tensor:

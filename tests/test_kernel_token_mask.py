@@ -8,6 +8,9 @@ import torch
 import xgrammar as xgr
 
 from engines.torch.kernels import token_mask
+from tests.isa_helpers import isa_level_fixture
+
+isa_level = isa_level_fixture(token_mask._EXT)  # every test below, once per ISA level this CPU has
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 32), (3, 1000), (32, 49152), (5, 49155)])

@@ -1,16 +1,22 @@
 // Row-wise argmax of float32 logits [R, V] -> int64 [R], torch.argmax's answer: the first index of the
 // maximum, or of the first NaN when a row has one.
 // Why: torch's CPU argmax over a large vocabulary is a visible share of a batch-32 decode step
-// (docs/performance.md); a max pass and a find-first pass with AVX-512 read each row twice from L2.
+// (docs/performance.md); a max pass and a find-first pass in vectors read each row twice from L2. One source
+// for every ISA level: kiln_simd.h, compiled per level by isa_variants.py.
 #include <torch/extension.h>
 
+#include "kiln_simd.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 
 namespace {
+
+namespace simd = kiln::simd;
+using simd::F;
+using simd::W;
 
 int64_t argmax_portable(const float* x, int64_t n) {
   int64_t best = 0;
@@ -21,24 +27,24 @@ int64_t argmax_portable(const float* x, int64_t n) {
   return best;
 }
 
-__attribute__((target("avx512f"))) int64_t argmax_avx512(const float* x, int64_t n) {
-  __m512 mv = _mm512_set1_ps(-INFINITY);
-  __mmask16 nan = 0;
+int64_t argmax_simd(const float* x, int64_t n) {
+  F mv = simd::set1(-INFINITY);
+  uint32_t nan = 0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    mv = _mm512_max_ps(mv, v);
+  for (; i + W <= n; i += W) {
+    const F v = simd::load(x + i);
+    nan |= simd::nan_lanes(v);
+    mv = simd::max(mv, v);
   }
-  float m = _mm512_reduce_max_ps(mv);
+  float m = simd::reduce_max(mv);
   for (int64_t j = i; j < n; ++j) {
     if (std::isnan(x[j])) nan = 1;
     m = x[j] > m ? x[j] : m;
   }
   if (nan) return argmax_portable(x, n);  // first NaN, as torch
-  const __m512 target = _mm512_set1_ps(m);
-  for (i = 0; i + 16 <= n; i += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ);
+  const F target = simd::set1(m);
+  for (i = 0; i + W <= n; i += W) {
+    const uint32_t hit = simd::equal_lanes(simd::load(x + i), target);
     if (hit) return i + __builtin_ctz(hit);
   }
   for (; i < n; ++i)
@@ -54,10 +60,9 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   auto out = torch::empty({R}, torch::kInt64);
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  static const bool vector = __builtin_cpu_supports("avx512f");
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      op[r] = vector ? argmax_avx512(xp + r * V, V) : argmax_portable(xp + r * V, V);
+      op[r] = argmax_simd(xp + r * V, V);
   });
   return out;
 }

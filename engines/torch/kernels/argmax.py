@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("argmax.cpp")
-_EXT = LazyExtension("kiln_argmax", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="torch.argmax")
+_EXT = IsaVariants("kiln_argmax", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="torch.argmax")
 
 
 def available() -> bool:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("rms_norm.cpp")
-_EXT = LazyExtension("kiln_rms_norm", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.rms_norm")
+_EXT = IsaVariants("kiln_rms_norm", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.rms_norm")
 
 
 def available() -> bool:

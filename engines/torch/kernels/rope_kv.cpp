@@ -12,14 +12,12 @@
 // round, clamp, index_copy_), about a tenth of a batch-1 decode step on a small model.
 #include <torch/extension.h>
 
-#include "kiln_bf16.h"
+#include "kiln_simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 
 #include <algorithm>
-
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -52,36 +50,28 @@ inline void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
   }
 }
 
-// The same for bf16 with AVX-512 when head_dim is a multiple of 32 (the halves are whole 16-lane chunks):
+// The same for bf16 in vectors when head_dim is a multiple of two vectors (the halves are whole vectors):
 // identical bits, since each product and the sum are rounded to bf16 (nearest even) exactly as above.
 // Why: at a long prefill the scalar loop costs as much as torch's ops.
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+namespace simd = kiln::simd;
 
-AVX512 inline __m512 widen16(const at::BFloat16* p) { return kiln::widen16(reinterpret_cast<const uint16_t*>(p)); }
+inline const uint16_t* bits_of(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
-using kiln::round_bf16;
-using kiln::to_bf16_bits;
-
-AVX512 void rotate_bf16_avx512(const at::BFloat16* x, const at::BFloat16* cos, const at::BFloat16* sin,
-                               at::BFloat16* out, int64_t d) {
+void rotate_bf16_simd(const at::BFloat16* x, const at::BFloat16* cos, const at::BFloat16* sin, at::BFloat16* out,
+                      int64_t d) {
   const int64_t half = d / 2;
-  for (int64_t i = 0; i < d; i += 16) {
-    const __m512 a = round_bf16(_mm512_mul_ps(widen16(x + i), widen16(cos + i)));
-    const __m512 b = round_bf16(_mm512_mul_ps(widen16(x + (i + half) % d), widen16(sin + i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(to_bf16_bits(_mm512_add_ps(a, b))));
+  for (int64_t i = 0; i < d; i += simd::W) {
+    const simd::F a = simd::round_bf16(simd::mul(simd::load_bf16(bits_of(x + i), simd::W), simd::load_bf16(bits_of(cos + i), simd::W)));
+    const simd::F b = simd::round_bf16(
+        simd::mul(simd::load_bf16(bits_of(x + (i + half) % d), simd::W), simd::load_bf16(bits_of(sin + i), simd::W)));
+    simd::store_bf16(reinterpret_cast<uint16_t*>(out + i), simd::add(a, b), simd::W);
   }
-}
-
-bool avx512_ok() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
 }
 
 template <typename T>
 inline void rotate_fast(const T* x, const T* cos, const T* sin, T* out, int64_t d, bool vector) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (vector) return rotate_bf16_avx512(x, cos, sin, out, d);
+    if (vector) return rotate_bf16_simd(x, cos, sin, out, d);
   }
   rotate(x, cos, sin, out, d);
 }
@@ -105,7 +95,7 @@ void run(const T* qkv, const T* cos, const T* sin, const int64_t* pos, const int
   const int64_t row = (H + 2 * KVH) * D;
   const int64_t half_cache = KVH * NB * BS * D;  // elements of the key half of the cache
   // tokens are independent (distinct slots): a prefill's thousands spread over the threads, a decode's few do not
-  const bool vector = D % 32 == 0 && avx512_ok();
+  const bool vector = D % (2 * simd::W) == 0;
   at::parallel_for(0, T_, 256, [&](int64_t begin, int64_t end) {
   std::vector<T> k(D);
   for (int64_t t = begin; t < end; ++t) {

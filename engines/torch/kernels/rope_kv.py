@@ -2,9 +2,9 @@
 
 The torch path (llama._rotate, then attention.write_kv or KVLayer.write) is ~15 small ops per layer;
 this op gives the same bits (see the .cpp) and returns the rotated queries for decode attention.
-Compiled on first use like the other kernels (g++ and ninja; cached in TORCH_EXTENSIONS_DIR); plain C++
-with no ISA flags, so it builds on any x86 or ARM CPU. available() is False when the build fails (one
-warning); callers then keep the torch path.
+Compiled on first use like the other kernels (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), for AVX-512 or
+AVX2 (isa_variants.py). available() is False on other CPUs and when the build fails (one warning); callers then
+keep the torch path.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("rope_kv.cpp")
 # -ffp-contract=off: x * cos + swapped * sin must round twice, as torch's separate ops do
-_EXT = LazyExtension(
+_EXT = IsaVariants(
     "kiln_rope_kv",
     _SOURCE,
     ["-O3", "-ffp-contract=off", "-std=c++17", "-fopenmp"],

@@ -4,7 +4,7 @@ F.silu on the gate half and a multiply by the up half of the fused gate_up proje
 passes, a visible share of a prefill step (docs/performance.md); the kernel reads each row once. Compiled on first
 use like rms_norm
 (cached in TORCH_EXTENSIONS_DIR); `silu_mul` falls back to torch on other dtypes or devices and when
-the extension cannot be built (one warning). AVX-512 where the CPU has it, portable C++ otherwise.
+the extension cannot be built (one warning). AVX-512 or AVX2 builds of one source (isa_variants.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("silu_mul.cpp")
-_EXT = LazyExtension("kiln_silu_mul", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.silu(gate) * up")
+_EXT = IsaVariants("kiln_silu_mul", _SOURCE, ["-O3", "-fopenmp"], ldflags=["-fopenmp"], fallback="F.silu(gate) * up")
 
 
 def available() -> bool:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import xgrammar as xgr
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("token_mask.cpp")
-_EXT = LazyExtension(
+_EXT = IsaVariants(
     "kiln_token_mask",
     _SOURCE,
     ["-O3", "-fopenmp"],

@@ -1,0 +1,86 @@
+"""One kernel source compiled once per x86 ISA level, and the best level the CPU has chosen at load.
+
+The elementwise kernels (rms_norm, silu_mul, rope_kv, argmax, token_mask) are written once against kiln_simd.h,
+which maps its vector operations to AVX-512 or to AVX2 by the compiler flags. Each level is its own
+LazyExtension with its own name (the AVX-512 build keeps the kernel's historical name, the AVX2 build adds
+`_avx2`), so the builds do not clash in TORCH_EXTENSIONS_DIR. `get()` takes the highest level whose CPU flags
+`extension.cpu_flags()` reports (so a KILN_CPU_ISA override there applies here too) and that compiles; with none,
+the kernel module uses its torch fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.torch.kernels import extension
+from engines.torch.kernels.extension import LazyExtension
+
+log = logging.getLogger("kiln.kernels")
+
+
+@dataclass(frozen=True)
+class IsaLevel:
+    name: str
+    suffix: str  # appended to the extension's name
+    cflags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo's names for what cflags let the compiler use
+
+
+# highest first: the order get() tries them in
+LEVELS = (
+    IsaLevel(
+        "avx512",
+        "",
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
+        ("avx512f", "avx512bw", "avx512vl", "fma"),
+    ),
+    IsaLevel("avx2", "_avx2", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+)
+
+
+class IsaVariants:
+    """LazyExtension's get() / available() over the ISA levels: the highest the CPU runs that builds."""
+
+    def __init__(self, name: str, source: Path, cflags: list[str], *, ldflags: list[str], fallback: str):
+        self.name, self.fallback = name, fallback
+        self.variants = {
+            level.name: LazyExtension(
+                name + level.suffix,
+                source,
+                [*cflags, *level.cflags],
+                required_cpu_flags=level.cpu_flags,
+                ldflags=ldflags,
+                fallback=f"a lower ISA level or {fallback}",
+            )
+            for level in LEVELS
+        }
+        self.level: str | None = None  # the level get() chose, None for the torch fallback
+        self.module = None
+        self.tried = False
+        self._lock = threading.Lock()
+
+    def runnable(self) -> list[str]:
+        """The levels this CPU has the flags for, highest first."""
+        have = extension.cpu_flags()
+        return [level.name for level in LEVELS if all(flag in have for flag in level.cpu_flags)]
+
+    def get(self):
+        if self.tried:
+            return self.module
+        with self._lock:
+            if not self.tried:
+                for level in self.runnable():
+                    module = self.variants[level].get()
+                    if module is not None:
+                        self.level, self.module = level, module
+                        break
+                else:
+                    log.warning("%s kernel: no ISA level of it runs here, %s is used instead", self.name, self.fallback)
+                self.tried = True
+        return self.module
+
+    def available(self) -> bool:
+        return self.get() is not None

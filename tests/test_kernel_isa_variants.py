@@ -1,0 +1,52 @@
+"""Load-time choice among a kernel's ISA builds (isa_variants.py): the highest level whose CPU flags
+extension.cpu_flags() reports, else the torch fallback; and the AVX-512 and AVX2 builds of one source give the
+same bits where their order of operations is the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.torch.kernels import extension, rms_norm, silu_mul
+from engines.torch.kernels.isa_variants import LEVELS
+from tests.isa_helpers import levels_here
+
+AVX512_CPU = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+AVX2_CPU = {"avx2", "fma", "f16c", "sse4_2"}
+OLD_CPU = {"sse4_2", "avx"}  # no AVX2: no build of these kernels applies
+
+
+def test_every_level_has_its_own_extension_name():
+    names = [ext.name for ext in rms_norm._EXT.variants.values()]
+    assert names == ["kiln_rms_norm", "kiln_rms_norm_avx2"]
+    assert [level.name for level in LEVELS] == ["avx512", "avx2"]  # highest first
+
+
+@pytest.mark.parametrize(
+    "flags, level", [(AVX512_CPU, "avx512"), (AVX2_CPU, "avx2"), (AVX512_CPU - {"avx512bw"}, "avx2"), (OLD_CPU, None)]
+)
+def test_the_highest_level_the_cpu_has_is_chosen(flags, level, monkeypatch):
+    if level is not None:
+        assert level in levels_here(), f"this machine cannot build the {level} variant to check its selection"
+    variants = rms_norm._EXT
+    monkeypatch.setattr(extension, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(variants, "tried", False)
+    monkeypatch.setattr(variants, "module", None)
+    monkeypatch.setattr(variants, "level", None)
+    chosen = variants.get()
+    assert variants.level == level
+    assert chosen is (variants.variants[level].get() if level else None)
+    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    if level is None:  # the torch fallback, exactly
+        assert torch.equal(rms_norm.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
+
+
+def test_silu_mul_builds_agree_bit_for_bit():
+    """exp's range reduction and 2^n scaling round alike at both widths (scalef vs two exact products)."""
+    levels = levels_here()
+    assert len(levels) >= 2, f"this machine runs only {levels}: nothing to compare"
+    x = torch.randn(9, 2 * 1000, dtype=torch.bfloat16) * 30  # past exp's clamps, into denormal results
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 88.5, -88.5])
+    bits = [silu_mul._EXT.variants[level].get().silu_mul_bf16(x).view(torch.int16) for level in levels]
+    assert all(torch.equal(bits[0], b) for b in bits[1:])
