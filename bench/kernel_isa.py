@@ -1,9 +1,10 @@
-"""kiln's elementwise CPU kernels at each ISA level this CPU has, against their torch fallback.
+"""kiln's CPU kernels at each ISA level this CPU has, against their torch fallback.
 
-Each kernel source (rms_norm, silu_mul, rope_kv, argmax, token_mask) is built once per level (isa_variants.py:
-AVX-512, AVX2); this times every build the CPU runs and the torch code used without one, on SmolLM2-135M's
-shapes (hidden 576, intermediate 1536, 9 query and 3 KV heads of 64, vocabulary 49152), at decode and prefill
-sizes. One thread (torch.set_num_threads(1)), so that the figures compare code, not a shared machine's cores.
+Each kernel (rms_norm, silu_mul, rope_kv, argmax, token_mask; int8 / int4 weight-only linear) is built once per
+level (isa_variants.py: AVX-512, AVX2); this times every build the CPU runs and the torch code used without one
+(for int_linear its fallback: dequantize, then F.linear), on SmolLM2-135M's shapes (hidden 576, intermediate
+1536, 9 query and 3 KV heads of 64, vocabulary 49152), at decode and prefill sizes. One thread
+(torch.set_num_threads(1)), so that the figures compare code, not a shared machine's cores.
 The torch fallback runs ATen's own vector code for the CPU it finds (AVX-512 on an AVX-512 CPU); what an AVX2
 CPU's fallback does is measured with ATEN_CPU_CAPABILITY=avx2 in the environment (the header says which ran).
 
@@ -27,8 +28,9 @@ import torch
 import xgrammar as xgr
 
 from bench.event_loop import RESULTS, cpu_model
+from engines.quant.rtn import quantize_rtn
 from engines.torch.attention import write_kv
-from engines.torch.kernels import argmax, extension, rms_norm, rope_kv, silu_mul, token_mask
+from engines.torch.kernels import argmax, extension, int_linear, rms_norm, rope_kv, silu_mul, token_mask
 from engines.torch.kernels.isa_variants import LEVELS
 from engines.torch.models.llama import _rotate
 
@@ -110,6 +112,27 @@ def cases(rows_decode: int, rows_prefill: int):
                 None,
             ),
         ]
+    weight = torch.randn(2 * INTER, HIDDEN, generator=gen) * 0.05  # the fused gate_up projection
+    q8 = quantize_rtn(weight, 8)
+    q4 = quantize_rtn(weight, 4, group_size=32, symmetric=False)
+    p4 = int_linear.pack_int4(q4.qweight)
+    s8 = q8.scales.reshape(-1)
+    for rows in (1, 8):
+        x = bf16(rows, HIDDEN)
+        out += [
+            (
+                f"int8_linear [{rows}, {HIDDEN}] x [{2 * INTER}]",
+                int_linear,
+                lambda x=x: int_linear.int8_linear(x, q8.qweight, s8),
+                None,
+            ),
+            (
+                f"int4_linear g32 [{rows}, {HIDDEN}] x [{2 * INTER}]",
+                int_linear,
+                lambda x=x: int_linear.int4_linear(x, p4, q4.scales, q4.zeros, 32),
+                None,
+            ),
+        ]
     return out
 
 
@@ -159,7 +182,7 @@ def main() -> int:
             call = torch_call if level is None and torch_call is not None else kernel_call
             row[f"{level or 'torch'}_us"] = median_us(call, args.seconds)
         results.append(row)
-    for module in (rms_norm, silu_mul, rope_kv, argmax, token_mask):  # back to load-time selection
+    for module in (rms_norm, silu_mul, rope_kv, argmax, token_mask, int_linear):  # back to load-time selection
         module._EXT.tried = False
 
     head = "| case | torch µs | " + " | ".join(f"{lv} µs | {lv} x" for lv in levels) + " |"

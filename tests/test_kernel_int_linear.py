@@ -3,8 +3,9 @@ dequantized weight, for M = 1..8 and beyond, K tails, N not a multiple of the ti
 asymmetric int4 with group sizes 16..128, bf16 and fp32 x, bias; determinism, batch and thread
 invariance, GIL release, the torch fallbacks, the int4 packing, dequantization, and the layers' use.
 
-Skipped when the kernels are unavailable (no AVX-512, compiler or ninja). The first run compiles the
-extension (~1 min), later runs load it from torch's extension cache."""
+Every test runs once per ISA level this CPU has (int_gemv.cpp for AVX-512, int_gemv_avx2.cpp for AVX2).
+Skipped when the kernels are unavailable (neither, or no compiler or ninja). The first run compiles the
+extensions (~1 min each), later runs load them from torch's extension cache."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from engines.torch.kernels.int_linear import (
 )
 from engines.torch.layers.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from tests.gil_helpers import assert_releases_gil
+from tests.isa_helpers import isa_level_fixture
 
 MS = list(range(1, 9)) + [9, 16, 21, 33]  # decode sizes, then the multi-pass path (still exact)
 INT8_SHAPES = [(960, 576), (576, 1536), (100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]
@@ -45,10 +47,13 @@ INT4_SHAPES = [
 ]
 
 
+isa_level = isa_level_fixture(kmod._EXT)  # every test below, once per ISA level this CPU has
+
+
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
     if not available():
-        pytest.skip("int_linear kernels unavailable (no AVX-512 F/BW/VL, compiler or ninja)")
+        pytest.skip("int_linear kernels unavailable (neither AVX-512 F/BW/VL nor AVX2, or no compiler or ninja)")
 
 
 def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -293,7 +298,10 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
     monkeypatch.setattr(kmod._EXT, "tried", False)
-    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl"})
+    for level in kmod._EXT.variants.values():  # each level's build, as on a fresh start (restored after the test)
+        monkeypatch.setattr(level, "tried", False)
+        monkeypatch.setattr(level, "module", None)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"})
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
     assert kmod.available() is False
     _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), x, dequantize(q8), b)

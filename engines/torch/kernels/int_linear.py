@@ -1,4 +1,4 @@
-"""Weight-only INT8 / INT4 linear for decode-sized batches (M = 1..SMALL_M_MAX_* rows), CPU, AVX-512.
+"""Weight-only INT8 / INT4 linear for decode-sized batches (M = 1..SMALL_M_MAX_* rows), CPU, AVX-512 or AVX2.
 
 W8A16 / W4A16: x stays bf16 or fp32 (converted to fp32 exactly), the weights are dequantized in registers
 and every product is accumulated in fp32. At small M a linear layer is bound by reading its weights, and
@@ -17,7 +17,8 @@ docs/performance.md). int4 at M = 1 is bound by its decode (a vpermps per 16 wei
 
 The extension is compiled on first use by torch.utils.cpp_extension.load (g++ and ninja on PATH; a minute
 or so once), then cached in torch's extension directory and loaded in about a second by later processes.
-`available()` is False when the CPU lacks AVX-512 F/BW/VL or the build fails (one warning, never
+`available()` is False when the CPU has neither AVX-512 F/BW/VL nor AVX2 (int_gemv_avx2.cpp, the same functions
+in 8-lane form) or the build fails (one warning, never
 raises); every function then falls back to portable torch code with the same results up to fp32
 rounding, so callers may call them unconditionally. Results are deterministic and batch-invariant
 (row i of the output does not depend on the other rows of x nor on the thread count). The GIL is
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 # Largest number of rows of x for which the kernels are the fastest path on cold (streamed) weights
 # (bench/kernel_int_linear.py, SmolLM2-135M-shaped stack): they beat torch's int8pack / int4pack
@@ -46,14 +47,15 @@ _SOURCE = Path(__file__).with_name("int_gemv.cpp")
 # Explicit ISA flags rather than -march=native (the cached binary stays valid on any AVX-512 CPU;
 # available() checks the flags first). -ffp-contract=off: GCC may otherwise fuse the epilogue's
 # multiply and add (scale, bias) into one FMA in some inlined tile shapes and not others.
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
-_EXT = LazyExtension(
+_CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # + each ISA level's flags (isa_variants.py)
+# AVX2 CPUs get int_gemv_avx2.cpp: the same functions, written for 8 lanes (isa_variants.py picks the level)
+_EXT = IsaVariants(
     "kiln_int_gemv",
     _SOURCE,
     _CFLAGS,
-    required_cpu_flags=("avx512f", "avx512bw", "avx512vl"),
     ldflags=["-fopenmp"],
     fallback="torch code",
+    sources={"avx2": Path(__file__).with_name("int_gemv_avx2.cpp")},
 )
 
 

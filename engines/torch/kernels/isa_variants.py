@@ -31,12 +31,7 @@ class IsaLevel:
 
 # highest first: the order get() tries them in
 LEVELS = (
-    IsaLevel(
-        "avx512",
-        "",
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
-        ("avx512f", "avx512bw", "avx512vl", "fma"),
-    ),
+    IsaLevel("avx512", "", ("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx512f", "avx512bw", "avx512vl")),
     IsaLevel("avx2", "_avx2", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
 )
 
@@ -44,12 +39,21 @@ LEVELS = (
 class IsaVariants:
     """LazyExtension's get() / available() over the ISA levels: the highest the CPU runs that builds."""
 
-    def __init__(self, name: str, source: Path, cflags: list[str], *, ldflags: list[str], fallback: str):
+    def __init__(
+        self,
+        name: str,
+        source: Path,
+        cflags: list[str],
+        *,
+        ldflags: list[str],
+        fallback: str,
+        sources: dict[str, Path] | None = None,  # a level's own source instead of `source`
+    ):
         self.name, self.fallback = name, fallback
         self.variants = {
             level.name: LazyExtension(
                 name + level.suffix,
-                source,
+                (sources or {}).get(level.name, source),
                 [*cflags, *level.cflags],
                 required_cpu_flags=level.cpu_flags,
                 ldflags=ldflags,
@@ -78,7 +82,13 @@ class IsaVariants:
                         self.level, self.module = level, module
                         break
                 else:
-                    log.warning("%s kernel: no ISA level of it runs here, %s is used instead", self.name, self.fallback)
+                    needs = " or ".join(", ".join(level.cpu_flags) for level in LEVELS)
+                    log.warning(
+                        "%s kernel unavailable (needs %s and a build), %s is used instead",
+                        self.name,
+                        needs,
+                        self.fallback,
+                    )
                 self.tried = True
         return self.module
 

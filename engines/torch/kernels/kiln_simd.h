@@ -1,5 +1,5 @@
 // The few fp32 vector operations kiln's elementwise kernels need, for the ISA the file is compiled for:
-// AVX-512 (-mavx512f -mavx512bw -mavx512vl -mfma, 16 lanes) or AVX2 (-mavx2 -mfma -mf16c, 8 lanes).
+// AVX-512 (-mavx512f -mavx512bw -mavx512vl, 16 lanes) or AVX2 (-mavx2 -mfma -mf16c, 8 lanes).
 //
 // Why: each kernel source (rms_norm, silu_mul, rope_kv, argmax, token_mask) is compiled once per ISA level under
 // its own extension name (isa_variants.py) and written once against these functions, so the AVX-512 and the
@@ -17,7 +17,7 @@
 
 namespace kiln::simd {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 constexpr int64_t W = 16;
 using F = __m512;
@@ -137,7 +137,7 @@ inline F select_bits(uint32_t bits, F clear, F set) {
 }
 
 #else
-#error "kiln_simd.h needs -mavx512f -mavx512bw -mavx512vl -mfma or -mavx2 -mfma -mf16c (isa_variants.py)"
+#error "kiln_simd.h needs -mavx512f -mavx512bw -mavx512vl or -mavx2 -mfma -mf16c (isa_variants.py)"
 #endif
 
 inline F zero() { return set1(0.0f); }
