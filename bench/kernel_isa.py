@@ -59,7 +59,7 @@ def force(module, level: str | None) -> None:
     """Make `module`'s functions use this level's build (None: the torch fallback) until the next force()."""
     variants = module._EXT
     variants.module = variants.variants[level].get() if level else None
-    variants.level, variants.tried = level, True
+    variants.level, variants.decided_for = level, extension.cpu_flags()
 
 
 def rope_torch(qkv, cos, sin, positions, slots, cache):
@@ -183,7 +183,7 @@ def main() -> int:
             row[f"{level or 'torch'}_us"] = median_us(call, args.seconds)
         results.append(row)
     for module in (rms_norm, silu_mul, rope_kv, argmax, token_mask, int_linear):  # back to load-time selection
-        module._EXT.tried = False
+        module._EXT.decided_for = None
 
     head = "| case | torch µs | " + " | ".join(f"{lv} µs | {lv} x" for lv in levels) + " |"
     lines = [head, "|---|---:|" + "---:|---:|" * len(levels)]

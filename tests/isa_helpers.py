@@ -19,7 +19,7 @@ def force_level(monkeypatch: pytest.MonkeyPatch, variants: IsaVariants, level: s
     assert module is not None, f"{variants.variants[level].name} did not build on a CPU that has its flags"
     monkeypatch.setattr(variants, "module", module)
     monkeypatch.setattr(variants, "level", level)
-    monkeypatch.setattr(variants, "tried", True)
+    monkeypatch.setattr(variants, "decided_for", extension.cpu_flags())
 
 
 def isa_level_fixture(variants: IsaVariants):

@@ -277,7 +277,7 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     x, b = _x(2, 96, torch.bfloat16, seed=17), torch.randn(64)
     y8, y4 = int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), int4_linear(x, p4, q4.scales, q4.zeros, 32, b)
     monkeypatch.setattr(kmod._EXT, "module", None)
-    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(kmod._EXT, "decided_for", None)
     monkeypatch.setattr(extension, "cpu_flags", lambda: {"avx512f"})
     with caplog.at_level("WARNING", logger="kiln.kernels"):
         assert kmod.available() is False
@@ -297,7 +297,7 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     def broken_load(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    monkeypatch.setattr(kmod._EXT, "tried", False)
+    monkeypatch.setattr(kmod._EXT, "decided_for", None)
     for level in kmod._EXT.variants.values():  # each level's build, as on a fresh start (restored after the test)
         monkeypatch.setattr(level, "tried", False)
         monkeypatch.setattr(level, "module", None)

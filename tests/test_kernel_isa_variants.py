@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels import extension, rms_norm, silu_mul
+from engines.torch.kernels import dispatch, extension, rms_norm, silu_mul
 from engines.torch.kernels.isa_variants import LEVELS
+from tests.cpu_classes import CPU_CLASSES
 from tests.isa_helpers import levels_here
 
 AVX512_CPU = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
@@ -31,7 +32,7 @@ def test_the_highest_level_the_cpu_has_is_chosen(flags, level, monkeypatch):
         assert level in levels_here(), f"this machine cannot build the {level} variant to check its selection"
     variants = rms_norm._EXT
     monkeypatch.setattr(extension, "cpu_flags", lambda: set(flags))
-    monkeypatch.setattr(variants, "tried", False)
+    monkeypatch.setattr(variants, "decided_for", None)
     monkeypatch.setattr(variants, "module", None)
     monkeypatch.setattr(variants, "level", None)
     chosen = variants.get()
@@ -50,3 +51,26 @@ def test_silu_mul_builds_agree_bit_for_bit():
     x[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 88.5, -88.5])
     bits = [silu_mul._EXT.variants[level].get().silu_mul_bf16(x).view(torch.int16) for level in levels]
     assert all(torch.equal(bits[0], b) for b in bits[1:])
+
+
+def test_kiln_cpu_isa_avx2_runs_the_avx2_builds(monkeypatch, kernels_decide_again):
+    """The override restricts the flags extension.cpu_flags() reports; after extension.reset() every op decides
+    again, and the dispatch report names the level each one then runs."""
+    assert "avx512" in levels_here(), "this machine cannot show the override moving a kernel down a level"
+    assert rms_norm._EXT.get() is rms_norm._EXT.variants["avx512"].get()
+    monkeypatch.setenv("KILN_CPU_ISA", "avx2")
+    extension.reset()
+    assert rms_norm._EXT.get() is rms_norm._EXT.variants["avx2"].get() and rms_norm._EXT.level == "avx2"
+    report = dispatch.report()
+    for op in ("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear"):
+        assert report[op] == "avx2", (op, report[op])
+
+
+@pytest.mark.parametrize("name", list(CPU_CLASSES))
+def test_dispatch_report_names_the_level_each_class_runs(name):
+    flags, level = CPU_CLASSES[name]
+    expected = "torch" if level is None else "avx2" if level == "avx2" else "avx512"
+    report = dispatch.report(flags)
+    assert {op: report[op] for op in ("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear")} == (
+        dict.fromkeys(("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear"), expected)
+    )

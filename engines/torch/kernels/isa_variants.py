@@ -3,14 +3,15 @@
 The elementwise kernels (rms_norm, silu_mul, rope_kv, argmax, token_mask) are written once against kiln_simd.h,
 which maps its vector operations to AVX-512 or to AVX2 by the compiler flags. Each level is its own
 LazyExtension with its own name (the AVX-512 build keeps the kernel's historical name, the AVX2 build adds
-`_avx2`), so the builds do not clash in TORCH_EXTENSIONS_DIR. `get()` takes the highest level whose CPU flags
-`extension.cpu_flags()` reports (so a KILN_CPU_ISA override there applies here too) and that compiles; with none,
-the kernel module uses its torch fallback.
+`_avx2`), so the builds do not clash in TORCH_EXTENSIONS_DIR, and is recorded as the kernel module's own, so
+dispatch.py reports it. `get()` takes the highest level whose CPU flags `extension.cpu_flags()` reports (after
+KILN_CPU_ISA) and that compiles, dispatch.py's rule; with none, the kernel module uses its torch fallback.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,10 @@ class IsaVariants:
         sources: dict[str, Path] | None = None,  # a level's own source instead of `source`
     ):
         self.name, self.fallback = name, fallback
-        self.variants = {
-            level.name: LazyExtension(
+        owner = sys._getframe(1).f_globals.get("__name__", "")  # the kernel module declaring these variants
+        self.variants = {}
+        for level in LEVELS:
+            variant = LazyExtension(
                 name + level.suffix,
                 (sources or {}).get(level.name, source),
                 [*cflags, *level.cflags],
@@ -59,11 +62,13 @@ class IsaVariants:
                 ldflags=ldflags,
                 fallback=f"a lower ISA level or {fallback}",
             )
-            for level in LEVELS
-        }
+            variant.owner = owner  # dispatch.py reports it under that module, not under this one
+            self.variants[level.name] = variant
         self.level: str | None = None  # the level get() chose, None for the torch fallback
         self.module = None
-        self.tried = False
+        # the cpu_flags() object the choice was made for: extension.reset() (KILN_CPU_ISA changed) makes a new one,
+        # and the next call decides again; one identity test per call otherwise (the ops run per layer and step)
+        self.decided_for: frozenset[str] | None = None
         self._lock = threading.Lock()
 
     def runnable(self) -> list[str]:
@@ -72,10 +77,12 @@ class IsaVariants:
         return [level.name for level in LEVELS if all(flag in have for flag in level.cpu_flags)]
 
     def get(self):
-        if self.tried:
+        flags = extension.cpu_flags()
+        if self.decided_for is flags:
             return self.module
         with self._lock:
-            if not self.tried:
+            if self.decided_for is not flags:
+                self.level, self.module = None, None
                 for level in self.runnable():
                     module = self.variants[level].get()
                     if module is not None:
@@ -89,7 +96,7 @@ class IsaVariants:
                         needs,
                         self.fallback,
                     )
-                self.tried = True
+                self.decided_for = flags
         return self.module
 
     def available(self) -> bool:
