@@ -13,30 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from tests.dockerfile_helpers import instructions
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile.trtllm"
 COMPOSE_GPU = REPO / "compose.gpu.yaml"
 TENSORRT_LIB_ENV = "/usr/local/tensorrt/lib:${LD_LIBRARY_PATH}"
-
-
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined and comments dropped, as Docker parses them."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
-            continue  # a comment line inside a continued instruction is skipped by Docker's parser
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        whole = (pending + line).strip()
-        pending = ""
-        keyword, _, arguments = whole.partition(" ")
-        out.append((keyword.upper(), arguments.strip()))
-    return out
 
 
 def env_assignments(arguments: str) -> dict[str, str]:
