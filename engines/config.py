@@ -13,6 +13,9 @@ SchedulerPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 KV_CACHE_DTYPES = ("model", "int8", "fp8")
 SPECULATIVE_METHODS = ("draft", "ngram")  # the torch backend's; the trtllm backend refuses both
 BACKENDS = ("auto", "torch", "trtllm")
+# Weight quantization applied while a model folder loads (no calibration, so nothing to build first): auto, none,
+# or a calibration-free scheme of engines/schemes (engines/torch/load_quantization.py decides what auto means).
+QUANTIZATIONS = ("auto", "none", "int8-wo")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 MAX_SPECULATIVE_TOKENS = 16
 
@@ -29,6 +32,8 @@ class EngineConfig:
     engine_dir: str | None = None
     served_model_name: str | None = None
     dtype: DType = "auto"  # auto: bfloat16 (CPU with avx512_bf16 or CUDA), else float32
+    # auto: int8-wo on a CPU with kiln's int8 kernels when dtype is auto too, else none (load_quantization.py)
+    quantization: str = "auto"
     device: str = "auto"  # auto: cuda when visible, else cpu
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU, 90% of free on CUDA
@@ -70,6 +75,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}.")
+        if self.engine_dir is not None and self.quantization not in ("auto", "none"):
+            raise ValueError(
+                f"quantization {self.quantization} applies to a model folder; an engine directory is served with "
+                "the precision it was built with (kiln build --precision)."
+            )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be model, int8 or fp8, got {self.kv_cache_dtype!r}.")
         if self.backend not in BACKENDS:

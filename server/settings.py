@@ -77,6 +77,11 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         EngineConfig.dtype, description="auto, float32, bfloat16 or float16 (default: auto)"
     )
+    quantization: Literal["auto", "none", "int8-wo"] = Field(
+        EngineConfig.quantization,
+        description="quantize a model folder's weights as it loads: int8-wo (int8 weights, W8A16), none, or auto "
+        "(int8-wo on CPU when --dtype is auto, else none); an engine directory keeps its build's (default: auto)",
+    )
     block_size: int = Field(
         EngineConfig.block_size, description="tokens per KV-cache block, a power of two (default: 16)"
     )
@@ -269,6 +274,7 @@ class ServerSettings(BaseSettings):
             engine_dir=self.engine_dir,
             served_model_name=self.served_model_name,
             dtype=self.dtype,
+            quantization=self.quantization,
             device=self.device,
             block_size=self.block_size,
             kv_cache_memory=int(self.kv_cache_memory) if self.kv_cache_memory is not None else None,

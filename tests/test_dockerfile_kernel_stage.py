@@ -52,8 +52,9 @@ def is_copied(path: Path, sources: list[str]) -> bool:
 
 
 def test_the_kernel_stage_copies_every_kiln_module_the_kernels_import():
-    result = subprocess.run([sys.executable, "-c", LOADED_KILN_FILES], cwd=REPO, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_KILN_FILES], cwd=REPO, capture_output=True, text=True, check=True
+    )
     loaded = [Path(f) for f in json.loads(result.stdout.strip().splitlines()[-1])]
     assert any(p.name == "cpu_isa.py" for p in loaded), "the probe did not load the kernels' imports"
     sources = copied_before_kernel_build()

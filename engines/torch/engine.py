@@ -114,7 +114,7 @@ class AsyncTorchEngine(Engine):
             block_size=core.bm.block_size,
             num_kv_blocks=core.bm.num_blocks,
             details=EngineDetails(
-                precision=loaded.manifest.precision if loaded.manifest else None,
+                precision=loaded.manifest.precision if loaded.manifest else loaded.quantization,
                 profile=loaded.manifest.profile if loaded.manifest else None,
                 hardware=detect_hardware().describe(),
                 speculative=_speculation(core),

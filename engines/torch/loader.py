@@ -12,7 +12,7 @@ from engines import cpu_isa
 from engines.build.manifest import Manifest
 from engines.config import EngineConfig, default_batched_tokens
 from engines.model_source import model_display_name, resolve_model
-from engines.torch import host_malloc
+from engines.torch import host_malloc, load_quantization
 from engines.torch.block_manager import BlockManager
 from engines.torch.grammar import Grammars
 from engines.torch.layers.linear import DenseLinear
@@ -41,6 +41,7 @@ class LoadedModel:
     # the KV-cache dtype and scales its engine directory asks for (used when it serves as a draft)
     kv_cache_dtype: str = "model"
     kv_cache_scales: torch.Tensor | None = None
+    quantization: str | None = None  # the scheme a model folder was quantized with at load (load_quantization)
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,9 +75,13 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = pick_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_checkpoint(folder, hf_config, dtype, device)
+    quantization = load_quantization.resolve(config, device)
+    if quantization is None:
+        model = load_checkpoint(folder, hf_config, dtype, device)
+    else:
+        model = load_quantization.load_quantized(folder, hf_config, quantization, dtype, device)
     name = config.served_model_name or model_display_name(config.model)
-    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device)
+    return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, quantization=quantization)
 
 
 def load_engine_dir(config: EngineConfig) -> LoadedModel:
