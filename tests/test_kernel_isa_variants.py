@@ -16,6 +16,8 @@ from tests.isa_helpers import levels_here
 AVX512_CPU = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 AVX2_CPU = {"avx2", "fma", "f16c", "sse4_2"}
 OLD_CPU = {"sse4_2", "avx"}  # no AVX2: no build of these kernels applies
+# the ops with an AVX-512 and an AVX2 build
+KERNEL_OPS = ("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear", "paged_attention")
 
 
 def test_every_level_has_its_own_extension_name():
@@ -62,7 +64,7 @@ def test_kiln_cpu_isa_avx2_runs_the_avx2_builds(monkeypatch, kernels_decide_agai
     extension.reset()
     assert rms_norm._EXT.get() is rms_norm._EXT.variants["avx2"].get() and rms_norm._EXT.level == "avx2"
     report = dispatch.report()
-    for op in ("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear"):
+    for op in KERNEL_OPS:
         assert report[op] == "avx2", (op, report[op])
 
 
@@ -71,6 +73,4 @@ def test_dispatch_report_names_the_level_each_class_runs(name):
     flags, level = CPU_CLASSES[name]
     expected = "torch" if level is None else "avx2" if level == "avx2" else "avx512"
     report = dispatch.report(flags)
-    assert {op: report[op] for op in ("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear")} == (
-        dict.fromkeys(("rms_norm", "silu_mul", "rope_kv", "argmax", "token_mask", "int_linear"), expected)
-    )
+    assert {op: report[op] for op in KERNEL_OPS} == dict.fromkeys(KERNEL_OPS, expected)

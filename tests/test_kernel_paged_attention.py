@@ -1,7 +1,8 @@
-"""The C++ paged decode attention kernel against attention._decode_reference (the torch path).
+"""The C++ paged decode attention kernel against attention._decode_reference (the torch path), at every ISA level
+this machine has (AVX-512 and AVX2 builds of one source; on AVX512-BF16 CPUs the AVX-512 build's bf16 path too).
 
 fp32: both sides compute in fp32 and differ only in summation order (MKL's bmm vs the kernel's
-16-lane dot products, softmax normaliser), a few ulps of O(1) values, far below 1e-5 absolute.
+16- or 8-lane dot products, softmax normaliser), a few ulps of O(1) values, far below 1e-5 absolute.
 bf16: both compute in fp32 and round once to bf16, so they may differ by one bf16 ulp where the fp32
 results straddle a rounding boundary; the kernel must also be within half an ulp of the fp32 result.
 """
@@ -15,10 +16,12 @@ import torch
 
 from engines.quant.fp8 import FP8_DTYPE
 from engines.torch.attention import AttentionMetadata, KVLayer, _decode, _decode_reference
-from engines.torch.attention_backend import select_attention_backend
-from engines.torch.kernels import paged_attention
+from engines.torch.attention_backend import CPP_FUSED_ATTENTION, select_attention_backend
+from engines.torch.kernels import extension, paged_attention, rope_kv
+from tests.isa_helpers import isa_level_fixture, levels_here
 
 pytestmark = pytest.mark.skipif(not paged_attention.available(), reason="paged_attention kernel unavailable")
+isa_level = isa_level_fixture(paged_attention._EXT)  # every test below, once per ISA level this CPU has
 
 BS = 16
 LENS = [1, 15, 16, 17, 300]
@@ -111,14 +114,22 @@ def test_matches_reference(kind, dtype, heads, kv_heads, lens):
     _check(_kernel(q, cache, meta, scale), q, cache, meta, scale)
 
 
+# the AVX512-BF16 path runs only where the CPU has the instruction (elsewhere it would fault)
+BF16_DOT = [False, *([True] if paged_attention.BF16_DOT_FLAG in extension.cpu_flags() else [])]
+
+
+@pytest.mark.parametrize("bf16_dot", BF16_DOT, ids=lambda on: "bf16-dot" if on else "no-bf16-dot")
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (12, 4), (10, 2), (12, 2)])
-def test_bf16_cache_head_groups(head_dim, heads, kv_heads):
-    """bf16 over a bf16 cache has its own path (AVX512-BF16 scores, value passes over up to 16 / (D / 16)
-    query heads at a time); these group sizes split into every pass width, for both head sizes."""
+def test_bf16_cache_head_groups(head_dim, heads, kv_heads, bf16_dot):
+    """bf16 over a bf16 cache has its own path in the AVX-512 build (AVX512-BF16 scores, value passes over up to
+    16 / (D / 16) query heads at a time) and the common fast path without it; these group sizes split into every
+    pass width, for both head sizes."""
     q, cache, meta = _case("model", torch.bfloat16, heads, kv_heads, head_dim, LENS, seed=4)
     scale = head_dim**-0.5
-    _check(_kernel(q, cache, meta, scale), q, cache, meta, scale)
+    raw = paged_attention._EXT.get().decode_attention  # the flag as given, not as this CPU's flags decide
+    out = raw(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale, None, None, "model", bf16_dot)
+    _check(out, q, cache, meta, scale)
 
 
 @pytest.mark.parametrize("kind", ["model", "fp8"])
@@ -158,3 +169,42 @@ def test_fp8_table_matches_torch():
         q, cache, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64), 1.0, one, one, "fp8"
     )
     assert torch.equal(out[0, 0], expect)
+
+
+def test_levels_agree_within_tolerance_of_each_other():
+    """The builds sum in different orders (16 vs 8 lanes) but both stay within the reference's tolerance, so they
+    differ from each other by at most twice it; the AVX2 build is not silently the same module."""
+    levels = levels_here()
+    assert len(levels) >= 2, f"this machine runs only {levels}: nothing to compare"
+    modules = [paged_attention._EXT.variants[level].get() for level in levels]
+    assert len({id(m) for m in modules}) == len(modules)
+    q, cache, meta = _case("int8", torch.float32, 8, 2, 128, LENS, seed=5)
+    args = (q, cache.codes, meta.decode_block_tables, meta.decode_context_lens, 0.1, cache.k_scale, cache.v_scale)
+    outs = [m.decode_attention(*args, "int8", False) for m in modules]
+    assert all((o - outs[0]).abs().max().item() <= 2e-5 for o in outs[1:])
+
+
+def test_kiln_cpu_isa_avx2_selects_the_cpp_backends(monkeypatch, kernels_decide_again):
+    """On an AVX2-class CPU the C++ decode attention and the fused RoPE/KV write run (their AVX2 builds), not the
+    torch path."""
+    assert "avx512" in levels_here(), "this machine cannot show KILN_CPU_ISA moving the kernels down a level"
+    monkeypatch.setenv("KILN_CPU_ISA", "avx2")
+    extension.reset()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert select_attention_backend(torch.device("cpu"), dtype, 64) is CPP_FUSED_ATTENTION
+    assert paged_attention._EXT.level == "avx2" and rope_kv._EXT.level == "avx2"
+
+
+def test_kiln_cpu_isa_below_avx512bf16_turns_the_bf16_dot_products_off(monkeypatch, kernels_decide_again):
+    """The AVX512-BF16 path follows extension.cpu_flags(), not the CPU alone: KILN_CPU_ISA=avx512 runs the AVX-512
+    build without it."""
+    assert "avx512" in levels_here(), "this machine cannot run the AVX-512 build"
+    monkeypatch.setenv("KILN_CPU_ISA", "avx512")
+    extension.reset()
+    q, cache, meta = _case("model", torch.bfloat16, 9, 3, 64, [300], seed=6)
+    ext = paged_attention._EXT.get()
+    assert paged_attention._EXT.level == "avx512"
+    without = ext.decode_attention(
+        q, cache, meta.decode_block_tables, meta.decode_context_lens, 0.125, None, None, "model", False
+    )
+    assert torch.equal(_kernel(q, cache, meta, 0.125), without)

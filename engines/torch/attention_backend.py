@@ -5,7 +5,7 @@ size and which kernels compiled here (the KV cache is always one contiguous tens
 int8 codes, which every kernel takes). So ModelRunner asks select_attention_backend once and hands the
 AttentionBackend to every step through AttentionMetadata; no layer asks a kernel whether it applies.
 
-- "paged_attention (C++)": CPU, bf16 or fp32, kernels/paged_attention.cpp built (AVX-512). With
+- "paged_attention (C++)": CPU, bf16 or fp32, kernels/paged_attention.cpp built (AVX-512 or AVX2). With
   kernels/rope_kv.cpp built too, RoPE and the cache write run in one op (attention.fused_attention);
 - "triton": CUDA (compute capability 8.0+, triton installed), bf16/fp16/fp32, head_dim up to 256; reads
   context lengths from tensors only, which lets model_runner.DecodeGraphs replay decode steps as CUDA graphs;

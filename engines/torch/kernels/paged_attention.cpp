@@ -1,6 +1,6 @@
 // Paged decode attention (one query token per sequence) over a block-structured KV cache, in one op.
 //   q [B, H, D] (bf16 | fp32), cache [2, KVH, NB, BS, D] (bf16 | fp32 | int8 codes | fp8 e4m3fn bytes
-//   viewed as int8), block_tables [B, W] int64, context_lens [B] int64 -> out [B, H, D] in q's dtype.
+//   viewed as int8), block_tables [B, TW] int64, context_lens [B] int64 -> out [B, H, D] in q's dtype.
 // Same math as attention.py's _decode_reference, all in fp32: scores = scale * q . k over the first
 // context_lens[b] tokens of the sequence, softmax with max subtraction, out = sum p v. A quantized cache
 // dequantizes as code * scale per KV head; the key scale is folded into q and the value scale into the
@@ -9,12 +9,15 @@
 // share of a decode step. Here one task is one (sequence, KV head): its G = H / KVH query heads share
 // every key/value row, converted to fp32 once. Tasks are independent, so a sequence's output does not
 // depend on the batch it is in, nor on the number of threads.
+// One source for every ISA level: kiln_simd.h (W = 16 fp32 lanes with AVX-512, 8 with AVX2), compiled per level
+// by isa_variants.py. The AVX-512 build adds the AVX512-BF16 path for bf16 caches, taken where the caller says
+// the CPU has it (paged_attention.py asks extension.cpu_flags(), so KILN_CPU_ISA turns it off too).
 #include <torch/extension.h>
 
 #include "kiln_bf16.h"
+#include "kiln_simd.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,7 +30,9 @@
 
 namespace {
 
-constexpr int kLanes = 16;  // one zmm of fp32: the dot products keep 16 independent partial sums
+namespace simd = kiln::simd;
+using simd::F;
+using simd::W;  // fp32 lanes of one vector: the dot products keep W independent partial sums
 
 using kiln::bf16_to_float;
 using kiln::float_to_bf16;
@@ -71,88 +76,37 @@ inline void widen_row(const CT* __restrict src, float* __restrict dst, int64_t d
 }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-#ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < d) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-#else
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-#endif
+  F acc = simd::zero();
+  for (int64_t i = 0; i < d; i += W) acc = simd::fmadd(simd::load_n(a + i, d - i), simd::load_n(b + i, d - i), acc);
+  return simd::reduce_add(acc);
 }
 
-#ifdef __AVX512F__
-// exp for x <= 0 (softmax after max subtraction), Cephes expf polynomial: ~1-2 ulp, like torch's Sleef exp
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-}
-#endif
-
-// s[0..n) <- softmax(s) in place
+// s[0..n) <- softmax(s) in place (after max subtraction every exp argument is <= 0, inside exp's clamps)
 inline void softmax_row(float* s, int64_t n) {
-#ifdef __AVX512F__
-  __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  F mv = simd::set1(-std::numeric_limits<float>::infinity());
   int64_t t = 0;
-  for (; t + kLanes <= n; t += kLanes) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
-  float m = _mm512_reduce_max_ps(mv);
+  for (; t + W <= n; t += W) mv = simd::max(mv, simd::load(s + t));
+  float m = simd::reduce_max(mv);
   for (; t < n; ++t) m = std::max(m, s[t]);
-  const __m512 mm = _mm512_set1_ps(m);
-  __m512 sv = _mm512_setzero_ps();
-  for (t = 0; t < n; t += kLanes) {
-    const __mmask16 k = n - t >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mm));
-    _mm512_mask_storeu_ps(s + t, k, e);
-    sv = _mm512_mask_add_ps(sv, k, sv, e);
+  const F mm = simd::set1(m);
+  F sv = simd::zero();
+  for (t = 0; t < n; t += W) {
+    const F e = simd::keep_first(simd::exp(simd::sub(simd::load_n(s + t, n - t), mm)), n - t);
+    simd::store_n(s + t, e, n - t);
+    sv = simd::add(sv, e);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sv));
-  for (t = 0; t < n; t += kLanes) {
-    const __mmask16 k = n - t >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1);
-    _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
-  }
-#else
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-  float sum = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
-    sum += s[t];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t t = 0; t < n; ++t) s[t] *= inv;
-#endif
+  const F inv = simd::set1(1.f / simd::reduce_add(sv));
+  for (t = 0; t < n; t += W) simd::store_n(s + t, simd::mul(simd::load_n(s + t, n - t), inv), n - t);
 }
 
 template <typename QT, int CK, typename CT>
 void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale, const float* ks, const float* vs) {
+         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs) {
   const int64_t G = H / KVH;
   const float* lut = CK == kFp8 ? fp8_table() : nullptr;
   const int64_t half = KVH * NB * BS * D;  // offset of the values in the cache
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], W * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
   work *= KVH * D * (G + 1);
   // small steps (batch 1, short context) stay on the calling thread: waking threads costs more
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
@@ -161,7 +115,7 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
       const int64_t L = lens[b];
-      const int64_t* table = bt + b * W;
+      const int64_t* table = bt + b * TW;
       QT* out = op + (b * H + h * G) * D;
       if (L <= 0) {  // nothing to attend to
         for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<QT>(0.f);
@@ -208,71 +162,39 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
 }
 
 
-#ifdef __AVX512F__
-// --- Fast path for head_dim 64 and 128: the 16 tokens of a group
-// are scored together and their 16 dot products reduced by one transpose-and-add tree (15 adds) instead
-// of 16 horizontal reductions; rows are widened to fp32 with vector conversions. Same fp32 math as
-// above, summed in a different order (within the tests' few-ulp tolerance).
+// --- Fast path for head_dim 64 and 128: the W tokens of a group are scored together and their W dot products
+// reduced by one transpose-and-add tree (simd::transpose_add) instead of W horizontal reductions; rows are
+// widened to fp32 with vector conversions. Same fp32 math as above, summed in a different order (within the
+// tests' few-ulp tolerance).
 
 // Blocks sit anywhere in the pool, so the hardware prefetcher loses the stream at every block edge
-// (shuffled block tables ran well below contiguous ones): rows are fetched 16 tokens ahead.
+// (shuffled block tables ran well below contiguous ones): rows are fetched W tokens ahead.
 inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
 template <int CK, typename CT>
 inline void widen_vec(const CT* __restrict src, float* __restrict dst, int64_t d, const float* __restrict lut) {
-  for (int64_t i = 0; i < d; i += kLanes) {
-    __m512 v;
-    if constexpr (CK == kF32) {
-      v = _mm512_loadu_ps(reinterpret_cast<const float*>(src) + i);
-    } else if constexpr (CK == kBF16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else if constexpr (CK == kInt8) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    } else {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      v = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(b), lut, 4);
-    }
-    _mm512_storeu_ps(dst + i, v);
+  for (int64_t i = 0; i < d; i += W) {
+    F v;
+    if constexpr (CK == kF32) v = simd::load(reinterpret_cast<const float*>(src) + i);
+    else if constexpr (CK == kBF16) v = simd::load_bf16(src + i, W);
+    else if constexpr (CK == kInt8) v = simd::load_i8(src + i);
+    else v = simd::lookup_u8(src + i, lut);
+    simd::store(dst + i, v);
   }
 }
 
-// lane t of the result = sum of the 16 lanes of v[t]
-inline __m512 sum16x16(__m512* v) {
-  alignas(64) static const int lo1[16] = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  alignas(64) static const int hi1[16] = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  alignas(64) static const int lo2[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  alignas(64) static const int hi2[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  alignas(64) static const int lo3[16] = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  alignas(64) static const int hi3[16] = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-  alignas(64) static const int lo4[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  alignas(64) static const int hi4[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-  const int* lo[4] = {lo1, lo2, lo3, lo4};
-  const int* hi[4] = {hi1, hi2, hi3, hi4};
-  int n = 16;
-  for (int level = 0; level < 4; ++level) {  // n vectors -> n / 2, each pair packed side by side
-    const __m512i l = _mm512_load_si512(lo[level]), h = _mm512_load_si512(hi[level]);
-    for (int i = 0; i < n / 2; ++i)
-      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], l, v[2 * i + 1]),
-                           _mm512_permutex2var_ps(v[2 * i], h, v[2 * i + 1]));
-    n /= 2;
-  }
-  return v[0];
-}
-
-// C = head_dim / 16 is a template argument so that a row and the per-head accumulators live in registers.
+// C = head_dim / W is a template argument so that a row and the per-head accumulators live in registers.
 template <int C, typename QT, int CK, typename CT>
 void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-              int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale, const float* ks, const float* vs) {
-  constexpr int64_t D = C * kLanes;
+              int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs) {
+  constexpr int64_t D = C * W;
   const int64_t G = H / KVH;
   const float* lut = CK == kFp8 ? fp8_table() : nullptr;
   const int64_t half = KVH * NB * BS * D;
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], W * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
   work *= KVH * D * (G + 1);
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
@@ -281,7 +203,7 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
       const int64_t L = lens[b];
-      const int64_t* table = bt + b * W;
+      const int64_t* table = bt + b * TW;
       QT* out = op + (b * H + h * G) * D;
       if (L <= 0) {
         for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<QT>(0.f);
@@ -295,7 +217,7 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
         else x = static_cast<float>(q[i]);
         qf[i] = ks ? x * kscale : x;
       }
-      const int64_t Lp = (L + kLanes - 1) / kLanes * kLanes;  // rows padded to whole groups of 16 tokens
+      const int64_t Lp = (L + W - 1) / W * W;  // rows padded to whole groups of W tokens
       scores.resize(G * Lp);
       rows.resize(Lp * D);
       // token -> cache slot, once per task and without a division per token (64-bit div: ~20+ cycles)
@@ -306,43 +228,42 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
       const CT* vbase = kbase + half;
       // pass 1: keys widened once to fp32, then per query head 16 tokens at a time
       for (int64_t t = 0; t < L; ++t) {
-        if (t + kLanes < L) prefetch_row(kbase + slots[t + kLanes] * D, D * sizeof(CT));
+        if (t + W < L) prefetch_row(kbase + slots[t + W] * D, D * sizeof(CT));
         widen_vec<CK>(kbase + slots[t] * D, rows.data() + t * D, D, lut);
       }
       std::fill(rows.begin() + L * D, rows.end(), 0.f);
-      const __m512 vscale_q = _mm512_set1_ps(scale);
+      const F vscale_q = simd::set1(scale);
       for (int64_t g = 0; g < G; ++g) {
-        __m512 qv[C];
-        for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qf.data() + g * D + c * kLanes);
-        for (int64_t t0 = 0; t0 < L; t0 += kLanes) {
-          __m512 part[kLanes];
-          for (int i = 0; i < kLanes; ++i) {
+        F qv[C];
+        for (int c = 0; c < C; ++c) qv[c] = simd::load(qf.data() + g * D + c * W);
+        for (int64_t t0 = 0; t0 < L; t0 += W) {
+          F part[W];
+          for (int i = 0; i < W; ++i) {
             const float* r = rows.data() + (t0 + i) * D;
-            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(r));
-            for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(r + c * kLanes), a);
+            F a = simd::mul(qv[0], simd::load(r));
+            for (int c = 1; c < C; ++c) a = simd::fmadd(qv[c], simd::load(r + c * W), a);
             part[i] = a;
           }
-          _mm512_storeu_ps(scores.data() + g * Lp + t0, _mm512_mul_ps(sum16x16(part), vscale_q));
+          simd::store(scores.data() + g * Lp + t0, simd::mul(simd::transpose_add(part), vscale_q));
         }
         softmax_row(scores.data() + g * Lp, L);
       }
       // pass 3: values widened once, then out_g = sum_t p[g][t] v_t with the accumulators in registers
       for (int64_t t = 0; t < L; ++t) {
-        if (t + kLanes < L) prefetch_row(vbase + slots[t + kLanes] * D, D * sizeof(CT));
+        if (t + W < L) prefetch_row(vbase + slots[t + W] * D, D * sizeof(CT));
         widen_vec<CK>(vbase + slots[t] * D, rows.data() + t * D, D, lut);
       }
       for (int64_t g = 0; g < G; ++g) {
-        __m512 acc[C];
-        for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+        F acc[C];
+        for (int c = 0; c < C; ++c) acc[c] = simd::zero();
         const float* p = scores.data() + g * Lp;
         for (int64_t t = 0; t < L; ++t) {
-          const __m512 pt = _mm512_set1_ps(p[t]);
+          const F pt = simd::set1(p[t]);
           const float* r = rows.data() + t * D;
-          for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(r + c * kLanes), acc[c]);
+          for (int c = 0; c < C; ++c) acc[c] = simd::fmadd(pt, simd::load(r + c * W), acc[c]);
         }
         float y[D];
-        for (int c = 0; c < C; ++c)
-          _mm512_storeu_ps(y + c * kLanes, vs ? _mm512_mul_ps(acc[c], _mm512_set1_ps(vscale)) : acc[c]);
+        for (int c = 0; c < C; ++c) simd::store(y + c * W, vs ? simd::mul(acc[c], simd::set1(vscale)) : acc[c]);
         QT* o = out + g * D;
         for (int64_t i = 0; i < D; ++i) {
           if constexpr (std::is_same_v<QT, at::BFloat16>) reinterpret_cast<uint16_t*>(o)[i] = float_to_bf16(y[i]);
@@ -352,6 +273,9 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
     }
   });
 }
+
+#ifdef __AVX512F__
+static_assert(W == 16, "the AVX512-BF16 path works on 16-lane vectors");
 
 // --- bf16 queries over a bf16 cache (the default model-dtype cache), head_dim 64 or 128, on CPUs with
 // AVX512-BF16: keys are scored straight from the cache rows with vdpbf16ps (bf16 x bf16 products are exact
@@ -364,7 +288,7 @@ constexpr int kMaxHeadGroup = 16;  // fp32 accumulators one value pass keeps in 
 // the next 16 rows (see prefetch_row), fetched while these are scored
 template <int64_t D>
 inline void prefetch_rows(const uint16_t* const* rows, int64_t offset) {
-  for (int i = 0; i < kLanes; ++i) prefetch_row(rows[i] + offset, D * 2);
+  for (int i = 0; i < W; ++i) prefetch_row(rows[i] + offset, D * 2);
 }
 
 template <int C2>  // C2 = head_dim / 32: bf16 pairs per row in zmm registers
@@ -373,19 +297,19 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_bf16(
     int64_t stride) {
   constexpr int64_t D = C2 * 32;
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t t0 = 0; t0 < Lp; t0 += kLanes) {
-    if (t0 + kLanes < Lp) prefetch_rows<D>(rows + t0 + kLanes, 0);
+  for (int64_t t0 = 0; t0 < Lp; t0 += W) {
+    if (t0 + W < Lp) prefetch_rows<D>(rows + t0 + W, 0);
     for (int64_t g = 0; g < G; ++g) {  // the 16 rows stay in L1 across the G heads
       __m512bh qv[C2];
       for (int c = 0; c < C2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + c * 32);
-      __m512 part[kLanes];
-      for (int i = 0; i < kLanes; ++i) {
+      __m512 part[W];
+      for (int i = 0; i < W; ++i) {
         const uint16_t* r = rows[t0 + i];
         __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(r));
         for (int c = 1; c < C2; ++c) a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(r + c * 32));
         part[i] = a;
       }
-      _mm512_storeu_ps(scores + g * stride + t0, _mm512_mul_ps(sum16x16(part), vscale));
+      _mm512_storeu_ps(scores + g * stride + t0, _mm512_mul_ps(simd::transpose_add(part), vscale));
     }
   }
 }
@@ -393,16 +317,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_bf16(
 template <int C, int N>  // C = head_dim / 16; N heads at once, each with C fp32 accumulators
 __attribute__((target("avx512f,avx512bw"))) void values_bf16(
     const uint16_t* const* rows, int64_t half, int64_t L, const float* p, int64_t stride, uint16_t* out) {
-  constexpr int64_t D = C * kLanes;
+  constexpr int64_t D = C * W;
   __m512 acc[N][C];
   for (int j = 0; j < N; ++j)
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
-    if (t % kLanes == 0 && t + kLanes < L) prefetch_rows<D>(rows + t + kLanes, half);
+    if (t % W == 0 && t + W < L) prefetch_rows<D>(rows + t + W, half);
     const uint16_t* r = rows[t] + half;
     __m512 v[C];
     for (int c = 0; c < C; ++c) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c * kLanes));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c * W));
       v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     for (int j = 0; j < N; ++j) {
@@ -412,7 +336,7 @@ __attribute__((target("avx512f,avx512bw"))) void values_bf16(
   }
   for (int j = 0; j < N; ++j) {
     float y[D];
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * kLanes, acc[j][c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + c * W, acc[j][c]);
     for (int64_t i = 0; i < D; ++i) out[j * D + i] = float_to_bf16(y[i]);
   }
 }
@@ -424,7 +348,7 @@ void values_bf16_heads(const uint16_t* const* rows, int64_t half, int64_t L, con
   for (int64_t g0 = 0; g0 < G; g0 += kMaxN) {
     const int64_t n = std::min<int64_t>(kMaxN, G - g0);
     const float* pg = p + g0 * stride;
-    uint16_t* og = out + g0 * C * kLanes;
+    uint16_t* og = out + g0 * C * W;
     switch (n) {
       case 1: values_bf16<C, 1>(rows, half, L, pg, stride, og); break;
       case 2: values_bf16<C, 2>(rows, half, L, pg, stride, og); break;
@@ -434,20 +358,15 @@ void values_bf16_heads(const uint16_t* const* rows, int64_t half, int64_t L, con
   }
 }
 
-bool avx512_bf16_ok() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
 template <int C2>
 void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const int64_t* lens, uint16_t* op,
-              int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale) {
+              int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale) {
   constexpr int64_t D = C2 * 32;
   const int64_t G = H / KVH;
   const int64_t half = KVH * NB * BS * D;
   alignas(64) static const uint16_t zero_row[D] = {};  // keys of the padding tokens in the last group of 16
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], W * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
   work *= KVH * D * (G + 1);
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
@@ -456,13 +375,13 @@ void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const i
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
       const int64_t L = lens[b];
-      const int64_t* table = bt + b * W;
+      const int64_t* table = bt + b * TW;
       uint16_t* out = op + (b * H + h * G) * D;
       if (L <= 0) {
         std::fill(out, out + G * D, static_cast<uint16_t>(0));
         continue;
       }
-      const int64_t Lp = (L + kLanes - 1) / kLanes * kLanes;
+      const int64_t Lp = (L + W - 1) / W * W;
       const uint16_t* kbase = cp + h * NB * BS * D;
       rows.resize(Lp);
       for (int64_t t = 0, blk = 0; t < L; ++blk) {
@@ -480,30 +399,34 @@ void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const i
 #endif
 
 
+// bf16_dot: the CPU has AVX512-BF16 (ignored by the AVX2 build, which has no such path)
 template <typename QT, int CK, typename CT>
 void run(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale, const float* ks, const float* vs) {
+         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs,
+         bool bf16_dot) {
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<QT, at::BFloat16> && CK == kBF16) {
-    if ((D == 64 || D == 128) && avx512_bf16_ok()) {
+    if ((D == 64 || D == 128) && bf16_dot) {
       const auto* q16 = reinterpret_cast<const uint16_t*>(qp);
       auto* o16 = reinterpret_cast<uint16_t*>(op);
-      if (D == 64) return run_bf16<2>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, W, scale);
-      return run_bf16<4>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, W, scale);
+      if (D == 64) return run_bf16<2>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale);
+      return run_bf16<4>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale);
     }
   }
+#else
+  (void)bf16_dot;
+#endif
   switch (D) {  // the usual head sizes
-    case 64: return run_fast<4, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, W, scale, ks, vs);
-    case 128: return run_fast<8, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, W, scale, ks, vs);
+    case 64: return run_fast<64 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, ks, vs);
+    case 128: return run_fast<128 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, ks, vs);
     default: break;
   }
-#endif
-  run_generic<QT, CK, CT>(qp, cp, bt, lens, op, B, H, D, KVH, NB, BS, W, scale, ks, vs);
+  run_generic<QT, CK, CT>(qp, cp, bt, lens, op, B, H, D, KVH, NB, BS, TW, scale, ks, vs);
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor block_tables,
                                torch::Tensor context_lens, double scale, c10::optional<torch::Tensor> k_scale,
-                               c10::optional<torch::Tensor> v_scale, std::string kind) {
+                               c10::optional<torch::Tensor> v_scale, std::string kind, bool bf16_dot) {
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2, "q [B, H, D], cache [2, KVH, NB, BS, D]");
   TORCH_CHECK(q.is_contiguous() && cache.is_contiguous(), "q and cache must be contiguous");
@@ -512,14 +435,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tens
   TORCH_CHECK(cache.size(4) == D && H % KVH == 0, "head_dim mismatch or heads not a multiple of kv_heads");
   auto bt = block_tables.to(torch::kInt64).contiguous();
   auto lens = context_lens.to(torch::kInt64).contiguous();
-  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B && lens.numel() == B, "block_tables [B, W], context_lens [B]");
-  const int64_t W = bt.size(1);
+  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B && lens.numel() == B, "block_tables [B, TW], context_lens [B]");
+  const int64_t TW = bt.size(1);
   const int64_t* lp = lens.data_ptr<int64_t>();
   const int64_t* bp = bt.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] <= W * BS, "context length exceeds the block table");
+    TORCH_CHECK(lp[b] <= TW * BS, "context length exceeds the block table");
     const int64_t used = (lp[b] + BS - 1) / BS;
-    for (int64_t i = 0; i < used; ++i) TORCH_CHECK(bp[b * W + i] >= 0 && bp[b * W + i] < NB, "block id out of range");
+    for (int64_t i = 0; i < used; ++i) TORCH_CHECK(bp[b * TW + i] >= 0 && bp[b * TW + i] < NB, "block id out of range");
   }
   const bool quant = kind == "int8" || kind == "fp8";
   TORCH_CHECK(quant || kind == "model", "kind must be model, int8 or fp8");
@@ -543,13 +466,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tens
     const auto ct = cache.scalar_type();
     if (quant) {
       const int8_t* cp = cache.data_ptr<int8_t>();
-      if (kind == "int8") run<QT, kInt8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, W, fs, kp, vp);
-      else run<QT, kFp8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, W, fs, kp, vp);
+      if (kind == "int8") run<QT, kInt8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
+      else run<QT, kFp8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
     } else if (ct == torch::kFloat32) {
-      run<QT, kF32>(qp, cache.data_ptr<float>(), bp, lp, opp, B, H, D, KVH, NB, BS, W, fs, kp, vp);
+      run<QT, kF32>(qp, cache.data_ptr<float>(), bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
     } else if (ct == torch::kBFloat16) {
       const auto* cp = reinterpret_cast<const uint16_t*>(cache.data_ptr<at::BFloat16>());
-      run<QT, kBF16>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, W, fs, kp, vp);
+      run<QT, kBF16>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
     } else {
       TORCH_CHECK(false, "cache dtype must be bf16, fp32 or int8");
     }
@@ -568,5 +491,5 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention, one query token per sequence",
         py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("k_scale"), py::arg("v_scale"), py::arg("kind"), py::call_guard<py::gil_scoped_release>());
+        py::arg("k_scale"), py::arg("v_scale"), py::arg("kind"), py::arg("bf16_dot"), py::call_guard<py::gil_scoped_release>());
 }

@@ -4,10 +4,12 @@ attention._decode_reference runs ~10 small ops per layer (index_select gather, f
 masked_fill, softmax, casts), a large share of a decode step (docs/performance.md).
 The kernel walks each sequence's block table directly, one task per (sequence, KV head), fp32 math,
 same semantics (quantized caches: value = code * scale per KV head; fp8 e4m3fn decoded by table).
-Compiled on first use like rms_norm (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), with AVX-512 flags,
-so available() is False on a CPU without avx512f/avx512bw, or when the build fails (one warning);
-callers then keep the torch path. Takes bf16/fp32 q over a contiguous CPU cache of q's dtype or int8 codes:
-attention_backend.select_attention_backend picks it once per engine where that always holds.
+Compiled on first use like rms_norm (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), for AVX-512 or AVX2
+(isa_variants.py), so available() is False only below AVX2 or when the build fails (one warning); callers then
+keep the torch path. The AVX-512 build scores bf16 caches with AVX512-BF16 dot products where
+extension.cpu_flags() has avx512_bf16 (so KILN_CPU_ISA below avx512bf16 turns that off). Takes bf16/fp32 q over
+a contiguous CPU cache of q's dtype or int8 codes: attention_backend.select_attention_backend picks it once per
+engine where that always holds.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels import extension
+from engines.torch.kernels.isa_variants import IsaVariants
 
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-std=c++17", "-fopenmp"]
-_EXT = LazyExtension(
+_EXT = IsaVariants(
     "kiln_paged_attention",
     _SOURCE,
-    _CFLAGS,
-    required_cpu_flags=("avx512f", "avx512bw"),
+    ["-O3", "-std=c++17", "-fopenmp"],
     ldflags=["-fopenmp"],
     fallback="the torch decode path",
 )
+BF16_DOT_FLAG = "avx512_bf16"  # the CPU flag of the AVX-512 build's bf16 x bf16 dot products (vdpbf16ps)
 
 
 def available() -> bool:
@@ -48,4 +50,7 @@ def decode_attention(
     ext = _EXT.get()
     if ext is None:
         raise RuntimeError("the paged_attention kernel is unavailable")
-    return ext.decode_attention(q.contiguous(), cache, block_tables, context_lens, float(scale), k_scale, v_scale, kind)
+    bf16_dot = BF16_DOT_FLAG in extension.cpu_flags()  # a cached set: one lookup per layer and step
+    return ext.decode_attention(
+        q.contiguous(), cache, block_tables, context_lens, float(scale), k_scale, v_scale, kind, bf16_dot
+    )
