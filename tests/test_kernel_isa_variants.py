@@ -45,13 +45,14 @@ def test_the_highest_level_the_cpu_has_is_chosen(flags, level, monkeypatch):
         assert torch.equal(rms_norm.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
 
 
-def test_silu_mul_builds_agree_bit_for_bit():
+@pytest.mark.parametrize("dtype, bits_dtype", [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
+def test_silu_mul_builds_agree_bit_for_bit(dtype, bits_dtype):
     """exp's range reduction and 2^n scaling round alike at both widths (scalef vs two exact products)."""
     levels = levels_here()
     assert len(levels) >= 2, f"this machine runs only {levels}: nothing to compare"
-    x = torch.randn(9, 2 * 1000, dtype=torch.bfloat16) * 30  # past exp's clamps, into denormal results
+    x = (torch.randn(9, 2 * 1000) * 30).to(dtype)  # past exp's clamps, into denormal results
     x[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 88.5, -88.5])
-    bits = [silu_mul._EXT.variants[level].get().silu_mul_bf16(x).view(torch.int16) for level in levels]
+    bits = [silu_mul._EXT.variants[level].get().silu_mul(x).view(bits_dtype) for level in levels]
     assert all(torch.equal(bits[0], b) for b in bits[1:])
 
 

@@ -1,4 +1,5 @@
-"""The bf16 RMSNorm kernel rounds like transformers' LlamaRMSNorm; other dtypes take F.rms_norm."""
+"""The RMSNorm kernel rounds like transformers' LlamaRMSNorm in bf16 and stays within a few ulps of it in fp32;
+other dtypes take F.rms_norm."""
 
 import pytest
 import torch
@@ -29,8 +30,23 @@ def test_bf16_kernel_equals_transformers_rounding(rows, hidden):
     assert (y == ref).float().mean() > 0.99
 
 
-def test_float32_takes_f_rms_norm_exactly():
-    x, w = torch.randn(4, 64), torch.randn(64)
+@pytest.mark.skipif(not kernel.available(), reason="no C++ toolchain for the kernel")
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 64), (5, 100), (1, 4096), (130, 576)])
+def test_float32_kernel_matches_transformers(rows, hidden, monkeypatch):
+    torch.manual_seed(rows * hidden + 1)
+    x = torch.randn(rows, hidden) * 4
+    w = torch.randn(hidden)
+    ref, torch_op = hf_rms_norm(x, w, 1e-5), F.rms_norm(x, (hidden,), w, 1e-5)
+    monkeypatch.setattr(F, "rms_norm", None)  # the kernel, not the fallback, must answer
+    y = kernel.rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.float32
+    # only the mean of squares sums in another order: a few fp32 ulps
+    torch.testing.assert_close(y, ref, rtol=2**-20, atol=1e-6)
+    torch.testing.assert_close(y, torch_op, rtol=2**-20, atol=1e-6)
+
+
+def test_float16_takes_f_rms_norm_exactly():
+    x, w = torch.randn(4, 64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
     assert torch.equal(kernel.rms_norm(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6))
 
 
@@ -46,7 +62,20 @@ def test_add_rms_norm_equals_add_then_norm(rows, hidden):
     assert torch.equal(y, kernel.rms_norm(x + d, w, 1e-5))
 
 
-def test_add_rms_norm_float32_is_the_two_ops():
-    x, d, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
+@pytest.mark.skipif(not kernel.available(), reason="no C++ toolchain for the kernel")
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 40), (130, 576)])
+def test_add_rms_norm_float32_equals_add_then_norm(rows, hidden, monkeypatch):
+    torch.manual_seed(rows + hidden + 1)
+    x, d, w = torch.randn(rows, hidden) * 3, torch.randn(rows, hidden), torch.randn(hidden)
+    monkeypatch.setattr(F, "rms_norm", None)  # the kernel, not the fallback, must answer
+    s, y = kernel.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(s, x + d)  # one fp32 add, as torch's
+    assert torch.equal(y, kernel.rms_norm(x + d, w, 1e-6))
+    torch.testing.assert_close(y, hf_rms_norm(x + d, w, 1e-6), rtol=2**-20, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_mixed_dtypes_take_the_torch_ops():
+    x, d, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64, dtype=torch.bfloat16)
     s, y = kernel.add_rms_norm(x, d, w, 1e-6)
     assert torch.equal(s, x + d) and torch.equal(y, F.rms_norm(x + d, (64,), w, 1e-6))

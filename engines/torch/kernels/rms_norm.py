@@ -1,7 +1,8 @@
-"""RMSNorm for bf16 activations on CPU in one op (rms_norm.cpp), with Hugging Face's rounding.
+"""RMSNorm for bf16 or fp32 activations on CPU in one op (rms_norm.cpp), with Hugging Face's rounding.
 
 F.rms_norm on a bf16 CPU tensor runs ~10 small ops; a decode step calls it 2 * layers + 1 times,
-so it cost about as much as attention (docs/performance.md). Compiled on first use like
+so it cost about as much as attention (docs/performance.md). fp32 (the dtype on CPUs without native bf16) takes
+the kernel too: one pass, fused with the residual add before it. Compiled on first use like
 bf16_linear (g++ and ninja; cached in TORCH_EXTENSIONS_DIR). `rms_norm` falls back to F.rms_norm
 on other dtypes or devices and when the extension cannot be built (one warning).
 """
@@ -23,29 +24,32 @@ def available() -> bool:
     return _EXT.available()
 
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _takes(*tensors: torch.Tensor) -> bool:
+    """The kernel applies: CPU tensors of one dtype it has rows for."""
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = weight * x / sqrt(mean(x^2) + eps) over the last dim; bf16 CPU tensors take the kernel."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == torch.bfloat16:
+    """y = weight * x / sqrt(mean(x^2) + eps) over the last dim; bf16 and fp32 CPU tensors take the kernel."""
+    if _takes(x, weight):
         ext = _EXT.get()
         if ext is not None:
-            return ext.rms_norm_bf16(x, weight, eps)
+            return ext.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + d, rms_norm(x + d, weight, eps)): the residual add before a norm, fused for bf16 CPU tensors and
-    bit-identical to the two ops."""
-    if (
-        x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and d.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and x.shape == d.shape
-    ):
+    """(x + d, rms_norm(x + d, weight, eps)): the residual add before a norm, fused for bf16 and fp32 CPU tensors
+    and bit-identical to the two ops."""
+    if _takes(x, d, weight) and x.shape == d.shape:
         ext = _EXT.get()
         if ext is not None:
-            return ext.add_rms_norm_bf16(x, d, weight, eps)
+            return ext.add_rms_norm(x, d, weight, eps)
     x = x + d
     return x, rms_norm(x, weight, eps)

@@ -1,4 +1,4 @@
-"""SwiGLU's `silu(gate) * up` for bf16 activations on CPU in one op (silu_mul.cpp), rounded like torch.
+"""SwiGLU's `silu(gate) * up` for bf16 or fp32 activations on CPU in one op (silu_mul.cpp), rounded like torch.
 
 F.silu on the gate half and a multiply by the up half of the fused gate_up projection are two strided
 passes, a visible share of a prefill step (docs/performance.md); the kernel reads each row once. Compiled on first
@@ -26,9 +26,9 @@ def available() -> bool:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] -> [T, I]: silu of the first half times the second half of each row."""
-    if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and gate_up.dim() == 2:
+    if gate_up.dtype in (torch.bfloat16, torch.float32) and gate_up.device.type == "cpu" and gate_up.dim() == 2:
         ext = _EXT.get()
         if ext is not None:
-            return ext.silu_mul_bf16(gate_up)
+            return ext.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

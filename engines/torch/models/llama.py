@@ -185,8 +185,9 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # float32: F.rms_norm, one op that equals transformers' LlamaRMSNorm bit for bit; bf16 on CPU:
-    # kiln's one-pass kernel with the same rounding (F.rms_norm costs ~10 ops there).
+    # bf16 and float32 on CPU: kiln's one-pass kernel with transformers' LlamaRMSNorm rounding (F.rms_norm costs
+    # ~10 ops on bf16; on float32 the kernel's mean of squares may differ from it in the last bit); elsewhere
+    # F.rms_norm.
     return rms_norm(x, weight, eps)
 
 
