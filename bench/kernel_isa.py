@@ -1,10 +1,12 @@
 """kiln's CPU kernels at each ISA level this CPU has, against their torch fallback.
 
-Each kernel (rms_norm, silu_mul, rope_kv, argmax, token_mask; int8 / int4 weight-only linear) is built once per
-level (isa_variants.py: AVX-512, AVX2); this times every build the CPU runs and the torch code used without one
-(for int_linear its fallback: dequantize, then F.linear), on SmolLM2-135M's shapes (hidden 576, intermediate
-1536, 9 query and 3 KV heads of 64, vocabulary 49152), at decode and prefill sizes. One thread
-(torch.set_num_threads(1)), so that the figures compare code, not a shared machine's cores.
+Each kernel (rms_norm, silu_mul, rope_kv, argmax, token_mask, paged decode attention; int8 / int4 weight-only
+linear) is built once per level (isa_variants.py: AVX-512, AVX2); this times every build the CPU runs and the
+torch code used without one (for int_linear its fallback: dequantize, then F.linear), on SmolLM2-135M's shapes
+(hidden 576, intermediate 1536, 9 query and 3 KV heads of 64, vocabulary 49152), at decode and prefill sizes, in
+bf16 and in fp32 (the dtype on CPUs without native bf16). Paged attention's torch code is
+attention._decode_reference; its AVX-512 build uses AVX512-BF16 dot products for bf16 caches where the CPU has
+them. One thread (torch.set_num_threads(1)), so that the figures compare code, not a shared machine's cores.
 The torch fallback runs ATen's own vector code for the CPU it finds (AVX-512 on an AVX-512 CPU); what an AVX2
 CPU's fallback does is measured with ATEN_CPU_CAPABILITY=avx2 in the environment (the header says which ran).
 
@@ -29,13 +31,24 @@ import xgrammar as xgr
 
 from bench.event_loop import RESULTS, cpu_model
 from engines.quant.rtn import quantize_rtn
-from engines.torch.attention import write_kv
-from engines.torch.kernels import argmax, extension, int_linear, rms_norm, rope_kv, silu_mul, token_mask
+from engines.torch.attention import AttentionMetadata, _decode_reference, write_kv
+from engines.torch.kernels import (
+    argmax,
+    extension,
+    int_linear,
+    paged_attention,
+    rms_norm,
+    rope_kv,
+    silu_mul,
+    token_mask,
+)
 from engines.torch.kernels.isa_variants import LEVELS
 from engines.torch.models.llama import _rotate
 
 HIDDEN, INTER, H, KVH, D, VOCAB = 576, 1536, 9, 3, 64, 49152
 NB, BS = 64, 16  # KV blocks of the rope_kv case: room for 1024 tokens
+ATTENTION_CONTEXT = 512  # tokens per sequence in the paged attention cases
+MODULES = (rms_norm, silu_mul, rope_kv, argmax, token_mask, int_linear, paged_attention)
 
 
 def median_us(fn: Callable[[], object], seconds: float) -> float:
@@ -70,6 +83,27 @@ def rope_torch(qkv, cos, sin, positions, slots, cache):
     return qk[:, :H]
 
 
+def attention_case(batch: int, dtype: torch.dtype, gen: torch.Generator):
+    """Decode attention over ATTENTION_CONTEXT tokens per sequence, in shuffled blocks of a cache of `dtype`."""
+    per_seq = ATTENTION_CONTEXT // BS
+    cache = torch.randn(2, KVH, batch * per_seq, BS, D, generator=gen).to(dtype)
+    q = torch.randn(batch, H, D, generator=gen).to(dtype)
+    tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq)
+    lens = torch.full((batch,), ATTENTION_CONTEXT, dtype=torch.int64)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        num_decode_tokens=batch,
+        decode_block_tables=tables,
+        decode_context_lens=lens,
+        decode_max_context=ATTENTION_CONTEXT,
+        prefills=[],
+    )
+    return (
+        lambda: paged_attention.decode_attention(q, cache, tables, lens, D**-0.5),
+        lambda: _decode_reference(q, cache, meta, D**-0.5),
+    )
+
+
 def cases(rows_decode: int, rows_prefill: int):
     """(name, kernel module, kernel call, torch call) for each case."""
     gen = torch.Generator().manual_seed(0)
@@ -77,15 +111,32 @@ def cases(rows_decode: int, rows_prefill: int):
     def bf16(*shape):
         return torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
-    w = bf16(HIDDEN)
     out = []
-    for rows in (rows_decode, rows_prefill):
-        x, d, gate_up = bf16(rows, HIDDEN), bf16(rows, HIDDEN), bf16(rows, 2 * INTER)
-        out += [
-            (f"rms_norm [{rows}, {HIDDEN}]", rms_norm, lambda x=x: rms_norm.rms_norm(x, w, 1e-5), None),
-            (f"add_rms_norm [{rows}, {HIDDEN}]", rms_norm, lambda x=x, d=d: rms_norm.add_rms_norm(x, d, w, 1e-5), None),
-            (f"silu_mul [{rows}, {2 * INTER}]", silu_mul, lambda g=gate_up: silu_mul.silu_mul(g), None),
-        ]
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        w = bf16(HIDDEN).to(dtype)
+        for rows in (rows_decode, rows_prefill):
+            x, d, gate_up = bf16(rows, HIDDEN).to(dtype), bf16(rows, HIDDEN).to(dtype), bf16(rows, 2 * INTER).to(dtype)
+            out += [
+                (f"rms_norm {tag} [{rows}, {HIDDEN}]", rms_norm, lambda x=x, w=w: rms_norm.rms_norm(x, w, 1e-5), None),
+                (
+                    f"add_rms_norm {tag} [{rows}, {HIDDEN}]",
+                    rms_norm,
+                    lambda x=x, d=d, w=w: rms_norm.add_rms_norm(x, d, w, 1e-5),
+                    None,
+                ),
+                (f"silu_mul {tag} [{rows}, {2 * INTER}]", silu_mul, lambda g=gate_up: silu_mul.silu_mul(g), None),
+            ]
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for batch in (1, 8):
+            kernel_call, torch_call = attention_case(batch, dtype, gen)
+            out.append(
+                (
+                    f"paged_attention {tag} [{batch} x {ATTENTION_CONTEXT} tokens]",
+                    paged_attention,
+                    kernel_call,
+                    torch_call,
+                )
+            )
     cos, sin = bf16(1024, D), bf16(1024, D)
     for rows in (rows_decode, rows_prefill):
         qkv = bf16(rows, (H + 2 * KVH) * D)
@@ -182,7 +233,7 @@ def main() -> int:
             call = torch_call if level is None and torch_call is not None else kernel_call
             row[f"{level or 'torch'}_us"] = median_us(call, args.seconds)
         results.append(row)
-    for module in (rms_norm, silu_mul, rope_kv, argmax, token_mask, int_linear):  # back to load-time selection
+    for module in MODULES:  # back to load-time selection
         module._EXT.decided_for = None
 
     head = "| case | torch µs | " + " | ".join(f"{lv} µs | {lv} x" for lv in levels) + " |"
