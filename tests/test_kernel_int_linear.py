@@ -64,14 +64,17 @@ def _w(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+def _check(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rounded_dot: bool = False
+) -> None:
     """y vs float64 x @ w^T + b, w the dequantized weight.
 
     Bound: the kernels form every product x*w and sum them in fp32 (16 lanes of K/16 terms each, a
     4-level tree across lanes, then the scale multiply and the bias add), so the error is at most
     ~(K/16 + 8) fp32 roundings of the magnitudes involved: (K/16 + 8) * 2^-24 * (sum_k |x_k w_k| + |b|).
     A bf16 result adds one rounding to bf16: 2^-9 of |y| (2^-8 allowed for the rounding of the error
-    itself). fp32 x is used exactly; bf16 x converts to fp32 exactly."""
+    itself). fp32 x is used exactly; bf16 x converts to fp32 exactly. `rounded_dot`: a bf16 result whose dot
+    product is rounded to bf16 before the scale (int8, as the large-M path computes) adds 2^-8 of |x w^T| more."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0])
     xd, wd = x.double(), w.double()
     bd = None if b is None else b.double()
@@ -79,6 +82,8 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | 
     mag = F.linear(xd.abs(), wd.abs(), None if bd is None else bd.abs())
     k = x.shape[1]
     bound = (k / 16 + 8) * 2.0**-24 * mag + (2.0**-8 * ref.abs() if y.dtype == torch.bfloat16 else 0) + 1e-30
+    if rounded_dot and y.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * F.linear(xd, wd).abs()
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g} (max err {err.max().item():.3g})"
 
@@ -93,7 +98,7 @@ def test_int8_matches_reference(n, k, dtype):
         b = torch.randn(n, generator=torch.Generator().manual_seed(k)) if bias else None
         for m in MS:
             x = _x(m, k, dtype, seed=m * 100 + k)
-            _check(int8_linear(x, qw.qweight, s, b), x, wdq, b)
+            _check(int8_linear(x, qw.qweight, s, b), x, wdq, b, rounded_dot=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -118,7 +123,7 @@ def test_lm_head_shape_and_group_128():
         for m in (1, 3, 8):
             x = _x(m, k, torch.bfloat16, seed=m)
             _check(int4_linear(x, p, qw.scales, qw.zeros, g), x, dequantize(qw), None)
-            _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None)
+            _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None, rounded_dot=True)
 
 
 def test_large_m_direct_call():
@@ -127,7 +132,7 @@ def test_large_m_direct_call():
     q8 = quantize_rtn(_w(70, 1536, seed=20), 8)
     q4 = quantize_rtn(_w(70, 1536, seed=20), 4, group_size=128, symmetric=False)
     x = _x(100, 1536, torch.bfloat16, seed=21)
-    _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None)
+    _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None, rounded_dot=True)
     _check(int4_linear(x, pack_int4(q4.qweight), q4.scales, q4.zeros, 128), x, dequantize(q4), None)
 
 
@@ -285,8 +290,9 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     f8, f4 = int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), int4_linear(x, p4, q4.scales, q4.zeros, 32, b)
     _check(f8, x, dequantize(q8), b)
     _check(f4, x, dequantize(q4), b)
-    # the fallbacks round once to bf16 from an fp32 GEMM: within a bf16 ulp of the kernels
-    torch.testing.assert_close(f8, y8, rtol=2**-7, atol=1e-3)
+    # the fallbacks round once to bf16 from an fp32 GEMM: within a bf16 ulp of the kernels (the int8 kernel also
+    # rounds its dot product before the scale: within the reference bound above, checked for y8 here)
+    _check(y8, x, dequantize(q8), b, rounded_dot=True)
     torch.testing.assert_close(f4, y4, rtol=2**-7, atol=1e-3)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(int4_dequantize(p4, q4.scales, q4.zeros, 32, 96, dtype), dequantize(q4).to(dtype))

@@ -97,3 +97,26 @@ def test_dense_unless_asked(tiny_chat_model):
     assert loaded.quantization is None
     assert not any(isinstance(m, Int8WeightOnlyLinear) for m in loaded.model.modules())
     assert sum(isinstance(m, DenseLinear) for m in loaded.model.modules()) == 2 * 4 + 1  # qkv, o, gate_up, down; head
+
+
+@pytest.mark.slow
+def test_the_default_models_greedy_answer_does_not_depend_on_how_its_prompt_was_prefilled():
+    """int8 weights with bf16 activations (the default on a CPU with native bf16): a prompt prefilled whole (a
+    bf16 GEMM on the codes), from the prefix cache (its tail through the decode-sized kernel) or in chunks gives
+    the same greedy tokens. Dequantizing q * s to bf16 for the GEMM changed the very first token of this answer."""
+    loaded = load_model(EngineConfig(dtype="bfloat16", quantization="int8-wo"))
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+    prompt = loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert len(prompt) > 32  # longer than the kernel's decode-sized steps (int_linear.SMALL_M_MAX_INT8)
+
+    def answer(core, request_id: str) -> list[int]:
+        done = run_to_completion(core, [GenerationRequest(request_id, prompt, greedy(24))])
+        return done[request_id]
+
+    cached = build_core(EngineConfig(kv_cache_memory=64 << 20), loaded)
+    whole = answer(cached, "whole")
+    assert answer(cached, "from-the-prefix-cache") == whole
+    chunked = build_core(EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=20), loaded)
+    assert answer(chunked, "chunked") == whole

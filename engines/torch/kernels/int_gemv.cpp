@@ -92,13 +92,17 @@ struct Out {
 
 // Tile epilogue. Lane m * R + r of `sum` is the dot product of x row m with weight row r:
 // y[m, r] = sum * sc[r] (when sc) + bias[r] (when bias), one fp32 multiply and one add (the same
-// vector ops for every tile shape), then one rounding to bf16 when y is bf16.
+// vector ops for every tile shape), then one rounding to bf16 when y is bf16. With a bf16 y and a per-channel
+// scale (int8) the dot product is rounded to bf16 before the scale multiply: that is what the large-M path
+// computes (a bf16 GEMM on the exact int8 codes, then the scale; engines/torch/layers/quantized.py), so a
+// token gets the same bits whether its step was decode-sized or prefill-sized (prefix caching, chunked prefill).
 template <int MB, int R>
 static KILN_INLINE void epilogue(__m512 sum, const float* sc, const float* bias, const Out& y) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i ridx = _mm512_setr_epi32(0 % R, 1 % R, 2 % R, 3 % R, 4 % R, 5 % R, 6 % R, 7 % R, 8 % R, 9 % R,
                                          10 % R, 11 % R, 12 % R, 13 % R, 14 % R, 15 % R);
   const __mmask16 rm = (__mmask16)((1u << R) - 1);
+  if (sc && y.bf16) sum = kiln::round_bf16(sum);
   if (sc) sum = _mm512_mul_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, sc)));
   if (bias) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(ridx, _mm512_maskz_loadu_ps(rm, bias)));
   const __m512i bits = y.bf16 ? to_bf16_bits(sum) : _mm512_castps_si512(sum);

@@ -107,6 +107,7 @@ void rows(int64_t N, int64_t M, int64_t Kp, int64_t kend, const float* x, const 
         else row_pass<4>(n, xm, Kp, kend, decode, sums);
         for (int64_t m = 0; m < mb; ++m) {
           float v = sums[m];
+          if (scales && bf16) v = kiln::round_bf16(v);  // as the large-M path rounds (int_gemv.cpp's epilogue)
           if (scales) v *= scales[n];
           if (bias) v += bias[n];
           const int64_t idx = (m0 + m) * N + n;

@@ -145,8 +145,16 @@ class Int8WeightOnlyLinear(nn.Module):
         ):
             return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
         x2, lead = _flatten(x)  # x2: [M, K]
-        if self.small_m_max and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
-            # prefill-sized: dequantize once, one GEMM (~2.4x torch._weight_int8pack_mm at M = 64)
+        if self.small_m_max and x2.is_cpu and x2.dtype == torch.bfloat16:
+            # prefill-sized bf16: one bf16 GEMM on the int8 codes (exact in bf16), then the scale in fp32. The
+            # kernel above rounds its dot products the same way before scaling, so decode-sized and prefill-sized
+            # steps agree (q * s itself rounded to bf16 would not: a prefix-cached prompt answered differently).
+            y = F.linear(x2, self.qweight.to(torch.bfloat16)).float().mul_(self.scales)  # [M, N]
+            if self.bias is not None:
+                y += self.bias.float()
+            y = y.to(torch.bfloat16)
+        elif self.small_m_max and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
+            # prefill-sized fp32: dequantize once, one GEMM (~2.4x torch._weight_int8pack_mm at M = 64)
             w = self.dequantized_weight(x2.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(w.dtype))  # [M, N]
         elif self.use_kernel and self._int8pack_mm and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
