@@ -120,8 +120,9 @@ def install() -> None:
     print("peers installed:", *(p.name for p in PEERS.iterdir()))
 
 
-def build_kiln_engines() -> None:
-    for folder, flags in KILN_ENGINES.values():  # reused in seconds when already built
+def build_kiln_engines(names: list[str]) -> None:
+    for name in names:  # reused in seconds when already built
+        folder, flags = KILN_ENGINES[name]
         subprocess.run([str(KILN), "build", "--output", str(ENGINES / folder), *flags], check=True)
 
 
@@ -373,8 +374,7 @@ def goal_ratios(docs: list[dict]) -> list[str]:
 def run(args) -> int:
     from transformers import AutoConfig
 
-    if any(n.startswith("kiln") for n in args.only):
-        build_kiln_engines()
+    build_kiln_engines([n for n in args.only if n in KILN_ENGINES])
     _, hf_folder = default_model()
     cfg = AutoConfig.from_pretrained(hf_folder)
     embed = cfg.vocab_size * cfg.hidden_size

@@ -26,7 +26,7 @@
 //    deterministic and batch-invariant (row i depends on row i of x only).
 //  - Linux hands out AMX state only on request: amx_init() asks once (arch_prctl); available()
 //    in amx_linear.py calls it before anything else runs.
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>

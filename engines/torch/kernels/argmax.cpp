@@ -3,7 +3,7 @@
 // Why: torch's CPU argmax over a large vocabulary is a visible share of a batch-32 decode step
 // (docs/performance.md); a max pass and a find-first pass in vectors read each row twice from L2. One source
 // for every ISA level: kiln_simd.h, compiled per level by isa_variants.py.
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 

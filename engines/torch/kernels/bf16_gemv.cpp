@@ -21,7 +21,7 @@
 //  - Every output element is one accumulator summed in a fixed order, whatever M, the tile slot or
 //    the thread count: results are deterministic and batch-invariant.
 //  - The GIL is released by the binding (kiln calls this from a background thread).
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -34,7 +34,7 @@
 //    fixed hsum16 tree, then the scale multiply and the bias add as vector ops), whatever M, the tile
 //    slot or the thread count: deterministic and batch-invariant.
 //  - The GIL is released by the bindings.
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_bf16.h"
 

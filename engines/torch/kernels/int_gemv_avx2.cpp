@@ -10,7 +10,7 @@
 // products, added in a fixed tree, then scaled and biased as separate roundings: deterministic, independent of
 // the other rows of x and of the thread count. int4 weights are decoded as (u - 8 - z) * s in fp32, the exact
 // value of engines.quant.rtn.dequantize. VNNI (vpdpbusd) does not apply: x stays bf16 / fp32 (W8A16).
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 

@@ -12,7 +12,7 @@
 // One source for every ISA level: kiln_simd.h (W = 16 fp32 lanes with AVX-512, 8 with AVX2), compiled per level
 // by isa_variants.py. The AVX-512 build adds the AVX512-BF16 path for bf16 caches, taken where the caller says
 // the CPU has it (paged_attention.py asks extension.cpu_flags(), so KILN_CPU_ISA turns it off too).
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_bf16.h"
 #include "kiln_simd.h"

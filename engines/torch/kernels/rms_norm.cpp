@@ -7,7 +7,7 @@
 // level by isa_variants.py, the row functions templated over the element type (uint16_t rows hold bf16 bits).
 // add_rms_norm also does the residual add that precedes each norm in a decoder layer (one op and one
 // pass fewer per norm: 60 of each per step on SmolLM2-135M).
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 

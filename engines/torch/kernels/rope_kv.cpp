@@ -10,7 +10,7 @@
 // -ffp-contract=off so the compiler cannot fuse a multiply and an add into an FMA that rounds once.
 // Why: the torch path is ~15 small ops per layer (slices, cat, two muls, add, stack, casts, division,
 // round, clamp, index_copy_), about a tenth of a batch-1 decode step on a small model.
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 

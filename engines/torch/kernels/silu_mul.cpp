@@ -4,7 +4,7 @@
 // (docs/performance.md); this is one pass (read the row once, write half of it). One source for every ISA
 // level and both dtypes: kiln_simd.h (its exp too), compiled per level by isa_variants.py (uint16_t rows hold
 // bf16 bits).
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 

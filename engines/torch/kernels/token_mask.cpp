@@ -3,7 +3,7 @@
 // Why: xgrammar's CPU kernel and torch's bit unpacking cost several percent of a decode step at batch 32
 // (docs/performance.md); a masked blend per vector of logits reads each row once. One source for every ISA
 // level: kiln_simd.h, compiled per level by isa_variants.py.
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_simd.h"
 
