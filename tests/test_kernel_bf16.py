@@ -18,7 +18,7 @@ from engines.torch.kernels.extension import LazyExtension, cpu_flags
 from tests.isa_helpers import force_level, levels_here
 
 PROBE = r"""
-#include <torch/extension.h>
+#include "kiln_torch.h"
 
 #include "kiln_bf16.h"
 

@@ -18,7 +18,7 @@ from engines.torch.kernels.extension import STAGED_MTIME, stage_sources
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
-#include <torch/extension.h>
+#include "kiln_torch.h"
 #include "kiln_bf16.h"
 int answer() { return 42; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }

@@ -25,6 +25,7 @@ import torch
 
 from engines import cpu_isa
 from engines.config import EngineConfig
+from engines.torch import host_malloc
 
 log = logging.getLogger("kiln.engine")
 
@@ -52,5 +53,6 @@ def load_quantized(folder: Path, hf_config, precision: str, dtype: torch.dtype, 
     dense = arch.read_checkpoint(folder, args, dtype, device)
     quantized = quantize_model(dense, args, precision, None, progress=False)
     del dense
+    host_malloc.release_free()  # the dense copy and the per-layer float32 ones: freed heap, given back now
     log.info("quantized the weights to %s at load (--quantization)", precision)
     return arch.assemble(args, quantized.tensors, quantized.formats, dtype, device)
