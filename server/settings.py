@@ -10,7 +10,7 @@ from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engines.build.manifest import is_engine_dir
-from engines.config import MAX_SPECULATIVE_TOKENS, EngineConfig
+from engines.config import MAX_SPECULATIVE_TOKENS, EngineConfig, Quantization
 
 
 class ServerSettings(BaseSettings):
@@ -77,7 +77,7 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         EngineConfig.dtype, description="auto, float32, bfloat16 or float16 (default: auto)"
     )
-    quantization: Literal["auto", "none", "int8-wo"] = Field(
+    quantization: Quantization = Field(
         EngineConfig.quantization,
         description="quantize a model folder's weights as it loads: int8-wo (int8 weights, W8A16), none, or auto "
         "(int8-wo on CPU when --dtype is auto, else none); an engine directory keeps its build's (default: auto)",
