@@ -136,7 +136,11 @@ def test_all_levels_compiles_every_build_this_cpu_runs():
     )
     assert result.returncode == 0, result.stderr
     status = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("kiln_"))
-    runnable = {e.name for e in extension.EXTENSIONS if e.usable_with(cpu_isa.cpu_flags())}
+    runnable = {  # kiln's builds only: tests declare probe extensions of their own in this process
+        e.name
+        for e in extension.EXTENSIONS
+        if e.owner.startswith("engines.torch.kernels.") and e.usable_with(cpu_isa.cpu_flags())
+    }
     assert runnable and {status.get(name) for name in runnable} == {"compiled"}, status
     assert {name: status[name] for name in KERNELS} == {
         name: "compiled" if module.available() else "unavailable (torch fallback)" for name, module in KERNELS.items()
