@@ -67,6 +67,11 @@ def make_stacks(layers: int, group: int, symmetric: bool):
         if amx_linear.available() and amx_linear.int4_fits(n, k, g):
             a4 = amx_linear.pack_int4(q4.qweight, q4.scales, q4.zeros, g)
             stacks["int4 amx"].append(((*a4, g), k, nb4))
+        # GGUF Q4_1 blocks as kiln serves them: unsigned codes, (d, m) per group of 32
+        qa = quantize_rtn(w, 4, group_size=32, symmetric=False)
+        dm = torch.stack([qa.scales, -(qa.zeros.float() + 8) * qa.scales], dim=-1).float().contiguous()
+        ka = kernel.pack_int4(qa.qweight)
+        stacks["int4 affine kernel"].append(((ka, dm, 32), k, ka.numel() + dm.numel() * 4))
         stacks["int8 dequant+F.linear"].append(stacks["int8 kernel"][-1])
         stacks["int4 dequant+F.linear"].append(stacks["int4 kernel"][-1])
         del w
@@ -81,6 +86,7 @@ VARIANTS = {
     "int4 torch": lambda x, a: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *a),
     "int4 kernel": lambda x, a: kernel.int4_linear(x, *a),
     "int4 amx": lambda x, a: amx_linear.amx_int4_linear(x, *a),  # Intel AMX only
+    "int4 affine kernel": lambda x, a: kernel.int4_affine_linear(x, *a),
     # the large-M path: dequantize the layer once per call (bf16), then one F.linear
     "int8 dequant+F.linear": lambda x, a: F.linear(x, kernel.int8_dequantize(*a, dtype=x.dtype)),
     "int4 dequant+F.linear": lambda x, a: F.linear(x, kernel.int4_dequantize(*a, k=x.shape[-1], dtype=x.dtype)),

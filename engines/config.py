@@ -15,8 +15,9 @@ SPECULATIVE_METHODS = ("draft", "ngram")  # the torch backend's; the trtllm back
 BACKENDS = ("auto", "torch", "trtllm")
 # Weight quantization applied while a model folder loads (no calibration, so nothing to build first): auto, none,
 # or a calibration-free scheme of engines/schemes (engines/torch/load_quantization.py decides what auto means).
-Quantization = Literal["auto", "none", "int8-wo"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("auto", "none", "int8-wo")
+# gguf: a GGUF file's Q4_1 projections as the file stores them (engines/torch/gguf_blocks.py), the rest int8-wo.
+Quantization = Literal["auto", "none", "int8-wo", "gguf"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("auto", "none", "int8-wo", "gguf")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 MAX_SPECULATIVE_TOKENS = 16
 
@@ -33,7 +34,8 @@ class EngineConfig:
     engine_dir: str | None = None
     served_model_name: str | None = None
     dtype: DType = "auto"  # auto: bfloat16 (CPU with avx512_bf16 or CUDA), else float32
-    # auto: int8-wo on a CPU with kiln's int8 kernels when dtype is auto too, else none (load_quantization.py)
+    # auto: on a CPU with kiln's int kernels when dtype is auto too, gguf for a GGUF file and int8-wo for a folder;
+    # else none (load_quantization.py)
     quantization: Quantization = "auto"
     device: str = "auto"  # auto: cuda when visible, else cpu
     block_size: int = 16

@@ -66,6 +66,12 @@ def resolve_model(source: str | None) -> Path:
     raise ModelNotFoundError(f"Model {source!r} is neither a model folder, a .gguf file nor a Hugging Face model id.")
 
 
+def gguf_file(source: str | None) -> Path | None:
+    """The GGUF file `source` names (None means the embedded default, itself one), or None for other sources."""
+    path = default_model_path() if source is None else Path(source).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))

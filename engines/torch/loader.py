@@ -11,7 +11,7 @@ import torch
 from engines import cpu_isa
 from engines.build.manifest import Manifest
 from engines.config import EngineConfig, default_batched_tokens
-from engines.model_source import model_display_name, resolve_model
+from engines.model_source import gguf_file, model_display_name, resolve_model
 from engines.torch import host_malloc, load_quantization
 from engines.torch.block_manager import BlockManager
 from engines.torch.grammar import Grammars
@@ -79,7 +79,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if quantization is None:
         model = load_checkpoint(folder, hf_config, dtype, device)
     else:
-        model = load_quantization.load_quantized(folder, hf_config, quantization, dtype, device)
+        gguf = gguf_file(config.model) if quantization == "gguf" else None
+        model = load_quantization.load_quantized(folder, hf_config, quantization, dtype, device, gguf)
     name = config.served_model_name or model_display_name(config.model)
     return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, quantization=quantization)
 

@@ -240,13 +240,19 @@ static void i8_rows(const int8_t* w, int64_t K, const float* x, int64_t n0, int6
 // ------------------------------------------------------------------------------------------------
 
 struct I4Params {
-  const uint8_t* w;   // packed rows, ldw bytes each (kernel layout)
-  int64_t ldw;        // = Kp / 2
-  int64_t chunks;     // = Kp / 64
-  const float* sc;    // [N, G]
-  const int8_t* zp;   // [N, G] or null
+  const uint8_t* w;     // packed rows, ldw bytes each (kernel layout)
+  int64_t ldw;          // = Kp / 2
+  int64_t chunks;       // = Kp / 64
+  const float* sc;      // [N, G] (signed codes)
+  const int8_t* zp;     // [N, G] or null
+  const float* dm;      // affine codes: (d, m) pairs [N, G, 2], w = d * u + m; null otherwise
+  bool round_bf16;      // affine: round each decoded weight to bf16 (the weights of the bf16 dense model)
   int64_t G, gsize;
 };
+
+// How a code decodes: (u - 8) * s, (u - 8 - z) * s, or d * u + m (GGUF's Q4_1 blocks, ggml's dequantization:
+// one fp32 multiply, then one add).
+enum I4Mode { kSym = 0, kAsym = 1, kAffine = 2 };
 
 // kZTab.v[8 + z][u] = u - 8 - z: the exact (q - z) of every code u = q + 8, per zero point z.
 struct ZTab {
@@ -258,16 +264,33 @@ struct ZTab {
 };
 static constexpr ZTab kZTab{};
 
-// 16-entry table (u - 8 - z) * s for u = 0..15, as rtn.dequantize computes it in fp32. One vector
-// multiply with or without zero points (the exact (q - z) row comes from kZTab, in L1).
-template <bool ASYM>
-static KILN_INLINE __m512 i4_table(const float* sc, const int8_t* zp, int64_t i) {
-  const __m512 s = _mm512_set1_ps(sc[i]);
-  if constexpr (ASYM) {
-    return _mm512_mul_ps(_mm512_load_ps(kZTab.v[(8 + int(zp[i])) & 15]), s);  // z in [-8, 7]; & 15: never out of bounds
+// kiln::round_bf16 for values known to be finite (a table's: d and m come from float16): no NaN lane to keep,
+// two ops fewer on the per-group path of the affine codes.
+static KILN_INLINE __m512 round_bf16_finite(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// 16-entry table of the values of codes u = 0..15 in group g of row `row`: (u - 8 - z) * s as rtn.dequantize
+// computes it in fp32 (one vector multiply with or without zero points; the exact (q - z) row comes from kZTab,
+// in L1), or d * u + m for affine codes.
+template <int MODE>
+static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
+  const int64_t i = row * P.G + g;
+  if constexpr (MODE == kAffine) {
+    const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // one FMA: u * d is exact in fp32 for a float16 d (4 x 11 significant bits), so this rounds as ggml's
+    // multiply-then-add does
+    const __m512 t = _mm512_fmadd_ps(u, _mm512_set1_ps(P.dm[2 * i]), _mm512_set1_ps(P.dm[2 * i + 1]));
+    return P.round_bf16 ? round_bf16_finite(t) : t;
+  } else if constexpr (MODE == kAsym) {
+    // z in [-8, 7]; & 15: never out of bounds
+    return _mm512_mul_ps(_mm512_load_ps(kZTab.v[(8 + int(P.zp[i])) & 15]), _mm512_set1_ps(P.sc[i]));
   } else {
     const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm512_mul_ps(q, s);
+    return _mm512_mul_ps(q, _mm512_set1_ps(P.sc[i]));
   }
 }
 
@@ -279,7 +302,7 @@ static KILN_INLINE int64_t i4_group(int64_t c, int v, int64_t gc, int64_t G) {
   return std::min<int64_t>(c * (4 / VPG) + v / VPG, G - 1);  // clamp: padded columns past K
 }
 
-template <int MB, int R, int VPG, bool ASYM>
+template <int MB, int R, int VPG, int MODE>
 static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict x,
                            const char* pf_end, const float* __restrict bias, const Out& y) {
   static_assert(MB * R <= 16, "one hsum16 per tile");
@@ -287,8 +310,6 @@ static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict
   KILN_UNROLL
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   const uint8_t* w = P.w + n * P.ldw;
-  const float* sc = P.sc + n * P.G;
-  const int8_t* zp = ASYM ? P.zp + n * P.G : nullptr;
   const int64_t G = P.G, ldw = P.ldw;
   const int64_t cpg = VPG == 4 ? P.gsize / kChunk : 1;  // chunks per group
   int64_t gc = 0, cc = 0;                               // group of the current chunk (VPG == 4)
@@ -308,7 +329,7 @@ static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict
         __m512 tab;
         KILN_UNROLL
         for (int v = 0; v < 4; ++v) {
-          if (v % VPG == 0) tab = i4_table<ASYM>(sc + r * G, ASYM ? zp + r * G : nullptr, i4_group<VPG>(c, v, gc, G));
+          if (v % VPG == 0) tab = i4_table<MODE>(P, n + r, i4_group<VPG>(c, v, gc, G));
           const __m512 wv = _mm512_permutexvar_ps(v ? _mm512_srli_epi32(wd, 4 * v) : wd, tab);
           KILN_UNROLL
           for (int m = 0; m < MB; ++m)
@@ -327,7 +348,7 @@ static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict
         KILN_UNROLL
         for (int r = 0; r < R; ++r) {
           if (v % VPG == 0)
-            tab[r] = i4_table<ASYM>(sc + r * G, ASYM ? zp + r * G : nullptr, i4_group<VPG>(c, v, gc, G));
+            tab[r] = i4_table<MODE>(P, n + r, i4_group<VPG>(c, v, gc, G));
           wv[r] = _mm512_permutexvar_ps(v ? _mm512_srli_epi32(wd[r], 4 * v) : wd[r], tab[r]);
         }
         KILN_UNROLL
@@ -345,28 +366,132 @@ static inline void i4_tile(const I4Params& P, int64_t n, const float* __restrict
   epilogue<MB, R>(hsum16(acc), nullptr, bias, y);
 }
 
-template <int MB, int VPG, bool ASYM>
+template <int MB, int VPG, int MODE>
 static void i4_rows(const I4Params& P, const float* x, int64_t n0, int64_t n1, const char* pf_end,
                     const float* bias, const Out& y) {
   constexpr int R = 16 / MB;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) i4_tile<MB, R, VPG, ASYM>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
-  for (; n < n1; ++n) i4_tile<MB, 1, VPG, ASYM>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n + R <= n1; n += R) i4_tile<MB, R, VPG, MODE>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n < n1; ++n) i4_tile<MB, 1, VPG, MODE>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
 }
 
-template <int VPG, bool ASYM>
+template <int VPG, int MODE>
 static void i4_rows_mb(int mb, const I4Params& P, const float* x, int64_t n0, int64_t n1,
                        const char* pf_end, const float* bias, const Out& y) {
   switch (mb) {
-    case 1: i4_rows<1, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 2: i4_rows<2, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 3: i4_rows<3, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 4: i4_rows<4, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 5: i4_rows<5, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 6: i4_rows<6, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    case 7: i4_rows<7, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
-    default: i4_rows<8, VPG, ASYM>(P, x, n0, n1, pf_end, bias, y); break;
+    case 1: i4_rows<1, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 2: i4_rows<2, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 3: i4_rows<3, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 4: i4_rows<4, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 5: i4_rows<5, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 6: i4_rows<6, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 7: i4_rows<7, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    default: i4_rows<8, VPG, MODE>(P, x, n0, n1, pf_end, bias, y); break;
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Affine int4 (group 32) against bf16 x with AVX512-BF16 dot products. A bf16 layer's weights are the
+// bf16-rounded d * u + m: vcvtneps2bf16 rounds a group's 16-entry table in one instruction (the fp32 path
+// needs five integer ops per table, which made it twice as slow as the symmetric codes), vpermw looks up
+// 32 weights at once and vdpbf16ps multiplies them with 32 bf16 x values (products exact in fp32, summed
+// in fp32). Only where extension.cpu_flags() has avx512_bf16 (the Python caller passes it), so that
+// KILN_CPU_ISA below avx512bf16 keeps the fp32 path.
+// ------------------------------------------------------------------------------------------------
+
+#define KILN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// x [M, K] bf16 -> bf16 zero padded to Kp columns in passes of up to kMaxMB rows: pass m0 at m0 * Kp, then for
+// each 32 columns k .. k + 31 the mb rows' 32 values in turn (x[m0 + m, k + j] at m0 * Kp + k * mb + 32 m + j).
+static const uint16_t* x_to_bf16_blocks(const at::Tensor& x, int64_t M, int64_t K, int64_t Kp, at::Tensor& buf) {
+  buf = at::zeros({M * Kp + 32}, x.options().dtype(at::kBFloat16));
+  uint16_t* out = reinterpret_cast<uint16_t*>(
+      (reinterpret_cast<uintptr_t>(buf.data_ptr<at::BFloat16>()) + 63) & ~uintptr_t(63));
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+    const int64_t mb = std::min<int64_t>(kMaxMB, M - m0);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t k = 0; k < K; k += 32)
+        std::memcpy(out + m0 * Kp + k * mb + 32 * m, xb + (m0 + m) * K + k,
+                    sizeof(uint16_t) * std::min<int64_t>(32, K - k));
+  }
+  return out;
+}
+
+// The group's 16 weights d * u + m as bf16, in both 256-bit halves (vpermw then ignores index bit 4).
+KILN_AVX512_BF16 static KILN_INLINE __m512i affine_table_bf16(const float* dm) {
+  const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 t = _mm512_fmadd_ps(u, _mm512_set1_ps(dm[0]), _mm512_set1_ps(dm[1]));  // exact product: see i4_table
+  return _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(t));
+}
+
+template <int MB, int R>
+KILN_AVX512_BF16 static inline void i4_affine_dot_tile(const I4Params& P, int64_t n, const uint16_t* __restrict x,
+                                                       const char* pf_end, const float* __restrict bias,
+                                                       const Out& y) {
+  static_assert(MB * R <= 16, "one hsum16 per tile");
+  __m512 acc[16];
+  KILN_UNROLL
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  // lanes 0-15 take nibble 2h of word j (column 32h + j), lanes 16-31 nibble 2h + 1 (column 32h + 16 + j)
+  const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(8));
+  const int64_t G = P.G;
+  for (int64_t c = 0; c < P.chunks; ++c) {
+    if ((c & 1) == 0)
+      KILN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const char* pf = (const char*)(P.w + (n + r) * P.ldw + c * 32) + kPrefetch;
+        if (pf < pf_end) _mm_prefetch(pf, _MM_HINT_T0);
+      }
+    KILN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(P.w + (n + r) * P.ldw + c * 32)));
+      KILN_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t g = std::min<int64_t>(2 * c + h, G - 1);  // clamp: padded columns past K (x is zero there)
+        const __m512i wv = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, h ? shift1 : shift0),
+                                                    affine_table_bf16(P.dm + 2 * ((n + r) * G + g)));
+        KILN_UNROLL
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_load_si512((const void*)(x + (c * 64 + 32 * h) * MB + 32 * m));
+          acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], (__m512bh)wv, (__m512bh)xv);
+        }
+      }
+    }
+  }
+  epilogue<MB, R>(hsum16(acc), nullptr, bias, y);
+}
+
+template <int MB>
+KILN_AVX512_BF16 static void i4_affine_dot_rows(const I4Params& P, const uint16_t* x, int64_t n0, int64_t n1,
+                                                const char* pf_end, const float* bias, const Out& y) {
+  constexpr int R = 16 / MB;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) i4_affine_dot_tile<MB, R>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n < n1; ++n) i4_affine_dot_tile<MB, 1>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+}
+
+KILN_AVX512_BF16 static void i4_affine_dot_rows_mb(int mb, const I4Params& P, const uint16_t* x, int64_t n0,
+                                                   int64_t n1, const char* pf_end, const float* bias, const Out& y) {
+  switch (mb) {
+    case 1: i4_affine_dot_rows<1>(P, x, n0, n1, pf_end, bias, y); break;
+    case 2: i4_affine_dot_rows<2>(P, x, n0, n1, pf_end, bias, y); break;
+    case 3: i4_affine_dot_rows<3>(P, x, n0, n1, pf_end, bias, y); break;
+    case 4: i4_affine_dot_rows<4>(P, x, n0, n1, pf_end, bias, y); break;
+    case 5: i4_affine_dot_rows<5>(P, x, n0, n1, pf_end, bias, y); break;
+    case 6: i4_affine_dot_rows<6>(P, x, n0, n1, pf_end, bias, y); break;
+    case 7: i4_affine_dot_rows<7>(P, x, n0, n1, pf_end, bias, y); break;
+    default: i4_affine_dot_rows<8>(P, x, n0, n1, pf_end, bias, y); break;
+  }
+}
+
+template <int MODE>
+static void i4_rows_vpg(int vpg, int mb, const I4Params& P, const float* x, int64_t n0, int64_t n1,
+                        const char* pf_end, const float* bias, const Out& y) {
+  if (vpg == 4) i4_rows_mb<4, MODE>(mb, P, x, n0, n1, pf_end, bias, y);
+  else if (vpg == 2) i4_rows_mb<2, MODE>(mb, P, x, n0, n1, pf_end, bias, y);
+  else i4_rows_mb<1, MODE>(mb, P, x, n0, n1, pf_end, bias, y);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -474,54 +599,81 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight_in, con
 
 static int vpg_of(int64_t g) { return g == 16 ? 1 : g == 32 ? 2 : (g > 0 && g % 64 == 0) ? 4 : 0; }
 
-static I4Params check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::optional<at::Tensor>& zeros,
-                         int64_t group_size, int64_t K, const char* name, at::Tensor& scales, at::Tensor& zeros_keep) {
+// The packed codes' shape, and the group size, checked against K: the part every int4 form shares.
+static I4Params check_packed(const at::Tensor& packed, int64_t group_size, int64_t K, const char* name) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
                   packed.is_contiguous(),
               name, ": packed must be contiguous uint8 [N, Kp/2] on CPU (int_linear.pack_int4)");
-  const int64_t N = packed.size(0), Kp = packed.size(1) * 2;
+  const int64_t Kp = packed.size(1) * 2;
   TORCH_CHECK(Kp % kChunk == 0 && K <= Kp && Kp - K < kChunk, name, ": packed rows hold ", Kp,
               " columns, which is not K = ", K, " rounded up to a multiple of 64");
   TORCH_CHECK(vpg_of(group_size) != 0 && K % group_size == 0, name, ": group_size must be 16, 32 or a multiple of 64 "
               "dividing K, got ", group_size, " for K = ", K);
-  const int64_t G = K / group_size;
+  return {packed.data_ptr<uint8_t>(), Kp / 2, Kp / kChunk, nullptr, nullptr, nullptr, false, K / group_size,
+          group_size};
+}
+
+static I4Params check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::optional<at::Tensor>& zeros,
+                         int64_t group_size, int64_t K, const char* name, at::Tensor& scales, at::Tensor& zeros_keep) {
+  I4Params P = check_packed(packed, group_size, K, name);
+  const int64_t N = packed.size(0), G = P.G;
   TORCH_CHECK(scales_in.device().is_cpu() && scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 &&
                   scales_in.size(0) == N && scales_in.size(1) == G,
               name, ": scales must be float32 [N, K / group_size]");
   scales = scales_in.contiguous();
-  const int8_t* zp = nullptr;
+  P.sc = scales.data_ptr<float>();
   if (zeros.has_value() && zeros->defined()) {
     TORCH_CHECK(zeros->device().is_cpu() && zeros->scalar_type() == at::kChar && zeros->dim() == 2 &&
                     zeros->size(0) == N && zeros->size(1) == G,
                 name, ": zeros must be int8 [N, K / group_size]");
     zeros_keep = zeros->contiguous();
-    zp = zeros_keep.data_ptr<int8_t>();
+    P.zp = zeros_keep.data_ptr<int8_t>();
   }
-  return {packed.data_ptr<uint8_t>(), Kp / 2, Kp / kChunk, scales.data_ptr<float>(), zp, G, group_size};
+  return P;
 }
 
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
-  const int64_t K = x_in.size(-1);
-  at::Tensor skeep, zkeep;
-  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_linear", skeep, zkeep);
-  const int64_t N = packed.size(0), Kp = P.chunks * kChunk;
-  Prep p = prep_x(x_in, K, "int4_linear");
-  const at::Tensor bias = bias_f32(bias_in, N, "int4_linear");
+static I4Params check_affine(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
+                             bool round_bf16, const char* name) {
+  I4Params P = check_packed(packed, group_size, K, name);
+  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.dim() == 3 &&
+                  dm.size(0) == packed.size(0) && dm.size(1) == P.G && dm.size(2) == 2,
+              name, ": dm must be contiguous float32 [N, K / group_size, 2] (d, m per group)");
+  P.dm = dm.data_ptr<float>();
+  P.round_bf16 = round_bf16;
+  return P;
+}
+
+static at::Tensor run_int4_linear(const I4Params& P, const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in,
+                                  int64_t N, const char* name, bool bf16_dot = false) {
+  const int64_t K = x_in.size(-1), Kp = P.chunks * kChunk;
+  Prep p = prep_x(x_in, K, name);
+  const at::Tensor bias = bias_f32(bias_in, N, name);
   const int64_t M = p.M;
   at::Tensor y = at::empty({M, N}, p.x.options());
   if (M > 0 && N > 0) {
     if (K == 0) {
       bias.defined() ? y.copy_(bias.view({1, N}).expand({M, N})) : y.zero_();
+    } else if (bf16_dot) {
+      at::Tensor xbuf;
+      const uint16_t* x = x_to_bf16_blocks(p.x, M, K, Kp, xbuf);
+      const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+      const Out out{y.data_ptr(), true, N};
+      const int nt = pick_threads(N, N * P.ldw);
+      KILN_PARALLEL_ROWS(N, nt, {
+        const char* pf_end = (const char*)(P.w + n1 * P.ldw);
+        rows_any_m(
+            [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
+              i4_affine_dot_rows_mb(mb, P, x + m0 * Kp, b0, b1, pf_end, bp, out.at(m0, 0));
+            },
+            M, P.ldw, n0, n1);
+      });
     } else {
       at::Tensor xbig;
       const float* x = x_to_f32(p.x, M, K, Kp, xbig);
       const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
       const Out out{y.data_ptr(), y.scalar_type() == at::kBFloat16, N};
-      const int vpg = vpg_of(group_size);
-      const bool asym = P.zp != nullptr;
+      const int vpg = vpg_of(P.gsize);
+      const int mode = P.dm ? kAffine : P.zp ? kAsym : kSym;
       const int nt = pick_threads(N, N * P.ldw);
       KILN_PARALLEL_ROWS(N, nt, {
         const char* pf_end = (const char*)(P.w + n1 * P.ldw);
@@ -529,21 +681,36 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
             [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
               const float* xm = x + m0 * Kp;
               const Out ym = out.at(m0, 0);
-              if (asym) {
-                if (vpg == 4) i4_rows_mb<4, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
-                else if (vpg == 2) i4_rows_mb<2, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
-                else i4_rows_mb<1, true>(mb, P, xm, b0, b1, pf_end, bp, ym);
-              } else {
-                if (vpg == 4) i4_rows_mb<4, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
-                else if (vpg == 2) i4_rows_mb<2, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
-                else i4_rows_mb<1, false>(mb, P, xm, b0, b1, pf_end, bp, ym);
-              }
+              if (mode == kAffine) i4_rows_vpg<kAffine>(vpg, mb, P, xm, b0, b1, pf_end, bp, ym);
+              else if (mode == kAsym) i4_rows_vpg<kAsym>(vpg, mb, P, xm, b0, b1, pf_end, bp, ym);
+              else i4_rows_vpg<kSym>(vpg, mb, P, xm, b0, b1, pf_end, bp, ym);
             },
             M, P.ldw, n0, n1);
       });
     }
   }
   return finish(y, x_in, p.flat, N);
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
+  at::Tensor skeep, zkeep;
+  const I4Params P = check_i4(packed, scales, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_linear");
+}
+
+// Affine codes: each weight is d * u + m, rounded to bf16 when x (and so the layer's dtype) is bf16, so decode
+// computes with the very weights int4_affine_dequantize gives the large-M path.
+// bf16_dot: the CPU has AVX512-BF16 (as extension.cpu_flags() says); bf16 x with groups of 32 then takes the
+// vdpbf16ps tiles (same weights, fp32 sums in another order).
+at::Tensor int4_affine_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias_in, bool bf16_dot) {
+  TORCH_CHECK(x_in.dim() >= 1, "int4_affine_linear: x must be [..., K]");
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const I4Params P = check_affine(packed, dm, group_size, x_in.size(-1), bf16, "int4_affine_linear");
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_affine_linear", bf16_dot && bf16 && group_size == 32);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -593,18 +760,16 @@ at::Tensor int8_dequantize(const at::Tensor& qweight_in, const at::Tensor& scale
   return out;
 }
 
-template <bool ASYM>
+template <int MODE>
 static void i4_dequant_row(const I4Params& P, int64_t n, int64_t K, void* o, bool bf16) {
   const uint8_t* w = P.w + n * P.ldw;
-  const float* sc = P.sc + n * P.G;
-  const int8_t* zp = ASYM ? P.zp + n * P.G : nullptr;
   for (int64_t c = 0; c < P.chunks; ++c) {
     const __m512i wd = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + c * 32)));
     KILN_UNROLL
     for (int v = 0; v < 4; ++v) {
       const int64_t k = c * kChunk + 16 * v;
       if (k >= K) break;
-      const __m512 tab = i4_table<ASYM>(sc, zp, k / P.gsize);
+      const __m512 tab = i4_table<MODE>(P, n, k / P.gsize);
       const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(wd, 4 * v), tab);
       const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
       store16(o, bf16, n * K + k, wv, mask);
@@ -612,23 +777,37 @@ static void i4_dequant_row(const I4Params& P, int64_t n, int64_t K, void* o, boo
   }
 }
 
-at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                           int64_t group_size, int64_t K, at::ScalarType dtype,
-                           const c10::optional<at::Tensor>& out_in) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequantize: dtype must be float32 or bfloat16");
-  at::Tensor skeep, zkeep;
-  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
-  const int64_t N = packed.size(0);
-  at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), "int4_dequantize");
+static at::Tensor run_int4_dequantize(const I4Params& P, int64_t N, int64_t K, at::ScalarType dtype,
+                                      const at::Tensor& packed, const c10::optional<at::Tensor>& out_in,
+                                      const char* name) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, name, ": dtype must be float32 or bfloat16");
+  at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), name);
   void* o = out.data_ptr();
   const bool bf16 = dtype == at::kBFloat16;
+  const int mode = P.dm ? kAffine : P.zp ? kAsym : kSym;
   const int nt = pick_threads(N, N * P.ldw);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    if (P.zp) i4_dequant_row<true>(P, n, K, o, bf16);
-    else i4_dequant_row<false>(P, n, K, o, bf16);
+    if (mode == kAffine) i4_dequant_row<kAffine>(P, n, K, o, bf16);
+    else if (mode == kAsym) i4_dequant_row<kAsym>(P, n, K, o, bf16);
+    else i4_dequant_row<kSym>(P, n, K, o, bf16);
   }
   return out;
+}
+
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                           int64_t group_size, int64_t K, at::ScalarType dtype,
+                           const c10::optional<at::Tensor>& out_in) {
+  at::Tensor skeep, zkeep;
+  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize");
+}
+
+// d * u + m as [N, K]; rounded to bf16 when dtype is bf16 (as int4_affine_linear decodes for bf16 x).
+at::Tensor int4_affine_dequantize(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
+                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+  const I4Params P = check_affine(packed, dm, group_size, K, dtype == at::kBFloat16, "int4_affine_dequantize");
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_affine_dequantize");
 }
 
 }  // namespace
@@ -644,4 +823,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("K"), py::arg("dtype"),
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("int4_affine_linear", &int4_affine_linear, "y = x @ (d * u + m)^T (+ bias): affine int4 codes (GGUF Q4_1)",
+        py::arg("x"), py::arg("packed"), py::arg("dm"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("int4_affine_dequantize", &int4_affine_dequantize, "d * u + m as [N, K] float32/bfloat16", py::arg("packed"),
+        py::arg("dm"), py::arg("group_size"), py::arg("K"), py::arg("dtype"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }

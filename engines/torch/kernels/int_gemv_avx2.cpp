@@ -159,35 +159,54 @@ struct I4 {
   const uint8_t* w;
   int64_t ldw;  // bytes per row
   const float* sc;
-  const int8_t* zp;  // nullptr: symmetric
+  const int8_t* zp;     // nullptr: symmetric
+  const float* dm;      // affine codes (GGUF Q4_1): (d, m) per group, w = d * u + m; nullptr otherwise
+  bool round_bf16;      // affine: each weight rounded to bf16 (int_gemv.cpp's i4_table)
   int64_t G, gsize;
 };
 
-I4 check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::optional<at::Tensor>& zeros,
-            int64_t group_size, int64_t K, const char* name, at::Tensor& scales, at::Tensor& zeros_keep) {
+// The packed codes' shape, and the group size, checked against K: the part every int4 form shares.
+I4 check_packed(const at::Tensor& packed, int64_t group_size, int64_t K, const char* name) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
                   packed.is_contiguous(),
               name, ": packed must be contiguous uint8 [N, Kp/2] on CPU (int_linear.pack_int4)");
-  const int64_t N = packed.size(0), Kp = packed.size(1) * 2;
+  const int64_t Kp = packed.size(1) * 2;
   TORCH_CHECK(Kp % kChunk == 0 && K <= Kp && Kp - K < kChunk, name, ": packed rows hold ", Kp,
               " columns, which is not K = ", K, " rounded up to a multiple of 64");
   const bool group_ok = group_size == 16 || group_size == 32 || (group_size > 0 && group_size % 64 == 0);
   TORCH_CHECK(group_ok && K % group_size == 0, name, ": group_size must be 16, 32 or a multiple of 64 dividing K, got ",
               group_size, " for K = ", K);
-  const int64_t G = K / group_size;
+  return {packed.data_ptr<uint8_t>(), Kp / 2, nullptr, nullptr, nullptr, false, K / group_size, group_size};
+}
+
+I4 check_affine(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K, bool round_bf16,
+                const char* name) {
+  I4 P = check_packed(packed, group_size, K, name);
+  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.dim() == 3 &&
+                  dm.size(0) == packed.size(0) && dm.size(1) == P.G && dm.size(2) == 2,
+              name, ": dm must be contiguous float32 [N, K / group_size, 2] (d, m per group)");
+  P.dm = dm.data_ptr<float>();
+  P.round_bf16 = round_bf16;
+  return P;
+}
+
+I4 check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::optional<at::Tensor>& zeros,
+            int64_t group_size, int64_t K, const char* name, at::Tensor& scales, at::Tensor& zeros_keep) {
+  I4 P = check_packed(packed, group_size, K, name);
+  const int64_t N = packed.size(0), G = P.G;
   TORCH_CHECK(scales_in.device().is_cpu() && scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 &&
                   scales_in.size(0) == N && scales_in.size(1) == G,
               name, ": scales must be float32 [N, K / group_size]");
   scales = scales_in.contiguous();
-  const int8_t* zp = nullptr;
+  P.sc = scales.data_ptr<float>();
   if (zeros.has_value() && zeros->defined()) {
     TORCH_CHECK(zeros->device().is_cpu() && zeros->scalar_type() == at::kChar && zeros->dim() == 2 &&
                     zeros->size(0) == N && zeros->size(1) == G,
                 name, ": zeros must be int8 [N, K / group_size]");
     zeros_keep = zeros->contiguous();
-    zp = zeros_keep.data_ptr<int8_t>();
+    P.zp = zeros_keep.data_ptr<int8_t>();
   }
-  return {packed.data_ptr<uint8_t>(), Kp / 2, scales.data_ptr<float>(), zp, G, group_size};
+  return P;
 }
 
 // Columns k .. k + 15 (k a multiple of 16, below K) of row n: word j of chunk k / 64 holds column k + j in its
@@ -195,31 +214,40 @@ I4 check_i4(const at::Tensor& packed, const at::Tensor& scales_in, const c10::op
 inline void i4_decode16(const I4& P, int64_t n, int64_t k, simd::F& lo, simd::F& hi) {
   const uint8_t* chunk = P.w + n * P.ldw + (k / kChunk) * 32;
   const __m256i shift = _mm256_set1_epi64x(4 * ((k % kChunk) / 16));
-  const int64_t g = k / P.gsize;
-  const int32_t offset = 8 + (P.zp ? P.zp[n * P.G + g] : 0);  // (u - 8 - z): exact in int32
-  const __m256 scale = _mm256_set1_ps(P.sc[n * P.G + g]);
-  const __m256i nibble = _mm256_set1_epi32(0xF), off = _mm256_set1_epi32(offset);
-  const auto dequant = [&](const uint8_t* words) {
-    const __m256i u = _mm256_and_si256(
+  const int64_t g = k / P.gsize, i = n * P.G + g;
+  const __m256i nibble = _mm256_set1_epi32(0xF);
+  const auto codes = [&](const uint8_t* words) {
+    return _mm256_and_si256(
         _mm256_srl_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words))),
                          _mm256_castsi256_si128(shift)),
         nibble);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), scale);
+  };
+  if (P.dm) {  // d * u + m: one multiply, then one add (ggml's Q4_1 dequantization)
+    const __m256 d = _mm256_set1_ps(P.dm[2 * i]), m = _mm256_set1_ps(P.dm[2 * i + 1]);
+    const auto affine = [&](const uint8_t* words) {
+      // one FMA: u * d is exact for a float16 d, so this rounds as ggml's multiply-then-add does
+      const simd::F v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes(words)), d, m);
+      return P.round_bf16 ? simd::round_bf16(v) : v;
+    };
+    lo = affine(chunk);
+    hi = affine(chunk + 16);
+    return;
+  }
+  const int32_t offset = 8 + (P.zp ? P.zp[i] : 0);  // (u - 8 - z): exact in int32
+  const __m256 scale = _mm256_set1_ps(P.sc[i]);
+  const __m256i off = _mm256_set1_epi32(offset);
+  const auto dequant = [&](const uint8_t* words) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes(words), off)), scale);
   };
   lo = dequant(chunk);
   hi = dequant(chunk + 16);
 }
 
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
-                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
-  const int64_t K = x_in.size(-1);
-  at::Tensor skeep, zkeep;
-  const I4 P = check_i4(packed, scales_in, zeros, group_size, K, "int4_linear", skeep, zkeep);
-  const int64_t N = packed.size(0), Kp = P.ldw * 2;
-  Prep p = prep_x(x_in, K, "int4_linear");
-  const at::Tensor bias = bias_f32(bias_in, N, "int4_linear");
+at::Tensor run_int4_linear(const I4& P, const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, int64_t N,
+                           const char* name) {
+  const int64_t K = x_in.size(-1), Kp = P.ldw * 2;
+  Prep p = prep_x(x_in, K, name);
+  const at::Tensor bias = bias_f32(bias_in, N, name);
   at::Tensor y = at::empty({p.M, N}, p.x.options());
   if (p.M == 0 || N == 0) return finish(y, x_in, p.flat, N);
   if (K == 0) {
@@ -233,6 +261,24 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   rows(N, p.M, Kp, K, x.data_ptr<float>(), nullptr, bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr(),
        y.scalar_type() == at::kBFloat16, decode);
   return finish(y, x_in, p.flat, N);
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
+                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
+  at::Tensor skeep, zkeep;
+  const I4 P = check_i4(packed, scales_in, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_linear");
+}
+
+// bf16_dot: int_gemv.cpp's AVX512-BF16 path; never taken by this build (an AVX2 CPU has no AVX512-BF16).
+at::Tensor int4_affine_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias_in, bool /*bf16_dot*/) {
+  TORCH_CHECK(x_in.dim() >= 1, "int4_affine_linear: x must be [..., K]");
+  const I4 P = check_affine(packed, dm, group_size, x_in.size(-1), x_in.scalar_type() == at::kBFloat16,
+                            "int4_affine_linear");
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_affine_linear");
 }
 
 at::Tensor dequant_out(const c10::optional<at::Tensor>& out, int64_t N, int64_t K, at::ScalarType dtype,
@@ -286,14 +332,10 @@ at::Tensor int8_dequantize(const at::Tensor& qweight_in, const at::Tensor& scale
   return out;
 }
 
-at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_in,
-                           const c10::optional<at::Tensor>& zeros, int64_t group_size, int64_t K,
-                           at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequantize: dtype must be float32 or bfloat16");
-  at::Tensor skeep, zkeep;
-  const I4 P = check_i4(packed, scales_in, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
-  const int64_t N = packed.size(0);
-  at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), "int4_dequantize");
+at::Tensor run_int4_dequantize(const I4& P, int64_t N, int64_t K, at::ScalarType dtype, const at::Tensor& packed,
+                               const c10::optional<at::Tensor>& out_in, const char* name) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, name, ": dtype must be float32 or bfloat16");
+  at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), name);
   void* o = out.data_ptr();
   const bool bf16 = dtype == at::kBFloat16;
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
@@ -305,6 +347,20 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_in
       }
   });
   return out;
+}
+
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_in,
+                           const c10::optional<at::Tensor>& zeros, int64_t group_size, int64_t K,
+                           at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+  at::Tensor skeep, zkeep;
+  const I4 P = check_i4(packed, scales_in, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize");
+}
+
+at::Tensor int4_affine_dequantize(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
+                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+  const I4 P = check_affine(packed, dm, group_size, K, dtype == at::kBFloat16, "int4_affine_dequantize");
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_affine_dequantize");
 }
 
 }  // namespace
@@ -320,4 +376,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("K"), py::arg("dtype"),
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("int4_affine_linear", &int4_affine_linear, "y = x @ (d * u + m)^T (+ bias): affine int4 codes (GGUF Q4_1)",
+        py::arg("x"), py::arg("packed"), py::arg("dm"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("int4_affine_dequantize", &int4_affine_dequantize, "d * u + m as [N, K] float32/bfloat16", py::arg("packed"),
+        py::arg("dm"), py::arg("group_size"), py::arg("K"), py::arg("dtype"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engines.torch.kernels import extension
 from engines.torch.kernels.isa_variants import IsaVariants
 
 # Largest number of rows of x for which the kernels are the fastest path on cold (streamed) weights
@@ -42,6 +44,7 @@ SMALL_M_MAX_INT8 = 32
 SMALL_M_MAX_INT4 = 32
 
 INT4_CHUNK = 64  # int4 rows are padded to a multiple of this many columns (32 bytes)
+BF16_DOT_FLAG = "avx512_bf16"  # the CPU flag of the affine int4 kernel's bf16 x bf16 dot products (vdpbf16ps)
 
 _SOURCE = Path(__file__).with_name("int_gemv.cpp")
 # Explicit ISA flags rather than -march=native (the cached binary stays valid on any AVX-512 CPU;
@@ -117,13 +120,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_int4 expects int codes [N, K]")
     n, k = q.shape
     kp = -(-k // INT4_CHUNK) * INT4_CHUNK
-    u = torch.full((n, kp), 8, dtype=torch.int32, device=q.device)
-    u[:, :k] = q.to(torch.int32) + 8
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
         raise ValueError("int4 codes must lie in [-8, 7]")
-    u = u.view(n, kp // INT4_CHUNK, 4, 16)  # [N, chunk, nibble r, word j]
-    words = u[:, :, 0] | (u[:, :, 1] << 4) | (u[:, :, 2] << 8) | (u[:, :, 3] << 12)  # [N, chunk, 16]
-    return torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n, kp // 2).contiguous()
+    # byte 2j of a chunk is word j's low byte (nibbles 0, 1), byte 2j + 1 its high byte (nibbles 2, 3): uint8 numpy
+    # ops pack a model's codes in about a second, where int32 torch ops took several
+    u = np.full((n, kp), 8, dtype=np.uint8)
+    u[:, :k] = (q.cpu().numpy().astype(np.int16) + 8).astype(np.uint8)
+    u = u.reshape(n, kp // INT4_CHUNK, 4, 16)  # [N, chunk, nibble r, word j]
+    lo, hi = u[:, :, 0] | (u[:, :, 1] << 4), u[:, :, 2] | (u[:, :, 3] << 4)  # [N, chunk, 16]
+    return torch.from_numpy(np.stack([lo, hi], axis=-1).reshape(n, kp // 2)).to(q.device)
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,3 +185,45 @@ def int4_linear(
         w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], torch.float32)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     return ext.int4_linear(x, packed, scales, zeros, group_size, bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# affine int4 (GGUF Q4_1 blocks): w = d * u + m per group, u in [0, 15]
+# ------------------------------------------------------------------------------------------------------
+
+
+def int4_affine_dequantize(
+    packed: torch.Tensor,
+    dm: torch.Tensor,
+    group_size: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d * u + m as [N, K] in `dtype`: one fp32 multiply, then one add (ggml's Q4_1 dequantization, so float32
+    gives the very values transformers reads from the GGUF file), then one rounding to `dtype`.
+
+    packed: pack_int4 of the unsigned codes minus 8 (its nibbles hold u itself); dm: float16 [N, K / g, 2], the
+    (d, m) of each group. `out`: as int8_dequantize."""
+    ext = _EXT.get()
+    if ext is not None and packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        return ext.int4_affine_dequantize(packed, dm, group_size, k, dtype, out)
+    n = packed.shape[0]
+    u = (unpack_int4(packed, k).float() + 8).view(n, k // group_size, group_size)
+    d, m = dm.float().unbind(-1)
+    w = (u * d.unsqueeze(-1) + m.unsqueeze(-1)).view(n, k).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def int4_affine_linear(
+    x: torch.Tensor, packed: torch.Tensor, dm: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] (bf16 / fp32) @ W^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation, where W is
+    int4_affine_dequantize(..., x.dtype): with bf16 x each weight is rounded to bf16 first, so a decode step and a
+    prefill (F.linear on the dequantized bf16 weight) multiply by the same weights."""
+    ext = _EXT.get()
+    if ext is None or not int4_group_ok(group_size, x.shape[-1]):
+        w = int4_affine_dequantize(packed, dm, group_size, x.shape[-1], x.dtype).float()
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    # AVX512-BF16 dot products for bf16 x where the CPU (after KILN_CPU_ISA) has them: int_gemv.cpp
+    return ext.int4_affine_linear(x, packed, dm, group_size, bias, BF16_DOT_FLAG in extension.cpu_flags())

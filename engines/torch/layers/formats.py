@@ -11,6 +11,7 @@ Names are `<prefix>.<field>` with prefix e.g. `layers.3.qkv_proj` or `lm_head`:
 |        | zeros int8 [N, G] (asymmetric only), g_idx int32 [K] (act-order), bias? |                     |
 | w8a8   | qweight int8 [N, K], scales f32 [N], bias?                           | W8A8Int8Linear         |
 | fp8    | weight_fp8 e4m3 [N, K], weight_scale f32 [N, 1] or [], bias?        | Fp8Linear              |
+| int4-affine | qweight_packed u8 [N, Kp/2] (kernel layout of u - 8), dm f32 [N, K/32, 2], bias? | AffineInt4Linear |
 
 int4 is stored in the portable nibble order of engines.quant.rtn.pack_int4 and repacked for the
 CPU kernel when loaded; loading never quantizes anything.
@@ -152,7 +153,21 @@ class Fp8(WeightFormat):
         return Fp8Linear(layer.take("weight_fp8"), layer.take("weight_scale"), layer.bias)
 
 
-_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Dense(), Int8(), Int4(), W8A8(), Fp8())}
+GGUF_BLOCK = 32  # weights per (d, m) pair in GGUF's Q4_1 blocks
+
+
+class AffineInt4(WeightFormat):
+    """GGUF Q4_1 blocks (engines/torch/gguf_blocks.py): loaded at serve time from the GGUF file, never written."""
+
+    name = "int4-affine"
+
+    def load(self, layer: StoredLayer) -> nn.Module:
+        from engines.torch.layers.affine_int4 import AffineInt4Linear
+
+        return AffineInt4Linear(layer.take("qweight_packed"), layer.take("dm"), GGUF_BLOCK, layer.bias)
+
+
+_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Dense(), Int8(), Int4(), W8A8(), Fp8(), AffineInt4())}
 
 
 def register_format(weight_format: WeightFormat) -> None:

@@ -1,0 +1,68 @@
+"""Affine int4 weights, w = d * u + m per group (u in [0, 15]): GGUF's Q4_1 blocks served as the file stores them.
+
+Why: the embedded default model ships as a Q4_1 GGUF file, so its "dense" weights are these codes, dequantized.
+Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a float32 (d, m) pair per 32 weights)
+instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
+from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
+
+Decode-sized steps (at most int_linear.SMALL_M_MAX_INT4 rows) run kiln's int4 kernel, which decodes each group's
+16 values d * u + m into a table (int_gemv.cpp); larger steps dequantize the layer once per call (bf16 for bf16 x)
+and run one F.linear, so both paths multiply by the same weights: a prompt served from the prefix cache or in
+chunks answers as it would whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.torch.kernels import int_linear
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class AffineInt4Linear(nn.Module):
+    def __init__(self, packed: torch.Tensor, dm: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
+        """packed: int_linear.pack_int4 of (u - 8), uint8 [N, Kp / 2]; dm: (d, m) per group, [N, K / group_size, 2]
+        (float16 values; kept as float32, the kernel's form)."""
+        super().__init__()
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or dm.dim() != 3 or dm.shape[-1] != 2:
+            raise ValueError("AffineInt4Linear needs packed uint8 [N, Kp/2] and dm [N, K/g, 2]")
+        n, groups = dm.shape[0], dm.shape[1]
+        if packed.shape[0] != n:
+            raise ValueError(f"packed has {packed.shape[0]} rows, dm {n}")
+        self.out_features, self.in_features, self.group_size = n, groups * group_size, group_size
+        if self.in_features > packed.shape[1] * 2:
+            raise ValueError(f"{groups} groups of {group_size} exceed the {packed.shape[1] * 2} packed columns")
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("dm", dm.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.small_m_max = (
+            int_linear.SMALL_M_MAX_INT4
+            if packed.device.type == "cpu"
+            and int_linear.available()
+            and int_linear.int4_group_ok(group_size, self.in_features)
+            else 0
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.packed.numel() + self.dm.numel() * 4
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] weight d * u + m in `dtype` (float32: the values transformers reads from the GGUF file)."""
+        return int_linear.int4_affine_dequantize(self.packed, self.dm, self.group_size, self.in_features, dtype, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.small_m_max
+            and x.is_cpu
+            and 0 < x.numel() <= self.small_m_max * self.in_features
+            and x.dtype in _KERNEL_DTYPES
+        ):
+            return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
+        dtype = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+        w = self.dequantized_weight(dtype)
+        y = F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
+        return y.to(x.dtype)

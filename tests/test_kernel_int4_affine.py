@@ -1,0 +1,113 @@
+"""engines/torch/kernels/int_linear's affine int4 codes (w = d * u + m per group of 32, GGUF's Q4_1): the
+dequantizer gives ggml's values exactly, the decode kernel multiplies by exactly those weights (bf16-rounded for bf16
+x) at every ISA level and with or without the AVX512-BF16 dot products, and its sums are within fp32 rounding of a
+float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.torch.kernels import extension
+from engines.torch.kernels import int_linear as kmod
+from engines.torch.kernels.int_linear import int4_affine_dequantize, int4_affine_linear, pack_int4
+from engines.torch.layers.affine_int4 import AffineInt4Linear
+from tests.isa_helpers import isa_level_fixture
+
+G = 32
+SHAPES = [(960, 576), (576, 1536), (33, 96), (100, 160), (17, 32)]  # K % 64 == 32: a padded half chunk
+
+isa_level = isa_level_fixture(kmod._EXT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if not kmod.available():
+        pytest.skip("int_linear kernels unavailable (neither AVX-512 F/BW/VL nor AVX2, or no compiler or ninja)")
+
+
+@pytest.fixture(params=["bf16 dot", "fp32"])
+def dot_path(request, monkeypatch):
+    """Each test with the AVX512-BF16 dot products on (where this CPU and level have them) and off."""
+    flags = extension.cpu_flags()
+    if request.param == "bf16 dot" and kmod.BF16_DOT_FLAG not in flags:
+        pytest.skip("this CPU has no AVX512-BF16")
+    if request.param == "fp32":
+        monkeypatch.setattr(extension, "cpu_flags", lambda: flags - {kmod.BF16_DOT_FLAG})
+    return request.param
+
+
+def codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, dm, u): random codes and float16-valued (d, m) pairs shaped like trained Q4_1 blocks."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
+    d = (torch.rand(n, k // G, generator=g) * 0.01 + 1e-4).half().float()
+    m = (-d * 8 + torch.randn(n, k // G, generator=g) * 1e-3).half().float()
+    return pack_int4(u - 8), torch.stack([d, m], dim=-1).contiguous(), u
+
+
+def ggml_values(u: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """gguf-py's Q4_1 dequantization, (d * u) + m in float32: a multiply, then an add."""
+    n, k = u.shape
+    d, m = dm[..., 0].repeat_interleave(G, dim=1), dm[..., 1].repeat_interleave(G, dim=1)
+    return (d * u.float()) + m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_dequantize_gives_ggml_values(n, k, dtype):
+    packed, dm, u = codes(n, k, seed=n + k)
+    assert torch.equal(int4_affine_dequantize(packed, dm, G, k, dtype), ggml_values(u, dm).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_decode_multiplies_by_the_dequantized_weights(n, k, dtype, dot_path):
+    """A one-hot row of x picks one column of the weight out of the kernel: a single product, no sum to round."""
+    packed, dm, _ = codes(n, k, seed=7 * n + k)
+    w = int4_affine_dequantize(packed, dm, G, k, dtype)
+    for col in sorted({0, k // 2 + 1, k - 1}):
+        x = torch.zeros(1, k, dtype=dtype)
+        x[0, col] = 1
+        assert torch.equal(int4_affine_linear(x, packed, dm, G)[0], w[:, col]), col
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_sums_are_within_fp32_rounding_of_float64(n, k, m, dtype, dot_path):
+    packed, dm, _ = codes(n, k, seed=n * k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1
+    w = int4_affine_dequantize(packed, dm, G, k, dtype).double()
+    y = int4_affine_linear(x, packed, dm, G, bias)
+    ref = x.double() @ w.T + bias.double()
+    # fp32 sums of K exact products in some fixed order: a few K/16 roundings of sum |x w|; bf16 adds its rounding
+    bound = (k / 16 + 8) * 2.0**-24 * (x.double().abs() @ w.abs().T + bias.double().abs())
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * ref.abs()
+    assert y.dtype == dtype and y.shape == (m, n)
+    excess = ((y.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_large_steps_use_the_same_weights_as_decode(dtype, dot_path):
+    """Prefill-sized steps dequantize once and run F.linear: with one-hot rows, the same columns as the kernel."""
+    n, k = 96, 576
+    packed, dm, _ = codes(n, k, seed=3)
+    layer = AffineInt4Linear(packed, dm, G)
+    rows = kmod.SMALL_M_MAX_INT4 + 8
+    x = torch.zeros(rows, k, dtype=dtype)
+    x[torch.arange(rows), torch.arange(rows) * 7] = 1
+    large = layer(x)
+    decode = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    assert torch.equal(large, decode)
+
+
+def test_kernel_refuses_bad_pairs():
+    packed, dm, _ = codes(16, 64, seed=1)
+    with pytest.raises(RuntimeError, match="dm must be contiguous float32"):
+        int4_affine_linear(torch.randn(1, 64), packed, dm.half(), G)
+    with pytest.raises(RuntimeError, match="dm must be contiguous float32"):
+        int4_affine_linear(torch.randn(1, 64), packed, dm[:, :1].contiguous(), G)
