@@ -109,15 +109,20 @@ class LayerWeights:
 def _inputs(arch: Architecture[Any], args: ModelArgs) -> tuple[LayerInput, ...]:
     """Every projection's input, each projection in exactly one, consumers before producers: a row fold
     changes its producer's weight, which must happen before that producer is scaled or quantized itself.
-    Projections the topology does not name come last, without a producer."""
+    The topology's unfolded projections come last, without a producer."""
     topology = arch.topology
+    named = topology.named()
+    if sorted(named) != sorted(arch.projections):
+        raise ValueError(
+            f"The {args.model_type} quantization topology places {sorted(named)}, not each of its projections "
+            f"{sorted(arch.projections)} once."
+        )
     inputs = [
         LayerInput((f.consumer,), f if f.rows(args) is not None else None, f.smooth and f.rows(args) is not None)
         for f in topology.row_folds
     ]
     inputs += [LayerInput(g.consumers, g, True) for g in topology.norm_groups]
-    named = {kind for inp in inputs for kind in inp.consumers}
-    inputs += [LayerInput((kind,), None, False) for kind in arch.projections if kind not in named]
+    inputs += [LayerInput((kind,), None, False) for kind in topology.unfolded]
     return tuple(inputs)
 
 
