@@ -1,5 +1,6 @@
 """Llama-family decoder in plain PyTorch: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias),
-SmolLM2 (tied embeddings).
+SmolLM2 (tied embeddings). Close families subclass LlamaForCausalLM and override only its hooks (qkv,
+first_layer_input, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2 (olmo2.py).
 
 Tokens of a step arrive flattened ([T]) with their positions; q/k/v and gate/up projections are
 fused into one matmul each (fewer ops per step, PERF-NOTES.md); logits are computed only for the
