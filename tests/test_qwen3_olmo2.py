@@ -1,7 +1,8 @@
 """Qwen3 (q/k norms per head before RoPE, its own head_dim) and OLMo 2 (q/k norms over the whole projections,
 norms after each sublayer) in the torch engine: greedy float32 output equals transformers' token for token,
 alone and in a concurrent batch with a prefix-cache hit and chunked prompts, on the fused (rope_kv) and unfused
-attention paths; their norms round as transformers' do; the quantization topology's folds are exact."""
+attention paths, and under speculative decoding; their norms round as transformers' do; the quantization
+topology's folds are exact."""
 
 from __future__ import annotations
 
@@ -72,6 +73,30 @@ def test_greedy_equals_transformers_alone_and_batched(name, fused, tiny_models, 
     for i in range(len(expected)):
         assert got[str(i)][0] == expected[i], f"prompt {i} in the batch diverged"
     assert batched.stats().prefix_cache_hits == SHARED
+
+
+OTHER_DRAFT = {"qwen3-gqa": "qwen3-mha-bias", "olmo2-gqa": "olmo2-mha"}
+
+
+# the target drafting for itself (every draft accepted), the family's other tiny model (drafts rejected and rolled
+# back), n-gram lookup
+@pytest.mark.parametrize("setup", ["draft-same", "draft-other", "ngram"])
+@pytest.mark.parametrize("name", ["qwen3-gqa", "olmo2-gqa"])
+def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):
+    loaded = tiny_models(name)[0]
+    if setup == "ngram":
+        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
+    else:
+        draft = loaded if setup == "draft-same" else tiny_models(OTHER_DRAFT[name])[0]
+        core = make_engine(loaded, draft, block_size=4, speculative_method="draft")
+    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
+    assert [got[str(i)][0] for i in range(4)] == reference(name)
+    stats = core.stats()
+    assert stats.spec_draft_tokens > 0
+    if setup == "draft-same":
+        assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+    else:
+        assert stats.spec_accepted_tokens < stats.spec_draft_tokens
 
 
 def test_fused_path_is_what_the_engine_runs_here(tiny_models, make_engine):
