@@ -77,11 +77,17 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+# what serving needs from a hub repo: config and tokenizer JSON, weights, sentencepiece models, merges, and the chat
+# template (transformers writes it to chat_template.jinja, no longer into tokenizer_config.json); not the README,
+# other copies of the weights (original/*.pth, *.gguf, *.bin beside safetensors)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
         raise ModelNotFoundError(f"Could not fetch {repo_id!r} from the Hugging Face hub: {exc}") from exc
 

@@ -35,6 +35,13 @@ TINY_CONFIGS = {
     "mistral-gqa": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
     "qwen2-gqa": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "qwen2-mha": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    # Qwen3's head_dim is its own: 32 here, with hidden 64 over 4 heads
+    "qwen3-gqa": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3-mha-bias": dict(
+        model_type="qwen3", num_attention_heads=4, num_key_value_heads=4, head_dim=24, attention_bias=True
+    ),
+    "olmo2-gqa": dict(model_type="olmo2", num_attention_heads=4, num_key_value_heads=2),
+    "olmo2-mha": dict(model_type="olmo2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
 }
 
 
@@ -44,8 +51,12 @@ def make_tiny_hf_model(name: str, folder: Path):
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Olmo2Config,
+        Olmo2ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     spec = dict(TINY_CONFIGS[name])
@@ -54,6 +65,8 @@ def make_tiny_hf_model(name: str, folder: Path):
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     }[model_type]
     config = config_cls(
         vocab_size=512,
@@ -68,13 +81,22 @@ def make_tiny_hf_model(name: str, folder: Path):
     )
     torch.manual_seed(1234)
     model = model_cls(config).eval()
-    if model_type == "qwen2":  # random init leaves qkv biases at zero; make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.2)
+    randomize_init_constants(model)
     model.save_pretrained(folder)
     return model
+
+
+def randomize_init_constants(model) -> None:
+    """Random init leaves biases at zero and norm weights at one, where a bias or norm kiln skipped or swapped
+    would change nothing: give them random values (the norms only in families added since, whose reference
+    tokens this does not move; Qwen3 and OLMo 2 have q/k norms)."""
+    norms = model.config.model_type in ("qwen3", "olmo2")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.2)
+            elif norms and "norm" in name:
+                param.normal_(1, 0.2)
 
 
 @pytest.fixture(scope="session")

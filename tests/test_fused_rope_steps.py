@@ -53,8 +53,9 @@ def _run(loaded, make_engine, cache: str):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cache", ["model", "int8", "fp8"])
-def test_fused_steps_equal_the_torch_path(tiny_models, make_engine, monkeypatch, dtype, cache):
-    base = tiny_models("llama-gqa")[0]  # float32; a bf16 copy is loaded from its folder
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-gqa", "olmo2-gqa"])  # Qwen3, OLMo 2: q/k norms before RoPE
+def test_fused_steps_equal_the_torch_path(tiny_models, make_engine, monkeypatch, name, dtype, cache):
+    base = tiny_models(name)[0]  # float32; a bf16 copy is loaded from its folder
     loaded = (
         base
         if dtype == base.dtype

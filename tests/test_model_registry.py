@@ -128,7 +128,8 @@ def generate(loaded) -> dict:
 def test_unknown_model_type_names_it_and_the_known_ones():
     with pytest.raises(ValueError) as info:
         architecture("gpt-nope")
-    assert str(info.value) == "Model type 'gpt-nope' is not supported; kiln's torch engine runs llama, mistral, qwen2."
+    known = "llama, mistral, qwen2, qwen3, olmo2"
+    assert str(info.value) == f"Model type 'gpt-nope' is not supported; kiln's torch engine runs {known}."
 
 
 def test_llama_family_shares_one_module_and_qwen2_quirks_are_args():

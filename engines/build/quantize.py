@@ -74,6 +74,7 @@ class LayerWeights:
         self.args = args
         self._t = t
         self.weights = {kind: t[self.prefix + kind + ".weight"].float() for kind in arch.projections}
+        self.biases = {kind: t.get(self.prefix + kind + ".bias") for kind in arch.projections}
         self.norms = {g.norm: t[self.prefix + g.norm + ".weight"].float() for g in arch.topology.norm_groups}
         self.inputs = _inputs(arch, args)
 
@@ -81,7 +82,7 @@ class LayerWeights:
         return self.prefix + kind
 
     def bias(self, kind: str) -> torch.Tensor | None:
-        return self._t.get(self.prefix + kind + ".bias")
+        return self.biases[kind]
 
     def divide_producer(self, inp: LayerInput, s: torch.Tensor) -> None:
         """Divide the op producing `inp` by s [K], per channel (once, however many projections read it)."""
@@ -89,12 +90,11 @@ class LayerWeights:
         if isinstance(producer, NormGroup):
             self.norms[producer.norm] = self.norms[producer.norm] / s
         elif isinstance(producer, RowFold) and (rows := producer.rows(self.args)) is not None:
-            scaled = self.weights[producer.producer].clone()
-            if producer.reciprocal:
-                scaled[rows] *= (1 / s)[:, None]
-            else:
-                scaled[rows] /= s[:, None]
-            self.weights[producer.producer] = scaled
+            kind = producer.producer
+            self.weights[kind] = _divide_rows(self.weights[kind], rows, s[:, None], producer.reciprocal)
+            bias = self.biases[kind]
+            if bias is not None:  # a row's output is W_row x + b_row: both scale (Qwen2's and Qwen3's v bias)
+                self.biases[kind] = _divide_rows(bias.float(), rows, s, producer.reciprocal).to(bias.dtype)
         else:
             raise ValueError(f"the input of {', '.join(inp.consumers)} has no per-channel producer to fold into")
 
@@ -106,18 +106,32 @@ class LayerWeights:
         self.divide_producer(inp, s)
 
 
+def _divide_rows(t: torch.Tensor, rows: slice, s: torch.Tensor, reciprocal: bool) -> torch.Tensor:
+    out = t.clone()
+    if reciprocal:
+        out[rows] *= 1 / s
+    else:
+        out[rows] /= s
+    return out
+
+
 def _inputs(arch: Architecture[Any], args: ModelArgs) -> tuple[LayerInput, ...]:
     """Every projection's input, each projection in exactly one, consumers before producers: a row fold
     changes its producer's weight, which must happen before that producer is scaled or quantized itself.
-    Projections the topology does not name come last, without a producer."""
+    The topology's unfolded projections come last, without a producer."""
     topology = arch.topology
+    named = topology.named()
+    if sorted(named) != sorted(arch.projections):
+        raise ValueError(
+            f"The {args.model_type} quantization topology places {sorted(named)}, not each of its projections "
+            f"{sorted(arch.projections)} once."
+        )
     inputs = [
         LayerInput((f.consumer,), f if f.rows(args) is not None else None, f.smooth and f.rows(args) is not None)
         for f in topology.row_folds
     ]
     inputs += [LayerInput(g.consumers, g, True) for g in topology.norm_groups]
-    named = {kind for inp in inputs for kind in inp.consumers}
-    inputs += [LayerInput((kind,), None, False) for kind in arch.projections if kind not in named]
+    inputs += [LayerInput((kind,), None, False) for kind in topology.unfolded]
     return tuple(inputs)
 
 

@@ -1,5 +1,6 @@
 """Llama-family decoder in plain PyTorch: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias),
-SmolLM2 (tied embeddings).
+SmolLM2 (tied embeddings). Close families subclass LlamaForCausalLM and override only its hooks (qkv,
+first_layer_input, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2 (olmo2.py).
 
 Tokens of a step arrive flattened ([T]) with their positions; q/k/v and gate/up projections are
 fused into one matmul each (fewer ops per step, PERF-NOTES.md); logits are computed only for the
@@ -8,6 +9,7 @@ rows that sample.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class LlamaArgs:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # transformers gives o_proj a bias with attention_bias (Llama, Qwen3, OLMo 2), never Qwen2
     max_position_embeddings: int
     sliding_window: int | None
     inv_freq: torch.Tensor
@@ -62,6 +65,7 @@ class LlamaArgs:
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=bool(getattr(config, "attention_bias", False)),
+            o_bias=bool(getattr(config, "attention_bias", False)),
             max_position_embeddings=config.max_position_embeddings,
             sliding_window=getattr(config, "sliding_window", None),
             inv_freq=inv_freq,
@@ -95,16 +99,16 @@ def _rope_parameters(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class DecoderLayer(nn.Module):
-    """Two norm weights and four projections. A projection is any module mapping [T, K] -> [T, N]:
-    DenseLinear for a Hugging Face checkpoint, a quantized layer for an engine built by `kiln build`
-    (engines/torch/layers/formats.py); the loader assigns them."""
+    """The norm weights its model class declares (LlamaForCausalLM.layer_norms) and four projections. A
+    projection is any module mapping [T, K] -> [T, N]: DenseLinear for a Hugging Face checkpoint, a quantized
+    layer for an engine built by `kiln build` (engines/torch/layers/formats.py); the loader assigns them."""
 
-    def __init__(self, args: LlamaArgs):
+    def __init__(self, args: LlamaArgs, norms: Mapping[str, int]):
         super().__init__()
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
-        self.input_norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
-        self.post_norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
+        for name, size in norms.items():
+            setattr(self, name, nn.Parameter(torch.empty(size), requires_grad=False))
         self.qkv_proj: nn.Module | None = None  # [T, hidden] -> [T, q_size + 2 * kv_size]
         self.o_proj: nn.Module | None = None  # [T, q_size] -> [T, hidden]
         self.gate_up_proj: nn.Module | None = None  # [T, hidden] -> [T, 2 * intermediate]
@@ -118,12 +122,18 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, self.layer_norms(args)) for _ in range(args.num_layers))
         self.norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
         self.lm_head: nn.Module | None = None  # [N, hidden] -> [N, vocab]; assigned by the loader
         self.scale = args.head_dim**-0.5
         self.cos: torch.Tensor | None = None  # [max_positions, head_dim], built by init_rope
         self.sin: torch.Tensor | None = None  # sign-folded, see init_rope
+
+    @classmethod
+    def layer_norms(cls, args: LlamaArgs) -> dict[str, int]:
+        """Each layer's norm weights, kiln's name -> size (a variant with other norms overrides this, and reads
+        its checkpoint with read_hf_checkpoint's `norms`)."""
+        return {"input_norm": args.hidden_size, "post_norm": args.hidden_size}
 
     @property
     def lm_head_weight(self) -> torch.Tensor | None:
@@ -151,19 +161,16 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],  # per layer [2, blocks, block_size, kv_heads, head_dim]
     ) -> torch.Tensor:  # [T, hidden]
         a = self.args
-        eps = a.rms_norm_eps
         t = input_ids.shape[0]
         heads, kv_heads = a.num_heads, a.num_kv_heads
         if not meta.fused:
             cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
             sin = self.sin[positions].unsqueeze(1)
-        x = self.embed_tokens(input_ids)
-        h = _rms_norm(x, self.layers[0].input_norm, eps)
-        # each later norm takes the residual add before it in the same op (the next layer's input norm, then
-        # the final norm)
-        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, kv_cache, next_norm in zip(self.layers, kv_caches, next_norms):
-            qkv = layer.qkv_proj(h)
+        x = self.embed_tokens(input_ids)  # the residual stream
+        h = self.first_layer_input(x)  # what the next sublayer reads
+        next_layers: list[nn.Module | None] = [*self.layers[1:], None]
+        for layer, kv_cache, next_layer in zip(self.layers, kv_caches, next_layers):
+            qkv = self.qkv(layer, h)
             if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
                 attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
             else:
@@ -172,9 +179,31 @@ class LlamaForCausalLM(nn.Module):
                 q, k = qk[:, :heads], qk[:, heads:]
                 v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
                 attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-            x, h = add_rms_norm(x, layer.o_proj(attn.reshape(t, layer.q_size)), layer.post_norm, eps)
-            x, h = add_rms_norm(x, self.mlp(layer, h), next_norm, eps)
+            x, h = self.after_attention(layer, x, layer.o_proj(attn.reshape(t, layer.q_size)))
+            x, h = self.after_mlp(layer, x, self.mlp(layer, h), next_layer)
         return h
+
+    # The hooks a variant overrides (engines/torch/models/qwen3.py, olmo2.py); everything else is shared.
+
+    def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:  # embeddings [T, hidden] -> first layer's input
+        return _rms_norm(x, self.layers[0].input_norm, self.args.rms_norm_eps)
+
+    def qkv(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, q_size + 2 * kv_size]
+        """q, k and v as RoPE and attention read them (the fused path reads them from this one tensor, which
+        must stay contiguous)."""
+        return layer.qkv_proj(h)
+
+    def after_attention(
+        self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual, attention output) -> (residual, the MLP's input)
+        return add_rms_norm(x, out, layer.post_norm, self.args.rms_norm_eps)
+
+    def after_mlp(
+        self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, next_layer: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual, MLP output) -> (residual, next layer's input or the output)
+        # the next norm takes the residual add before it in the same op
+        norm = self.norm if next_layer is None else next_layer.input_norm
+        return add_rms_norm(x, out, norm, self.args.rms_norm_eps)
 
     def mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         """The layer's feed-forward block: a variant with another MLP layout overrides only this."""
@@ -197,11 +226,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + swapped * signed_sin
 
 
+# each layer's norm weights: kiln's name -> the checkpoint's (under model.layers.{i}.)
+LLAMA_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
+
+
 def read_hf_checkpoint(
-    folder: Path, args: LlamaArgs, dtype: torch.dtype, device: torch.device
+    folder: Path,
+    args: LlamaArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    norms: Mapping[str, str] = LLAMA_NORMS,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
-    with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once."""
+    with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once. norms: the
+    layer norms of the model class (its layer_norms), kiln name -> checkpoint name."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors weights.")
@@ -222,12 +260,14 @@ def read_hf_checkpoint(
     hf.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
     for i in range(args.num_layers):
         p, k = f"model.layers.{i}.", f"layers.{i}."
-        out[k + "input_norm.weight"] = take(p + "input_layernorm.weight")
-        out[k + "post_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        for name, hf_name in norms.items():
+            out[k + name + ".weight"] = take(p + hf_name + ".weight")
         out[k + "qkv_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         if args.qkv_bias:
             out[k + "qkv_proj.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
         out[k + "o_proj.weight"] = take(p + "self_attn.o_proj.weight")
+        if args.o_bias:
+            out[k + "o_proj.bias"] = take(p + "self_attn.o_proj.bias")
         out[k + "gate_up_proj.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
         out[k + "down_proj.weight"] = take(p + "mlp.down_proj.weight")
     leftovers = [n for n in hf if "rotary_emb" not in n]
@@ -271,8 +311,8 @@ def assemble(
     model.norm = param(take("norm.weight"))
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
-        layer.input_norm = param(take(p + "input_norm.weight"))
-        layer.post_norm = param(take(p + "post_norm.weight"))
+        for name in model_class.layer_norms(args):
+            setattr(layer, name, param(take(p + name + ".weight")))
         for kind in model_class.projections:
             setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
     head_format = formats.get("lm_head", "dense")
@@ -288,7 +328,8 @@ def assemble(
 
 
 def param_count(args: LlamaArgs) -> int:
-    return decoder_param_count(
+    o_bias = args.num_layers * args.hidden_size if args.o_bias else 0
+    return o_bias + decoder_param_count(
         hidden=args.hidden_size,
         layers=args.num_layers,
         heads=args.num_heads,
@@ -301,11 +342,11 @@ def param_count(args: LlamaArgs) -> int:
     )
 
 
-def _up_rows(args: LlamaArgs) -> slice:
+def up_rows(args: LlamaArgs) -> slice:
     return slice(args.intermediate_size, None)  # gate_up is [gate; up]: down_proj reads silu(gate) * up
 
 
-def _v_rows(args: LlamaArgs) -> slice | None:
+def v_rows(args: LlamaArgs) -> slice | None:
     # o_proj channel j reads v channel j only when every query head has its own KV head
     if args.num_heads != args.num_kv_heads:
         return None
@@ -317,8 +358,8 @@ TOPOLOGY = QuantTopology(
     # down before o: the order the scale searches have always run in. SmoothQuant leaves o_proj alone
     # (attention output has few outlier channels).
     row_folds=(
-        RowFold("down_proj", "gate_up_proj", _up_rows, reciprocal=True),
-        RowFold("o_proj", "qkv_proj", _v_rows, smooth=False),
+        RowFold("down_proj", "gate_up_proj", up_rows, reciprocal=True),
+        RowFold("o_proj", "qkv_proj", v_rows, smooth=False),
     ),
 )
 

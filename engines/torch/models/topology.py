@@ -10,6 +10,10 @@ Two kinds of producer:
   scaling the `up` rows by 1/s scales down_proj's input channel by channel.
 
 Folds run before their producers are quantized; `QuantTopology.row_folds` is listed in that order.
+
+A projection whose input no per-channel op produces (OLMo 2's qkv and gate_up read the residual stream itself:
+its norms come after each sublayer) is listed as `unfolded`: SmoothQuant leaves it unsmoothed and AWQ searches
+only its clip. Every projection is named exactly once, so an architecture cannot drop one by omission.
 """
 
 from __future__ import annotations
@@ -42,3 +46,12 @@ class RowFold:
 class QuantTopology:
     norm_groups: tuple[NormGroup, ...]
     row_folds: tuple[RowFold, ...]
+    unfolded: tuple[str, ...] = ()  # projections whose input has no producer a scale folds into exactly
+
+    def named(self) -> list[str]:
+        """Every projection the topology places, once per place (the build checks each appears once)."""
+        return (
+            [kind for g in self.norm_groups for kind in g.consumers]
+            + [f.consumer for f in self.row_folds]
+            + list(self.unfolded)
+        )

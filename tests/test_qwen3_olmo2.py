@@ -1,0 +1,239 @@
+"""Qwen3 (q/k norms per head before RoPE, its own head_dim) and OLMo 2 (q/k norms over the whole projections,
+norms after each sublayer) in the torch engine: greedy float32 output equals transformers' token for token,
+alone and in a concurrent batch with a prefix-cache hit and chunked prompts, on the fused (rope_kv) and unfused
+attention paths, and under speculative decoding; their norms round as transformers' do; the quantization
+topology's folds are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.base import GenerationRequest
+from engines.build.quantize import LayerWeights
+from engines.torch import model_runner
+from engines.torch.attention_backend import CPP_ATTENTION
+from engines.torch.models import olmo2, qwen3
+from engines.torch.models.registry import ARCHITECTURES, architecture
+from engines.torch.sequence_runner import SequenceRunner
+from tests.conftest import greedy, run_to_completion
+from tests.test_engine_hf_parity import hf_greedy
+
+MODELS = ["qwen3-gqa", "qwen3-mha-bias", "olmo2-gqa", "olmo2-mha"]
+NEW_TOKENS = 32
+SHARED = 24  # tokens of prompt 0 that prompt 1 repeats: six full blocks of 4, a prefix-cache hit
+BUDGET = 16  # max_num_batched_tokens: prompts 0, 1 and 3 are longer, so they are prefilled in chunks
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(3, 512, (n,), generator=gen).tolist()
+
+    shared = rand(SHARED)
+    return [shared + rand(5), shared + rand(9), rand(3), rand(70)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    """name -> transformers' greedy tokens per prompt (computed once per model)."""
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in cache:
+            hf = tiny_models(name)[1]
+            cache[name] = [hf_greedy(hf, p, NEW_TOKENS, eos=False) for p in prompts()]
+        return cache[name]
+
+    return get
+
+
+def requests() -> list[GenerationRequest]:
+    return [GenerationRequest(str(i), p, greedy(NEW_TOKENS, ignore_eos=True)) for i, p in enumerate(prompts())]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-rope", "torch-rope"])
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_equals_transformers_alone_and_batched(name, fused, tiny_models, reference, make_engine, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)
+    loaded = tiny_models(name)[0]
+    expected = reference(name)
+
+    alone = make_engine(loaded, block_size=4, enable_prefix_caching=False)
+    if not fused:
+        assert not alone.runner.attention.fused_rope
+    for i, request in enumerate(requests()):
+        assert run_to_completion(alone, [request])[str(i)][0] == expected[i], f"prompt {i} alone diverged"
+
+    batched = make_engine(loaded, block_size=4, enable_prefix_caching=True, max_num_batched_tokens=BUDGET)
+    # prompt 1 arrives once prompt 0's prefill has filled the cache; the others join a batch already running
+    got = run_to_completion(batched, requests(), arrivals={"0": 0, "3": 1, "2": 2, "1": 8})
+    for i in range(len(expected)):
+        assert got[str(i)][0] == expected[i], f"prompt {i} in the batch diverged"
+    assert batched.stats().prefix_cache_hits == SHARED
+
+
+OTHER_DRAFT = {"qwen3-gqa": "qwen3-mha-bias", "olmo2-gqa": "olmo2-mha"}
+
+
+# the target drafting for itself (every draft accepted), the family's other tiny model (drafts rejected and rolled
+# back), n-gram lookup
+@pytest.mark.parametrize("setup", ["draft-same", "draft-other", "ngram"])
+@pytest.mark.parametrize("name", ["qwen3-gqa", "olmo2-gqa"])
+def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):
+    loaded = tiny_models(name)[0]
+    if setup == "ngram":
+        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
+    else:
+        draft = loaded if setup == "draft-same" else tiny_models(OTHER_DRAFT[name])[0]
+        core = make_engine(loaded, draft, block_size=4, speculative_method="draft")
+    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
+    assert [got[str(i)][0] for i in range(4)] == reference(name)
+    stats = core.stats()
+    assert stats.spec_draft_tokens > 0
+    if setup == "draft-same":
+        assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+    else:
+        assert stats.spec_accepted_tokens < stats.spec_draft_tokens
+
+
+def test_fused_path_is_what_the_engine_runs_here(tiny_models, make_engine):
+    """The parity test above covers the rope_kv path only where it is the engine's choice."""
+    from engines.torch.kernels import paged_attention, rope_kv
+
+    if not (rope_kv.available() and paged_attention.available()):
+        pytest.skip("the rope_kv / paged-attention kernels are unavailable")
+    assert make_engine(tiny_models("qwen3-gqa")[0]).runner.attention.fused_rope
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qwen3_head_norm_rounds_like_transformers(dtype):
+    """kiln's rms_norm on the [T * heads, head_dim] rows against Qwen3RMSNorm: bit for bit in bf16 (the rounding
+    the kernel shares with LlamaRMSNorm), within a few ulps in float32 (its one-pass mean of squares and 1 / sqrt,
+    as for every Llama norm kiln runs)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from engines.torch.kernels.rms_norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 4, 32, generator=gen) * 3).to(dtype)
+    ref = Qwen3RMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(32, generator=gen) * 0.5 + 1)
+        expected = ref(x)
+    got = rms_norm(x, ref.weight.detach(), 1e-6)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_olmo2_norm_rounds_like_transformers(dtype):
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 96, generator=gen) * 3).to(dtype)
+    ref = Olmo2RMSNorm(96, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(96, generator=gen) * 0.5 + 1)
+        expected = ref(x)
+    got = olmo2.olmo2_rms_norm(x, ref.weight.detach(), 1e-6)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)  # the weight multiplies in float32, one rounding
+    else:
+        torch.testing.assert_close(got, expected, rtol=4e-7, atol=0)
+
+
+def test_registry_serves_both_with_their_own_classes():
+    assert ARCHITECTURES["qwen3"].model_class is qwen3.Qwen3ForCausalLM
+    assert ARCHITECTURES["olmo2"].model_class is olmo2.Olmo2ForCausalLM
+    with pytest.raises(ValueError) as info:
+        architecture("gemma9")
+    assert "'gemma9'" in str(info.value) and "qwen3" in str(info.value) and "olmo2" in str(info.value)
+
+
+def test_qwen3_sliding_window_only_with_use_sliding_window():
+    from transformers import Qwen3Config
+
+    off = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=False))
+    on = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=True, max_window_layers=0))
+    assert off.sliding_window is None and on.sliding_window == 64 and not off.qkv_bias
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_param_count_is_the_checkpoint_s(name, tiny_models):
+    loaded, hf = tiny_models(name)
+    args = loaded.model.args
+    assert architecture(args.model_type).param_count(args) == sum(p.numel() for p in hf.parameters())
+
+
+# ---- the quantization topology: every fold it allows leaves the float model's output unchanged ----
+
+
+def _folded(arch, tensors: dict[str, torch.Tensor], args, fold) -> dict[str, torch.Tensor]:
+    """tensors with a random per-channel scale folded into every input `fold(inp)` selects, as the build folds."""
+    gen = torch.Generator().manual_seed(5)
+    out = dict(tensors)
+    for i in range(args.num_layers):
+        layer = LayerWeights(out, i, args, arch)
+        for inp in layer.inputs:
+            if fold(inp):
+                k = layer.weights[inp.consumers[0]].shape[1]
+                layer.scale_input(inp, torch.rand(k, generator=gen) * 3 + 0.25)
+        out |= {layer.name(kind) + ".weight": w for kind, w in layer.weights.items()}
+        out |= {layer.prefix + norm + ".weight": w for norm, w in layer.norms.items()}
+        out |= {layer.name(kind) + ".bias": b for kind, b in layer.biases.items() if b is not None}
+    return out
+
+
+def _logits(arch, args, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    cpu = torch.device("cpu")
+    model = arch.assemble(args, dict(tensors), {}, torch.float32, cpu)
+    return SequenceRunner(model, torch.float32, cpu, 64).logits(prompts()[3][:40])
+
+
+# qwen2-mha: the `v` rows fold divides the v bias too (Qwen2's and Qwen3's attention biases)
+@pytest.mark.parametrize("name", [*MODELS, "qwen2-mha", "llama-gqa"])
+def test_topology_folds_are_exact(name, tiny_models):
+    loaded = tiny_models(name)[0]
+    args = loaded.model.args
+    arch = architecture(args.model_type)
+    tensors = arch.read_checkpoint(loaded.folder, args, torch.float32, torch.device("cpu"))
+    folded = _folded(arch, tensors, args, lambda inp: inp.foldable)
+    assert folded.keys() == tensors.keys()
+    changed = [n for n in tensors if not torch.equal(tensors[n], folded[n])]
+    # what folds: qkv and gate_up columns and the norms before them (not OLMo 2's), down_proj and the `up` rows,
+    # o_proj and the `v` rows (and bias) where every query head has its own KV head
+    expected_kinds = {"down_proj", "gate_up_proj"} | ({"o_proj", "qkv_proj"} if args.num_kv_heads == 4 else set())
+    if args.model_type != "olmo2":
+        expected_kinds |= {"qkv_proj", "input_norm", "post_norm"}
+    assert {n.split(".")[2] for n in changed} == expected_kinds
+    if name == "qwen2-mha":
+        assert "layers.0.qkv_proj.bias" in changed
+    torch.testing.assert_close(_logits(arch, args, folded), _logits(arch, args, tensors), rtol=1e-4, atol=1e-4)
+
+
+def test_olmo2_declares_its_residual_inputs_unfoldable(tiny_models):
+    """OLMo 2's qkv_proj reads the residual stream: folding its scale into the norm before it in the layer (the
+    post-attention norm, where a pre-norm model has its input norm) changes the output, so the topology offers no
+    producer for it."""
+    import dataclasses
+
+    from engines.torch.models.topology import NormGroup
+
+    assert olmo2.TOPOLOGY.unfolded == ("qkv_proj", "gate_up_proj") and not olmo2.TOPOLOGY.norm_groups
+    loaded = tiny_models("olmo2-gqa")[0]
+    args = loaded.model.args
+    arch = architecture("olmo2")
+    tensors = arch.read_checkpoint(loaded.folder, args, torch.float32, torch.device("cpu"))
+    unfoldable = [i.consumers for i in LayerWeights(tensors, 0, args, arch).inputs if not i.foldable]
+    assert unfoldable == [("o_proj",), ("qkv_proj",), ("gate_up_proj",)]  # o_proj: grouped-query attention
+    pre_norm_placement = dataclasses.replace(
+        olmo2.TOPOLOGY, norm_groups=(NormGroup("attention_out_norm", ("qkv_proj",)),), unfolded=("gate_up_proj",)
+    )
+    wrong = dataclasses.replace(arch, topology=pre_norm_placement)
+    folded = _folded(wrong, tensors, args, lambda inp: isinstance(inp.producer, NormGroup))
+    assert (_logits(arch, args, folded) - _logits(arch, args, tensors)).abs().max() > 0.1
