@@ -69,9 +69,9 @@ def make_stacks(layers: int, group: int, symmetric: bool):
             stacks["int4 amx"].append(((*a4, g), k, nb4))
         # GGUF Q4_1 blocks as kiln serves them: unsigned codes, (d, m) per group of 32
         qa = quantize_rtn(w, 4, group_size=32, symmetric=False)
-        dm = torch.stack([qa.scales, -(qa.zeros.float() + 8) * qa.scales], dim=-1).float().contiguous()
+        dm = torch.stack([qa.scales, -(qa.zeros.float() + 8) * qa.scales], dim=-1).half().contiguous()
         ka = kernel.pack_int4(qa.qweight)
-        stacks["int4 affine kernel"].append(((ka, dm, 32), k, ka.numel() + dm.numel() * 4))
+        stacks["int4 affine kernel"].append(((ka, dm, 32), k, ka.numel() + dm.numel() * 2))
         stacks["int8 dequant+F.linear"].append(stacks["int8 kernel"][-1])
         stacks["int4 dequant+F.linear"].append(stacks["int4 kernel"][-1])
         del w

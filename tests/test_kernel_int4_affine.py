@@ -43,13 +43,13 @@ def codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
     d = (torch.rand(n, k // G, generator=g) * 0.01 + 1e-4).half().float()
     m = (-d * 8 + torch.randn(n, k // G, generator=g) * 1e-3).half().float()
-    return pack_int4(u - 8), torch.stack([d, m], dim=-1).contiguous(), u
+    return pack_int4(u - 8), torch.stack([d, m], dim=-1).half().contiguous(), u
 
 
 def ggml_values(u: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """gguf-py's Q4_1 dequantization, (d * u) + m in float32: a multiply, then an add."""
     n, k = u.shape
-    d, m = dm[..., 0].repeat_interleave(G, dim=1), dm[..., 1].repeat_interleave(G, dim=1)
+    d, m = (dm[..., i].float().repeat_interleave(G, dim=1) for i in (0, 1))
     return (d * u.float()) + m
 
 
@@ -107,7 +107,7 @@ def test_layer_large_steps_use_the_same_weights_as_decode(dtype, dot_path):
 
 def test_kernel_refuses_bad_pairs():
     packed, dm, _ = codes(16, 64, seed=1)
-    with pytest.raises(RuntimeError, match="dm must be contiguous float32"):
-        int4_affine_linear(torch.randn(1, 64), packed, dm.half(), G)
-    with pytest.raises(RuntimeError, match="dm must be contiguous float32"):
+    with pytest.raises(RuntimeError, match="dm must be contiguous float16"):
+        int4_affine_linear(torch.randn(1, 64), packed, dm.float(), G)
+    with pytest.raises(RuntimeError, match="dm must be contiguous float16"):
         int4_affine_linear(torch.randn(1, 64), packed, dm[:, :1].contiguous(), G)

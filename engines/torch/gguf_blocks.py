@@ -68,7 +68,7 @@ def q4_1_projections(path: Path, num_layers: int, num_heads: int, num_kv_heads: 
 
 
 def _read_q4_1(tensor, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes uint8 [N, K], (d, m) float32 [N, K / 32, 2]) of one Q4_1 tensor, rows in transformers' order."""
+    """(codes uint8 [N, K], (d, m) float16 [N, K / 32, 2]) of one Q4_1 tensor, rows in transformers' order."""
     cols, rows = (int(d) for d in tensor.shape[:2])  # GGUF lists the fastest-varying dimension first
     if cols % GGUF_BLOCK:
         raise GgufBlockError(f"GGUF tensor {tensor.name!r} has {cols} columns, not a multiple of {GGUF_BLOCK}.")
@@ -76,7 +76,7 @@ def _read_q4_1(tensor, processor) -> tuple[torch.Tensor, torch.Tensor]:
     if raw.dtype != np.uint8 or raw.size != rows * cols // GGUF_BLOCK * _Q4_1_BYTES:
         raise GgufBlockError(f"GGUF tensor {tensor.name!r} holds {raw.nbytes} bytes, not {rows} rows of Q4_1 blocks.")
     blocks = raw.reshape(rows, cols // GGUF_BLOCK, _Q4_1_BYTES)
-    dm = blocks[..., :4].copy().view(np.float16).astype(np.float32)  # [N, G, 2]
+    dm = blocks[..., :4].copy().view(np.float16)  # [N, G, 2]
     nibbles = blocks[..., 4:]
     codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)  # elements j, then j + 16
     order = _row_order(tensor.name, rows, processor)
@@ -95,8 +95,8 @@ def _row_order(name: str, rows: int, processor) -> np.ndarray:
 
 
 # in the converted checkpoint's folder, below it: read_checkpoint takes every *.safetensors file at its top as
-# the checkpoint's. v1: this module's tensor layout.
-CACHE_FILE = "kiln/q4_1-blocks-v1.safetensors"
+# the checkpoint's. v2: this module's tensor layout (float16 pairs).
+CACHE_FILE = "kiln/q4_1-blocks-v2.safetensors"
 
 
 def cached_q4_1_projections(

@@ -245,7 +245,7 @@ struct I4Params {
   int64_t chunks;       // = Kp / 64
   const float* sc;      // [N, G] (signed codes)
   const int8_t* zp;     // [N, G] or null
-  const float* dm;      // affine codes: (d, m) pairs [N, G, 2], w = d * u + m; null otherwise
+  const uint16_t* dm;   // affine codes: float16 (d, m) pairs [N, G, 2] (GGUF's own), w = d * u + m; null otherwise
   bool round_bf16;      // affine: round each decoded weight to bf16 (the weights of the bf16 dense model)
   int64_t G, gsize;
 };
@@ -273,6 +273,15 @@ static KILN_INLINE __m512 round_bf16_finite(__m512 v) {
   return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(int(0xffff0000u))));
 }
 
+// A group's float16 (d, m) as two fp32 broadcasts (the AVX-512 form of vcvtph2ps: the build's flags do not
+// include F16C's; lanes past the pair are converted from whatever the register holds and not used).
+static KILN_INLINE void load_dm(const uint16_t* p, __m512& d, __m512& m) {
+  const __m128 f = _mm512_castps512_ps128(
+      _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p)))));
+  d = _mm512_broadcastss_ps(f);
+  m = _mm512_broadcastss_ps(_mm_movehdup_ps(f));
+}
+
 // 16-entry table of the values of codes u = 0..15 in group g of row `row`: (u - 8 - z) * s as rtn.dequantize
 // computes it in fp32 (one vector multiply with or without zero points; the exact (q - z) row comes from kZTab,
 // in L1), or d * u + m for affine codes.
@@ -283,7 +292,9 @@ static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
     const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // one FMA: u * d is exact in fp32 for a float16 d (4 x 11 significant bits), so this rounds as ggml's
     // multiply-then-add does
-    const __m512 t = _mm512_fmadd_ps(u, _mm512_set1_ps(P.dm[2 * i]), _mm512_set1_ps(P.dm[2 * i + 1]));
+    __m512 d, m;
+    load_dm(P.dm + 2 * i, d, m);
+    const __m512 t = _mm512_fmadd_ps(u, d, m);
     return P.round_bf16 ? round_bf16_finite(t) : t;
   } else if constexpr (MODE == kAsym) {
     // z in [-8, 7]; & 15: never out of bounds
@@ -419,9 +430,11 @@ static const uint16_t* x_to_bf16_blocks(const at::Tensor& x, int64_t M, int64_t 
 }
 
 // The group's 16 weights d * u + m as bf16, in both 256-bit halves (vpermw then ignores index bit 4).
-KILN_AVX512_BF16 static KILN_INLINE __m512i affine_table_bf16(const float* dm) {
+KILN_AVX512_BF16 static KILN_INLINE __m512i affine_table_bf16(const uint16_t* dm) {
   const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 t = _mm512_fmadd_ps(u, _mm512_set1_ps(dm[0]), _mm512_set1_ps(dm[1]));  // exact product: see i4_table
+  __m512 d, m;
+  load_dm(dm, d, m);
+  const __m512 t = _mm512_fmadd_ps(u, d, m);  // exact product: see i4_table
   return _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(t));
 }
 
@@ -635,10 +648,10 @@ static I4Params check_i4(const at::Tensor& packed, const at::Tensor& scales_in, 
 static I4Params check_affine(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
                              bool round_bf16, const char* name) {
   I4Params P = check_packed(packed, group_size, K, name);
-  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.dim() == 3 &&
+  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 &&
                   dm.size(0) == packed.size(0) && dm.size(1) == P.G && dm.size(2) == 2,
-              name, ": dm must be contiguous float32 [N, K / group_size, 2] (d, m per group)");
-  P.dm = dm.data_ptr<float>();
+              name, ": dm must be contiguous float16 [N, K / group_size, 2] (d, m per group)");
+  P.dm = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   P.round_bf16 = round_bf16;
   return P;
 }

@@ -160,7 +160,7 @@ struct I4 {
   int64_t ldw;  // bytes per row
   const float* sc;
   const int8_t* zp;     // nullptr: symmetric
-  const float* dm;      // affine codes (GGUF Q4_1): (d, m) per group, w = d * u + m; nullptr otherwise
+  const uint16_t* dm;   // affine codes (GGUF Q4_1): float16 (d, m) per group, w = d * u + m; nullptr otherwise
   bool round_bf16;      // affine: each weight rounded to bf16 (int_gemv.cpp's i4_table)
   int64_t G, gsize;
 };
@@ -182,10 +182,10 @@ I4 check_packed(const at::Tensor& packed, int64_t group_size, int64_t K, const c
 I4 check_affine(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K, bool round_bf16,
                 const char* name) {
   I4 P = check_packed(packed, group_size, K, name);
-  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kFloat && dm.is_contiguous() && dm.dim() == 3 &&
+  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 &&
                   dm.size(0) == packed.size(0) && dm.size(1) == P.G && dm.size(2) == 2,
-              name, ": dm must be contiguous float32 [N, K / group_size, 2] (d, m per group)");
-  P.dm = dm.data_ptr<float>();
+              name, ": dm must be contiguous float16 [N, K / group_size, 2] (d, m per group)");
+  P.dm = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   P.round_bf16 = round_bf16;
   return P;
 }
@@ -223,7 +223,7 @@ inline void i4_decode16(const I4& P, int64_t n, int64_t k, simd::F& lo, simd::F&
         nibble);
   };
   if (P.dm) {  // d * u + m: one multiply, then one add (ggml's Q4_1 dequantization)
-    const __m256 d = _mm256_set1_ps(P.dm[2 * i]), m = _mm256_set1_ps(P.dm[2 * i + 1]);
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(P.dm[2 * i])), m = _mm256_set1_ps(_cvtsh_ss(P.dm[2 * i + 1]));
     const auto affine = [&](const uint8_t* words) {
       // one FMA: u * d is exact for a float16 d, so this rounds as ggml's multiply-then-add does
       const simd::F v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes(words)), d, m);

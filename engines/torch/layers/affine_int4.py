@@ -1,7 +1,7 @@
 """Affine int4 weights, w = d * u + m per group (u in [0, 15]): GGUF's Q4_1 blocks served as the file stores them.
 
 Why: the embedded default model ships as a Q4_1 GGUF file, so its "dense" weights are these codes, dequantized.
-Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a float32 (d, m) pair per 32 weights)
+Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a float16 (d, m) pair per 32 weights)
 instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
 from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
 
@@ -24,11 +24,17 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 class AffineInt4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, dm: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
-        """packed: int_linear.pack_int4 of (u - 8), uint8 [N, Kp / 2]; dm: (d, m) per group, [N, K / group_size, 2]
-        (float16 values; kept as float32, the kernel's form)."""
+        """packed: int_linear.pack_int4 of (u - 8), uint8 [N, Kp / 2]; dm: float16 (d, m) per group,
+        [N, K / group_size, 2]."""
         super().__init__()
-        if packed.dtype != torch.uint8 or packed.dim() != 2 or dm.dim() != 3 or dm.shape[-1] != 2:
-            raise ValueError("AffineInt4Linear needs packed uint8 [N, Kp/2] and dm [N, K/g, 2]")
+        if (
+            packed.dtype != torch.uint8
+            or packed.dim() != 2
+            or dm.dtype != torch.float16
+            or dm.dim() != 3
+            or dm.shape[-1] != 2
+        ):
+            raise ValueError("AffineInt4Linear needs packed uint8 [N, Kp/2] and float16 dm [N, K/g, 2]")
         n, groups = dm.shape[0], dm.shape[1]
         if packed.shape[0] != n:
             raise ValueError(f"packed has {packed.shape[0]} rows, dm {n}")
@@ -36,7 +42,7 @@ class AffineInt4Linear(nn.Module):
         if self.in_features > packed.shape[1] * 2:
             raise ValueError(f"{groups} groups of {group_size} exceed the {packed.shape[1] * 2} packed columns")
         self.register_buffer("packed", packed.contiguous())
-        self.register_buffer("dm", dm.float().contiguous())
+        self.register_buffer("dm", dm.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.small_m_max = (
             int_linear.SMALL_M_MAX_INT4
@@ -48,7 +54,7 @@ class AffineInt4Linear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.packed.numel() + self.dm.numel() * 4
+        return self.packed.numel() + self.dm.numel() * 2
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, K] weight d * u + m in `dtype` (float32: the values transformers reads from the GGUF file)."""

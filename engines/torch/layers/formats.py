@@ -11,7 +11,7 @@ Names are `<prefix>.<field>` with prefix e.g. `layers.3.qkv_proj` or `lm_head`:
 |        | zeros int8 [N, G] (asymmetric only), g_idx int32 [K] (act-order), bias? |                     |
 | w8a8   | qweight int8 [N, K], scales f32 [N], bias?                           | W8A8Int8Linear         |
 | fp8    | weight_fp8 e4m3 [N, K], weight_scale f32 [N, 1] or [], bias?        | Fp8Linear              |
-| int4-affine | qweight_packed u8 [N, Kp/2] (kernel layout of u - 8), dm f32 [N, K/32, 2], bias? | AffineInt4Linear |
+| int4-affine | qweight_packed u8 [N, Kp/2] (kernel layout of u - 8), dm f16 [N, K/32, 2], bias? | AffineInt4Linear |
 
 int4 is stored in the portable nibble order of engines.quant.rtn.pack_int4 and repacked for the
 CPU kernel when loaded; loading never quantizes anything.
