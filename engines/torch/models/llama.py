@@ -168,8 +168,9 @@ class LlamaForCausalLM(nn.Module):
             sin = self.sin[positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)  # the residual stream
         h = self.first_layer_input(x)  # what the next sublayer reads
-        next_layers: list[nn.Module | None] = [*self.layers[1:], None]
-        for layer, kv_cache, next_layer in zip(self.layers, kv_caches, next_layers):
+        layers = list(self.layers)  # (slicing the ModuleList would build a new one, module by module, every step)
+        next_layers: list[nn.Module | None] = [*layers[1:], None]
+        for layer, kv_cache, next_layer in zip(layers, kv_caches, next_layers):
             qkv = self.qkv(layer, h)
             if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
                 attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
