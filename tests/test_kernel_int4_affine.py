@@ -63,13 +63,18 @@ def test_dequantize_gives_ggml_values(n, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_decode_multiplies_by_the_dequantized_weights(n, k, dtype, dot_path):
-    """A one-hot row of x picks one column of the weight out of the kernel: a single product, no sum to round."""
+    """A row of x with one nonzero c picks one column of the weight out of the kernel: a single product, no sum to
+    round. c is not a power of two, so for bf16 x the exact fp32 weights would round differently."""
     packed, dm, _ = codes(n, k, seed=7 * n + k)
-    w = int4_affine_dequantize(packed, dm, G, k, dtype)
+    w = int4_affine_dequantize(packed, dm, G, k, dtype).float()
+    exact = int4_affine_dequantize(packed, dm, G, k, torch.float32)
+    c = 1 + 2**-7  # exact in bf16
     for col in sorted({0, k // 2 + 1, k - 1}):
         x = torch.zeros(1, k, dtype=dtype)
-        x[0, col] = 1
-        assert torch.equal(int4_affine_linear(x, packed, dm, G)[0], w[:, col]), col
+        x[0, col] = c
+        assert torch.equal(int4_affine_linear(x, packed, dm, G)[0], (c * w[:, col]).to(dtype)), col
+    if dtype == torch.bfloat16 and n * k > 1000:  # the check tells the rounded weights from the exact ones
+        assert not torch.equal((c * w).to(dtype), (c * exact).to(dtype))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 33])

@@ -107,7 +107,7 @@ def test_int8_matches_reference(n, k, dtype):
 def test_int4_matches_reference(n, k, g, symmetric, dtype):
     qw = quantize_rtn(_w(n, k, seed=n + k + g), 4, group_size=g, symmetric=symmetric)
     packed = pack_int4(qw.qweight)
-    wdq = dequantize(qw)
+    wdq = dequantize(qw).to(dtype)  # bf16 x: the kernel multiplies by the weights rounded to bf16 (int4_linear)
     for bias in (False, True):
         b = torch.randn(n, generator=torch.Generator().manual_seed(k)).bfloat16() if bias else None
         for m in MS:
@@ -122,7 +122,7 @@ def test_lm_head_shape_and_group_128():
         q8 = quantize_rtn(_w(4099, k, seed=k), 8)
         for m in (1, 3, 8):
             x = _x(m, k, torch.bfloat16, seed=m)
-            _check(int4_linear(x, p, qw.scales, qw.zeros, g), x, dequantize(qw), None)
+            _check(int4_linear(x, p, qw.scales, qw.zeros, g), x, dequantize(qw).bfloat16(), None)  # bf16 weights
             _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None, rounded_dot=True)
 
 
@@ -133,7 +133,7 @@ def test_large_m_direct_call():
     q4 = quantize_rtn(_w(70, 1536, seed=20), 4, group_size=128, symmetric=False)
     x = _x(100, 1536, torch.bfloat16, seed=21)
     _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1)), x, dequantize(q8), None, rounded_dot=True)
-    _check(int4_linear(x, pack_int4(q4.qweight), q4.scales, q4.zeros, 128), x, dequantize(q4), None)
+    _check(int4_linear(x, pack_int4(q4.qweight), q4.scales, q4.zeros, 128), x, dequantize(q4).bfloat16(), None)
 
 
 def test_pack_layout_and_round_trip():
@@ -289,7 +289,7 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     assert len(caplog.records) == 1 and "avx512bw" in caplog.records[0].getMessage()
     f8, f4 = int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), int4_linear(x, p4, q4.scales, q4.zeros, 32, b)
     _check(f8, x, dequantize(q8), b)
-    _check(f4, x, dequantize(q4), b)
+    _check(f4, x, dequantize(q4).bfloat16(), b)  # as the kernel, the weights rounded to bf16 for bf16 x
     # the fallbacks round once to bf16 from an fp32 GEMM: within a bf16 ulp of the kernels (the int8 kernel also
     # rounds its dot product before the scale: within the reference bound above, checked for y8 here)
     _check(y8, x, dequantize(q8), b, rounded_dot=True)
@@ -311,3 +311,31 @@ def test_fallback_and_no_raise_when_unavailable(monkeypatch, caplog):
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken_load)
     assert kmod.available() is False
     _check(int8_linear(x, q8.qweight, q8.scales.reshape(-1), b), x, dequantize(q8), b)
+
+
+@pytest.mark.parametrize("bf16_dot", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("g", [16, 32, 64, 128])
+def test_int4_decode_multiplies_by_the_dequantized_weights(g, symmetric, dtype, bf16_dot, monkeypatch):
+    """A row of x with one nonzero c reads one column of the kernel's weights back (one product, no sum): for bf16 x
+    they are int4_dequantize's bf16 values, the ones a prefill-sized step multiplies by, so prefix caching and
+    chunked prefill do not change the weights a token sees (with and without the AVX512-BF16 dot products). c is
+    not a power of two, so the exact fp32 weights would round differently."""
+    flags = extension.cpu_flags()
+    if bf16_dot and kmod.BF16_DOT_FLAG not in flags:
+        pytest.skip("this CPU has no AVX512-BF16")
+    if not bf16_dot:
+        monkeypatch.setattr(extension, "cpu_flags", lambda: flags - {kmod.BF16_DOT_FLAG})
+    n, k = 40, 384
+    qw = quantize_rtn(_w(n, k, seed=g), 4, group_size=g, symmetric=symmetric)
+    packed = pack_int4(qw.qweight)
+    w = int4_dequantize(packed, qw.scales, qw.zeros, g, k, dtype).float()
+    exact = int4_dequantize(packed, qw.scales, qw.zeros, g, k, torch.float32)
+    c = 1 + 2**-7  # exact in bf16
+    for col in (0, 33, 200, k - 1):
+        x = torch.zeros(1, k, dtype=dtype)
+        x[0, col] = c
+        assert torch.equal(int4_linear(x, packed, qw.scales, qw.zeros, g)[0], (c * w[:, col]).to(dtype)), col
+    if dtype == torch.bfloat16:  # the check tells the rounded weights from the exact ones
+        assert not torch.equal((c * w).to(dtype), (c * exact).to(dtype))

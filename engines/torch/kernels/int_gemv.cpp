@@ -246,7 +246,8 @@ struct I4Params {
   const float* sc;      // [N, G] (signed codes)
   const int8_t* zp;     // [N, G] or null
   const uint16_t* dm;   // affine codes: float16 (d, m) pairs [N, G, 2] (GGUF's own), w = d * u + m; null otherwise
-  bool round_bf16;      // affine: round each decoded weight to bf16 (the weights of the bf16 dense model)
+  bool round_bf16;      // bf16 x: each decoded weight rounded to bf16, the value the large-M path's bf16
+                        // dequantized weight holds (and, for GGUF blocks, the bf16 dense model's)
   int64_t G, gsize;
 };
 
@@ -264,8 +265,8 @@ struct ZTab {
 };
 static constexpr ZTab kZTab{};
 
-// kiln::round_bf16 for values known to be finite (a table's: d and m come from float16): no NaN lane to keep,
-// two ops fewer on the per-group path of the affine codes.
+// kiln::round_bf16 for a table's values, finite for finite scales: no NaN lane to keep, two ops fewer on the
+// per-group path.
 static KILN_INLINE __m512 round_bf16_finite(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -284,9 +285,9 @@ static KILN_INLINE void load_dm(const uint16_t* p, __m512& d, __m512& m) {
 
 // 16-entry table of the values of codes u = 0..15 in group g of row `row`: (u - 8 - z) * s as rtn.dequantize
 // computes it in fp32 (one vector multiply with or without zero points; the exact (q - z) row comes from kZTab,
-// in L1), or d * u + m for affine codes.
+// in L1), or d * u + m for affine codes. Unrounded: i4_table rounds it for bf16 x.
 template <int MODE>
-static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
+static KILN_INLINE __m512 i4_table_fp32(const I4Params& P, int64_t row, int64_t g) {
   const int64_t i = row * P.G + g;
   if constexpr (MODE == kAffine) {
     const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -294,8 +295,7 @@ static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
     // multiply-then-add does
     __m512 d, m;
     load_dm(P.dm + 2 * i, d, m);
-    const __m512 t = _mm512_fmadd_ps(u, d, m);
-    return P.round_bf16 ? round_bf16_finite(t) : t;
+    return _mm512_fmadd_ps(u, d, m);
   } else if constexpr (MODE == kAsym) {
     // z in [-8, 7]; & 15: never out of bounds
     return _mm512_mul_ps(_mm512_load_ps(kZTab.v[(8 + int(P.zp[i])) & 15]), _mm512_set1_ps(P.sc[i]));
@@ -303,6 +303,12 @@ static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
     const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     return _mm512_mul_ps(q, _mm512_set1_ps(P.sc[i]));
   }
+}
+
+template <int MODE>
+static KILN_INLINE __m512 i4_table(const I4Params& P, int64_t row, int64_t g) {
+  const __m512 t = i4_table_fp32<MODE>(P, row, g);
+  return P.round_bf16 ? round_bf16_finite(t) : t;
 }
 
 // Group of vector v (0..3) of chunk c. VPG = vectors of 16 columns per group within a chunk:
@@ -402,12 +408,12 @@ static void i4_rows_mb(int mb, const I4Params& P, const float* x, int64_t n0, in
 }
 
 // ------------------------------------------------------------------------------------------------
-// Affine int4 (group 32) against bf16 x with AVX512-BF16 dot products. A bf16 layer's weights are the
-// bf16-rounded d * u + m: vcvtneps2bf16 rounds a group's 16-entry table in one instruction (the fp32 path
-// needs five integer ops per table, which made it twice as slow as the symmetric codes), vpermw looks up
-// 32 weights at once and vdpbf16ps multiplies them with 32 bf16 x values (products exact in fp32, summed
-// in fp32). Only where extension.cpu_flags() has avx512_bf16 (the Python caller passes it), so that
-// KILN_CPU_ISA below avx512bf16 keeps the fp32 path.
+// int4 (groups of a multiple of 32 columns) against bf16 x with AVX512-BF16 dot products. A bf16 step's
+// weights are the decoded values rounded to bf16: vcvtneps2bf16 rounds a group's 16-entry table in one
+// instruction (the fp32 path needs five integer ops per table, which made the affine codes twice as slow as
+// the symmetric ones), vpermw looks up 32 weights at once and vdpbf16ps multiplies them with 32 bf16 x values
+// (products exact in fp32, summed in fp32). Only where extension.cpu_flags() has avx512_bf16 (the Python
+// caller passes it), so that KILN_CPU_ISA below avx512bf16 keeps the fp32 path.
 // ------------------------------------------------------------------------------------------------
 
 #define KILN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -429,17 +435,14 @@ static const uint16_t* x_to_bf16_blocks(const at::Tensor& x, int64_t M, int64_t 
   return out;
 }
 
-// The group's 16 weights d * u + m as bf16, in both 256-bit halves (vpermw then ignores index bit 4).
-KILN_AVX512_BF16 static KILN_INLINE __m512i affine_table_bf16(const uint16_t* dm) {
-  const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 d, m;
-  load_dm(dm, d, m);
-  const __m512 t = _mm512_fmadd_ps(u, d, m);  // exact product: see i4_table
-  return _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(t));
+// The group's 16 weights as bf16, in both 256-bit halves (vpermw then ignores index bit 4).
+template <int MODE>
+KILN_AVX512_BF16 static KILN_INLINE __m512i i4_table_bf16(const I4Params& P, int64_t row, int64_t g) {
+  return _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(i4_table_fp32<MODE>(P, row, g)));
 }
 
-template <int MB, int R>
-KILN_AVX512_BF16 static inline void i4_affine_dot_tile(const I4Params& P, int64_t n, const uint16_t* __restrict x,
+template <int MB, int R, int MODE>
+KILN_AVX512_BF16 static inline void i4_dot_tile(const I4Params& P, int64_t n, const uint16_t* __restrict x,
                                                        const char* pf_end, const float* __restrict bias,
                                                        const Out& y) {
   static_assert(MB * R <= 16, "one hsum16 per tile");
@@ -462,9 +465,10 @@ KILN_AVX512_BF16 static inline void i4_affine_dot_tile(const I4Params& P, int64_
       const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(P.w + (n + r) * P.ldw + c * 32)));
       KILN_UNROLL
       for (int h = 0; h < 2; ++h) {
-        const int64_t g = std::min<int64_t>(2 * c + h, G - 1);  // clamp: padded columns past K (x is zero there)
+        // clamp: padded columns past K (x is zero there)
+        const int64_t g = std::min<int64_t>((c * kChunk + 32 * h) / P.gsize, G - 1);
         const __m512i wv = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, h ? shift1 : shift0),
-                                                    affine_table_bf16(P.dm + 2 * ((n + r) * G + g)));
+                                                    i4_table_bf16<MODE>(P, n + r, g));
         KILN_UNROLL
         for (int m = 0; m < MB; ++m) {
           const __m512i xv = _mm512_load_si512((const void*)(x + (c * 64 + 32 * h) * MB + 32 * m));
@@ -476,26 +480,27 @@ KILN_AVX512_BF16 static inline void i4_affine_dot_tile(const I4Params& P, int64_
   epilogue<MB, R>(hsum16(acc), nullptr, bias, y);
 }
 
-template <int MB>
-KILN_AVX512_BF16 static void i4_affine_dot_rows(const I4Params& P, const uint16_t* x, int64_t n0, int64_t n1,
-                                                const char* pf_end, const float* bias, const Out& y) {
+template <int MB, int MODE>
+KILN_AVX512_BF16 static void i4_dot_rows(const I4Params& P, const uint16_t* x, int64_t n0, int64_t n1,
+                                         const char* pf_end, const float* bias, const Out& y) {
   constexpr int R = 16 / MB;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) i4_affine_dot_tile<MB, R>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
-  for (; n < n1; ++n) i4_affine_dot_tile<MB, 1>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n + R <= n1; n += R) i4_dot_tile<MB, R, MODE>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
+  for (; n < n1; ++n) i4_dot_tile<MB, 1, MODE>(P, n, x, pf_end, bias ? bias + n : nullptr, y.at(0, n));
 }
 
-KILN_AVX512_BF16 static void i4_affine_dot_rows_mb(int mb, const I4Params& P, const uint16_t* x, int64_t n0,
-                                                   int64_t n1, const char* pf_end, const float* bias, const Out& y) {
+template <int MODE>
+KILN_AVX512_BF16 static void i4_dot_rows_mb(int mb, const I4Params& P, const uint16_t* x, int64_t n0, int64_t n1,
+                                            const char* pf_end, const float* bias, const Out& y) {
   switch (mb) {
-    case 1: i4_affine_dot_rows<1>(P, x, n0, n1, pf_end, bias, y); break;
-    case 2: i4_affine_dot_rows<2>(P, x, n0, n1, pf_end, bias, y); break;
-    case 3: i4_affine_dot_rows<3>(P, x, n0, n1, pf_end, bias, y); break;
-    case 4: i4_affine_dot_rows<4>(P, x, n0, n1, pf_end, bias, y); break;
-    case 5: i4_affine_dot_rows<5>(P, x, n0, n1, pf_end, bias, y); break;
-    case 6: i4_affine_dot_rows<6>(P, x, n0, n1, pf_end, bias, y); break;
-    case 7: i4_affine_dot_rows<7>(P, x, n0, n1, pf_end, bias, y); break;
-    default: i4_affine_dot_rows<8>(P, x, n0, n1, pf_end, bias, y); break;
+    case 1: i4_dot_rows<1, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 2: i4_dot_rows<2, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 3: i4_dot_rows<3, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 4: i4_dot_rows<4, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 5: i4_dot_rows<5, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 6: i4_dot_rows<6, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    case 7: i4_dot_rows<7, MODE>(P, x, n0, n1, pf_end, bias, y); break;
+    default: i4_dot_rows<8, MODE>(P, x, n0, n1, pf_end, bias, y); break;
   }
 }
 
@@ -676,7 +681,11 @@ static at::Tensor run_int4_linear(const I4Params& P, const at::Tensor& x_in, con
         const char* pf_end = (const char*)(P.w + n1 * P.ldw);
         rows_any_m(
             [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
-              i4_affine_dot_rows_mb(mb, P, x + m0 * Kp, b0, b1, pf_end, bp, out.at(m0, 0));
+              const uint16_t* xm = x + m0 * Kp;
+              const Out ym = out.at(m0, 0);
+              if (P.dm) i4_dot_rows_mb<kAffine>(mb, P, xm, b0, b1, pf_end, bp, ym);
+              else if (P.zp) i4_dot_rows_mb<kAsym>(mb, P, xm, b0, b1, pf_end, bp, ym);
+              else i4_dot_rows_mb<kSym>(mb, P, xm, b0, b1, pf_end, bp, ym);
             },
             M, P.ldw, n0, n1);
       });
@@ -705,13 +714,16 @@ static at::Tensor run_int4_linear(const I4Params& P, const at::Tensor& x_in, con
   return finish(y, x_in, p.flat, N);
 }
 
+// bf16 x: the weights rounded to bf16 (i4_table), as int4_dequantize gives the large-M path; bf16_dot: the CPU
+// has AVX512-BF16 (as extension.cpu_flags() says), and groups of a multiple of 32 take the vdpbf16ps tiles.
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias_in) {
+                       const c10::optional<at::Tensor>& bias_in, bool bf16_dot) {
   TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
   at::Tensor skeep, zkeep;
-  const I4Params P = check_i4(packed, scales, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
-  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_linear");
+  I4Params P = check_i4(packed, scales, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
+  P.round_bf16 = x_in.scalar_type() == at::kBFloat16;
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_linear", bf16_dot && P.round_bf16 && group_size % 32 == 0);
 }
 
 // Affine codes: each weight is d * u + m, rounded to bf16 when x (and so the layer's dtype) is bf16, so decode
@@ -723,7 +735,7 @@ at::Tensor int4_affine_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   TORCH_CHECK(x_in.dim() >= 1, "int4_affine_linear: x must be [..., K]");
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const I4Params P = check_affine(packed, dm, group_size, x_in.size(-1), bf16, "int4_affine_linear");
-  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_affine_linear", bf16_dot && bf16 && group_size == 32);
+  return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_affine_linear", bf16_dot && bf16 && group_size % 32 == 0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -812,7 +824,8 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
                            int64_t group_size, int64_t K, at::ScalarType dtype,
                            const c10::optional<at::Tensor>& out_in) {
   at::Tensor skeep, zkeep;
-  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
+  const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);  // unrounded:
+  // store16 rounds to a bf16 out once
   return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize");
 }
 
@@ -830,7 +843,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, "y = x @ dequant(W4)^T (+ bias): W4A16 group-wise, fp32 accumulation",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
-        py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("bias") = py::none(), py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int8_dequantize", &int8_dequantize, "q * s[:, None] as [N, K] float32/bfloat16", py::arg("qweight"),
         py::arg("scales"), py::arg("dtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),

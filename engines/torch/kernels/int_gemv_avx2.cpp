@@ -161,7 +161,7 @@ struct I4 {
   const float* sc;
   const int8_t* zp;     // nullptr: symmetric
   const uint16_t* dm;   // affine codes (GGUF Q4_1): float16 (d, m) per group, w = d * u + m; nullptr otherwise
-  bool round_bf16;      // affine: each weight rounded to bf16 (int_gemv.cpp's i4_table)
+  bool round_bf16;      // bf16 x: each weight rounded to bf16 (int_gemv.cpp's i4_table)
   int64_t G, gsize;
 };
 
@@ -237,7 +237,8 @@ inline void i4_decode16(const I4& P, int64_t n, int64_t k, simd::F& lo, simd::F&
   const __m256 scale = _mm256_set1_ps(P.sc[i]);
   const __m256i off = _mm256_set1_epi32(offset);
   const auto dequant = [&](const uint8_t* words) {
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes(words), off)), scale);
+    const simd::F v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes(words), off)), scale);
+    return P.round_bf16 ? simd::round_bf16(v) : v;
   };
   lo = dequant(chunk);
   hi = dequant(chunk + 16);
@@ -263,12 +264,14 @@ at::Tensor run_int4_linear(const I4& P, const at::Tensor& x_in, const c10::optio
   return finish(y, x_in, p.flat, N);
 }
 
+// bf16 x: the weights rounded to bf16, as int4_dequantize gives the large-M path (bf16_dot: int_gemv.cpp's)
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
                        const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias_in) {
+                       const c10::optional<at::Tensor>& bias_in, bool /*bf16_dot*/) {
   TORCH_CHECK(x_in.dim() >= 1, "int4_linear: x must be [..., K]");
   at::Tensor skeep, zkeep;
-  const I4 P = check_i4(packed, scales_in, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
+  I4 P = check_i4(packed, scales_in, zeros, group_size, x_in.size(-1), "int4_linear", skeep, zkeep);
+  P.round_bf16 = x_in.scalar_type() == at::kBFloat16;
   return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_linear");
 }
 
@@ -370,7 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, "y = x @ dequant(W4)^T (+ bias): W4A16 group-wise, fp32 accumulation",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
-        py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("bias") = py::none(), py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int8_dequantize", &int8_dequantize, "q * s[:, None] as [N, K] float32/bfloat16", py::arg("qweight"),
         py::arg("scales"), py::arg("dtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),

@@ -175,16 +175,20 @@ def int4_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] (bf16 / fp32) @ dequant(W)^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation.
+    """x [..., K] (bf16 / fp32) @ W^T (+ bias) -> [..., N] in x's dtype, fp32 accumulation, where W is
+    int4_dequantize(..., x.dtype): with bf16 x each weight is rounded to bf16 first, so a decode step and a prefill
+    (F.linear on the dequantized bf16 weight) multiply by the same weights.
 
     packed: pack_int4 of the signed codes; scales fp32 [N, K / g]; zeros int8 [N, K / g] in [-8, 7]
     or None (symmetric); bias [N] (any float dtype; added in fp32). Fast for at most SMALL_M_MAX_INT4
     rows of x; correct for any."""
     ext = _EXT.get()
     if ext is None or not int4_group_ok(group_size, x.shape[-1]):
-        w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], torch.float32)
+        wdtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32  # the kernel's weights
+        w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], wdtype).float()
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
-    return ext.int4_linear(x, packed, scales, zeros, group_size, bias)
+    # bf16 x: the kernel rounds each weight to bf16, the value int4_dequantize(..., bfloat16) gives a large step
+    return ext.int4_linear(x, packed, scales, zeros, group_size, bias, BF16_DOT_FLAG in extension.cpu_flags())
 
 
 # ------------------------------------------------------------------------------------------------------
