@@ -25,7 +25,10 @@
 //    engines.quant.rtn.dequantize's fp32 (q - z) * s, ready for the FMAs. The table costs one vector
 //    multiply per row and chunk (the exact (q - z) row for each zero point z comes from a 1 KB
 //    constant): group sizes 16, 32 and multiples of 64 are supported (a group is whole vectors of 16
-//    columns).
+//    columns). For bf16 x the table is rounded to bf16: the weights the large-M path's bf16 GEMM multiplies
+//    by, so a token's weights do not depend on the size of its step. Affine codes (GGUF Q4_1) fill it with
+//    d * u + m instead. With AVX512-BF16 (and groups of a multiple of 32) bf16 x takes vdpbf16ps tiles
+//    instead (see "int4 ... with AVX512-BF16 dot products" below).
 //  - A tile is R rows of W x MB rows of x: MB * R <= 16 fp32 accumulators reduced together by hsum16.
 //    For MB <= 2 each weight row is consumed as it is decoded (few live registers); for MB >= 3 the
 //    decoded vectors of all R rows are kept so that each x vector load serves R FMAs. M > 8 runs in

@@ -207,8 +207,9 @@ class Int4WeightOnlyLinear(nn.Module):
       is 16, 32 or a multiple of 64: the codes are repacked once into the kernel's layout
       (int_linear.pack_int4; rows padded to a multiple of 64 columns) and kept with fp32 scales and int8
       zero points -- the only copy of the weight. bf16/fp32 x with at most `small_m_max` rows
-      (int_linear.SMALL_M_MAX_INT4) runs the kernel (fp32 accumulation, bit-exact dequantized weights;
-      faster than torch's int4 kernel at every decode size); larger steps (prefill) dequantize the
+      (int_linear.SMALL_M_MAX_INT4) runs the kernel (fp32 accumulation on the dequantized weights, rounded to
+      bf16 for bf16 x as the large-M path's bf16 weight is; faster than torch's int4 kernel at every decode size);
+      larger steps (prefill) dequantize the
       weight once per call (dequantized_weight, ~memory speed) and run F.linear, faster than torch's int4
       matmul there too (bench/quantized_linear.py).
     - otherwise torch's kernel: the portable codes are repacked with aten._convert_weight_to_int4pack_for_cpu
