@@ -12,7 +12,7 @@ from engines import cpu_isa
 from engines.build.manifest import Manifest
 from engines.config import EngineConfig, default_batched_tokens
 from engines.model_source import gguf_file, model_display_name, resolve_model
-from engines.torch import host_malloc, load_quantization
+from engines.torch import host_malloc, load_quantization, prequantized
 from engines.torch.block_manager import BlockManager
 from engines.torch.grammar import Grammars
 from engines.torch.layers.linear import DenseLinear
@@ -65,7 +65,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    """A model folder (config.model) as dense weights, or a built engine (config.engine_dir)."""
+    """A model folder (config.model) as dense weights (quantized at load with config.quantization; a folder whose
+    config.json has a quantization_config in its stored format, engines/torch/prequantized), or a built engine
+    (config.engine_dir)."""
     if config.engine_dir is not None:
         return load_engine_dir(config)
     from transformers import AutoConfig, AutoTokenizer
@@ -75,6 +77,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     dtype = pick_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    method = prequantized.quant_method(hf_config)
+    if method is not None:  # stored quantized: its own format wins over any load-time scheme
+        prequantized.check_requested(config.quantization, method)
+        model = prequantized.load_prequantized(folder, hf_config, dtype, device)
+        name = config.served_model_name or model_display_name(config.model)
+        return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, quantization=method)
     quantization = load_quantization.resolve(config, device)
     if quantization is None:
         model = load_checkpoint(folder, hf_config, dtype, device)

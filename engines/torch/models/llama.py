@@ -9,16 +9,16 @@ rows that sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from engines.torch.attention import AttentionMetadata, fused_attention, paged_attention
+from engines.torch.checkpoint_tensors import CheckpointTensors
 from engines.torch.kernels.rms_norm import add_rms_norm, rms_norm
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
@@ -231,47 +231,57 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 LLAMA_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
 
 
+# Each kiln projection and the checkpoint modules (under model.layers.{i}.) whose rows it concatenates, in order
+LLAMA_PROJECTIONS = {
+    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj": ("self_attn.o_proj",),
+    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_proj": ("mlp.down_proj",),
+}
+
+# (checkpoint, the checkpoint modules one kiln projection fuses, in row order, kiln's prefix) -> that projection's
+# weight tensors under kiln's names (its bias is read apart, in the serving dtype). The default reads float weights;
+# a pre-quantized checkpoint brings its own (engines/torch/prequantized).
+LinearReader = Callable[[CheckpointTensors, Sequence[str], str], dict[str, torch.Tensor]]
+
+
 def read_hf_checkpoint(
     folder: Path,
     args: LlamaArgs,
     dtype: torch.dtype,
     device: torch.device,
     norms: Mapping[str, str] = LLAMA_NORMS,
+    linear: LinearReader | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
     with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once. norms: the
-    layer norms of the model class (its layer_norms), kiln name -> checkpoint name."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no *.safetensors weights.")
-    hf: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    layer norms of the model class (its layer_norms), kiln name -> checkpoint name. linear: how projection
+    weights are read (float weights in `dtype` when None)."""
 
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise KeyError(f"Checkpoint in {folder} lacks tensor {name!r}.")
-        return hf.pop(name)
+    def dense(ckpt: CheckpointTensors, modules: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
+        return {prefix + ".weight": torch.cat([ckpt.take(m + ".weight", dtype, device) for m in modules])}
 
-    out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not args.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
-    hf.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
-    for i in range(args.num_layers):
-        p, k = f"model.layers.{i}.", f"layers.{i}."
-        for name, hf_name in norms.items():
-            out[k + name + ".weight"] = take(p + hf_name + ".weight")
-        out[k + "qkv_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        if args.qkv_bias:
-            out[k + "qkv_proj.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        out[k + "o_proj.weight"] = take(p + "self_attn.o_proj.weight")
-        if args.o_bias:
-            out[k + "o_proj.bias"] = take(p + "self_attn.o_proj.bias")
-        out[k + "gate_up_proj.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        out[k + "down_proj.weight"] = take(p + "mlp.down_proj.weight")
-    leftovers = [n for n in hf if "rotary_emb" not in n]
+    read_linear = linear or dense
+    with CheckpointTensors(folder) as ckpt:
+
+        def take(name: str) -> torch.Tensor:
+            return ckpt.take(name, dtype, device)
+
+        out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+        if not args.tie_word_embeddings:
+            out.update(read_linear(ckpt, ["lm_head"], "lm_head"))
+        ckpt.take_optional("lm_head.weight")  # some tied checkpoints still carry a copy
+        for i in range(args.num_layers):
+            p, k = f"model.layers.{i}.", f"layers.{i}."
+            for name, hf_name in norms.items():
+                out[k + name + ".weight"] = take(p + hf_name + ".weight")
+            for kind, modules in LLAMA_PROJECTIONS.items():
+                out.update(read_linear(ckpt, [p + m for m in modules], k + kind))
+            if args.qkv_bias:
+                out[k + "qkv_proj.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            if args.o_bias:
+                out[k + "o_proj.bias"] = take(p + "self_attn.o_proj.bias")
+        leftovers = [n for n in ckpt.names() if "rotary_emb" not in n]
     if leftovers:
         raise ValueError(f"Checkpoint has tensors kiln does not know how to use: {leftovers[:5]}")
     return out
