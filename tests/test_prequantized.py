@@ -217,6 +217,26 @@ def test_compressed_tensors_answers_as_its_dequantized_weights(tiny_llama, tmp_p
     check_same_answers(quantized, reference, Fp8Linear if weights.get("type") == "float" else layer_type)
 
 
+def test_compressed_tensors_ignored_modules_stay_float(tiny_llama, tmp_path):
+    fmt, weights = CT_CASES["pack-quantized-int4-group-sym"]
+    scheme, config = ct_config(fmt, weights)
+    config["ignore"] = ["lm_head", "re:.*down_proj$"]
+
+    def writer(module: str, w: torch.Tensor):
+        if module.endswith("down_proj"):
+            return {"weight": w}, w
+        return writers.compressed_tensors_linear(w, scheme, fmt)
+
+    quantized, reference = write_pair(tmp_path, tiny_llama, config, writer)
+    loaded, ours = answers(quantized)
+    _, theirs = answers(reference)
+    assert {r: [t.token_id for t in steps] for r, steps in ours.items()} == {
+        r: [t.token_id for t in steps] for r, steps in theirs.items()
+    }
+    layer = loaded.model.layers[1]
+    assert isinstance(layer.down_proj, DenseLinear) and isinstance(layer.gate_up_proj, Int4WeightOnlyLinear)
+
+
 # ---------------------------------------------------------------------------------------------- malformed
 
 
@@ -299,3 +319,12 @@ def test_8bit_gptq_with_groups_is_refused(tiny_llama, tmp_path):
 def test_load_time_quantization_of_a_prequantized_folder_is_refused(gptq_folder, quantization):
     with pytest.raises(ValueError, match=f"already quantized .* --quantization {quantization} applies to float"):
         _load(gptq_folder, quantization=quantization)
+
+
+def test_kiln_build_of_a_prequantized_folder_says_it_does_not_build_from_one_yet(gptq_folder, tmp_path):
+    from engines.build.builder import build
+    from engines.build.result import BuildError
+    from tests.build_fixtures import build_options
+
+    with pytest.raises(BuildError, match=r"already quantized \(gptq, .* does not build from pre-quantized"):
+        build(build_options(gptq_folder, tmp_path / "engine"))

@@ -37,6 +37,7 @@ from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
 from engines.parallel import TORCH_REFUSAL, GpuSplit, SplitError
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
+from engines.torch import prequantized
 from engines.torch.models.registry import architecture
 from engines.trtllm.build import build_trtllm
 from engines.version import __version__
@@ -163,6 +164,13 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         raise BuildError(f"--device {options.device}: {exc}") from exc
     folder = resolve_model(options.model)
     hf_config = AutoConfig.from_pretrained(folder)
+    if (method := prequantized.quant_method(hf_config)) is not None:
+        # the build quantizes a float model and measures it against that model; a pre-quantized checkpoint has
+        # neither step to run yet (engines/torch/prequantized serves it as stored)
+        raise BuildError(
+            f"{folder} is already quantized ({method}, config.json's quantization_config) and kiln build does not "
+            f"build from pre-quantized checkpoints yet; serve it as stored with `kiln serve --model {folder}`."
+        )
     arch = architecture(hf_config.model_type)
     args = arch.args_from_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -77,6 +77,8 @@ class CompressedTensorsReader:
         if f"{module}.weight_scale" not in ckpt:
             return dense_or_missing(ckpt, module, "weight_scale", dtype)
         scale = ckpt.take(f"{module}.weight_scale")
+        for activation_field in ("input_scale", "input_zero_point"):  # static activation quantization: not applied
+            ckpt.take_optional(f"{module}.{activation_field}")
         if args["type"] == "float":
             return fp8_weight(ckpt.take(f"{module}.weight"), scale, module)
         bits = args["num_bits"]

@@ -61,14 +61,18 @@ def fuse(parts: list[StoredWeight], prefix: str) -> StoredWeight:
         raise ValueError(
             f"{prefix} fuses checkpoint modules stored as {' and '.join(sorted(kinds))}; kiln fuses alike ones."
         )
-    if isinstance(parts[0], DenseWeight):
-        return DenseWeight(torch.cat([p.weight for p in parts]))  # type: ignore[union-attr]
-    if isinstance(parts[0], Fp8Weight):
-        return _fuse_fp8(parts, prefix)  # type: ignore[arg-type]
-    return IntWeight(_fuse_int([p.qw for p in parts], prefix))  # type: ignore[union-attr]
+    # one of these holds every part (the formats are alike)
+    dense = [p for p in parts if isinstance(p, DenseWeight)]
+    fp8 = [p for p in parts if isinstance(p, Fp8Weight)]
+    ints = [p.qw for p in parts if isinstance(p, IntWeight)]
+    if dense:
+        return DenseWeight(torch.cat([p.weight for p in dense]))
+    if fp8:
+        return _fuse_fp8(fp8)
+    return IntWeight(_fuse_int(ints, prefix))
 
 
-def _fuse_fp8(parts: list[Fp8Weight], prefix: str) -> Fp8Weight:
+def _fuse_fp8(parts: list[Fp8Weight]) -> Fp8Weight:
     scales = [p.scale for p in parts]
     if all(s.dim() == 0 for s in scales) and all(torch.equal(s, scales[0]) for s in scales):
         return Fp8Weight(torch.cat([p.weight for p in parts]), scales[0])
