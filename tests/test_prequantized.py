@@ -188,6 +188,7 @@ CT_CASES = {
         dict(num_bits=4, strategy="group", group_size=32, symmetric=False),
     ),
     "pack-quantized-int4-channel": ("pack-quantized", dict(num_bits=4, strategy="channel")),
+    "pack-quantized-int4-tensor-asym": ("pack-quantized", dict(num_bits=4, strategy="tensor", symmetric=False)),
     "pack-quantized-int8-channel": ("pack-quantized", dict(num_bits=8, strategy="channel")),
     "int-quantized-int8-channel": ("int-quantized", dict(num_bits=8, strategy="channel")),
     "float-quantized-fp8-channel": ("float-quantized", dict(num_bits=8, type="float", strategy="channel")),

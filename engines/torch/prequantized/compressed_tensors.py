@@ -106,5 +106,5 @@ class CompressedTensorsReader:
         if zero_point is not None and not args.get("symmetric", True):
             if zero_point.dtype == torch.int32 and zero_point.shape[0] != n:  # packed along N (>= 0.10)
                 zero_point = unpack_int32(zero_point, bits, dim=0)[:n] - (1 << (bits - 1))
-            z = zero_point.reshape(scales.shape[0], -1).expand_as(scales)
+            z = zero_point.reshape(1, 1).expand(n, 1) if zero_point.numel() == 1 else zero_point  # shape: int_weight
         return int_weight(q, z, scales, bits, None, module)
