@@ -42,11 +42,42 @@ TINY_CONFIGS = {
     ),
     "olmo2-gqa": dict(model_type="olmo2", num_attention_heads=4, num_key_value_heads=2),
     "olmo2-mha": dict(model_type="olmo2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    # Gemma: layers alternate sliding (window 8, shorter than the test prompts) and global; Gemma 2 soft-caps the
+    # scores and the logits (caps low enough to bend random scores), Gemma 3's sliding layers have their own theta
+    "gemma2-gqa": dict(
+        model_type="gemma2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=4,
+        sliding_window=8,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3-gqa": dict(
+        model_type="gemma3_text",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=4,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        },
+    ),
 }
 
 
 def make_tiny_hf_model(name: str, folder: Path):
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -67,12 +98,14 @@ def make_tiny_hf_model(name: str, folder: Path):
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
     }[model_type]
+    spec.setdefault("num_hidden_layers", 2)
     config = config_cls(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         max_position_embeddings=1024,
         initializer_range=0.2,
         bos_token_id=1,
@@ -90,13 +123,14 @@ def randomize_init_constants(model) -> None:
     """Random init leaves biases at zero and norm weights at one, where a bias or norm kiln skipped or swapped
     would change nothing: give them random values (the norms only in families added since, whose reference
     tokens this does not move; Qwen3 and OLMo 2 have q/k norms)."""
-    norms = model.config.model_type in ("qwen3", "olmo2")
+    norms = model.config.model_type in ("qwen3", "olmo2", "gemma2", "gemma3_text")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.2)
             elif norms and "norm" in name:
-                param.normal_(1, 0.2)
+                # Gemma's norms scale by 1 + weight: around 0 there, around 1 elsewhere
+                param.normal_(0 if model.config.model_type.startswith("gemma") else 1, 0.2)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,11 @@ output does not depend on whether a prefix came from the cache or on how the pro
 
 Which kernel runs the decode rows, and whether RoPE and the cache write are fused, is the engine's
 AttentionBackend (attention_backend.py), chosen once at load and carried by each step's AttentionMetadata.
+
+Soft-capped or windowed attention (Gemma 2 and 3: softcap * tanh(score / softcap) on the scores, a layer
+seeing only its last `window` keys) runs on the torch path whatever the backend: _decode_reference and _prefill
+take both, neither kernel nor SDPA does. The cache still holds every token of every layer (global layers read
+the whole context); the window is a mask.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ def paged_attention(
     kv_cache: torch.Tensor | KVLayer,
     meta: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,  # scores become softcap * tanh(score / softcap)
+    window: int | None = None,  # a query at position p sees keys at positions p - window + 1 .. p
 ) -> torch.Tensor:  # [T, heads, head_dim]
     if isinstance(kv_cache, KVLayer):
         codes = kv_cache.write(k, v, meta.slot_mapping)
@@ -161,28 +168,42 @@ def paged_attention(
             k, v = kv_cache.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
     else:
         write_kv(kv_cache, k, v, meta.slot_mapping)
-    return _attend(q, k, v, kv_cache, meta, scale)
+    return _attend(q, k, v, kv_cache, meta, scale, softcap, window)
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache,
+    meta: AttentionMetadata,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of a step whose keys and values are in the cache; k, v: the prefill chunks' own (rotated,
     as the cache holds them), for SDPA without a gather when a chunk has no cached prefix."""
+    plain = softcap is None and window is None
     nd = meta.num_decode_tokens
     if nd and not meta.prefills:
-        return _decode(q, kv_cache, meta, scale)
+        return (
+            _decode(q, kv_cache, meta, scale) if plain else _decode_reference(q, kv_cache, meta, scale, softcap, window)
+        )
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], kv_cache, meta, scale)
-    for group in _fresh_runs(meta.prefills):
+        out[:nd] = (
+            _decode(q[:nd], kv_cache, meta, scale)
+            if plain
+            else _decode_reference(q[:nd], kv_cache, meta, scale, softcap, window)
+        )
+    for group in _fresh_runs(meta.prefills) if plain else [[span] for span in meta.prefills]:
         if len(group) > 1:
             rows = slice(group[0].q_start, group[-1].q_start + group[-1].q_len)
             out[rows] = _prefill_batch(q[rows], k[rows], v[rows], len(group), scale)
             continue
         span = group[0]
         rows = slice(span.q_start, span.q_start + span.q_len)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], kv_cache, span, scale)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], kv_cache, span, scale, softcap, window)
     return out
 
 
@@ -244,7 +265,14 @@ def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) ->
     )
 
 
-def _decode_reference(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_reference(
+    q: torch.Tensor,
+    kv_cache,
+    meta: AttentionMetadata,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     b, heads, head_dim = q.shape
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
     kv_heads = (quant.codes if quant else kv_cache).shape[1]
@@ -258,9 +286,14 @@ def _decode_reference(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale:
     else:
         keys, values = _gather(kv_cache, meta.decode_block_tables, length).float()  # each [kvh, b, L, hd]
     scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # [kvh, b, group, L]
-    if b > 1:
-        pad = torch.arange(length, device=q.device)[None, :] >= meta.decode_context_lens[:, None]
-        scores.masked_fill_(pad[None, :, None, :], float("-inf"))
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    if b > 1 or window is not None:
+        index = torch.arange(length, device=q.device)[None, :]
+        hidden = index >= meta.decode_context_lens[:, None]  # [b, L]: padding
+        if window is not None:  # the new token sits at context_len - 1
+            hidden |= index < meta.decode_context_lens[:, None] - window
+        scores.masked_fill_(hidden[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [kvh, b, group, hd]
     if quant:
@@ -268,18 +301,22 @@ def _decode_reference(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale:
     return out.transpose(0, 1).reshape(b, heads, head_dim).to(q.dtype)
 
 
-def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
-    if span.ctx_len == span.q_len:  # no cached prefix: the chunk's own keys are the whole context
+def _prefill(
+    q, k, v, kv_cache, span: PrefillSpan, scale: float, softcap: float | None = None, window: int | None = None
+) -> torch.Tensor:
+    if span.ctx_len == span.q_len and softcap is None and window is None:
+        # no cached prefix: the chunk's own keys are the whole context
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+    elif span.ctx_len == span.q_len:
+        keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), _causal_mask(span, q.device, window), False
     else:
         if isinstance(kv_cache, KVLayer):
             keys, values = kv_cache.dequantize(_gather(kv_cache.codes, span.block_table, span.ctx_len), q.dtype)
         else:
             keys, values = _gather(kv_cache, span.block_table, span.ctx_len)  # each [kvh, ctx, hd]
-        offset = span.ctx_len - span.q_len
-        rows = torch.arange(span.q_len, device=q.device)[:, None] + offset
-        mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= rows  # lower-right causal
-        causal = False
+        mask, causal = _causal_mask(span, q.device, window), False
+    if softcap is not None:
+        return _softcapped(q, keys, values, mask, scale, softcap)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # [1, heads, q_len, hd]
         keys.unsqueeze(0),  # [1, kv_heads, ctx, hd]
@@ -290,3 +327,26 @@ def _prefill(q, k, v, kv_cache, span: PrefillSpan, scale: float) -> torch.Tensor
         enable_gqa=True,
     )
     return out.squeeze(0).transpose(0, 1)
+
+
+def _causal_mask(span: PrefillSpan, device, window: int | None) -> torch.Tensor:
+    """[q_len, ctx_len] bool, True where a query sees a key: lower-right causal (the chunk ends the context), and
+    within the last `window` positions when set (transformers' sliding window: key > query - window)."""
+    rows = torch.arange(span.q_len, device=device)[:, None] + (span.ctx_len - span.q_len)
+    cols = torch.arange(span.ctx_len, device=device)[None, :]
+    mask = cols <= rows
+    if window is not None:
+        mask &= cols > rows - window
+    return mask
+
+
+def _softcapped(q, keys, values, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores (transformers' Gemma 2 eager attention), scores and softmax in float32.
+    q [q_len, heads, hd]; keys, values [kv_heads, ctx, hd]; mask [q_len, ctx] -> [q_len, heads, hd]."""
+    heads, kv_heads = q.shape[1], keys.shape[0]
+    qf = q.transpose(0, 1).float().reshape(kv_heads, heads // kv_heads * q.shape[0], q.shape[2])  # [kvh, g * q, hd]
+    scores = torch.matmul(qf, keys.float().transpose(-1, -2)).mul_(scale)  # [kvh, g * q_len, ctx]
+    scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    scores = scores.view(kv_heads, -1, *mask.shape).masked_fill_(~mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).flatten(1, 2), values.float())  # [kvh, g * q_len, hd]
+    return out.view(heads, q.shape[0], q.shape[2]).transpose(0, 1).to(q.dtype)

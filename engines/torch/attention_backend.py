@@ -48,14 +48,23 @@ TRITON_ATTENTION = AttentionBackend("triton", triton_paged_attention.decode_atte
 
 
 def select_attention_backend(
-    device: torch.device, dtype: torch.dtype, head_dim: int, *, reference: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    reference: bool = False,
+    fused_rope: bool = True,
+    capped: bool = False,
 ) -> AttentionBackend:
     """The fastest backend that runs a model of `dtype` and `head_dim` on `device` here (compiling the CPU
-    kernels on first use); reference=True: the torch path whatever is available."""
-    if reference:
+    kernels on first use); reference=True: the torch path whatever is available. fused_rope=False: the model's
+    RoPE is not rope_kv's (its class's fused_rope), so it stays on the torch path. capped: some layers soft-cap
+    or window their attention, which no kernel does; those layers' decode rows run attention._decode_reference,
+    whose per-step context length a CUDA graph would freeze, so on CUDA the whole model takes the torch path."""
+    if reference or (capped and device.type == "cuda"):
         return TORCH_ATTENTION
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and paged_attention.available():
-        return CPP_FUSED_ATTENTION if rope_kv.available() else CPP_ATTENTION
+        return CPP_FUSED_ATTENTION if fused_rope and rope_kv.available() else CPP_ATTENTION
     if triton_paged_attention.takes(dtype, head_dim) and triton_paged_attention.available(device):
         return TRITON_ATTENTION
     return TORCH_ATTENTION

@@ -228,7 +228,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
-        self.attention = attention or select_attention_backend(device, model.cos.dtype, model.args.head_dim)
+        self.attention = attention or select_attention_backend(
+            device, model.cos.dtype, model.args.head_dim, fused_rope=model.fused_rope, capped=model.capped_attention
+        )
         self.graphs = None
         if decode_graphs and self._graph_attention_runs():
             self.graphs = DecodeGraphs(model, kv_cache, block_size, device, max_num_seqs, max_model_len, self.attention)

@@ -1,6 +1,7 @@
 """Llama-family decoder in plain PyTorch: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias),
-SmolLM2 (tied embeddings). Close families subclass LlamaForCausalLM and override only its hooks (qkv,
-first_layer_input, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2 (olmo2.py).
+SmolLM2 (tied embeddings). Close families subclass LlamaForCausalLM and override only its hooks (embed, qkv,
+first_layer_input, attention, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2
+(olmo2.py), Gemma 2 and Gemma 3 (gemma.py), Phi-3 (phi3.py).
 
 Tokens of a step arrive flattened ([T]) with their positions; q/k/v and gate/up projections are
 fused into one matmul each (fewer ops per step, PERF-NOTES.md); logits are computed only for the
@@ -117,6 +118,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     projections: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # per layer, in order
+    # whether the rope_kv kernel (one RoPE table over the whole head, plain attention) can run this model's
+    # attention; a variant whose attention it cannot express (soft-capping, windows, partial RoPE) says False
+    # and its `attention` hook runs on the torch path (ModelRunner asks select_attention_backend accordingly)
+    fused_rope: bool = True
+    capped_attention: bool = False  # some layers soft-cap or window attention (select_attention_backend's `capped`)
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
@@ -143,15 +149,7 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, max_positions: int, dtype: torch.dtype, device) -> None:
         if self.cos is not None and self.cos.shape[0] >= max_positions and self.cos.dtype == dtype:
             return  # engines sharing one model (tests) keep the larger table
-        # Same arithmetic as transformers (fp32 outer product, cos/sin, then cast), so fp32 matches exactly.
-        pos = torch.arange(max_positions, dtype=torch.float)
-        freqs = pos[:, None] * self.args.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * self.args.rope_scaling).to(device=device, dtype=dtype)
-        sin = (emb.sin() * self.args.rope_scaling).to(device=device, dtype=dtype)
-        half = sin.shape[-1] // 2
-        # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: the sign lives in the table
-        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.cos, self.sin = rope_tables(self.args.inv_freq, self.args.rope_scaling, max_positions, dtype, device)
 
     def forward(
         self,
@@ -160,13 +158,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],  # per layer [2, blocks, block_size, kv_heads, head_dim]
     ) -> torch.Tensor:  # [T, hidden]
-        a = self.args
         t = input_ids.shape[0]
-        heads, kv_heads = a.num_heads, a.num_kv_heads
+        heads, kv_heads = self.args.num_heads, self.args.num_kv_heads
         if not meta.fused:
             cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
             sin = self.sin[positions].unsqueeze(1)
-        x = self.embed_tokens(input_ids)  # the residual stream
+        x = self.embed(input_ids)  # the residual stream
         h = self.first_layer_input(x)  # what the next sublayer reads
         layers = list(self.layers)  # (slicing the ModuleList would build a new one, module by module, every step)
         next_layers: list[nn.Module | None] = [*layers[1:], None]
@@ -175,16 +172,16 @@ class LlamaForCausalLM(nn.Module):
             if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
                 attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
             else:
-                # q and k rotate together: one RoPE for both
-                qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, heads + kv_heads, a.head_dim), cos, sin)
-                q, k = qk[:, :heads], qk[:, heads:]
-                v = qkv[:, layer.q_size + layer.kv_size :].view(t, kv_heads, a.head_dim)
-                attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
+                attn = self.attention(layer, qkv, positions, cos, sin, kv_cache, meta)
             x, h = self.after_attention(layer, x, layer.o_proj(attn.reshape(t, layer.q_size)))
             x, h = self.after_mlp(layer, x, self.mlp(layer, h), next_layer)
         return h
 
-    # The hooks a variant overrides (engines/torch/models/qwen3.py, olmo2.py); everything else is shared.
+    # The hooks a variant overrides (engines/torch/models/qwen3.py, olmo2.py, gemma.py, phi3.py); everything else
+    # is shared.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> the residual stream [T, hidden]
+        return self.embed_tokens(input_ids)
 
     def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:  # embeddings [T, hidden] -> first layer's input
         return _rms_norm(x, self.layers[0].input_norm, self.args.rms_norm_eps)
@@ -193,6 +190,28 @@ class LlamaForCausalLM(nn.Module):
         """q, k and v as RoPE and attention read them (the fused path reads them from this one tensor, which
         must stay contiguous)."""
         return layer.qkv_proj(h)
+
+    def attention(
+        self,
+        layer: nn.Module,
+        qkv: torch.Tensor,  # [T, q_size + 2 * kv_size]
+        positions: torch.Tensor,  # [T]
+        cos: torch.Tensor,  # [T, 1, head_dim]: this step's rows of the model's tables
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, heads, head_dim]
+        """The torch path's RoPE, cache write and attention (the fused path runs fused_attention instead)."""
+        return paged_attention(*self.rotated_qkv(layer, qkv, cos, sin), kv_cache, meta, self.scale)
+
+    def rotated_qkv(
+        self, layer: nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [T, heads, hd], k and v [T, kv_heads, hd]
+        a, t = self.args, qkv.shape[0]
+        # q and k rotate together: one RoPE for both
+        qk = _rotate(qkv[:, : layer.q_size + layer.kv_size].view(t, a.num_heads + a.num_kv_heads, a.head_dim), cos, sin)
+        v = qkv[:, layer.q_size + layer.kv_size :].view(t, a.num_kv_heads, a.head_dim)
+        return qk[:, : a.num_heads], qk[:, a.num_heads :], v
 
     def after_attention(
         self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor
@@ -212,6 +231,21 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         return self.lm_head(hidden).float()
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, scaling: float, max_positions: int, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin [max_positions, 2 * len(inv_freq)], with the same arithmetic as transformers (fp32
+    outer product, cos/sin, then cast), so fp32 matches exactly."""
+    pos = torch.arange(max_positions, dtype=torch.float)
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
+    sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
+    half = sin.shape[-1] // 2
+    # rotate_half(x) * sin == swap_halves(x) * [-sin_lo, sin_hi]: the sign lives in the table
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from engines.torch.models import llama, olmo2, qwen3
+from engines.torch.models import gemma, llama, olmo2, qwen3
 from engines.torch.models.architecture import Architecture
 
 ARCHITECTURES: dict[str, Architecture[Any]] = {
-    arch.model_type: arch for arch in (llama.LLAMA, llama.MISTRAL, llama.QWEN2, qwen3.QWEN3, olmo2.OLMO2)
+    arch.model_type: arch
+    for arch in (
+        llama.LLAMA,
+        llama.MISTRAL,
+        llama.QWEN2,
+        qwen3.QWEN3,
+        olmo2.OLMO2,
+        gemma.GEMMA2,
+        gemma.GEMMA3_TEXT,
+    )
 }
 
 
