@@ -69,6 +69,37 @@ TINY_CONFIGS = {
             "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
         },
     ),
+    # Phi-3: LongRoPE (short factors within original_max_position_embeddings, the attention factor of 1024 / 256);
+    # Phi-4-mini's layout: RoPE on 0.75 of each head, tied embeddings
+    "phi3-longrope": dict(
+        model_type="phi3",
+        pad_token_id=0,  # Phi3Config's default (32000) lies outside the tiny vocabulary
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.5 * i for i in range(8)],
+            "long_factor": [2.0 + 3.0 * i for i in range(8)],
+        },
+    ),
+    "phi4-partial-rope": dict(
+        model_type="phi3",
+        pad_token_id=0,  # Phi3Config's default (32000) lies outside the tiny vocabulary
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        original_max_position_embeddings=256,
+        partial_rotary_factor=0.75,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.5 * i for i in range(6)],
+            "long_factor": [2.0 + 3.0 * i for i in range(6)],
+        },
+    ),
 }
 
 
@@ -84,6 +115,8 @@ def make_tiny_hf_model(name: str, folder: Path):
         MistralForCausalLM,
         Olmo2Config,
         Olmo2ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
@@ -100,6 +133,7 @@ def make_tiny_hf_model(name: str, folder: Path):
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
     }[model_type]
     spec.setdefault("num_hidden_layers", 2)
     config = config_cls(
@@ -123,7 +157,7 @@ def randomize_init_constants(model) -> None:
     """Random init leaves biases at zero and norm weights at one, where a bias or norm kiln skipped or swapped
     would change nothing: give them random values (the norms only in families added since, whose reference
     tokens this does not move; Qwen3 and OLMo 2 have q/k norms)."""
-    norms = model.config.model_type in ("qwen3", "olmo2", "gemma2", "gemma3_text")
+    norms = model.config.model_type in ("qwen3", "olmo2", "gemma2", "gemma3_text", "phi3")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

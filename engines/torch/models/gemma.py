@@ -226,11 +226,12 @@ HEAD_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 def read_hf_checkpoint(
-    folder: Path, args: GemmaArgs, dtype: torch.dtype, device: torch.device
+    folder: Path, args: GemmaArgs, dtype: torch.dtype, device: torch.device, linear: llama.LinearReader | None = None
 ) -> dict[str, torch.Tensor]:
-    """Llama's reader with Gemma's norm names; every norm weight w becomes 1 + w (see the module docstring)."""
+    """Llama's reader with Gemma's norm names; every norm weight w becomes 1 + w (see the module docstring).
+    linear: as llama.read_hf_checkpoint's (a pre-quantized checkpoint's projections)."""
     norms = GEMMA_NORMS | (HEAD_NORMS if args.head_norms else {})
-    tensors = llama.read_hf_checkpoint(folder, args, dtype, device, norms=norms)
+    tensors = llama.read_hf_checkpoint(folder, args, dtype, device, norms=norms, linear=linear)
     names = ["norm.weight"] + [f"layers.{i}.{n}.weight" for i in range(args.num_layers) for n in norms]
     for name in names:
         tensors[name] = (tensors[name].float() + 1.0).to(dtype)

@@ -286,11 +286,13 @@ def read_hf_checkpoint(
     device: torch.device,
     norms: Mapping[str, str] = LLAMA_NORMS,
     linear: LinearReader | None = None,
+    projections: Mapping[str, Sequence[str]] = LLAMA_PROJECTIONS,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
     with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once. norms: the
     layer norms of the model class (its layer_norms), kiln name -> checkpoint name. linear: how projection
-    weights are read (float weights in `dtype` when None)."""
+    weights are read (float weights in `dtype` when None). projections: which checkpoint modules each kiln
+    projection fuses (a checkpoint with fused ones of its own, Phi-3's, names those)."""
 
     def dense(ckpt: CheckpointTensors, modules: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
         return {prefix + ".weight": torch.cat([ckpt.take(m + ".weight", dtype, device) for m in modules])}
@@ -309,7 +311,7 @@ def read_hf_checkpoint(
             p, k = f"model.layers.{i}.", f"layers.{i}."
             for name, hf_name in norms.items():
                 out[k + name + ".weight"] = take(p + hf_name + ".weight")
-            for kind, modules in LLAMA_PROJECTIONS.items():
+            for kind, modules in projections.items():
                 out.update(read_linear(ckpt, [p + m for m in modules], k + kind))
             if args.qkv_bias:
                 out[k + "qkv_proj.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engines.torch.models import gemma, llama, olmo2, qwen3
+from engines.torch.models import gemma, llama, olmo2, phi3, qwen3
 from engines.torch.models.architecture import Architecture
 
 ARCHITECTURES: dict[str, Architecture[Any]] = {
@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, Architecture[Any]] = {
         olmo2.OLMO2,
         gemma.GEMMA2,
         gemma.GEMMA3_TEXT,
+        phi3.PHI3,
     )
 }
 
