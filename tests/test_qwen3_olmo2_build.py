@@ -32,11 +32,31 @@ EXPECTED_LAYER = {"int8-sq": "W8A8Int8Linear", "int4-awq": "Int4WeightOnlyLinear
 
 def save_tiny_chat_model(model_type: str, folder: Path) -> None:
     """2 layers, hidden 64, every query head its own KV head (so o_proj's scale folds into the v rows too)."""
-    from transformers import Olmo2Config, Olmo2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
+    # Gemma: a sliding layer (window 8, shorter than the calibration and evaluation prompts) and a global one;
+    # Phi: Phi-4-mini's layout (LongRoPE on 0.75 of each head)
+    gemma = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}
+    layer_types = ["sliding_attention", "full_attention"]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    rope |= {"short_factor": [1.0 + 0.2 * i for i in range(6)], "long_factor": [2.0 + i for i in range(6)]}
     config_cls, model_cls, extra = {
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),
         "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, gemma),
+        "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, gemma | {"layer_types": layer_types}),
+        "phi3": (Phi3Config, Phi3ForCausalLM, {"rope_parameters": rope, "original_max_position_embeddings": 512}),
     }[model_type]
     config = config_cls(
         vocab_size=49152,
