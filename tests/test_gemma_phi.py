@@ -62,6 +62,20 @@ def test_greedy_equals_transformers_alone_and_batched(
     assert batched.stats().prefix_cache_hits == SHARED
 
 
+@pytest.mark.parametrize("setup", ["draft-same", "ngram"])
+@pytest.mark.parametrize("name", ["gemma2-gqa", "gemma3-gqa", "phi4-partial-rope"])
+def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):  # noqa: F811
+    """Verification steps score several tokens per sequence: windows and soft-caps hold there too."""
+    loaded = tiny_models(name)[0]
+    if setup == "ngram":
+        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
+    else:
+        core = make_engine(loaded, loaded, block_size=4, speculative_method="draft")
+    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
+    assert [got[str(i)][0] for i in range(4)] == reference(name)
+    assert core.stats().spec_draft_tokens > 0
+
+
 def _variant_logits(loaded, **changes) -> torch.Tensor:
     model = loaded.model
     args = dataclasses.replace(model.args, **changes)

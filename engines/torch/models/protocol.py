@@ -39,6 +39,10 @@ class CausalLM(Protocol):
     # per layer, the names of its projection modules (any [T, K] -> [T, N] module): calibration records
     # their inputs, quantization replaces their weights
     projections: tuple[str, ...]
+    # which attention kernels can run it (attention_backend.select_attention_backend): rope_kv's fused RoPE and
+    # cache write; whether some layers soft-cap or window their attention (decode rows on the torch path)
+    fused_rope: bool
+    capped_attention: bool
 
     @property
     def args(self) -> ModelArgs: ...
