@@ -56,7 +56,12 @@ def idle(ctx: Ctx) -> None:
 
 # ---- the checks ------------------------------------------------------------------------------------------------
 def check_stream_diffs(ctx: Ctx) -> str:
-    """TensorRT-LLM streams token_ids_diff per step; their text must add up to the non-streamed answer."""
+    """TensorRT-LLM streams token_ids_diff per step; their text must add up to the non-streamed answer.
+
+    A first request puts the prompt in the prefix cache, so the two compared are computed alike (cached prefix, then
+    the same tail): a cache hit may legitimately change a greedy answer at a near-tie (the tail's sums run in
+    another order than the whole prompt's), and that is not what this check is about."""
+    chat(ctx, max_tokens=1)
     whole = chat(ctx, max_tokens=48)
     pieces, usage = [], None
     for chunk in chat(ctx, max_tokens=48, stream=True, stream_options={"include_usage": True}):

@@ -78,9 +78,7 @@ def test_gguf_needs_a_gguf_file(tiny_chat_model):
         load_quantization.resolve(EngineConfig(model=str(tiny_chat_model), quantization="gguf"), CPU)
 
 
-def test_the_default_model_served_as_its_q4_1_blocks_answers_as_its_dense_weights(
-    default_model, chat_prompts, monkeypatch
-):
+def test_the_default_model_served_as_its_q4_1_blocks_answers_as_its_dense_weights(default_model, chat_prompts):
     """In float32 the blocks decode to exactly the dense checkpoint's weights (the dense model itself equals
     transformers, test_engine_hf_parity), so with the same LM head (int8-wo: the file stores the tied embeddings as
     Q8_0, not Q4_1) only the order of the decode kernel's fp32 sums differs: both answer alike, token for token,
@@ -93,7 +91,9 @@ def test_the_default_model_served_as_its_q4_1_blocks_answers_as_its_dense_weight
     dense_layer = default_model.model.layers[3].gate_up_proj
     assert torch.equal(blocks.model.layers[3].gate_up_proj.dequantized_weight(torch.float32), dense_layer.weight)
     assert isinstance(blocks.model.lm_head, Int8WeightOnlyLinear)
-    monkeypatch.setattr(default_model.model, "lm_head", blocks.model.lm_head)
+    # the shared fixture's head, swapped by hand: monkeypatch's undo deletes what nn.Module keeps in _modules
+    dense_head = default_model.model.lm_head
+    default_model.model.lm_head = blocks.model.lm_head
 
     def answers(loaded) -> dict[str, list]:
         core = build_core(EngineConfig(kv_cache_memory=64 << 20), loaded)
@@ -106,7 +106,10 @@ def test_the_default_model_served_as_its_q4_1_blocks_answers_as_its_dense_weight
                 out[o.request_id].extend(o.outputs[0].new_logprobs)
         return out
 
-    dense, ours = answers(default_model), answers(blocks)
+    try:
+        dense, ours = answers(default_model), answers(blocks)
+    finally:
+        default_model.model.lm_head = dense_head
     compared = 0
     for rid, steps in dense.items():
         for step, (d, b) in enumerate(zip(steps, ours[rid])):
