@@ -34,8 +34,8 @@ class EngineConfig:
     engine_dir: str | None = None
     served_model_name: str | None = None
     dtype: DType = "auto"  # auto: bfloat16 (CPU with avx512_bf16 or CUDA), else float32
-    # auto: on a CPU with kiln's int kernels when dtype is auto too, gguf for a GGUF file and int8-wo for a folder;
-    # else none (load_quantization.py)
+    # auto: on a CPU with kiln's int kernels when dtype is auto too, gguf for a GGUF file on AVX-512 and int8-wo
+    # otherwise; else none (load_quantization.py)
     quantization: Quantization = "auto"
     device: str = "auto"  # auto: cuda when visible, else cpu
     block_size: int = 16

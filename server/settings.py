@@ -80,8 +80,8 @@ class ServerSettings(BaseSettings):
     quantization: Quantization = Field(
         EngineConfig.quantization,
         description="quantize a model's weights as it loads: int8-wo (int8 weights, W8A16), gguf (a GGUF file's Q4_1 "
-        "weights as stored, the rest int8-wo), none, or auto (on CPU when --dtype is auto: gguf for a .gguf model, "
-        "int8-wo for a folder; else none); an engine directory keeps its build's (default: auto)",
+        "weights as stored, the rest int8-wo), none, or auto (on CPU when --dtype is auto: gguf for a .gguf model "
+        "on an AVX-512 CPU, else int8-wo; else none); an engine directory keeps its build's (default: auto)",
     )
     block_size: int = Field(
         EngineConfig.block_size, description="tokens per KV-cache block, a power of two (default: 16)"

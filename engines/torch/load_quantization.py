@@ -13,7 +13,9 @@ step reads every weight once, and kiln's int kernels keep the activations and th
 
 `quantization` (EngineConfig, `--quantization`):
 - auto: on a CPU that kiln has int kernels for (any CPU with AVX2+FMA+F16C, after KILN_CPU_ISA) when `--dtype` is
-  auto too, gguf for a GGUF file (the embedded default is one) and int8-wo for a model folder; otherwise none. A
+  auto too, int8-wo, or gguf for a GGUF file (the embedded default is one) on an AVX-512 CPU (where the blocks
+  decode through 16-entry tables, with AVX512-BF16 dot products for bf16 steps; AVX2 decodes them arithmetically,
+  slower than int8); otherwise none. A
   dtype named explicitly asks for dense weights in that dtype: float32 is how kiln's output is compared with
   transformers' token for token. CUDA stays dense: its bf16 tensor-core matmuls are the fast path there, and kiln's
   int kernels are CPU code.
@@ -44,8 +46,11 @@ def resolve(config: EngineConfig, device: torch.device) -> str | None:
         raise ValueError(f"--quantization gguf serves a .gguf file's own blocks; {config.model!r} is not a GGUF file.")
     if config.quantization != "auto":
         return config.quantization
-    if device.type == "cpu" and config.dtype == "auto" and cpu_isa.level_of(cpu_isa.cpu_flags()) is not None:
-        return "gguf" if gguf_file(config.model) is not None else "int8-wo"
+    level = cpu_isa.level_of(cpu_isa.cpu_flags())
+    if device.type == "cpu" and config.dtype == "auto" and level is not None:
+        # the Q4_1 blocks beat int8 with AVX-512's 16-entry table lookups; AVX2 decodes each weight arithmetically,
+        # which cost more than int8's (docs/performance.md: 46 against int8's 74 tok/s at c=1 as avx2)
+        return "gguf" if gguf_file(config.model) is not None and level != "avx2" else "int8-wo"
     return None
 
 

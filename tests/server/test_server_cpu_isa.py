@@ -1,5 +1,5 @@
-"""`kiln serve` under KILN_CPU_ISA=avx2 on a better CPU: it serves as an AVX2 machine would, with the default GGUF
-file's own Q4_1 blocks and float32 activations and no AVX-512 or AMX kernel, and says so in /v1/metadata."""
+"""`kiln serve` under KILN_CPU_ISA=avx2 on a better CPU: it serves as an AVX2 machine would, with int8 weights and
+float32 activations for the defaults and no AVX-512 or AMX kernel, and says so in /v1/metadata."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_serve_forced_to_avx2_runs_as_an_avx2_machine(tmp_path):
         metadata = httpx.get(f"{server.base_url}/v1/metadata", timeout=60).json()
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=120)
         answer = client.completions.create(model=metadata["model"], prompt="The capital of France is", max_tokens=8)
-        assert metadata["precision"] == "gguf"  # the default serves its GGUF file's blocks (--quantization auto)
+        assert metadata["precision"] == "int8-wo"  # on AVX2 the default GGUF model is served as int8 weights
         assert metadata["kv_cache_dtype"] == "float32"  # --dtype auto without native bf16: float32 activations
         assert "(avx2: avx2)" in metadata["hardware"]
         kernels = metadata["extra"]["cpu_kernels"]
