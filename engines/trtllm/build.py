@@ -10,6 +10,8 @@ Calibration (FP8, SmoothQuant, AWQ, an FP8 or INT8 KV cache) runs inside TensorR
 calibration set (or --calib), rendered through the model's chat template into a local dataset folder. The pairs of
 precision and KV dtype TensorRT-LLM 1.0 cannot build from float weights are refused before anything loads
 (engines/trtllm/flows.py); the engine's sequence limits are set and recorded as engines/trtllm/limits.py explains.
+A model type TensorRT-LLM does not convert is refused first, and a pre-quantized checkpoint is passed through as
+stored (NVIDIA ModelOpt exports) or refused (the formats TensorRT-LLM 1.0 cannot read): engines/trtllm/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from engines.hardware import Hardware
 from engines.model_source import resolve_model
 from engines.profiles import DEFAULT_GROUP_SIZE
 from engines.trtllm import api as trt
-from engines.trtllm import configs, flows, limits
+from engines.trtllm import checkpoints, configs, flows, limits
 from engines.version import __version__
 
 log = logging.getLogger("kiln.build.trtllm")
@@ -79,24 +81,31 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
             raise trt.TrtllmUnavailable(
                 "--backend trtllm builds on an NVIDIA GPU and torch sees none; build with --backend torch here."
             )
-        precision, kv = auto_precision(hardware) if options.precision == "auto" else (options.precision, None)
-        if options.kv_cache_dtype != "auto":
-            kv = options.kv_cache_dtype
-        kv = kv or flows.default_kv(precision, hardware.sm or 0) or "model"
-        if (refusal := flows.refusal(precision, kv)) is not None:
-            raise trt.TrtllmUnsupported(refusal)
-        _check_group_size(precision, options.group_size)
+        folder = resolve_model(options.model)
+        hf_config = AutoConfig.from_pretrained(folder)
+        checkpoints.check_model_type(hf_config)
+        stored = checkpoints.pass_through(folder, hf_config)
+        if stored is not None:
+            precision, kv = _stored_precision(options, stored)
+        else:
+            precision, auto_kv = auto_precision(hardware) if options.precision == "auto" else (options.precision, None)
+            wanted = options.kv_cache_dtype if options.kv_cache_dtype != "auto" else auto_kv
+            kv = wanted or flows.default_kv(precision, hardware.sm or 0) or "model"
+            if (refusal := flows.refusal(precision, kv)) is not None:
+                raise trt.TrtllmUnsupported(refusal)
+            _check_group_size(precision, options.group_size)
         trt.check_gpu(precision, kv, hardware.sm, hardware.name)
         api = trt.load()  # after the checks above, which hold whether or not tensorrt_llm is installed
-        quant = configs.quant_config(api, precision, kv, options.group_size)
+        if stored is not None:  # the checkpoint's own algorithms, which TensorRT-LLM reads from it again
+            quant = configs.stored_quant_config(api, stored.quant_algo, configs.KV_ALGO[kv])
+        else:
+            quant = configs.quant_config(api, precision, kv, options.group_size)
         split = parallel.GpuSplit(options.tensor_parallel_size, options.pipeline_parallel_size)
         parallel.check_gpus(split, hardware, "This build")
     except (trt.TrtllmUnavailable, trt.TrtllmUnsupported, parallel.SplitError) as exc:
         raise BuildError(str(exc)) from exc
 
     started = time.perf_counter()
-    folder = resolve_model(options.model)
-    hf_config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     output = Path(options.output).expanduser()
     if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
@@ -110,7 +119,7 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
     )
     build = configs.build_config(api, planned, options.gather_logits)
     calib_requests = None
-    if configs.needs_calibration(precision, kv):
+    if stored is None and configs.needs_calibration(precision, kv):
         calib_requests = calibration.select_samples(
             calibration.load_chat_requests(options.calib or calibration.default_calibration_path()),
             options.calib_samples,
@@ -183,6 +192,24 @@ def build_trtllm(options, hardware: Hardware) -> BuildResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(output, False, manifest)
+
+
+def _stored_precision(options, stored: checkpoints.PassThrough) -> tuple[str, str]:
+    """A pre-quantized checkpoint builds at its own precision and KV dtype; TensorRT-LLM also takes an FP8 KV cache
+    for one that has no KV algorithm (ModelLoader._update_from_hf_quant_config allows FP8 or NVFP4 there)."""
+    if options.precision not in ("auto", stored.precision):
+        raise trt.TrtllmUnsupported(
+            f"this checkpoint is already quantized ({stored.quant_algo}, kiln's {stored.precision}) and TensorRT-LLM "
+            f"builds it as stored; leave --precision at auto or {stored.precision}."
+        )
+    kv = stored.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
+    allowed = {stored.kv_cache_dtype} | ({"fp8"} if stored.kv_cache_quant_algo is None else set())
+    if kv not in allowed:
+        raise trt.TrtllmUnsupported(
+            f"TensorRT-LLM builds this checkpoint with its own KV cache ({stored.kv_cache_dtype}) or, when it has "
+            f"none, an FP8 one; --kv-cache-dtype {kv} would conflict with it."
+        )
+    return stored.precision, kv
 
 
 def _check_group_size(precision: str, group_size: int) -> None:

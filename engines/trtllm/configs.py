@@ -33,6 +33,16 @@ def quant_config(api: TrtllmApi, precision: str, kv_cache_dtype: str, group_size
     return api.llmapi.QuantConfig(**kwargs)
 
 
+def stored_quant_config(api: TrtllmApi, quant_algo: str, kv_algo: str | None):
+    """A pre-quantized checkpoint's own algorithms (engines/trtllm/checkpoints.py), as TensorRT-LLM reads them from it
+    again: the same values, so ModelLoader._update_from_hf_quant_config finds nothing conflicting."""
+    algo = api.llmapi.QuantAlgo
+    kwargs = {"quant_algo": getattr(algo, quant_algo)}
+    if kv_algo:
+        kwargs["kv_cache_quant_algo"] = getattr(algo, kv_algo)
+    return api.llmapi.QuantConfig(**kwargs)
+
+
 def needs_calibration(precision: str, kv_cache_dtype: str) -> bool:
     """Only TensorRT-LLM's ModelOpt flow calibrates a pair kiln builds (engines/trtllm/flows.py)."""
     return flows.flow(precision, kv_cache_dtype) is flows.Flow.MODELOPT

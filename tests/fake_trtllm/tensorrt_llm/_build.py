@@ -156,3 +156,68 @@ def request_error(limits: ExecutorLimits | None, prompt_len: int, max_tokens: in
             "TRTGptModel logs for how maximum input length is set"
         )
     return None
+
+
+# models/__init__.py MODEL_MAP: the Hugging Face architectures the TensorRT backend converts (its decoder-only language
+# models; the encoders, diffusion and multimodal entries are left out of the fake)
+MODEL_MAP = frozenset(
+    {
+        "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "Starcoder2ForCausalLM", "NemotronForCausalLM", "OPTForCausalLM",
+        "BloomForCausalLM", "FalconForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM",
+        "GPTJForCausalLM", "MptForCausalLM", "LlamaForCausalLM", "ExaoneForCausalLM", "MistralForCausalLM",
+        "MixtralForCausalLM", "InternLM2ForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
+        "BaichuanForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "DbrxForCausalLM", "DeepseekV2ForCausalLM", "CohereForCausalLM",
+    }
+)  # fmt: skip
+
+
+def get_trtllm_model_class(model_dir: str) -> str:
+    """models/automodel.py AutoModelForCausalLM.get_trtllm_model_class: config.json's architectures[0] in MODEL_MAP."""
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in MODEL_MAP:
+        raise NotImplementedError(f"The given huggingface model architecture {arch} is not supported in TRT-LLM yet")
+    return arch
+
+
+def update_from_hf_quant_config(model_dir: str, quant_config) -> bool:
+    """llmapi/llm_utils.py ModelLoader._update_from_hf_quant_config (1.0): ModelOpt's hf_quant_config.json sets the
+    QuantConfig; else config.json's quantization_config is read for block-wise FP8 and MXFP4 only. Returns whether
+    the checkpoint is pre-quantized (so from_hugging_face converts it, uncalibrated)."""
+    from tensorrt_llm.llmapi import QuantAlgo
+
+    folder = Path(model_dir)
+    if (folder / "hf_quant_config.json").is_file():
+        section = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+        algo = section.pop("quant_algo", None)
+        if algo is None:
+            raise ValueError("Pre-quantized checkpoint must have quant_algo.")
+        algo = QuantAlgo(algo)  # ValueError for a name QuantAlgo lacks
+        if getattr(quant_config, "quant_algo", None) not in (None, algo):
+            raise ValueError(
+                f"Specified quant_algo={quant_config.quant_algo}, conflicting with quant_algo={algo} from HF quant "
+                "config."
+            )
+        kv = section.pop("kv_cache_quant_algo", None)
+        specified_kv = getattr(quant_config, "kv_cache_quant_algo", None)
+        if kv is not None and specified_kv not in (None, QuantAlgo(kv)):
+            raise ValueError(
+                f"Specified kv_cache_quant_algo={specified_kv}, conflicting with kv_cache_quant_algo={QuantAlgo(kv)} "
+                "from HF quant config."
+            )
+        if kv is None and _name(specified_kv) not in (None, "FP8", "NVFP4"):
+            raise ValueError(
+                "Only kv_cache_quant_algo=QuantAlgo.FP8 or QuantAlgo.NVFP4 is allowed for pre-quantized checkpoint, "
+                f"got {specified_kv}."
+            )
+        CALLS.append(("hf_quant_config", {"quant_algo": algo.name, "kv_cache_quant_algo": kv}))
+        return True
+    hf_quant_config = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if hf_quant_config is None:
+        return False
+    if hf_quant_config.get("quant_method") == "fp8" and hf_quant_config.get("weight_block_size"):
+        return True  # FP8_BLOCK_SCALES
+    if hf_quant_config.get("quant_method") == "mxfp4":
+        return True
+    raise NotImplementedError(f"Unsupported quantization_config: {hf_quant_config}.")

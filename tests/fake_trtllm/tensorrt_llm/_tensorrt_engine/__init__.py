@@ -82,7 +82,11 @@ class LLM:
             self.engine_config = config
             self.limits = _build.executor_limits(config, bool(kwargs.get("enable_chunked_prefill")))
         else:
-            _build.load_hf_model(kwargs.get("quant_config"), kwargs.get("calib_config"))
+            # ModelLoader._load_model_from_hf: the model class first, then the checkpoint's own quantization, which
+            # converts with from_hugging_face without calibrating
+            _build.get_trtllm_model_class(model)
+            if not _build.update_from_hf_quant_config(model, kwargs.get("quant_config")):
+                _build.load_hf_model(kwargs.get("quant_config"), kwargs.get("calib_config"))
             from tensorrt_llm.llmapi import BuildConfig
 
             build_config = kwargs.get("build_config") or BuildConfig()
