@@ -121,3 +121,43 @@ def compressed_tensors_linear(w: torch.Tensor, scheme, fmt: str):
     # dequantized in float32 (the library would round w to its fp16 scales' dtype; kiln computes in float32)
     restored = compressor.decompress(dict(stored) | {"weight_scale": stored["weight_scale"].float()}, scheme)["weight"]
     return stored, restored.float()
+
+
+def activation_ranges(state: dict[str, torch.Tensor], config, prompts: list[list[int]]) -> dict[str, float]:
+    """max |x| of every projection's input ("{module}.input") and of each layer's keys and values
+    ("model.layers.{i}.self_attn.k" / ".v") over `prompts`, from transformers' forward of the float model: what
+    llm-compressor's static observers measure. Keys are measured before RoPE, which rotates pairs of channels, so
+    sqrt(2) times their max bounds them after it."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(state)
+    ranges: dict[str, float] = {}
+
+    def record(key: str, t: torch.Tensor) -> None:
+        ranges[key] = max(ranges.get(key, 0.0), float(t.abs().max()))
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and name.endswith("_proj"):
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: record(f"{n}.input", i[0])))
+            if name.endswith(("k_proj", "v_proj")):
+                key = name.removesuffix("_proj")  # model.layers.{i}.self_attn.k / .v
+                scale = 2**0.5 if name.endswith("k_proj") else 1.0
+                hooks.append(module.register_forward_hook(lambda m, i, o, k=key, s=scale: record(k, o * s)))
+    with torch.no_grad():
+        for ids in prompts:
+            model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return ranges
+
+
+def static_fp8_scale(amax: float) -> torch.Tensor:
+    """compressed-tensors' static per-tensor FP8 scale for the range [-amax, amax] (calculate_qparams): [1]."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False)
+    scale, _ = calculate_qparams(torch.tensor([-amax]), torch.tensor([amax]), args)
+    return scale.float()

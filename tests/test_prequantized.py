@@ -6,90 +6,38 @@ tokens' logprobs within LOGPROB_TOL. Malformed checkpoints get one sentence nami
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from engines.base import GenerationRequest, SamplingParams
 from engines.config import EngineConfig
-from engines.model_source import resolve_model
 from engines.torch.layers.linear import DenseLinear
 from engines.torch.layers.quantized import Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from engines.torch.loader import build_core, load_model
+from engines.torch.loader import load_model
 from tests import prequant_writers as writers
-from tests.build_fixtures import tiny_llama_config
+from tests.prequant_folders import (
+    LinearWriter,
+    ct_config,
+    folder_answers,
+    tiny_llama_state,
+    write_folder,
+    write_pair,
+)
 
 LOGPROB_TOL = 1e-3  # exact dequantized weights on both sides: only the kernels' fp32 summation order differs
-PROMPTS = [[1, 500, 600, 700, 800, 900], [1, 42, 4242, 31337, 7, 7, 7, 9000]]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-# (module, weight [N, K]) -> (the module's stored tensors by field, the dequantized float32 weight)
-LinearWriter = Callable[[str, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> dict[str, torch.Tensor]:
-    """The float32 state dict of a 2-layer random Llama (grouped-query attention, untied head)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return {
-        k: v.contiguous() for k, v in LlamaForCausalLM(tiny_llama_config(num_key_value_heads=2)).state_dict().items()
-    }
-
-
-def _folder(path: Path, tensors: dict[str, torch.Tensor], quantization_config: dict | None) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    config = tiny_llama_config(num_key_value_heads=2)
-    if quantization_config is not None:
-        config.quantization_config = quantization_config
-    config.save_pretrained(path)
-    save_file(tensors, str(path / "model.safetensors"))
-    default = resolve_model(None)
-    for name in TOKENIZER_FILES:
-        if (default / name).is_file():
-            shutil.copy(default / name, path / name)
-    return path
-
-
-def write_pair(root: Path, state: dict[str, torch.Tensor], quantization_config: dict, linear: LinearWriter):
-    """(the pre-quantized folder, a float folder holding the weights it dequantizes to). The decoder's projections
-    are quantized; embeddings, norms and the LM head stay float as the tools leave them."""
-    stored: dict[str, torch.Tensor] = {}
-    reference: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
-            module = name.removesuffix(".weight")
-            fields, dequantized = linear(module, tensor)
-            stored.update({f"{module}.{field}": t.contiguous() for field, t in fields.items()})
-            reference[name] = dequantized.contiguous()
-        else:
-            stored[name] = reference[name] = tensor
-    return _folder(root / "quantized", stored, quantization_config), _folder(root / "reference", reference, None)
-
-
-def answers(folder: Path) -> tuple[object, dict[str, list]]:
-    """The loaded model and, per prompt, 32 greedy tokens' TokenLogprobs in float32."""
-    loaded = load_model(EngineConfig(model=str(folder), dtype="float32"))
-    core = build_core(EngineConfig(kv_cache_memory=16 << 20), loaded)
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=1)
-    for i, prompt in enumerate(PROMPTS):
-        core.add_request(GenerationRequest(f"r{i}", prompt, params))
-    out: dict[str, list] = {f"r{i}": [] for i in range(len(PROMPTS))}
-    while core.has_work():
-        for o in core.step():
-            out[o.request_id].extend(o.outputs[0].new_logprobs)
-    return loaded, out
+    return tiny_llama_state()
 
 
 def check_same_answers(quantized: Path, reference: Path, layer_type: type) -> object:
-    loaded, ours = answers(quantized)
-    _, theirs = answers(reference)
+    loaded, ours = folder_answers(quantized)
+    _, theirs = folder_answers(reference)
     projections = [m for m in loaded.model.modules() if isinstance(m, layer_type)]
     assert len(projections) == 4 * loaded.model.args.num_layers  # every projection in its stored format
     assert isinstance(loaded.model.lm_head, DenseLinear)  # the float LM head stays float
@@ -196,18 +144,6 @@ CT_CASES = {
 }
 
 
-def ct_config(fmt: str, weights: dict):
-    """compressed-tensors' own QuantizationConfig, as llm-compressor saves it (lm_head ignored)."""
-    pytest.importorskip("compressed_tensors")
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    config = QuantizationConfig(
-        config_groups={"group_0": scheme}, format=fmt, ignore=["lm_head"], quantization_status="compressed"
-    )
-    return scheme, json.loads(config.model_dump_json()) | {"quant_method": "compressed-tensors"}
-
-
 @pytest.mark.parametrize("name", sorted(CT_CASES))
 def test_compressed_tensors_answers_as_its_dequantized_weights(tiny_llama, tmp_path, name):
     fmt, weights = CT_CASES[name]
@@ -229,8 +165,8 @@ def test_compressed_tensors_ignored_modules_stay_float(tiny_llama, tmp_path):
         return writers.compressed_tensors_linear(w, scheme, fmt)
 
     quantized, reference = write_pair(tmp_path, tiny_llama, config, writer)
-    loaded, ours = answers(quantized)
-    _, theirs = answers(reference)
+    loaded, ours = folder_answers(quantized)
+    _, theirs = folder_answers(reference)
     assert {r: [t.token_id for t in steps] for r, steps in ours.items()} == {
         r: [t.token_id for t in steps] for r, steps in theirs.items()
     }
@@ -257,7 +193,7 @@ def _edit(source: Path, target: Path, tensors: Callable | None = None, config: C
     quantization_config = json.loads((source / "config.json").read_text())["quantization_config"]
     if config is not None:
         config(quantization_config)
-    return _folder(target, state, quantization_config)
+    return write_folder(target, state, quantization_config)
 
 
 def _load(folder: Path, **kw):
@@ -320,12 +256,3 @@ def test_8bit_gptq_with_groups_is_refused(tiny_llama, tmp_path):
 def test_load_time_quantization_of_a_prequantized_folder_is_refused(gptq_folder, quantization):
     with pytest.raises(ValueError, match=f"already quantized .* --quantization {quantization} applies to float"):
         _load(gptq_folder, quantization=quantization)
-
-
-def test_kiln_build_of_a_prequantized_folder_says_it_does_not_build_from_one_yet(gptq_folder, tmp_path):
-    from engines.build.builder import build
-    from engines.build.result import BuildError
-    from tests.build_fixtures import build_options
-
-    with pytest.raises(BuildError, match=r"already quantized \(gptq, .* does not build from pre-quantized"):
-        build(build_options(gptq_folder, tmp_path / "engine"))

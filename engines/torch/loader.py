@@ -20,6 +20,7 @@ from engines.torch.llm_engine import LLMEngine
 from engines.torch.model_runner import KVCache, ModelRunner
 from engines.torch.models.protocol import CausalLM
 from engines.torch.models.registry import architecture
+from engines.torch.prequantized.kv_scales import CODE_MAX, convert_kv_scales
 from engines.torch.scheduler import Scheduler
 
 log = logging.getLogger("kiln.engine")
@@ -42,6 +43,10 @@ class LoadedModel:
     kv_cache_dtype: str = "model"
     kv_cache_scales: torch.Tensor | None = None
     quantization: str | None = None  # the scheme a model folder was quantized with at load (load_quantization)
+    # a pre-quantized folder's KV-cache scales ([layers, 2, kv_heads]) and the KV dtype they were computed for: an
+    # int8 or fp8 KV cache asked for (--kv-cache-dtype) uses them (prequantized/kv_scales.py)
+    checkpoint_kv_scales: torch.Tensor | None = None
+    checkpoint_kv_dtype: str = "fp8"
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,9 +85,20 @@ def load_model(config: EngineConfig) -> LoadedModel:
     method = prequantized.quant_method(hf_config)
     if method is not None:  # stored quantized: its own format wins over any load-time scheme
         prequantized.check_requested(config.quantization, method)
-        model = prequantized.load_prequantized(folder, hf_config, dtype, device)
+        model, stored = prequantized.load_prequantized(folder, hf_config, dtype, device)
         name = config.served_model_name or model_display_name(config.model)
-        return LoadedModel(model, hf_config, tokenizer, name, folder, dtype, device, quantization=method)
+        return LoadedModel(
+            model,
+            hf_config,
+            tokenizer,
+            name,
+            folder,
+            dtype,
+            device,
+            quantization=method,
+            checkpoint_kv_scales=stored.kv_scales,
+            checkpoint_kv_dtype=stored.kv_dtype,
+        )
     quantization = load_quantization.resolve(config, device)
     if quantization is None:
         model = load_checkpoint(folder, hf_config, dtype, device)
@@ -249,10 +265,13 @@ def log_kernels(runner: ModelRunner) -> None:
 
 def kv_cache_settings(config: EngineConfig, loaded: LoadedModel) -> tuple[str, torch.Tensor | None]:
     """The KV-cache dtype and scales to build with: a built engine's own (its manifest and calibrated scales
-    decide them), else the config's."""
+    decide them), else the config's, with a pre-quantized checkpoint's own scales when the config gives none."""
     if loaded.manifest is not None:
         return loaded.kv_cache_dtype, loaded.kv_cache_scales
-    return config.kv_cache_dtype, config.kv_cache_scales
+    wanted = config.kv_cache_dtype
+    if config.kv_cache_scales is None and loaded.checkpoint_kv_scales is not None and wanted in CODE_MAX:
+        return wanted, convert_kv_scales(loaded.checkpoint_kv_scales, loaded.checkpoint_kv_dtype, wanted)
+    return wanted, config.kv_cache_scales
 
 
 def decode_graphs(config: EngineConfig, device: torch.device) -> bool:

@@ -12,8 +12,8 @@ modules left in float. What a module stores says its compression format:
 - float-quantized (the same compressor, type float): weight float8_e4m3fn [N, K], weight_scale [N, 1] or [1]
 
 w = (q - zero) * scale (compressed_tensors.quantization.lifecycle.forward.dequantize). Activation quantization
-(input_activations) is not applied: kiln runs these weights with float activations (int8, int4) or as Fp8Linear
-does (fp8).
+(input_activations; static ones store input_scale, taken in prequantized/__init__.py FusedLinearReader) is not
+applied: kiln runs these weights with float activations (int8, int4) or as Fp8Linear does (fp8).
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ class CompressedTensorsReader:
         if f"{module}.weight_scale" not in ckpt:
             return dense_or_missing(ckpt, module, "weight_scale", dtype)
         scale = ckpt.take(f"{module}.weight_scale")
-        for activation_field in ("input_scale", "input_zero_point"):  # static activation quantization: not applied
-            ckpt.take_optional(f"{module}.{activation_field}")
         if args["type"] == "float":
             return fp8_weight(ckpt.take(f"{module}.weight"), scale, module)
         bits = args["num_bits"]

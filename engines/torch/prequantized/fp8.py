@@ -1,7 +1,8 @@
 """FP8 checkpoints with quant_method "fp8" (vLLM's Fp8Config; AutoFP8 and llm-compressor's older exports), per
 quantized nn.Linear [N, K]: weight float8_e4m3fn [N, K] and weight_scale float32, one per tensor ([] or [1]) or
-per output channel ([N] or [N, 1]); w = weight * weight_scale. input_scale (activation_scheme "static") is not
-applied: kiln runs these weights with float activations (CPU) or quantizes them per step (CUDA, Fp8Linear).
+per output channel ([N] or [N, 1]); w = weight * weight_scale. input_scale (activation_scheme "static") is taken
+and not applied (prequantized/__init__.py FusedLinearReader): kiln runs these weights with float activations (CPU) or
+quantizes them per step (CUDA, Fp8Linear).
 
 transformers' FineGrainedFP8 checkpoints scale 128x128 blocks (weight_block_size, weight_scale_inv [N/128, K/128]);
 kiln has no block-scaled runtime layer and refuses them rather than dequantizing to float.
@@ -51,5 +52,4 @@ class Fp8Reader:
         if f"{module}.weight_scale" not in ckpt:
             return dense_or_missing(ckpt, module, "weight_scale", dtype)
         scale = ckpt.take(f"{module}.weight_scale")
-        ckpt.take_optional(f"{module}.input_scale")  # not applied (see the module docstring)
         return fp8_weight(ckpt.take(f"{module}.weight"), scale, module)
