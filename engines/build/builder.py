@@ -48,6 +48,7 @@ CALIBRATORS = ("minmax", "percentile", "entropy")
 KV_CHOICES = ("auto", "model", "int8", "fp8")
 CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
 DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
+FLOAT_REFERENCE = "the unquantized float32 model"
 KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -143,6 +144,7 @@ class _Candidate:
     kv_scales: torch.Tensor | None = None
     accuracy: Accuracy | None = None
     quantize_seconds: float = 0.0
+    reference: str = FLOAT_REFERENCE  # what the accuracy is measured against (build-report's "reference")
 
 
 def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
@@ -164,21 +166,18 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
         raise BuildError(f"--device {options.device}: {exc}") from exc
     folder = resolve_model(options.model)
     hf_config = AutoConfig.from_pretrained(folder)
-    if (method := prequantized.quant_method(hf_config)) is not None:
-        # the build quantizes a float model and measures it against that model; a pre-quantized checkpoint has
-        # neither step to run yet (engines/torch/prequantized serves it as stored)
-        raise BuildError(
-            f"{folder} is already quantized ({method}, config.json's quantization_config) and kiln build does not "
-            f"build from pre-quantized checkpoints yet; serve it as stored with `kiln serve --model {folder}`."
-        )
+    output = Path(options.output).expanduser()
+    if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
+        raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
+    if prequantized.quant_method(hf_config) is not None:  # kept as stored (engines/build/prequantized.py)
+        from engines.build.prequantized import build_prequantized
+
+        return build_prequantized(options, hardware, folder, hf_config, device, target, started)
     arch = architecture(hf_config.model_type)
     args = arch.args_from_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    output = Path(options.output).expanduser()
     if target is not None:
         _check_same_vocabulary(tokenizer, target)
-    if output.exists() and not mf.is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
-        raise BuildError(f"--output {output} exists and is not a kiln engine directory; choose a new or empty folder.")
 
     candidates = _candidates(options, hardware, args, hf_config)
     calib_requests = calibration.select_samples(
@@ -488,6 +487,7 @@ def _write_engine(
         "calibration_seconds": round(calib_seconds, 1),
         "quantize_seconds": round(chosen.quantize_seconds, 1),
         "accuracy": chosen.accuracy.to_dict(),
+        "reference": chosen.reference,
         "speed": speeds,
         "candidates": [
             {

@@ -45,7 +45,7 @@ def write_report(path: Path, r: dict, budget: float | None) -> None:
         "",
         markdown_table([report_row(r)]),
         "",
-        f"Accuracy against the unquantized float32 model on {acc['prompts']} held-out prompts "
+        f"Accuracy against {r.get('reference', 'the unquantized float32 model')} on {acc['prompts']} held-out prompts "
         f"({acc['positions']} answer positions of the reference's own greedy answers): mean KL divergence of the "
         f"next-token distributions, how often both pick the same top token, and the perplexity of those answers "
         f"(the reference's own: {acc['reference_perplexity']:.3f}).",
