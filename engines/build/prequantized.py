@@ -9,7 +9,7 @@ scales and the evaluation.
 - Evaluation: no float original exists, so the reference is the checkpoint itself, served with its stored weights
   in float32 and a float KV cache; what the build measures is what its KV cache (and serving dtype) costs. The
   build report says so.
-- Precision: the kiln scheme whose runtime format runs the stored weights (FP8_OWN etc. below); `--precision` may
+- Precision: the kiln scheme whose runtime format runs the stored weights (own_precision); `--precision` may
   be auto or that one.
 """
 
