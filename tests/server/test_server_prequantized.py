@@ -12,7 +12,7 @@ from engines.torch.loader import build_core, load_model
 from tests import prequant_writers as writers
 from tests.conftest import greedy, run_to_completion
 from tests.server.conftest import start_server
-from tests.test_prequantized import PROMPTS, write_pair
+from tests.prequant_folders import PROMPTS, write_pair
 
 MAX_TOKENS = 16
 
