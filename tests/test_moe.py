@@ -201,3 +201,18 @@ def test_registry_and_dense_layers_refused():
         moe.qwen3_moe_args(Qwen3MoeConfig(mlp_only_layers=[1]))
     with pytest.raises(ValueError, match="decoder_sparse_step 2"):
         moe.qwen3_moe_args(Qwen3MoeConfig(decoder_sparse_step=2))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plan_counts_the_parameters_from_config_json(name, tiny_models):
+    """`kiln plan` reads config.json without torch: the same total (its q/k norms aside) for Qwen3-MoE too, whose
+    experts are moe_intermediate_size wide."""
+    import json
+
+    from engines.plan import shape_from_config
+
+    loaded = tiny_models(name)[0]
+    args = loaded.model.args
+    shape = shape_from_config(json.loads((loaded.folder / "config.json").read_text()))
+    head_norms = args.num_layers * 2 * args.head_dim if name == "qwen3-moe" else 0
+    assert shape.params == architecture(args.model_type).param_count(args) - head_norms

@@ -153,14 +153,17 @@ def read_checkpoint(
     block: str,
     names: tuple[str, str, str],
     norms: dict[str, str],
+    linear: llama.LinearReader | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Llama's reader with one projection pair per expert; the router is read as the layer's `router` tensor."""
+    """Llama's reader with one projection pair per expert; the router is read as the layer's `router` tensor, in
+    float whatever `linear` (a pre-quantized checkpoint's reader, as llama.read_hf_checkpoint's) does."""
     return llama.read_hf_checkpoint(
         folder,
         args,
         dtype,
         device,
         norms=norms | {"router": f"{block}.gate"},
+        linear=linear,
         projections=checkpoint_projections(args, block, *names),
     )
 
