@@ -110,6 +110,9 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         ) from None
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
+    # Qwen3-MoE's experts have their own size (its intermediate_size is a dense MLP's, unused when every layer is
+    # sparse); Mixtral's intermediate_size is its experts'
+    intermediate = config.get("moe_intermediate_size") or intermediate
     # Biases are counted where the config declares them (attention_bias); families whose biases are implicit
     # (Qwen2) are counted without them, a difference of a few parts per million.
     params = decoder_param_count(

@@ -100,6 +100,26 @@ TINY_CONFIGS = {
             "long_factor": [2.0 + 3.0 * i for i in range(6)],
         },
     ),
+    # mixtures of experts: 8 experts of 32, top 2 (the router spreads the prompts' tokens over all 8: test_moe.py)
+    "mixtral-moe": dict(
+        model_type="mixtral",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+    ),
+    # Qwen3-MoE without renormalising the top k (its default); head_dim of its own, 4 experts
+    "qwen3-moe": dict(
+        model_type="qwen3_moe",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+    ),
 }
 
 
@@ -113,6 +133,8 @@ def make_tiny_hf_model(name: str, folder: Path):
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Olmo2Config,
         Olmo2ForCausalLM,
         Phi3Config,
@@ -121,6 +143,8 @@ def make_tiny_hf_model(name: str, folder: Path):
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     spec = dict(TINY_CONFIGS[name])
@@ -134,12 +158,14 @@ def make_tiny_hf_model(name: str, folder: Path):
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),
         "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
     }[model_type]
     spec.setdefault("num_hidden_layers", 2)
+    spec.setdefault("intermediate_size", 128)
     config = config_cls(
         vocab_size=512,
         hidden_size=64,
-        intermediate_size=128,
         max_position_embeddings=1024,
         initializer_range=0.2,
         bos_token_id=1,
@@ -157,7 +183,7 @@ def randomize_init_constants(model) -> None:
     """Random init leaves biases at zero and norm weights at one, where a bias or norm kiln skipped or swapped
     would change nothing: give them random values (the norms only in families added since, whose reference
     tokens this does not move; Qwen3 and OLMo 2 have q/k norms)."""
-    norms = model.config.model_type in ("qwen3", "olmo2", "gemma2", "gemma3_text", "phi3")
+    norms = model.config.model_type in ("qwen3", "olmo2", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

@@ -128,7 +128,7 @@ def generate(loaded) -> dict:
 def test_unknown_model_type_names_it_and_the_known_ones():
     with pytest.raises(ValueError) as info:
         architecture("gpt-nope")
-    known = "llama, mistral, qwen2, qwen3, olmo2, gemma2, gemma3_text, phi3"
+    known = "llama, mistral, qwen2, qwen3, olmo2, gemma2, gemma3_text, phi3, mixtral, qwen3_moe"
     assert str(info.value) == f"Model type 'gpt-nope' is not supported; kiln's torch engine runs {known}."
 
 

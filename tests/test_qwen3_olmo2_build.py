@@ -37,12 +37,16 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
         Gemma2ForCausalLM,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
+        MixtralConfig,
+        MixtralForCausalLM,
         Olmo2Config,
         Olmo2ForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     # Gemma: a sliding layer (window 8, shorter than the calibration and evaluation prompts) and a global one;
@@ -51,12 +55,19 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
     layer_types = ["sliding_attention", "full_attention"]
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
     rope |= {"short_factor": [1.0 + 0.2 * i for i in range(6)], "long_factor": [2.0 + i for i in range(6)]}
+    experts = {"num_experts_per_tok": 2}  # of 4 experts (of 128 rows each for Mixtral, 64 for Qwen3-MoE)
     config_cls, model_cls, extra = {
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),
         "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
         "gemma2": (Gemma2Config, Gemma2ForCausalLM, gemma),
         "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, gemma | {"layer_types": layer_types}),
         "phi3": (Phi3Config, Phi3ForCausalLM, {"rope_parameters": rope, "original_max_position_embeddings": 512}),
+        "mixtral": (MixtralConfig, MixtralForCausalLM, experts | {"num_local_experts": 4}),
+        "qwen3_moe": (
+            Qwen3MoeConfig,
+            Qwen3MoeForCausalLM,
+            experts | {"num_experts": 4, "moe_intermediate_size": 64, "head_dim": 32, "norm_topk_prob": True},
+        ),
     }[model_type]
     config = config_cls(
         vocab_size=49152,

@@ -73,9 +73,10 @@ class LayerWeights:
         self.prefix = f"layers.{index}."
         self.args = args
         self._t = t
-        self.weights = {kind: t[self.prefix + kind + ".weight"].float() for kind in arch.projections}
-        self.biases = {kind: t.get(self.prefix + kind + ".bias") for kind in arch.projections}
-        self.norms = {g.norm: t[self.prefix + g.norm + ".weight"].float() for g in arch.topology.norm_groups}
+        projections = arch.layer_projections(args)
+        self.weights = {kind: t[self.prefix + kind + ".weight"].float() for kind in projections}
+        self.biases = {kind: t.get(self.prefix + kind + ".bias") for kind in projections}
+        self.norms = {g.norm: t[self.prefix + g.norm + ".weight"].float() for g in arch.topology_for(args).norm_groups}
         self.inputs = _inputs(arch, args)
 
     def name(self, kind: str) -> str:
@@ -119,12 +120,12 @@ def _inputs(arch: Architecture[Any], args: ModelArgs) -> tuple[LayerInput, ...]:
     """Every projection's input, each projection in exactly one, consumers before producers: a row fold
     changes its producer's weight, which must happen before that producer is scaled or quantized itself.
     The topology's unfolded projections come last, without a producer."""
-    topology = arch.topology
+    topology = arch.topology_for(args)
     named = topology.named()
-    if sorted(named) != sorted(arch.projections):
+    if sorted(named) != sorted(arch.layer_projections(args)):
         raise ValueError(
             f"The {args.model_type} quantization topology places {sorted(named)}, not each of its projections "
-            f"{sorted(arch.projections)} once."
+            f"{sorted(arch.layer_projections(args))} once."
         )
     inputs = [
         LayerInput((f.consumer,), f if f.rows(args) is not None else None, f.smooth and f.rows(args) is not None)
@@ -148,10 +149,11 @@ def quantize_model(
     arch = architecture(args.model_type)
     scheme = schemes.get(precision)
     store = scheme.store_dtype()
+    projection_kinds = arch.layer_projections(args)
     out: dict[str, torch.Tensor] = {}
     t = float_tensors  # only read: the schemes fold scales into LayerWeights' copies
     q = QuantizedModel(
-        out, {kind: scheme.projection_format for kind in arch.projections} | {"lm_head": scheme.head_format}
+        out, {kind: scheme.projection_format for kind in projection_kinds} | {"lm_head": scheme.head_format}
     )
     consumed = {"lm_head.weight"}  # written below, quantized or not
 
@@ -166,7 +168,7 @@ def quantize_model(
         projections = scheme.quantize_layer(layer, ctx)
         for norm, weight in layer.norms.items():
             out[layer.prefix + norm + ".weight"] = weight.to(store)
-        for kind in arch.projections:
+        for kind in projection_kinds:
             result = projections[kind]
             out.update(result.tensors)
             consumed.update((layer.name(kind) + ".weight", layer.name(kind) + ".bias"))

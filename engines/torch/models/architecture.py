@@ -25,9 +25,20 @@ class Architecture(Generic[A]):
     read_checkpoint: Callable[[Path, A, torch.dtype, torch.device], dict[str, torch.Tensor]]
     # (args, tensors under kiln's names (consumed), weight format per projection kind, dtype, device) -> model
     assemble: Callable[[A, dict[str, torch.Tensor], dict[str, str], torch.dtype, torch.device], CausalLM]
-    topology: QuantTopology  # how activation scales fold into producers (SmoothQuant, AWQ)
+    # how activation scales fold into producers (SmoothQuant, AWQ); a family whose layers depend on its config (a
+    # mixture of experts: a projection pair per expert) gives it per args
+    topology: QuantTopology | Callable[[A], QuantTopology]
     param_count: Callable[[A], int]
+    # each layer's projections per args, for such a family (its model sets them per instance); None: the class's
+    projections_of: Callable[[A], tuple[str, ...]] | None = None
 
     @property
     def projections(self) -> tuple[str, ...]:
         return self.model_class.projections
+
+    def layer_projections(self, args: A) -> tuple[str, ...]:
+        """The projections of every layer of the model `args` describe (what calibration and the build walk)."""
+        return self.model_class.projections if self.projections_of is None else self.projections_of(args)
+
+    def topology_for(self, args: A) -> QuantTopology:
+        return self.topology if isinstance(self.topology, QuantTopology) else self.topology(args)

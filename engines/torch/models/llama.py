@@ -360,7 +360,7 @@ def assemble(
         p = f"layers.{i}."
         for name in model_class.layer_norms(args):
             setattr(layer, name, param(take(p + name + ".weight")))
-        for kind in model_class.projections:
+        for kind in model.projections:  # the instance's: a mixture of experts has a pair per expert
             setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
     head_format = formats.get("lm_head", "dense")
     if args.tie_word_embeddings and head_format == "dense":

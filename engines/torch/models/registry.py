@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engines.torch.models import gemma, llama, olmo2, phi3, qwen3
+from engines.torch.models import gemma, llama, moe, olmo2, phi3, qwen3
 from engines.torch.models.architecture import Architecture
 
 ARCHITECTURES: dict[str, Architecture[Any]] = {
@@ -21,6 +21,8 @@ ARCHITECTURES: dict[str, Architecture[Any]] = {
         gemma.GEMMA2,
         gemma.GEMMA3_TEXT,
         phi3.PHI3,
+        moe.MIXTRAL,
+        moe.QWEN3_MOE,
     )
 }
 
