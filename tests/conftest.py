@@ -186,6 +186,21 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    """name -> transformers' greedy tokens for tests/arch_parity.py's prompts (computed once per model)."""
+    from tests.arch_parity import reference_tokens  # here: arch_parity imports this module
+
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in cache:
+            cache[name] = reference_tokens(tiny_models(name)[1])
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct in float32 for kiln, loaded once per session."""
