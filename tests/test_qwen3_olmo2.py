@@ -111,9 +111,11 @@ def test_registry_serves_both_with_their_own_classes():
 def test_qwen3_sliding_window_only_with_use_sliding_window():
     from transformers import Qwen3Config
 
-    off = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=False))
-    on = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=True, max_window_layers=0))
-    assert off.sliding_window is None and on.sliding_window == 64 and not off.qkv_bias
+    args = ARCHITECTURES["qwen3"].args_from_config
+    off = args(Qwen3Config(sliding_window=64, use_sliding_window=False, num_hidden_layers=4))
+    on = args(Qwen3Config(sliding_window=64, use_sliding_window=True, max_window_layers=1, num_hidden_layers=4))
+    # transformers' Qwen3DecoderLayer: layers from max_window_layers on slide
+    assert off.layer_windows == (None,) * 4 and on.layer_windows == (None, 64, 64, 64) and not off.qkv_bias
 
 
 @pytest.mark.parametrize("name", MODELS)
