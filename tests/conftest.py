@@ -33,6 +33,17 @@ TINY_CONFIGS = {
         },
     ),
     "mistral-gqa": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
+    # sliding windows of 8, shorter than the test prompts: Mistral's on every layer, Qwen2's on the layers from
+    # max_window_layers on (layer 1 of 2)
+    "mistral-window": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    "qwen2-window": dict(
+        model_type="qwen2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    ),
     "qwen2-gqa": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "qwen2-mha": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
     # Qwen3's head_dim is its own: 32 here, with hidden 64 over 4 heads
@@ -207,6 +218,21 @@ def tiny_models(tmp_path_factory):
             cfg = AutoConfig.from_pretrained(folder)
             model = load_checkpoint(folder, cfg, torch.float32, torch.device("cpu"))
             cache[name] = (LoadedModel(model, cfg, None, name, folder, torch.float32, torch.device("cpu")), hf)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    """name -> transformers' greedy tokens for tests/arch_parity.py's prompts (computed once per model)."""
+    from tests.arch_parity import reference_tokens  # here: arch_parity imports this module
+
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in cache:
+            cache[name] = reference_tokens(tiny_models(name)[1])
         return cache[name]
 
     return get

@@ -1,6 +1,6 @@
 """Gemma 2, Gemma 3 (text) and Phi-3 / Phi-4-mini in the torch engine: greedy float32 output equals
 transformers' token for token, alone and in a concurrent batch with a prefix-cache hit and chunked prompts
-(tests/test_qwen3_olmo2.py's prompts and reference). Gemma's layers alternate sliding (window 8, shorter than
+(tests/arch_parity.py's prompts and checks). Gemma's layers alternate sliding (window 8, shorter than
 every prompt but one) and global; the window, the soft-caps and Gemma 3's local RoPE each change the output (so
 the parity sees them). Phi-3 with LongRoPE; Phi-4-mini's partial RoPE on the torch path; a LongRoPE model's
 context stops at original_max_position_embeddings. The quantization topology's folds are exact."""
@@ -17,15 +17,14 @@ from engines.torch.attention_backend import CPP_ATTENTION
 from engines.torch.models import gemma, phi3
 from engines.torch.models.registry import ARCHITECTURES, architecture
 from engines.torch.sequence_runner import SequenceRunner
-from tests.conftest import run_to_completion
-from tests.test_qwen3_olmo2 import (  # noqa: F401 (reference: a fixture)
-    BUDGET,
-    SHARED,
-    _folded,
-    _logits,
+from tests.arch_parity import (
+    changed_kinds,
+    check_greedy_alone_and_batched,
+    check_speculative_output,
+    float_logits,
+    folded,
     prompts,
-    reference,
-    requests,
+    speculative_engine,
 )
 
 GEMMA = ["gemma2-gqa", "gemma3-gqa"]
@@ -37,43 +36,19 @@ RUNS = [(name, False) for name in MODELS] + [("phi3-longrope", True)]
 
 @pytest.mark.parametrize(("name", "force_unfused"), RUNS)
 def test_greedy_equals_transformers_alone_and_batched(
-    name,
-    force_unfused,
-    tiny_models,
-    reference,  # noqa: F811
-    make_engine,
-    monkeypatch,
+    name, force_unfused, tiny_models, reference, make_engine, monkeypatch
 ):
     if force_unfused:
         monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)
-    loaded = tiny_models(name)[0]
-    expected = reference(name)
-
-    alone = make_engine(loaded, block_size=4, enable_prefix_caching=False)
-    if name != "phi3-longrope" or force_unfused:
-        assert not alone.runner.attention.fused_rope
-    for i, request in enumerate(requests()):
-        assert run_to_completion(alone, [request])[str(i)][0] == expected[i], f"prompt {i} alone diverged"
-
-    batched = make_engine(loaded, block_size=4, enable_prefix_caching=True, max_num_batched_tokens=BUDGET)
-    got = run_to_completion(batched, requests(), arrivals={"0": 0, "3": 1, "2": 2, "1": 8})
-    for i in range(len(expected)):
-        assert got[str(i)][0] == expected[i], f"prompt {i} in the batch diverged"
-    assert batched.stats().prefix_cache_hits == SHARED
+    unfused = name != "phi3-longrope" or force_unfused
+    check_greedy_alone_and_batched(make_engine, tiny_models(name)[0], reference(name), unfused=unfused)
 
 
 @pytest.mark.parametrize("setup", ["draft-same", "ngram"])
 @pytest.mark.parametrize("name", ["gemma2-gqa", "gemma3-gqa", "phi4-partial-rope"])
-def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):  # noqa: F811
+def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):
     """Verification steps score several tokens per sequence: windows and soft-caps hold there too."""
-    loaded = tiny_models(name)[0]
-    if setup == "ngram":
-        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
-    else:
-        core = make_engine(loaded, loaded, block_size=4, speculative_method="draft")
-    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
-    assert [got[str(i)][0] for i in range(4)] == reference(name)
-    assert core.stats().spec_draft_tokens > 0
+    check_speculative_output(speculative_engine(make_engine, tiny_models(name)[0], setup), reference(name))
 
 
 def _variant_logits(loaded, **changes) -> torch.Tensor:
@@ -154,11 +129,13 @@ def test_topology_folds_are_exact(name, tiny_models):
     args = loaded.model.args
     arch = architecture(args.model_type)
     tensors = arch.read_checkpoint(loaded.folder, args, torch.float32, torch.device("cpu"))
-    folded = _folded(arch, tensors, args, lambda inp: inp.foldable)
-    changed = {n.split(".")[2] for n in tensors if not torch.equal(tensors[n], folded[n])}
+    scaled = folded(arch, tensors, args, lambda inp: inp.foldable)
+    changed = changed_kinds(tensors, scaled)
     # o_proj folds into the v rows only where every query head has its own KV head; Gemma's output norms never change
     expected = {"qkv_proj", "input_norm", "gate_up_proj", "down_proj"} | (
         {"o_proj"} if args.num_kv_heads == 4 else set()
     )
     assert changed == expected | ({"pre_mlp_norm"} if name in GEMMA else {"post_norm"})
-    torch.testing.assert_close(_logits(arch, args, folded), _logits(arch, args, tensors), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        float_logits(arch, args, scaled), float_logits(arch, args, tensors), rtol=1e-4, atol=1e-4
+    )

@@ -5,6 +5,8 @@ fp32: both sides compute in fp32 and differ only in summation order (MKL's bmm v
 16- or 8-lane dot products, softmax normaliser), a few ulps of O(1) values, far below 1e-5 absolute.
 bf16: both compute in fp32 and round once to bf16, so they may differ by one bf16 ulp where the fp32
 results straddle a rounding boundary; the kernel must also be within half an ulp of the fp32 result.
+A sliding window (the query sees its last `window` keys) on every path: the generic one (head_dim 40), the fast one
+(64, 128) and the AVX512-BF16 one, with windows starting inside a block, on a block edge, and past the context.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _case(kind, dtype, heads, kv_heads, head_dim, lens, seed=0):
     return q, cache, _meta(tables, lens)
 
 
-def _kernel(q, cache, meta, scale):
+def _kernel(q, cache, meta, scale, window=None):
     if isinstance(cache, KVLayer):
         return paged_attention.decode_attention(
             q,
@@ -83,19 +85,23 @@ def _kernel(q, cache, meta, scale):
             cache.k_scale,
             cache.v_scale,
             cache.kind,
+            window,
         )
-    return paged_attention.decode_attention(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    return paged_attention.decode_attention(
+        q, cache, meta.decode_block_tables, meta.decode_context_lens, scale, window=window
+    )
 
 
-def _check(out, q, cache, meta, scale):
-    ref = _decode_reference(q, cache, meta, scale)
+def _check(out, q, cache, meta, scale, window=None):
+    ref = _decode_reference(q, cache, meta, scale, window=window)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out.float()).all()
     if q.dtype == torch.float32:
         err = (out - ref).abs().max().item()
         assert err <= 1e-5, err
     else:
-        ref32 = _decode_reference(q.float(), cache if isinstance(cache, KVLayer) else cache.float(), meta, scale)
+        wide = cache if isinstance(cache, KVLayer) else cache.float()
+        ref32 = _decode_reference(q.float(), wide, meta, scale, window=window)
         mag = ref32.abs()
         # within half a bf16 ulp (2**-8 relative) of the fp32 result, and one ulp of the bf16 reference
         assert ((out.float() - ref32).abs() <= mag * 2**-8 + 1e-5).all()
@@ -128,8 +134,47 @@ def test_bf16_cache_head_groups(head_dim, heads, kv_heads, bf16_dot):
     q, cache, meta = _case("model", torch.bfloat16, heads, kv_heads, head_dim, LENS, seed=4)
     scale = head_dim**-0.5
     raw = paged_attention._EXT.get().decode_attention  # the flag as given, not as this CPU's flags decide
-    out = raw(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale, None, None, "model", bf16_dot)
+    out = raw(q, cache, meta.decode_block_tables, meta.decode_context_lens, scale, None, None, "model", bf16_dot, 0)
     _check(out, q, cache, meta, scale)
+
+
+# one key; 17: row 300's window starts mid-block (at 283); 284: on a block edge (at 16); 400: wider than every
+# context (the whole context, as without a window)
+WINDOWS = [1, 17, 284, 400]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("kind", ["model", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [40, 64, 128], ids=lambda d: f"d{d}")
+def test_window_matches_reference(window, kind, dtype, head_dim):
+    q, cache, meta = _case(kind, dtype, 8, 2, head_dim, LENS, seed=7)
+    scale = head_dim**-0.5
+    _check(_kernel(q, cache, meta, scale, window), q, cache, meta, scale, window)
+
+
+@pytest.mark.parametrize("bf16_dot", BF16_DOT, ids=lambda on: "bf16-dot" if on else "no-bf16-dot")
+@pytest.mark.parametrize("window", WINDOWS)
+def test_window_on_the_bf16_cache_paths(window, bf16_dot):
+    q, cache, meta = _case("model", torch.bfloat16, 12, 4, 64, LENS, seed=8)
+    raw = paged_attention._EXT.get().decode_attention
+    lens = meta.decode_context_lens
+    out = raw(q, cache, meta.decode_block_tables, lens, 0.125, None, None, "model", bf16_dot, window)
+    _check(out, q, cache, meta, 0.125, window)
+
+
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_window_skips_the_keys_before_it(head_dim):
+    """Keys and values before the window change nothing (they are skipped, not read and masked); the first one
+    inside it does."""
+    q, cache, meta = _case("model", torch.float32, 4, 2, head_dim, [40], seed=9)
+    before = _kernel(q, cache, meta, 0.1, window=20)  # positions 20 .. 39
+    table = meta.decode_block_tables[0]
+    cache[:, :, table[0]] = 1e4  # positions 0 .. 15
+    cache[:, :, table[1], :4] = 1e4  # 16 .. 19
+    assert torch.equal(_kernel(q, cache, meta, 0.1, window=20), before)
+    cache[1, :, table[1], 4] = 1e4  # position 20
+    assert not torch.allclose(_kernel(q, cache, meta, 0.1, window=20), before)
 
 
 @pytest.mark.parametrize("kind", ["model", "fp8"])
@@ -180,7 +225,7 @@ def test_levels_agree_within_tolerance_of_each_other():
     assert len({id(m) for m in modules}) == len(modules)
     q, cache, meta = _case("int8", torch.float32, 8, 2, 128, LENS, seed=5)
     args = (q, cache.codes, meta.decode_block_tables, meta.decode_context_lens, 0.1, cache.k_scale, cache.v_scale)
-    outs = [m.decode_attention(*args, "int8", False) for m in modules]
+    outs = [m.decode_attention(*args, "int8", False, 0) for m in modules]
     assert all((o - outs[0]).abs().max().item() <= 2e-5 for o in outs[1:])
 
 
@@ -205,6 +250,6 @@ def test_kiln_cpu_isa_below_avx512bf16_turns_the_bf16_dot_products_off(monkeypat
     ext = paged_attention._EXT.get()
     assert paged_attention._EXT.level == "avx512"
     without = ext.decode_attention(
-        q, cache, meta.decode_block_tables, meta.decode_context_lens, 0.125, None, None, "model", False
+        q, cache, meta.decode_block_tables, meta.decode_context_lens, 0.125, None, None, "model", False, 0
     )
     assert torch.equal(_kernel(q, cache, meta, 0.125), without)

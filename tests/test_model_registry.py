@@ -137,7 +137,7 @@ def test_llama_family_shares_one_module_and_qwen2_quirks_are_args():
 
     assert {ARCHITECTURES[t].model_class for t in ("llama", "mistral", "qwen2")} == {llama.LlamaForCausalLM}
     qwen = ARCHITECTURES["qwen2"].args_from_config(Qwen2Config(sliding_window=4096, use_sliding_window=False))
-    assert qwen.qkv_bias and qwen.sliding_window is None and qwen.model_type == "qwen2"
+    assert qwen.qkv_bias and set(qwen.layer_windows) == {None} and qwen.model_type == "qwen2"
 
 
 def test_toy_loads_and_generates_like_transformers(folders):

@@ -9,48 +9,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.base import GenerationRequest
 from engines.build.quantize import LayerWeights
 from engines.torch import model_runner
 from engines.torch.attention_backend import CPP_ATTENTION
 from engines.torch.models import olmo2, qwen3
 from engines.torch.models.registry import ARCHITECTURES, architecture
-from engines.torch.sequence_runner import SequenceRunner
-from tests.conftest import greedy, run_to_completion
-from tests.test_engine_hf_parity import hf_greedy
+from tests.arch_parity import (
+    changed_kinds,
+    check_greedy_alone_and_batched,
+    check_speculative_output,
+    float_logits,
+    folded,
+    speculative_engine,
+)
 
 MODELS = ["qwen3-gqa", "qwen3-mha-bias", "olmo2-gqa", "olmo2-mha"]
-NEW_TOKENS = 32
-SHARED = 24  # tokens of prompt 0 that prompt 1 repeats: six full blocks of 4, a prefix-cache hit
-BUDGET = 16  # max_num_batched_tokens: prompts 0, 1 and 3 are longer, so they are prefilled in chunks
-
-
-def prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-
-    def rand(n: int) -> list[int]:
-        return torch.randint(3, 512, (n,), generator=gen).tolist()
-
-    shared = rand(SHARED)
-    return [shared + rand(5), shared + rand(9), rand(3), rand(70)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_models):
-    """name -> transformers' greedy tokens per prompt (computed once per model)."""
-    cache: dict[str, list[list[int]]] = {}
-
-    def get(name: str) -> list[list[int]]:
-        if name not in cache:
-            hf = tiny_models(name)[1]
-            cache[name] = [hf_greedy(hf, p, NEW_TOKENS, eos=False) for p in prompts()]
-        return cache[name]
-
-    return get
-
-
-def requests() -> list[GenerationRequest]:
-    return [GenerationRequest(str(i), p, greedy(NEW_TOKENS, ignore_eos=True)) for i, p in enumerate(prompts())]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-rope", "torch-rope"])
@@ -58,21 +31,7 @@ def requests() -> list[GenerationRequest]:
 def test_greedy_equals_transformers_alone_and_batched(name, fused, tiny_models, reference, make_engine, monkeypatch):
     if not fused:
         monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kw: CPP_ATTENTION)
-    loaded = tiny_models(name)[0]
-    expected = reference(name)
-
-    alone = make_engine(loaded, block_size=4, enable_prefix_caching=False)
-    if not fused:
-        assert not alone.runner.attention.fused_rope
-    for i, request in enumerate(requests()):
-        assert run_to_completion(alone, [request])[str(i)][0] == expected[i], f"prompt {i} alone diverged"
-
-    batched = make_engine(loaded, block_size=4, enable_prefix_caching=True, max_num_batched_tokens=BUDGET)
-    # prompt 1 arrives once prompt 0's prefill has filled the cache; the others join a batch already running
-    got = run_to_completion(batched, requests(), arrivals={"0": 0, "3": 1, "2": 2, "1": 8})
-    for i in range(len(expected)):
-        assert got[str(i)][0] == expected[i], f"prompt {i} in the batch diverged"
-    assert batched.stats().prefix_cache_hits == SHARED
+    check_greedy_alone_and_batched(make_engine, tiny_models(name)[0], reference(name), unfused=not fused)
 
 
 OTHER_DRAFT = {"qwen3-gqa": "qwen3-mha-bias", "olmo2-gqa": "olmo2-mha"}
@@ -83,16 +42,10 @@ OTHER_DRAFT = {"qwen3-gqa": "qwen3-mha-bias", "olmo2-gqa": "olmo2-mha"}
 @pytest.mark.parametrize("setup", ["draft-same", "draft-other", "ngram"])
 @pytest.mark.parametrize("name", ["qwen3-gqa", "olmo2-gqa"])
 def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):
-    loaded = tiny_models(name)[0]
-    if setup == "ngram":
-        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
-    else:
-        draft = loaded if setup == "draft-same" else tiny_models(OTHER_DRAFT[name])[0]
-        core = make_engine(loaded, draft, block_size=4, speculative_method="draft")
-    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
-    assert [got[str(i)][0] for i in range(4)] == reference(name)
+    other = tiny_models(OTHER_DRAFT[name])[0] if setup == "draft-other" else None
+    core = speculative_engine(make_engine, tiny_models(name)[0], setup, other)
+    check_speculative_output(core, reference(name))
     stats = core.stats()
-    assert stats.spec_draft_tokens > 0
     if setup == "draft-same":
         assert stats.spec_accepted_tokens == stats.spec_draft_tokens
     else:
@@ -158,9 +111,11 @@ def test_registry_serves_both_with_their_own_classes():
 def test_qwen3_sliding_window_only_with_use_sliding_window():
     from transformers import Qwen3Config
 
-    off = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=False))
-    on = qwen3.qwen3_args(Qwen3Config(sliding_window=64, use_sliding_window=True, max_window_layers=0))
-    assert off.sliding_window is None and on.sliding_window == 64 and not off.qkv_bias
+    args = ARCHITECTURES["qwen3"].args_from_config
+    off = args(Qwen3Config(sliding_window=64, use_sliding_window=False, num_hidden_layers=4))
+    on = args(Qwen3Config(sliding_window=64, use_sliding_window=True, max_window_layers=1, num_hidden_layers=4))
+    # transformers' Qwen3DecoderLayer: layers from max_window_layers on slide
+    assert off.layer_windows == (None,) * 4 and on.layer_windows == (None, 64, 64, 64) and not off.qkv_bias
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -173,28 +128,6 @@ def test_param_count_is_the_checkpoint_s(name, tiny_models):
 # ---- the quantization topology: every fold it allows leaves the float model's output unchanged ----
 
 
-def _folded(arch, tensors: dict[str, torch.Tensor], args, fold) -> dict[str, torch.Tensor]:
-    """tensors with a random per-channel scale folded into every input `fold(inp)` selects, as the build folds."""
-    gen = torch.Generator().manual_seed(5)
-    out = dict(tensors)
-    for i in range(args.num_layers):
-        layer = LayerWeights(out, i, args, arch)
-        for inp in layer.inputs:
-            if fold(inp):
-                k = layer.weights[inp.consumers[0]].shape[1]
-                layer.scale_input(inp, torch.rand(k, generator=gen) * 3 + 0.25)
-        out |= {layer.name(kind) + ".weight": w for kind, w in layer.weights.items()}
-        out |= {layer.prefix + norm + ".weight": w for norm, w in layer.norms.items()}
-        out |= {layer.name(kind) + ".bias": b for kind, b in layer.biases.items() if b is not None}
-    return out
-
-
-def _logits(arch, args, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    cpu = torch.device("cpu")
-    model = arch.assemble(args, dict(tensors), {}, torch.float32, cpu)
-    return SequenceRunner(model, torch.float32, cpu, 64).logits(prompts()[3][:40])
-
-
 # qwen2-mha: the `v` rows fold divides the v bias too (Qwen2's and Qwen3's attention biases)
 @pytest.mark.parametrize("name", [*MODELS, "qwen2-mha", "llama-gqa"])
 def test_topology_folds_are_exact(name, tiny_models):
@@ -202,18 +135,19 @@ def test_topology_folds_are_exact(name, tiny_models):
     args = loaded.model.args
     arch = architecture(args.model_type)
     tensors = arch.read_checkpoint(loaded.folder, args, torch.float32, torch.device("cpu"))
-    folded = _folded(arch, tensors, args, lambda inp: inp.foldable)
-    assert folded.keys() == tensors.keys()
-    changed = [n for n in tensors if not torch.equal(tensors[n], folded[n])]
+    scaled = folded(arch, tensors, args, lambda inp: inp.foldable)
+    assert scaled.keys() == tensors.keys()
     # what folds: qkv and gate_up columns and the norms before them (not OLMo 2's), down_proj and the `up` rows,
     # o_proj and the `v` rows (and bias) where every query head has its own KV head
     expected_kinds = {"down_proj", "gate_up_proj"} | ({"o_proj", "qkv_proj"} if args.num_kv_heads == 4 else set())
     if args.model_type != "olmo2":
         expected_kinds |= {"qkv_proj", "input_norm", "post_norm"}
-    assert {n.split(".")[2] for n in changed} == expected_kinds
+    assert changed_kinds(tensors, scaled) == expected_kinds
     if name == "qwen2-mha":
-        assert "layers.0.qkv_proj.bias" in changed
-    torch.testing.assert_close(_logits(arch, args, folded), _logits(arch, args, tensors), rtol=1e-4, atol=1e-4)
+        assert not torch.equal(scaled["layers.0.qkv_proj.bias"], tensors["layers.0.qkv_proj.bias"])
+    torch.testing.assert_close(
+        float_logits(arch, args, scaled), float_logits(arch, args, tensors), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_olmo2_declares_its_residual_inputs_unfoldable(tiny_models):
@@ -235,5 +169,5 @@ def test_olmo2_declares_its_residual_inputs_unfoldable(tiny_models):
         olmo2.TOPOLOGY, norm_groups=(NormGroup("attention_out_norm", ("qkv_proj",)),), unfolded=("gate_up_proj",)
     )
     wrong = dataclasses.replace(arch, topology=pre_norm_placement)
-    folded = _folded(wrong, tensors, args, lambda inp: isinstance(inp.producer, NormGroup))
-    assert (_logits(arch, args, folded) - _logits(arch, args, tensors)).abs().max() > 0.1
+    scaled = folded(wrong, tensors, args, lambda inp: isinstance(inp.producer, NormGroup))
+    assert (float_logits(arch, args, scaled) - float_logits(arch, args, tensors)).abs().max() > 0.1

@@ -95,21 +95,19 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """(model_type, precision) -> (engine directory, BuildResult); built once per module."""
+    """(model_type, precision, build options) -> (engine directory, BuildResult); built once per module."""
     folders: dict[str, Path] = {}
-    results: dict[tuple[str, str], tuple[Path, object]] = {}
+    results: dict[tuple, tuple[Path, object]] = {}
 
     def get(model_type: str, precision: str, **kw):
         if model_type not in folders:
             folders[model_type] = tmp_path_factory.mktemp(model_type) / "model"
             save_tiny_chat_model(model_type, folders[model_type])
-        if (model_type, precision) not in results:
+        key = (model_type, precision, *sorted(kw.items()))
+        if key not in results:
             out = tmp_path_factory.mktemp(f"{model_type}-{precision}") / "engine"
-            results[model_type, precision] = (
-                out,
-                build(build_options(folders[model_type], out, precision=precision, **kw)),
-            )
-        return results[model_type, precision]
+            results[key] = (out, build(build_options(folders[model_type], out, precision=precision, **kw)))
+        return results[key]
 
     return get
 

@@ -65,7 +65,7 @@ def _case(kind, dtype, heads, kv_heads, lens, seed=0):
     return q, cache, meta
 
 
-def _kernel(q, cache, meta):
+def _kernel(q, cache, meta, window=None):
     if isinstance(cache, KVLayer):
         return triton_paged_attention.decode_attention(
             q,
@@ -76,15 +76,19 @@ def _kernel(q, cache, meta):
             cache.k_scale,
             cache.v_scale,
             cache.kind,
+            window,
         )
-    return triton_paged_attention.decode_attention(q, cache, meta.decode_block_tables, meta.decode_context_lens, SCALE)
+    return triton_paged_attention.decode_attention(
+        q, cache, meta.decode_block_tables, meta.decode_context_lens, SCALE, window=window
+    )
 
 
-def _check(q, cache, meta):
-    out = _kernel(q, cache, meta)
-    ref = _decode_reference(q, cache, meta, SCALE)
+def _check(q, cache, meta, window=None):
+    out = _kernel(q, cache, meta, window)
+    ref = _decode_reference(q, cache, meta, SCALE, window=window)
     assert out.dtype == q.dtype and out.shape == q.shape
-    ref32 = _decode_reference(q.float(), cache if isinstance(cache, KVLayer) else cache.float(), meta, SCALE)
+    wide = cache if isinstance(cache, KVLayer) else cache.float()
+    ref32 = _decode_reference(q.float(), wide, meta, SCALE, window=window)
     mag = ref32.abs()
     noise = 1e-6 * mag.amax()  # fp32 summation order, relative to the largest output (values reach ~40 here)
     if q.dtype == torch.float32:
@@ -100,6 +104,26 @@ def _check(q, cache, meta):
 @pytest.mark.parametrize("lens", [LENS, [40], [1]], ids=["b5", "b1-40", "b1-1"])
 def test_matches_reference(kind, dtype, heads, kv_heads, lens):
     _check(*_case(kind, dtype, heads, kv_heads, lens))
+
+
+# one key; 8: windows starting mid-block (rows 9, 16, 17) and on a block edge (row 40: at 32); 24: row 40's starts
+# at 16, off the tile grid of BLOCK_N; 64: wider than every context
+@pytest.mark.parametrize("window", [1, 8, 24, 64])
+@pytest.mark.parametrize("kind", ["model", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_window_matches_reference(window, kind, dtype):
+    _check(*_case(kind, dtype, 9, 3, LENS, seed=3), window=window)
+
+
+def test_window_skips_the_keys_before_it():
+    q, cache, meta = _case("model", torch.float32, 9, 3, [40], seed=4)
+    before = _kernel(q, cache, meta, window=20)  # positions 20 .. 39
+    table = meta.decode_block_tables[0]
+    cache[:, :, table[0]] = 1e4  # positions 0 .. 15
+    cache[:, :, table[1], :4] = 1e4  # 16 .. 19
+    assert torch.equal(_kernel(q, cache, meta, window=20), before)
+    cache[1, :, table[1], 4] = 1e4  # position 20
+    assert not torch.allclose(_kernel(q, cache, meta, window=20), before)
 
 
 def test_group_of_four_with_two_kv_heads():

@@ -21,10 +21,11 @@ output does not depend on whether a prefix came from the cache or on how the pro
 Which kernel runs the decode rows, and whether RoPE and the cache write are fused, is the engine's
 AttentionBackend (attention_backend.py), chosen once at load and carried by each step's AttentionMetadata.
 
-Soft-capped or windowed attention (Gemma 2 and 3: softcap * tanh(score / softcap) on the scores, a layer
-seeing only its last `window` keys) runs on the torch path whatever the backend: _decode_reference and _prefill
-take both, neither kernel nor SDPA does. The cache still holds every token of every layer (global layers read
-the whole context); the window is a mask.
+A sliding-window layer (Mistral, Qwen2/3 with use_sliding_window, Gemma's local layers, Phi-3) sees only the
+last `window` keys (transformers: key > query - window): the decode kernels skip the keys before it, prefill masks
+them. Soft-capped scores (Gemma 2: softcap * tanh(score / softcap)) run on the torch path whatever the backend:
+_decode_reference and _prefill take a soft-cap, neither kernel nor SDPA does. The cache holds every token of every
+layer (a global layer, and a prefix-cache hit, reads the whole context), so a window changes no block accounting.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def fused_attention(
     scale: float,
     heads: int,
     kv_heads: int,
+    window: int | None = None,  # as paged_attention's
 ) -> torch.Tensor:
     """RoPE, the cache write and attention from the QKV projection's output, RoPE and the write in one C++ op
     instead of ~25 (same bits as the torch path); a decode-only step then takes one more op. Returns
@@ -136,13 +138,13 @@ def fused_attention(
         kv_heads,
     )
     if not meta.prefills:
-        return _decode(rope_kv.rope_store(*args), kv_cache, meta, scale)
+        return _decode(rope_kv.rope_store(*args), kv_cache, meta, scale, window)
     q, k = rope_kv.rope_store(*args, return_keys=True)
     v = qkv[:, (heads + kv_heads) * q.shape[-1] :].view(qkv.shape[0], kv_heads, q.shape[-1])
     if quant:  # prefill attends to what the cache holds for its own chunk: the codes just written
         codes = quant.codes.flatten(2, 3).index_select(2, meta.slot_mapping)  # [2, kvh, T, hd]
         k, v = quant.dequantize(codes, q.dtype).transpose(1, 2)  # each [T, kvh, hd]
-    return _attend(q, k, v, kv_cache, meta, scale)
+    return _attend(q, k, v, kv_cache, meta, scale, window=window)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -183,19 +185,13 @@ def _attend(
 ) -> torch.Tensor:
     """Attention of a step whose keys and values are in the cache; k, v: the prefill chunks' own (rotated,
     as the cache holds them), for SDPA without a gather when a chunk has no cached prefix."""
-    plain = softcap is None and window is None
     nd = meta.num_decode_tokens
     if nd and not meta.prefills:
-        return (
-            _decode(q, kv_cache, meta, scale) if plain else _decode_reference(q, kv_cache, meta, scale, softcap, window)
-        )
+        return _decode_rows(q, kv_cache, meta, scale, softcap, window)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = (
-            _decode(q[:nd], kv_cache, meta, scale)
-            if plain
-            else _decode_reference(q[:nd], kv_cache, meta, scale, softcap, window)
-        )
+        out[:nd] = _decode_rows(q[:nd], kv_cache, meta, scale, softcap, window)
+    plain = softcap is None and window is None
     for group in _fresh_runs(meta.prefills) if plain else [[span] for span in meta.prefills]:
         if len(group) > 1:
             rows = slice(group[0].q_start, group[-1].q_start + group[-1].q_len)
@@ -246,12 +242,21 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
     return gathered.flatten(-3, -2)[..., :length, :]
 
 
-def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_rows(q, kv_cache, meta: AttentionMetadata, scale: float, softcap: float | None, window: int | None):
+    # no kernel soft-caps
+    if softcap is None:
+        return _decode(q, kv_cache, meta, scale, window)
+    return _decode_reference(q, kv_cache, meta, scale, softcap, window)
+
+
+def _decode(
+    q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float, window: int | None = None
+) -> torch.Tensor:
     # one op, same math as _decode_reference: C++ on CPU; Triton on CUDA, which reads no Python int per step
     # (CUDA-graph safe, model_runner.DecodeGraphs)
     kernel = meta.backend.decode_kernel
     if kernel is None:
-        return _decode_reference(q, kv_cache, meta, scale)
+        return _decode_reference(q, kv_cache, meta, scale, window=window)
     quant = kv_cache if isinstance(kv_cache, KVLayer) else None
     return kernel(
         q,
@@ -262,6 +267,7 @@ def _decode(q: torch.Tensor, kv_cache, meta: AttentionMetadata, scale: float) ->
         quant.k_scale if quant else None,
         quant.v_scale if quant else None,
         quant.kind if quant else "model",
+        window,
     )
 
 

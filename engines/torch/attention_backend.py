@@ -23,9 +23,20 @@ import torch
 from engines.torch.kernels import paged_attention, rope_kv, triton_paged_attention
 
 # (q [B, H, D], cache [2, KVH, NB, BS, D] (int8 view of a quantized cache), block_tables [B, W], context_lens [B],
-#  scale, k_scale [KVH] | None, v_scale [KVH] | None, kind "model" | "int8" | "fp8") -> [B, H, D] in q's dtype
+#  scale, k_scale [KVH] | None, v_scale [KVH] | None, kind "model" | "int8" | "fp8", sliding window | None)
+#  -> [B, H, D] in q's dtype
 DecodeKernel = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None, torch.Tensor | None, str],
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        float,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        str,
+        int | None,
+    ],
     torch.Tensor,
 ]
 
@@ -59,8 +70,9 @@ def select_attention_backend(
     """The fastest backend that runs a model of `dtype` and `head_dim` on `device` here (compiling the CPU
     kernels on first use); reference=True: the torch path whatever is available. fused_rope=False: the model's
     RoPE is not rope_kv's (its class's fused_rope), so it stays on the torch path. capped: some layers soft-cap
-    or window their attention, which no kernel does; those layers' decode rows run attention._decode_reference,
-    whose per-step context length a CUDA graph would freeze, so on CUDA the whole model takes the torch path."""
+    their attention, which no kernel does (every kernel takes a sliding window); those layers' decode rows run
+    attention._decode_reference, whose per-step context length a CUDA graph would freeze, so on CUDA the whole
+    model takes the torch path."""
     if reference or (capped and device.type == "cuda"):
         return TORCH_ATTENTION
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and paged_attention.available():

@@ -200,9 +200,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | N
             f"({per_block} bytes each); raise it."
         )
     capacity = num_blocks * config.block_size
-    model_limit = args.max_position_embeddings
-    if args.sliding_window:
-        model_limit = min(model_limit, args.sliding_window)  # kiln does not implement windowed attention
+    model_limit = args.max_position_embeddings  # a sliding window is a mask over a cache of every token: no limit
     if config.max_model_len is not None:
         if config.max_model_len > model_limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {model_limit} tokens.")

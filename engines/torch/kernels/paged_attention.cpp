@@ -2,7 +2,8 @@
 //   q [B, H, D] (bf16 | fp32), cache [2, KVH, NB, BS, D] (bf16 | fp32 | int8 codes | fp8 e4m3fn bytes
 //   viewed as int8), block_tables [B, TW] int64, context_lens [B] int64 -> out [B, H, D] in q's dtype.
 // Same math as attention.py's _decode_reference, all in fp32: scores = scale * q . k over the first
-// context_lens[b] tokens of the sequence, softmax with max subtraction, out = sum p v. A quantized cache
+// context_lens[b] tokens of the sequence (its last `window` of them when window > 0: a sliding-window layer),
+// softmax with max subtraction, out = sum p v. A quantized cache
 // dequantizes as code * scale per KV head; the key scale is folded into q and the value scale into the
 // output, as the reference does.
 // Why: the torch path runs ~10 small ops per layer (gather copy, casts, two bmm, mask, softmax), a large
@@ -99,14 +100,19 @@ inline void softmax_row(float* s, int64_t n) {
   for (t = 0; t < n; t += W) simd::store_n(s + t, simd::mul(simd::load_n(s + t, n - t), inv), n - t);
 }
 
+// The first key a sliding-window layer's query (at position len - 1) sees: transformers' rule, key > query - window.
+// Keys before it are skipped, not masked (the cache still holds them). window <= 0: the whole context.
+inline int64_t first_key(int64_t len, int64_t window) { return window > 0 && len > window ? len - window : 0; }
+
 template <typename QT, int CK, typename CT>
 void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs) {
+         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, int64_t window, const float* ks,
+         const float* vs) {
   const int64_t G = H / KVH;
   const float* lut = CK == kFp8 ? fp8_table() : nullptr;
   const int64_t half = KVH * NB * BS * D;  // offset of the values in the cache
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b] - first_key(lens[b], window), TW * BS);
   work *= KVH * D * (G + 1);
   // small steps (batch 1, short context) stay on the calling thread: waking threads costs more
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
@@ -114,7 +120,7 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
     std::vector<float> qf(G * D), acc(G * D), row(D), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
-      const int64_t L = lens[b];
+      const int64_t S = first_key(lens[b], window), L = lens[b] - S;  // tokens S .. S + L - 1 are attended
       const int64_t* table = bt + b * TW;
       QT* out = op + (b * H + h * G) * D;
       if (L <= 0) {  // nothing to attend to
@@ -134,7 +140,7 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
       const CT* vbase = kbase + half;
       // pass 1: scores[g][t] = scale * q_g . k_t
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t slot = table[t / BS] * BS + t % BS;
+        const int64_t slot = table[(S + t) / BS] * BS + (S + t) % BS;
         widen_row<CK>(kbase + slot * D, row.data(), D, lut);
         for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot(qf.data() + g * D, row.data(), D) * scale;
       }
@@ -143,7 +149,7 @@ void run_generic(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* l
       // pass 3: out_g = sum_t p[g][t] v_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t slot = table[t / BS] * BS + t % BS;
+        const int64_t slot = table[(S + t) / BS] * BS + (S + t) % BS;
         widen_row<CK>(vbase + slot * D, row.data(), D, lut);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + t];
@@ -188,13 +194,14 @@ inline void widen_vec(const CT* __restrict src, float* __restrict dst, int64_t d
 // C = head_dim / W is a template argument so that a row and the per-head accumulators live in registers.
 template <int C, typename QT, int CK, typename CT>
 void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-              int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs) {
+              int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, int64_t window, const float* ks,
+              const float* vs) {
   constexpr int64_t D = C * W;
   const int64_t G = H / KVH;
   const float* lut = CK == kFp8 ? fp8_table() : nullptr;
   const int64_t half = KVH * NB * BS * D;
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b] - first_key(lens[b], window), TW * BS);
   work *= KVH * D * (G + 1);
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
@@ -202,7 +209,7 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
     std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
-      const int64_t L = lens[b];
+      const int64_t S = first_key(lens[b], window), L = lens[b] - S;  // tokens S .. S + L - 1 are attended
       const int64_t* table = bt + b * TW;
       QT* out = op + (b * H + h * G) * D;
       if (L <= 0) {
@@ -222,8 +229,8 @@ void run_fast(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens
       rows.resize(Lp * D);
       // token -> cache slot, once per task and without a division per token (64-bit div: ~20+ cycles)
       slots.resize(L);
-      for (int64_t t = 0, blk = 0; t < L; ++blk)
-        for (int64_t off = 0, base = table[blk] * BS; off < BS && t < L; ++off, ++t) slots[t] = base + off;
+      for (int64_t t = 0, blk = S / BS, off = S % BS; t < L; ++blk, off = 0)
+        for (const int64_t base = table[blk] * BS; off < BS && t < L; ++off, ++t) slots[t] = base + off;
       const CT* kbase = cp + h * NB * BS * D;
       const CT* vbase = kbase + half;
       // pass 1: keys widened once to fp32, then per query head 16 tokens at a time
@@ -360,13 +367,13 @@ void values_bf16_heads(const uint16_t* const* rows, int64_t half, int64_t L, con
 
 template <int C2>
 void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const int64_t* lens, uint16_t* op,
-              int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale) {
+              int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, int64_t window) {
   constexpr int64_t D = C2 * 32;
   const int64_t G = H / KVH;
   const int64_t half = KVH * NB * BS * D;
   alignas(64) static const uint16_t zero_row[D] = {};  // keys of the padding tokens in the last group of 16
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b], TW * BS);
+  for (int64_t b = 0; b < B; ++b) work += std::min<int64_t>(lens[b] - first_key(lens[b], window), TW * BS);
   work *= KVH * D * (G + 1);
   const int64_t grain = work < (1 << 17) ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
@@ -374,7 +381,7 @@ void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const i
     std::vector<const uint16_t*> rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
-      const int64_t L = lens[b];
+      const int64_t S = first_key(lens[b], window), L = lens[b] - S;  // tokens S .. S + L - 1 are attended
       const int64_t* table = bt + b * TW;
       uint16_t* out = op + (b * H + h * G) * D;
       if (L <= 0) {
@@ -384,9 +391,9 @@ void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const i
       const int64_t Lp = (L + W - 1) / W * W;
       const uint16_t* kbase = cp + h * NB * BS * D;
       rows.resize(Lp);
-      for (int64_t t = 0, blk = 0; t < L; ++blk) {
+      for (int64_t t = 0, blk = S / BS, off = S % BS; t < L; ++blk, off = 0) {
         const uint16_t* block = kbase + table[blk] * BS * D;
-        for (int64_t off = 0; off < BS && t < L; ++off, ++t) rows[t] = block + off * D;
+        for (; off < BS && t < L; ++off, ++t) rows[t] = block + off * D;
       }
       std::fill(rows.begin() + L, rows.end(), zero_row);
       scores.resize(G * Lp);
@@ -402,31 +409,34 @@ void run_bf16(const uint16_t* qp, const uint16_t* cp, const int64_t* bt, const i
 // bf16_dot: the CPU has AVX512-BF16 (ignored by the AVX2 build, which has no such path)
 template <typename QT, int CK, typename CT>
 void run(const QT* qp, const CT* cp, const int64_t* bt, const int64_t* lens, QT* op, int64_t B, int64_t H,
-         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, const float* ks, const float* vs,
-         bool bf16_dot) {
+         int64_t D, int64_t KVH, int64_t NB, int64_t BS, int64_t TW, float scale, int64_t window, const float* ks,
+         const float* vs, bool bf16_dot) {
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<QT, at::BFloat16> && CK == kBF16) {
     if ((D == 64 || D == 128) && bf16_dot) {
       const auto* q16 = reinterpret_cast<const uint16_t*>(qp);
       auto* o16 = reinterpret_cast<uint16_t*>(op);
-      if (D == 64) return run_bf16<2>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale);
-      return run_bf16<4>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale);
+      if (D == 64) return run_bf16<2>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale, window);
+      return run_bf16<4>(q16, cp, bt, lens, o16, B, H, KVH, NB, BS, TW, scale, window);
     }
   }
 #else
   (void)bf16_dot;
 #endif
   switch (D) {  // the usual head sizes
-    case 64: return run_fast<64 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, ks, vs);
-    case 128: return run_fast<128 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, ks, vs);
+    case 64:
+      return run_fast<64 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, window, ks, vs);
+    case 128:
+      return run_fast<128 / simd::W, QT, CK, CT>(qp, cp, bt, lens, op, B, H, KVH, NB, BS, TW, scale, window, ks, vs);
     default: break;
   }
-  run_generic<QT, CK, CT>(qp, cp, bt, lens, op, B, H, D, KVH, NB, BS, TW, scale, ks, vs);
+  run_generic<QT, CK, CT>(qp, cp, bt, lens, op, B, H, D, KVH, NB, BS, TW, scale, window, ks, vs);
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor block_tables,
                                torch::Tensor context_lens, double scale, c10::optional<torch::Tensor> k_scale,
-                               c10::optional<torch::Tensor> v_scale, std::string kind, bool bf16_dot) {
+                               c10::optional<torch::Tensor> v_scale, std::string kind, bool bf16_dot,
+                               int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2, "q [B, H, D], cache [2, KVH, NB, BS, D]");
   TORCH_CHECK(q.is_contiguous() && cache.is_contiguous(), "q and cache must be contiguous");
@@ -466,13 +476,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tens
     const auto ct = cache.scalar_type();
     if (quant) {
       const int8_t* cp = cache.data_ptr<int8_t>();
-      if (kind == "int8") run<QT, kInt8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
-      else run<QT, kFp8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
+      if (kind == "int8") run<QT, kInt8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, window, kp, vp, bf16_dot);
+      else run<QT, kFp8>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, window, kp, vp, bf16_dot);
     } else if (ct == torch::kFloat32) {
-      run<QT, kF32>(qp, cache.data_ptr<float>(), bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
+      run<QT, kF32>(qp, cache.data_ptr<float>(), bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, window, kp, vp, bf16_dot);
     } else if (ct == torch::kBFloat16) {
       const auto* cp = reinterpret_cast<const uint16_t*>(cache.data_ptr<at::BFloat16>());
-      run<QT, kBF16>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, kp, vp, bf16_dot);
+      run<QT, kBF16>(qp, cp, bp, lp, opp, B, H, D, KVH, NB, BS, TW, fs, window, kp, vp, bf16_dot);
     } else {
       TORCH_CHECK(false, "cache dtype must be bf16, fp32 or int8");
     }
@@ -491,5 +501,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention, one query token per sequence",
         py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("k_scale"), py::arg("v_scale"), py::arg("kind"), py::arg("bf16_dot"), py::call_guard<py::gil_scoped_release>());
+        py::arg("k_scale"), py::arg("v_scale"), py::arg("kind"), py::arg("bf16_dot"),
+        py::arg("window"), py::call_guard<py::gil_scoped_release>());
 }

@@ -3,7 +3,8 @@
 attention._decode_reference runs ~10 small ops per layer (index_select gather, fp32 copy, two bmm,
 masked_fill, softmax, casts), a large share of a decode step (docs/performance.md).
 The kernel walks each sequence's block table directly, one task per (sequence, KV head), fp32 math,
-same semantics (quantized caches: value = code * scale per KV head; fp8 e4m3fn decoded by table).
+same semantics (quantized caches: value = code * scale per KV head; fp8 e4m3fn decoded by table; a sliding
+window skips the keys before it).
 Compiled on first use like rms_norm (g++ and ninja; cached in TORCH_EXTENSIONS_DIR), for AVX-512 or AVX2
 (isa_variants.py), so available() is False only below AVX2 or when the build fails (one warning); callers then
 keep the torch path. The AVX-512 build scores bf16 caches with AVX512-BF16 dot products where
@@ -46,11 +47,12 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,  # [KVH] fp32, quantized kinds only
     v_scale: torch.Tensor | None = None,
     kind: str = "model",  # "model" | "int8" | "fp8"
+    window: int | None = None,  # a sliding-window layer: only the last `window` tokens of each context
 ) -> torch.Tensor:  # [B, H, D] in q's dtype
     ext = _EXT.get()
     if ext is None:
         raise RuntimeError("the paged_attention kernel is unavailable")
     bf16_dot = BF16_DOT_FLAG in extension.cpu_flags()  # a cached set: one lookup per layer and step
     return ext.decode_attention(
-        q.contiguous(), cache, block_tables, context_lens, float(scale), k_scale, v_scale, kind, bf16_dot
+        q.contiguous(), cache, block_tables, context_lens, float(scale), k_scale, v_scale, kind, bf16_dot, window or 0
     )

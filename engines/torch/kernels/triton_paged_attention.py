@@ -8,7 +8,8 @@ serves every decode step of its batch size (model_runner.DecodeGraphs) and no st
 
 One program per (sequence, KV head): the query heads sharing that KV head (the GQA group, padded to 16
 rows for tl.dot) stream the context in tiles of BLOCK_N tokens with an online softmax in float32. Same
-semantics as _decode_reference and the CPU kernel (paged_attention.cpp): a quantized cache holds int8
+semantics as _decode_reference and the CPU kernel (paged_attention.cpp; a sliding window starts the walk at its
+first key): a quantized cache holds int8
 codes or float8_e4m3fn bytes, value = code * scale per KV head; the key scale is folded into q and the
 value scale into the output. fp8 bytes are widened with KVLayer.widen's bit trick (E4M3 bits placed in
 an fp16 are code * 2**-8, the 2**8 goes into the scale): integer ops any GPU runs, where Triton's
@@ -65,6 +66,7 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,  # [KVH] fp32, quantized kinds only
     v_scale: torch.Tensor | None = None,
     kind: str = "model",  # "model" | "int8" | "fp8"
+    window: int | None = None,  # a sliding-window layer: only the last `window` tokens of each context
 ) -> torch.Tensor:  # [B, H, D] in q's dtype
     import triton
 
@@ -87,6 +89,7 @@ def decode_attention(
         v_scale,
         out,
         float(scale),
+        window or 0,
         q.stride(0),
         q.stride(1),
         out.stride(0),

@@ -30,6 +30,7 @@ def decode_kernel(
     v_scale_ptr,
     out_ptr,
     scale,
+    window,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -46,7 +47,8 @@ def decode_kernel(
     BLOCK_N: tl.constexpr,
     KIND: tl.constexpr,
 ):
-    """Grid (sequences, KV heads). KIND: 0 model dtype, 1 int8 codes, 2 fp8 bytes (as int8)."""
+    """Grid (sequences, KV heads). KIND: 0 model dtype, 1 int8 codes, 2 fp8 bytes (as int8). window > 0: the
+    query (at position ctx - 1) sees keys ctx - window .. ctx - 1 only (transformers' key > query - window)."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -64,7 +66,8 @@ def decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, ctx, BLOCK_N):
+    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+    for start in range(first, ctx, BLOCK_N):
         tok = start + n
         valid = tok < ctx
         block = tl.load(table + tok // BLOCK_SIZE, mask=valid, other=0)  # int64: block * stride cannot overflow

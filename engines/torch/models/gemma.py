@@ -13,8 +13,9 @@ The checkpoint's norm weights w are stored as 1 + w (computed in float32, then c
 norm is an ordinary weighted RMSNorm and a quantization scale folds into it as into Llama's. The norm itself
 rounds as transformers' Gemma norms do: the weight multiplies in float32, then one rounding (olmo2_rms_norm).
 
-Attention soft-capping and windows run on the torch path (attention.py's _decode_reference and _prefill), not in
-kiln's C++ or Triton kernels; the KV cache still holds every token of every layer, the window is a mask.
+Attention soft-capping (Gemma 2) runs on the torch path (attention.py's _decode_reference and _prefill), not in
+kiln's C++ or Triton kernels; Gemma 3's windows run in them (their decode skips the keys before the window). The KV
+cache holds every token of every layer.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
 
 @dataclass
 class GemmaArgs(LlamaArgs):
-    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, None for a global layer
     query_pre_attn_scalar: float = 0.0
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -50,13 +50,6 @@ def _check_activation(config: Any) -> None:
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     if act != "gelu_pytorch_tanh":
         raise ValueError(f"Activation {act!r} is not supported for {config.model_type} (only gelu_pytorch_tanh).")
-
-
-def _layer_windows(config: Any) -> tuple[int | None, ...]:
-    kinds = set(config.layer_types) - {"sliding_attention", "full_attention"}
-    if kinds:
-        raise ValueError(f"Layer types {sorted(kinds)} are not supported.")
-    return tuple(config.sliding_window if t == "sliding_attention" else None for t in config.layer_types)
 
 
 def _base_args(config: Any, inv_freq: torch.Tensor, scaling: float) -> LlamaArgs:
@@ -75,7 +68,7 @@ def _base_args(config: Any, inv_freq: torch.Tensor, scaling: float) -> LlamaArgs
         qkv_bias=bool(getattr(config, "attention_bias", False)),
         o_bias=bool(getattr(config, "attention_bias", False)),
         max_position_embeddings=config.max_position_embeddings,
-        sliding_window=None,  # per layer (layer_windows): the global layers see the whole context
+        layer_windows=llama.layer_windows(config),  # sliding layers alternate with global ones
         inv_freq=inv_freq,
         rope_scaling=scaling,
     )
@@ -86,7 +79,6 @@ def gemma2_args(config: Any) -> GemmaArgs:
     inv_freq, scaling = llama._rope_parameters(config, config.head_dim)
     return GemmaArgs(
         **vars(_base_args(config, inv_freq, scaling)),
-        layer_windows=_layer_windows(config),
         query_pre_attn_scalar=config.query_pre_attn_scalar,
         attn_softcap=config.attn_logit_softcapping,
         final_softcap=config.final_logit_softcapping,
@@ -118,7 +110,6 @@ def gemma3_args(config: Any) -> GemmaArgs:
     local_inv_freq, local_scaling = _gemma3_rope(config, "sliding_attention")
     return GemmaArgs(
         **vars(_base_args(config, inv_freq, scaling)),
-        layer_windows=_layer_windows(config),
         query_pre_attn_scalar=config.query_pre_attn_scalar,
         final_softcap=config.final_logit_softcapping,  # Gemma3Attention never soft-caps its scores
         head_norms=True,
@@ -133,14 +124,12 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class GemmaForCausalLM(LlamaForCausalLM):
     args: GemmaArgs
-    fused_rope = False  # two RoPE tables (Gemma 3) and soft-capped or windowed attention: the torch path
-    capped_attention = True
+    fused_rope = False  # two RoPE tables (Gemma 3) and soft-capped attention (Gemma 2): the torch RoPE path
 
     def __init__(self, args: GemmaArgs):
         super().__init__(args)
         self.scale = args.query_pre_attn_scalar**-0.5
-        for layer, window in zip(self.layers, args.layer_windows, strict=True):
-            layer.window = window
+        self.capped_attention = args.attn_softcap is not None  # no decode kernel soft-caps
         self.local_cos: torch.Tensor | None = None  # Gemma 3's sliding layers' tables
         self.local_sin: torch.Tensor | None = None
 

@@ -43,7 +43,7 @@ class LlamaArgs:
     qkv_bias: bool
     o_bias: bool  # transformers gives o_proj a bias with attention_bias (Llama, Qwen3, OLMo 2), never Qwen2
     max_position_embeddings: int
-    sliding_window: int | None
+    layer_windows: tuple[int | None, ...]  # per layer: its sliding window, None where it sees the whole context
     inv_freq: torch.Tensor
     rope_scaling: float  # multiplies cos/sin (1.0 except for yarn/longrope)
 
@@ -68,17 +68,29 @@ class LlamaArgs:
             qkv_bias=bool(getattr(config, "attention_bias", False)),
             o_bias=bool(getattr(config, "attention_bias", False)),
             max_position_embeddings=config.max_position_embeddings,
-            sliding_window=getattr(config, "sliding_window", None),
+            layer_windows=layer_windows(config),
             inv_freq=inv_freq,
             rope_scaling=rope_scaling,
         )
 
 
+def layer_windows(config: Any) -> tuple[int | None, ...]:
+    """Each layer's sliding window as transformers applies it: a config with sliding_window and no layer_types
+    (Mistral, Phi-3) windows every layer; one with layer_types windows its sliding_attention layers (Qwen2 and
+    Qwen3 derive them from max_window_layers, Gemma alternates them); use_sliding_window false (Qwen2, Qwen3)
+    turns the window off."""
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"Layer types {sorted(unknown)} are not supported.")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
 def qwen2_args(config: Any) -> LlamaArgs:
     """Qwen2 is Llama with biases on q, k and v (its config has no attention_bias field: they are always
-    there) and a sliding window that applies only when use_sliding_window says so."""
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
-    return replace(LlamaArgs.from_hf_config(config), qkv_bias=True, sliding_window=window)
+    there)."""
+    return replace(LlamaArgs.from_hf_config(config), qkv_bias=True)
 
 
 def _rope_parameters(config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -119,16 +131,19 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     projections: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # per layer, in order
     # whether the rope_kv kernel (one RoPE table over the whole head, plain attention) can run this model's
-    # attention; a variant whose attention it cannot express (soft-capping, windows, partial RoPE) says False
-    # and its `attention` hook runs on the torch path (ModelRunner asks select_attention_backend accordingly)
+    # attention (a sliding window included); a variant whose attention it cannot express (soft-capping, partial
+    # RoPE) says False and its `attention` hook runs on the torch path (ModelRunner asks select_attention_backend
+    # accordingly)
     fused_rope: bool = True
-    capped_attention: bool = False  # some layers soft-cap or window attention (select_attention_backend's `capped`)
+    capped_attention: bool = False  # some layers soft-cap attention (select_attention_backend's `capped`)
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, self.layer_norms(args)) for _ in range(args.num_layers))
+        for layer, window in zip(self.layers, args.layer_windows, strict=True):
+            layer.window = window
         self.norm = nn.Parameter(torch.empty(args.hidden_size), requires_grad=False)
         self.lm_head: nn.Module | None = None  # [N, hidden] -> [N, vocab]; assigned by the loader
         self.scale = args.head_dim**-0.5
@@ -170,7 +185,9 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache, next_layer in zip(layers, kv_caches, next_layers):
             qkv = self.qkv(layer, h)
             if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
-                attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads)
+                attn = fused_attention(
+                    qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads, layer.window
+                )
             else:
                 attn = self.attention(layer, qkv, positions, cos, sin, kv_cache, meta)
             x, h = self.after_attention(layer, x, layer.o_proj(attn.reshape(t, layer.q_size)))
@@ -202,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, heads, head_dim]
         """The torch path's RoPE, cache write and attention (the fused path runs fused_attention instead)."""
-        return paged_attention(*self.rotated_qkv(layer, qkv, cos, sin), kv_cache, meta, self.scale)
+        return paged_attention(*self.rotated_qkv(layer, qkv, cos, sin), kv_cache, meta, self.scale, window=layer.window)
 
     def rotated_qkv(
         self, layer: nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

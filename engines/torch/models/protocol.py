@@ -29,8 +29,6 @@ class ModelArgs(Protocol):
     def vocab_size(self) -> int: ...
     @property
     def max_position_embeddings(self) -> int: ...
-    @property
-    def sliding_window(self) -> int | None: ...
 
 
 class CausalLM(Protocol):
@@ -40,7 +38,7 @@ class CausalLM(Protocol):
     # their inputs, quantization replaces their weights
     projections: tuple[str, ...]
     # which attention kernels can run it (attention_backend.select_attention_backend): rope_kv's fused RoPE and
-    # cache write; whether some layers soft-cap or window their attention (decode rows on the torch path)
+    # cache write; whether some layers soft-cap their attention (decode rows on the torch path)
     fused_rope: bool
     capped_attention: bool
 

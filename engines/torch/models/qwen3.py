@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,13 +18,6 @@ from torch import nn
 from engines.torch.kernels.rms_norm import rms_norm
 from engines.torch.models import llama
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM
-
-
-def qwen3_args(config: Any) -> LlamaArgs:
-    """Biases on q, k, v and o only with attention_bias (Llama's rule); the sliding window as Qwen2's, only
-    with use_sliding_window."""
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
-    return dataclasses.replace(LlamaArgs.from_hf_config(config), sliding_window=window)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
@@ -54,8 +46,7 @@ def param_count(args: LlamaArgs) -> int:
 # hold unchanged: scaling qkv's input columns leaves its output, and so the q/k norms' inputs, as they were.
 QWEN3 = dataclasses.replace(
     llama.LLAMA,
-    model_type="qwen3",
-    args_from_config=qwen3_args,
+    model_type="qwen3",  # Llama's args: biases with attention_bias, Qwen2's sliding window (llama.layer_windows)
     model_class=Qwen3ForCausalLM,
     read_checkpoint=partial(llama.read_hf_checkpoint, norms=QWEN3_NORMS),
     assemble=partial(llama.assemble, model_class=Qwen3ForCausalLM),
