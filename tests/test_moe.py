@@ -1,6 +1,6 @@
 """Mixtral and Qwen3-MoE (sparse mixtures of experts) in the torch engine: greedy float32 output equals
 transformers' token for token, alone and in a concurrent batch with a prefix-cache hit and chunked prompts
-(tests/test_qwen3_olmo2.py's prompts and reference), and under speculative decoding; routing ties break as
+(tests/arch_parity.py's prompts and checks), and under speculative decoding; routing ties break as
 transformers' do; the router spreads the test prompts over every expert; each expert's calibration statistics
 come from the tokens routed to it only; the quantization topology's folds are exact; int8-wo at load time."""
 
@@ -16,15 +16,13 @@ from engines.torch.layers.linear import DenseLinear, LinearDispatch
 from engines.torch.models import moe
 from engines.torch.models.registry import ARCHITECTURES, architecture
 from engines.torch.sequence_runner import SequenceRunner
-from tests.conftest import run_to_completion
-from tests.test_qwen3_olmo2 import (  # noqa: F401 (reference: a fixture)
-    BUDGET,
-    SHARED,
-    _folded,
-    _logits,
+from tests.arch_parity import (
+    check_greedy_alone_and_batched,
+    check_speculative_output,
+    float_logits,
+    folded,
     prompts,
-    reference,
-    requests,
+    speculative_engine,
 )
 
 MODELS = ["mixtral-moe", "qwen3-moe"]
@@ -32,34 +30,16 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_equals_transformers_alone_and_batched(name, tiny_models, reference, make_engine):  # noqa: F811
-    loaded = tiny_models(name)[0]
-    expected = reference(name)
-
-    alone = make_engine(loaded, block_size=4, enable_prefix_caching=False)
-    for i, request in enumerate(requests()):
-        assert run_to_completion(alone, [request])[str(i)][0] == expected[i], f"prompt {i} alone diverged"
-
-    batched = make_engine(loaded, block_size=4, enable_prefix_caching=True, max_num_batched_tokens=BUDGET)
-    got = run_to_completion(batched, requests(), arrivals={"0": 0, "3": 1, "2": 2, "1": 8})
-    for i in range(len(expected)):
-        assert got[str(i)][0] == expected[i], f"prompt {i} in the batch diverged"
-    assert batched.stats().prefix_cache_hits == SHARED
+def test_greedy_equals_transformers_alone_and_batched(name, tiny_models, reference, make_engine):
+    check_greedy_alone_and_batched(make_engine, tiny_models(name)[0], reference(name))
 
 
 # one method per model, to keep the file short: a draft model (every draft accepted), n-gram lookup (drafts rejected
 # and rolled back)
 @pytest.mark.parametrize(("name", "setup"), [("mixtral-moe", "draft-same"), ("qwen3-moe", "ngram")])
-def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):  # noqa: F811
+def test_speculative_decoding_keeps_the_greedy_output(name, setup, tiny_models, reference, make_engine):
     """Verification steps route several tokens per sequence through the experts at once."""
-    loaded = tiny_models(name)[0]
-    if setup == "ngram":
-        core = make_engine(loaded, block_size=4, speculative_method="ngram", ngram_min=1, ngram_max=3)
-    else:
-        core = make_engine(loaded, loaded, block_size=4, speculative_method="draft")
-    got = run_to_completion(core, requests(), arrivals={"0": 0, "1": 0, "2": 3, "3": 5})
-    assert [got[str(i)][0] for i in range(4)] == reference(name)
-    assert core.stats().spec_draft_tokens > 0
+    check_speculative_output(speculative_engine(make_engine, tiny_models(name)[0], setup), reference(name))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -166,13 +146,13 @@ def test_topology_folds_are_exact(name, tiny_models):
     args = loaded.model.args
     arch = architecture(args.model_type)
     tensors = arch.read_checkpoint(loaded.folder, args, torch.float32, CPU)
-    folded = _folded(arch, tensors, args, lambda inp: inp.foldable)
-    changed = {n.split(".")[2] for n in tensors if not torch.equal(tensors[n], folded[n])}
+    folds = folded(arch, tensors, args, lambda inp: inp.foldable)
+    changed = {n.split(".")[2] for n in tensors if not torch.equal(tensors[n], folds[n])}
     experts = {kind for pair in moe.expert_projections(args.num_experts) for kind in pair}
     assert changed == {"input_norm", "qkv_proj"} | experts  # gate_up: only its `up` rows (down's fold)
     unfolded = [i.consumers[0] for i in LayerWeights(tensors, 0, args, arch).inputs if not i.foldable]
     assert unfolded == ["o_proj", *(gate_up for gate_up, _ in moe.expert_projections(args.num_experts))]
-    torch.testing.assert_close(_logits(arch, args, folded), _logits(arch, args, tensors), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(float_logits(arch, args, folds), float_logits(arch, args, tensors), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -56,7 +56,7 @@ def qwen3_moe_args(config: Any) -> MoeArgs:
             f"Qwen3-MoE with dense MLP layers (mlp_only_layers {dense}, decoder_sparse_step {step}) is not "
             "supported; kiln serves it with every layer sparse (mlp_only_layers [] and decoder_sparse_step 1)."
         )
-    base = dataclasses.replace(qwen3.qwen3_args(config), intermediate_size=config.moe_intermediate_size)
+    base = dataclasses.replace(LlamaArgs.from_hf_config(config), intermediate_size=config.moe_intermediate_size)
     return MoeArgs(
         **vars(base),
         num_experts=config.num_experts,
