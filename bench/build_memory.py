@@ -103,11 +103,27 @@ def build_peak_rss(repo: Path, model: Path, output: Path, precision: str, work: 
     code = "import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))"
     env = os.environ | {"PYTHONPATH": str(repo), "KILN_CACHE_DIR": str(work / "cache")}
     env |= {"KILN_CALIBRATION_DIR": str(work / "prompts"), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=repo, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"kiln build of {model} failed (exit status {os.waitstatus_to_exitcode(status)})")
-    return usage.ru_maxrss * 1024  # kilobytes on Linux
+    # A process's ru_maxrss keeps the high-water mark of the address space it exec'ed from (Linux records the old
+    # mm's peak at exec, and a vfork child execs from its parent's), so the build is started by a small launcher,
+    # not by this process, which has written the model, and the launcher reports the build's own peak.
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-c", code, *argv],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"kiln build of {model} failed (exit status {done.returncode})")
+    return int(done.stdout.split()[-1]) * 1024  # kilobytes on Linux
+
+
+_LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def measure(repo: Path, depths: list[int], hidden: int, intermediate: int, precision: str) -> list[dict]:
