@@ -8,7 +8,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve lint test test-fuzz test-wheel test-chart test-scaleout test-docker bench bench-lm-eval
+.PHONY: install serve lint test test-build-memory test-fuzz test-wheel test-chart test-scaleout test-docker bench bench-lm-eval
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ lint: install
 test: install
 	$(BIN)/python -m engines.torch.kernels --all-levels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# kiln build's peak RSS at 2 and 8 layers of one width, each build in a process of its own (tests/build_memory;
+# `make test` leaves the folder out, see norecursedirs); bench/build_memory.py measures 8 and 32 layers
+test-build-memory: install
+	$(BIN)/python -m pytest tests/build_memory -m build_memory $(PYTEST_ARGS)
 
 # schemathesis against a live server (tests/fuzz; `make test` leaves the folder out, see norecursedirs)
 test-fuzz: install

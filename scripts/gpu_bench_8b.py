@@ -104,7 +104,7 @@ def random_tensors(args: LlamaArgs, device: torch.device) -> dict[str, torch.Ten
 
 def build_model(precision: str, args: LlamaArgs, device: torch.device):
     tensors = random_tensors(args, device)
-    q = quantize_model(tensors, args, precision, calib=None, progress=False)
+    q = quantize_model(tensors, args, precision, stats=None, progress=False)
     del tensors
     return LLAMA.assemble(args, q.tensors, q.formats, DTYPE, device)
 

@@ -21,8 +21,9 @@ from torch import nn
 
 from engines.base import GenerationRequest
 from engines.build.builder import build
-from engines.build.calibrate import CalibrationResult, Needs, calibrate
+from engines.build.calibrate import Needs, calibrate_layer
 from engines.build.quantize import quantize_model
+from engines.build.stream import LayerRunner, embed
 from engines.config import EngineConfig
 from engines.model_source import resolve_model
 from engines.torch.kernels.silu_mul import silu_mul
@@ -50,10 +51,10 @@ class ToyForCausalLM(llama.LlamaForCausalLM):
 
 
 def read_toy_checkpoint(
-    folder: Path, args: llama.LlamaArgs, dtype: torch.dtype, device: torch.device
+    folder: Path, args: llama.LlamaArgs, dtype: torch.dtype, device: torch.device, *, part=None
 ) -> dict[str, torch.Tensor]:
-    tensors = llama.read_hf_checkpoint(folder, args, dtype, device)
-    for i in range(args.num_layers):
+    tensors = llama.read_hf_checkpoint(folder, args, dtype, device, part=part)
+    for i in range(args.num_layers) if part is None else part.layers:
         gate, up = tensors.pop(f"layers.{i}.gate_up_proj.weight").chunk(2)
         tensors[f"layers.{i}.gate_proj.weight"], tensors[f"layers.{i}.up_proj.weight"] = gate, up
     return tensors
@@ -152,6 +153,17 @@ def test_toy_loads_and_generates_like_transformers(folders):
         assert got[str(i)] == hf_greedy(hf, prompt, 12, eos=False)
 
 
+def calibrate(model, prompts: list[list[int]], needs: Needs) -> dict:
+    """Every projection's statistics, each layer calibrated on the float layers' outputs before it."""
+    runner = LayerRunner(model, torch.float32, CPU, max(map(len, prompts)))
+    xs = embed(model, prompts, CPU)
+    stats = {}
+    for i, layer in enumerate(model.layers):
+        stats |= calibrate_layer(runner, i, xs, needs).projections
+        xs = [runner.forward(layer, x)[0] for x in xs]
+    return stats
+
+
 def _float_model(arch, folder: Path):
     from transformers import AutoConfig
 
@@ -169,18 +181,17 @@ def test_toy_folds_along_its_topology_like_the_fused_llama(folders, precision):
     l_args, l_tensors, l_model = _float_model(llama.LLAMA, llama_folder)
     t_args, t_tensors, t_model = _float_model(TOY_ARCHITECTURE, toy_folder)
 
-    t_calib = calibrate(t_model, prompts, needs, torch.float32, CPU, progress=False)
-    assert set(t_calib.projections) == {f"layers.{i}.{k}" for i in range(2) for k in ToyForCausalLM.projections}
+    t_stats = calibrate(t_model, prompts, needs)
+    assert set(t_stats) == {f"layers.{i}.{k}" for i in range(2) for k in ToyForCausalLM.projections}
     # Identical statistics for both (the random AWQ row samples differ between 4 and 5 recorded
     # projections): gate and up read what gate_up reads.
-    l_calib = calibrate(l_model, prompts, needs, torch.float32, CPU, progress=False)
-    stats = dict(l_calib.projections)
+    l_stats = calibrate(l_model, prompts, needs)
+    t_stats = dict(l_stats)
     for i in range(2):
-        stats[f"layers.{i}.gate_proj"] = stats[f"layers.{i}.up_proj"] = stats[f"layers.{i}.gate_up_proj"]
-    t_calib = CalibrationResult(stats, None, None, l_calib.num_sequences, l_calib.num_tokens)
+        t_stats[f"layers.{i}.gate_proj"] = t_stats[f"layers.{i}.up_proj"] = t_stats[f"layers.{i}.gate_up_proj"]
 
-    fused = quantize_model(l_tensors, l_args, precision, l_calib, group_size=32, progress=False).tensors
-    split = quantize_model(t_tensors, t_args, precision, t_calib, group_size=32, progress=False).tensors
+    fused = quantize_model(l_tensors, l_args, precision, l_stats, group_size=32, progress=False).tensors
+    split = quantize_model(t_tensors, t_args, precision, t_stats, group_size=32, progress=False).tensors
     for name, tensor in fused.items():
         if ".gate_up_proj." in name:
             gate, up = (split[name.replace("gate_up_proj", kind)] for kind in ("gate_proj", "up_proj"))

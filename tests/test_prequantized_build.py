@@ -61,9 +61,10 @@ def test_an_int8_kv_cache_is_calibrated_and_costs_what_the_report_says(gptq_fold
     """The engine directory, loaded as `kiln serve --engine-dir` loads it, measured again on the build's held-out
     prompts against the folder served with a float KV cache: the mean KL the build report states."""
     from engines import calibration
-    from engines.build.builder import CALIB_MAX_TOKENS, _reference_answers
-    from engines.build.evaluate import compare
-    from engines.torch.sequence_runner import SequenceRunner
+    from engines.build.builder import CALIB_MAX_TOKENS
+    from engines.build.evaluate import answer_rows
+    from engines.build.prequantized import _accuracy, _greedy_answers
+    from engines.torch.loader import eos_token_ids
 
     options = build_options(gptq_folder, tmp_path / "engine", kv_cache_dtype="int8")
     result = build(options)
@@ -75,13 +76,19 @@ def test_an_int8_kv_cache_is_calibrated_and_costs_what_the_report_says(gptq_fold
     requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
     prompts = calibration.render_prompts(requests, reference.tokenizer, CALIB_MAX_TOKENS)
     cpu = torch.device("cpu")
-    loaded = (reference.model, reference.hf_config, reference.tokenizer, gptq_folder, cpu)
-    answers_ = _reference_answers(*loaded, prompts, options)  # the build's, from the cache it wrote
-    longest = max(len(p) + len(a) for p, a in zip(prompts, answers_))
-    served = SequenceRunner(
-        engine.model, engine.dtype, cpu, longest, kv_cache_dtype="int8", kv_cache_scales=engine.kv_cache_scales
+    answers = _greedy_answers(reference.model, prompts, options.eval_tokens, eos_token_ids(reference), cpu)
+    sequences = [p + a for p, a in zip(prompts, answers)]
+    measured = _accuracy(
+        reference.model,
+        engine.model,
+        sequences,
+        answer_rows(prompts, answers),
+        answers,
+        "int8",
+        engine.kv_cache_scales,
+        engine.dtype,
+        cpu,
     )
-    measured = compare(SequenceRunner(reference.model, torch.float32, cpu, longest), served, prompts, answers_, False)
     assert measured.kl_mean == pytest.approx(result.report["accuracy"]["kl_mean"], rel=1e-3, abs=1e-7)
     assert measured.kl_mean > 0  # int8 keys and values cost something
 

@@ -1,9 +1,11 @@
 """`kiln build`: model folder -> engine directory (docs/architecture.md, "The build pipeline").
 
-Phases, each with a progress bar: load the float model, calibrate (only when the precision or the
-KV cache needs statistics), quantize layer by layer, evaluate against the float model on the
-held-out prompts, measure decode speed, write. The directory is written beside the target and
-renamed into place at the end, so a failed build never leaves half an engine.
+The float model is never loaded whole: its checkpoint is read one decoder layer at a time (engines/build/stream.py).
+Phases, each with a progress bar: the float model's greedy answers to the held-out prompts (cached by model) and its
+outputs on them; then per candidate precision one pass over the layers that calibrates (when the precision or the
+KV cache needs statistics), quantizes, stores and evaluates each layer in turn (engines/build/candidate.py); the
+decode speed of the chosen engine; the write. The directory is written beside the target and renamed into place at
+the end, so a failed build never leaves half an engine.
 
 Re-running with the same inputs reuses the engine: the build hash covers the model files, every
 option that changes the result, the calibration data and the target hardware; when the existing
@@ -18,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,13 +28,15 @@ import torch
 
 from engines import calibration, schemes
 from engines.build import manifest as mf
-from engines.build.calibrate import calibrate
-from engines.build.evaluate import Accuracy, compare, greedy_answers
+from engines.build.candidate import BuiltCandidate, HeldOut, build_candidate
+from engines.build.evaluate import answer_rows, greedy_answers
 from engines.build.fingerprint import model_fingerprint
-from engines.build.quantize import QuantizedModel, needs_for, quantize_model
+from engines.build.quantize import needs_for
 from engines.build.report import write_report
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
+from engines.build.shards import Shards
 from engines.build.speed import decode_speed
+from engines.build.stream import Checkpoint, float_outputs
 from engines.hardware import Hardware, detect
 from engines.model_source import cache_dir, model_display_name, resolve_model
 from engines.parallel import TORCH_REFUSAL, GpuSplit, SplitError
@@ -140,11 +144,9 @@ class _Candidate:
     precision: str
     kv_cache_dtype: str
     profile: str | None
-    quantized: QuantizedModel | None = None
-    kv_scales: torch.Tensor | None = None
-    accuracy: Accuracy | None = None
-    quantize_seconds: float = 0.0
+    built: BuiltCandidate | None = None
     reference: str = FLOAT_REFERENCE  # what the accuracy is measured against (build-report's "reference")
+    calibrated: bool | None = None  # whether calibration ran; None: whenever the precision or the KV cache needs it
 
 
 def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
@@ -188,90 +190,81 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
 
-    fp32 = torch.float32
     runtime_dtype = pick_dtype("auto", device)
-    log.info("Loading %s (float32) on %s", folder, device)
-    float_tensors = arch.read_checkpoint(folder, args, fp32, device)
-    reference = arch.assemble(args, dict(float_tensors), {}, fp32, device)
-
-    needs = [needs_for(c.precision, c.kv_cache_dtype) for c in candidates]
-    joint = type(needs[0])(**{k: any(getattr(n, k) for n in needs) for k in asdict(needs[0])})
+    log.info("Reading %s (float32) on %s a layer at a time", folder, device)
+    checkpoint = Checkpoint(folder, arch, args, device)
+    float_shell = checkpoint.shell(checkpoint.outer(), {}, torch.float32)
     calib_prompts = calibration.render_prompts(calib_requests, tokenizer, CALIB_MAX_TOKENS)
-    calib = None
-    calib_seconds = 0.0
-    if joint.anything:
-        t0 = time.perf_counter()
-        calib = calibrate(reference, calib_prompts, joint, fp32, device, progress=options.progress)
-        calib_seconds = time.perf_counter() - t0
-
     eval_prompts = calibration.render_prompts(eval_requests, tokenizer, CALIB_MAX_TOKENS)
-    answers = _reference_answers(reference, hf_config, tokenizer, folder, device, eval_prompts, options)
+    answers = _reference_answers(checkpoint, float_shell, hf_config, tokenizer, folder, eval_prompts, options)
+    sequences = [p + a for p, a in zip(eval_prompts, answers)]
+    rows = answer_rows(eval_prompts, answers)
+    reference = float_outputs(checkpoint, float_shell, sequences, rows, options.progress)
+    held_out = HeldOut(sequences, rows, answers, reference)
 
-    from engines.torch.sequence_runner import SequenceRunner
+    parts = output.with_name(output.name + f".parts{os.getpid()}")  # the candidates' shards, beside the output
+    try:
+        chosen = None
+        for cand in candidates:
+            cand.built = build_candidate(
+                checkpoint,
+                float_shell,
+                cand.precision,
+                cand.kv_cache_dtype,
+                options.calibrator,
+                options.group_size,
+                _engine_dtype(cand.precision, runtime_dtype),
+                calib_prompts,
+                held_out,
+                Shards(parts / cand.precision),
+                progress=options.progress,
+            )
+            accuracy = cand.built.accuracy
+            log.info(
+                "%s (KV %s): mean KL %.4f, top-1 %.1f%%, perplexity %.3f (reference %.3f)",
+                cand.precision,
+                cand.kv_cache_dtype,
+                accuracy.kl_mean,
+                100 * accuracy.top1_agreement,
+                accuracy.perplexity,
+                accuracy.reference_perplexity,
+            )
+            if options.max_accuracy_loss is None or accuracy.kl_mean <= options.max_accuracy_loss:
+                chosen = cand
+                break
+            cand.built.shards.discard()  # only the chosen candidate is written
+        if chosen is None:
+            tried = ", ".join(f"{c.precision} {c.built.accuracy.kl_mean:.4f}" for c in candidates if c.built)
+            raise BuildError(
+                f"No precision stays within --max-accuracy-loss {options.max_accuracy_loss} "
+                f"(mean KL measured: {tried}); raise the budget or pick a precision."
+            )
+        del float_shell
 
-    longest = max(len(p) + len(a) for p, a in zip(eval_prompts, answers))
-    ref_runner = SequenceRunner(reference, fp32, device, longest)
-    chosen = None
-    for cand in candidates:
-        t0 = time.perf_counter()
-        cand.quantized = quantize_model(
-            float_tensors, args, cand.precision, calib, options.group_size, progress=options.progress
-        )
-        if cand.kv_cache_dtype in ("int8", "fp8"):
-            cand.kv_scales = _kv_scales(calib, options.calibrator, cand.kv_cache_dtype)
-        cand.quantize_seconds = time.perf_counter() - t0
-        test_dtype = _engine_dtype(cand.precision, runtime_dtype)
-        model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, test_dtype, device)
-        runner = SequenceRunner(
-            model, test_dtype, device, longest, kv_cache_dtype=cand.kv_cache_dtype, kv_cache_scales=cand.kv_scales
-        )
-        cand.accuracy = compare(
-            ref_runner, runner, eval_prompts, answers, progress=options.progress, desc=f"evaluate {cand.precision}"
-        )
-        log.info(
-            "%s (KV %s): mean KL %.4f, top-1 %.1f%%, perplexity %.3f (reference %.3f)",
-            cand.precision,
-            cand.kv_cache_dtype,
-            cand.accuracy.kl_mean,
-            100 * cand.accuracy.top1_agreement,
-            cand.accuracy.perplexity,
-            cand.accuracy.reference_perplexity,
-        )
-        del runner, model
-        if options.max_accuracy_loss is None or cand.accuracy.kl_mean <= options.max_accuracy_loss:
-            chosen = cand
-            break
-        cand.quantized = None  # free it: only the chosen candidate is written
-    if chosen is None:
-        tried = ", ".join(f"{c.precision} {c.accuracy.kl_mean:.4f}" for c in candidates)
-        raise BuildError(
-            f"No precision stays within --max-accuracy-loss {options.max_accuracy_loss} "
-            f"(mean KL measured: {tried}); raise the budget or pick a precision."
-        )
+        speeds = []
+        if options.bench:
+            speeds = _measure_speed(
+                args, chosen, hf_config, tokenizer, folder, device, _engine_dtype(chosen.precision, runtime_dtype)
+            )
 
-    speeds = []
-    if options.bench:
-        speeds = _measure_speed(
-            args, chosen, hf_config, tokenizer, folder, device, _engine_dtype(chosen.precision, runtime_dtype)
+        manifest = _write_engine(
+            output,
+            folder,
+            options,
+            hardware,
+            args,
+            hf_config,
+            chosen,
+            candidates,
+            build_hash,
+            calib_requests,
+            sum(len(p) for p in calib_prompts),
+            speeds,
+            started,
+            target,
         )
-
-    manifest = _write_engine(
-        output,
-        folder,
-        options,
-        hardware,
-        args,
-        hf_config,
-        chosen,
-        candidates,
-        build_hash,
-        calib,
-        calib_requests,
-        calib_seconds,
-        speeds,
-        started,
-        target,
-    )
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
 
 
@@ -380,21 +373,17 @@ def _build_hash(
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _kv_scales(calib, calibrator: str, kv_dtype: str) -> torch.Tensor:
-    amax = calib.kv_range(calibrator).clamp(min=1e-6)  # [layers, 2, kv_heads]
-    return (amax / (127.0 if kv_dtype == "int8" else 448.0)).float()
-
-
 def _loaded(model, hf_config, tokenizer, folder: Path, dtype, device):
     from engines.torch.loader import LoadedModel
 
     return LoadedModel(model, hf_config, tokenizer, model_display_name(str(folder)), folder, dtype, device)
 
 
-def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, prompts, options) -> list[list[int]]:
+def _reference_answers(
+    checkpoint: Checkpoint, float_shell, hf_config, tokenizer, folder: Path, prompts, options
+) -> list[list[int]]:
     """The float32 model's greedy answers to the held-out prompts, cached by model and prompts."""
-    from engines.config import EngineConfig
-    from engines.torch.loader import build_core
+    from engines.torch.loader import eos_token_ids
 
     key = hashlib.sha256(json.dumps([model_fingerprint(folder), prompts, options.eval_tokens]).encode()).hexdigest()[
         :24
@@ -407,9 +396,8 @@ def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, pr
         len(prompts),
         options.eval_tokens,
     )
-    config = EngineConfig(max_num_seqs=32, kv_cache_memory=256 << 20, enable_prefix_caching=False)
-    core = build_core(config, _loaded(reference, hf_config, tokenizer, folder, torch.float32, device))
-    answers = greedy_answers(core, prompts, options.eval_tokens)
+    eos = eos_token_ids(_loaded(float_shell, hf_config, tokenizer, folder, torch.float32, checkpoint.device))
+    answers = greedy_answers(checkpoint, float_shell, prompts, options.eval_tokens, eos, options.progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(answers))
@@ -418,18 +406,21 @@ def _reference_answers(reference, hf_config, tokenizer, folder: Path, device, pr
 
 
 def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device, dtype) -> list[dict]:
+    """Decode speed of the chosen engine, the whole quantized model loaded (it is the engine that will be served)."""
     from engines.config import EngineConfig
     from engines.torch.loader import build_core
 
     arch = architecture(args.model_type)
-    model = arch.assemble(args, dict(cand.quantized.tensors), cand.quantized.formats, dtype, device)
+    tensors = cand.built.shards.load_all(device)
+    tensors.pop("kv_cache.scales", None)
+    model = arch.assemble(args, tensors, cand.built.formats, dtype, device)
     results = []
     for concurrency in (1, 32):
         config = EngineConfig(
             max_num_seqs=64,
             enable_prefix_caching=False,
             kv_cache_dtype=cand.kv_cache_dtype,
-            kv_cache_scales=cand.kv_scales,
+            kv_cache_scales=cand.built.kv_scales,
         )
         core = build_core(config, _loaded(model, hf_config, tokenizer, folder, dtype, device))
         decode_speed(core, 1, args.vocab_size, new_tokens=8)  # warm-up: kernels, allocator
@@ -448,23 +439,18 @@ def _write_engine(
     chosen: _Candidate,
     candidates: list[_Candidate],
     build_hash: str,
-    calib,
     calib_requests,
-    calib_seconds: float,
+    calib_tokens: int,
     speeds: list[dict],
     started: float,
     target: _DraftTarget | None,
 ) -> mf.Manifest:
-    from safetensors.torch import save_file
-
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.contiguous().cpu() for k, v in chosen.quantized.tensors.items()}
-    if chosen.kv_scales is not None:
-        tensors["kv_cache.scales"] = chosen.kv_scales.contiguous().cpu()
-    save_file(tensors, tmp / mf.WEIGHTS, metadata={"format": "pt", "producer": f"kiln {__version__}"})
+    built = chosen.built
+    built.shards.join(tmp / mf.WEIGHTS, metadata={"format": "pt", "producer": f"kiln {__version__}"})
     copied = ["config.json"] + [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     for name in copied:
         shutil.copy2(folder / name, tmp / name)
@@ -484,9 +470,9 @@ def _write_engine(
         "kv_bytes_per_token": kv_per_token,
         "kv_tokens_per_gib": KV_REPORT_POOL // kv_per_token,
         "build_seconds": round(time.perf_counter() - started, 1),
-        "calibration_seconds": round(calib_seconds, 1),
-        "quantize_seconds": round(chosen.quantize_seconds, 1),
-        "accuracy": chosen.accuracy.to_dict(),
+        "calibration_seconds": round(built.calibration_seconds, 1),
+        "quantize_seconds": round(built.quantize_seconds, 1),
+        "accuracy": built.accuracy.to_dict(),
         "reference": chosen.reference,
         "speed": speeds,
         "candidates": [
@@ -494,12 +480,12 @@ def _write_engine(
                 "precision": c.precision,
                 "kv_cache_dtype": c.kv_cache_dtype,
                 "profile": c.profile,
-                "kl_mean": c.accuracy.kl_mean if c.accuracy else None,
+                "kl_mean": c.built.accuracy.kl_mean if c.built else None,
             }
             for c in candidates
         ],
         "hardware": hardware.describe(),
-        "details": chosen.quantized.details,
+        "details": built.details,
     }
     (tmp / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(tmp / "build-report.md", report, options.max_accuracy_loss)
@@ -518,8 +504,8 @@ def _write_engine(
         ),
         precision=chosen.precision,
         profile=chosen.profile,
-        weight_formats=chosen.quantized.formats,
-        group_sizes=chosen.quantized.group_sizes,
+        weight_formats=built.formats,
+        group_sizes=built.group_sizes,
         kv_cache_dtype=chosen.kv_cache_dtype,
         dtype=scheme.runtime_dtype,
         target=mf.Target(
@@ -530,11 +516,15 @@ def _write_engine(
             requires=mf.requirements(chosen.precision, hardware.device),
         ),
         calibration=None
-        if calib is None
+        if not (
+            chosen.calibrated
+            if chosen.calibrated is not None
+            else needs_for(chosen.precision, chosen.kv_cache_dtype).anything
+        )
         else mf.Calibration(
             source=options.calib or "kiln:build/calibration/calib.jsonl",
             samples=len(calib_requests),
-            tokens=calib.num_tokens,
+            tokens=calib_tokens,
             calibrator=options.calibrator,
             fingerprint=calibration.fingerprint(calib_requests),
         ),

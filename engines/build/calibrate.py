@@ -1,5 +1,5 @@
-"""The calibration pass: run calibration prompts through the float model and keep, for every
-projection's input and for the KV cache, the statistics the chosen quantization needs.
+"""Calibration, one decoder layer at a time: run the calibration prompts' residual streams through a float layer
+and keep, for each of its projections' inputs and for its KV cache, the statistics the chosen quantization needs.
 
 What each consumer reads (Needs):
 - AWQ: a random subsample of input rows per projection (its scale and clip searches run on it);
@@ -8,8 +8,9 @@ What each consumer reads (Needs):
 - static KV-cache scales: per layer, K/V and KV head, max |x| over every token (min-max) or, for the
   percentile and entropy calibrators, a subsample of K/V values.
 
-One pass over the float model (not layer-by-layer on partially quantized layers): simpler, and the
-statistics of every layer come from the same unquantized activations.
+The build (engines/build/candidate.py) calibrates layer i on the outputs of the already quantized layers before it,
+as GPTQ implementations do: each layer's quantization then corrects the error the ones before it left, and the
+statistics of only one layer are held at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from engines.build.stream import LayerRunner
 from engines.quant import calibrators
 from engines.quant.calibrators import RangeObserver
-from engines.torch.models.protocol import CausalLM
-from engines.torch.sequence_runner import SequenceRunner
 
 SAMPLE_ROWS = 1024  # rows of each projection's input kept for AWQ (and activation calibrators)
 KV_SAMPLE_TOKENS = 2048  # tokens of K/V per layer kept for the percentile / entropy calibrators
@@ -81,15 +80,13 @@ class _Recorder(nn.Module):
 
 
 @dataclass
-class CalibrationResult:
+class LayerCalibration:
     projections: dict[str, ProjectionStats]  # "layers.3.qkv_proj" -> stats
-    kv_amax: torch.Tensor | None  # [layers, 2, kv_heads] float32, min-max over all tokens
-    kv_samples: torch.Tensor | None  # [layers, 2, kv_heads, tokens * head_dim] float32 subsample
-    num_sequences: int
-    num_tokens: int
+    kv_amax: torch.Tensor | None  # [2, kv_heads] float32, min-max over all tokens
+    kv_samples: torch.Tensor | None  # [2, kv_heads, tokens * head_dim] float32 subsample
 
     def kv_range(self, calibrator: str) -> torch.Tensor:
-        """Per layer, K/V and head: the clipping threshold the calibrator picks ([layers, 2, kv_heads])."""
+        """Per K/V and head: the clipping threshold the calibrator picks ([2, kv_heads])."""
         if self.kv_amax is None:
             raise RuntimeError("the calibration pass did not record the KV cache")
         if calibrator == "minmax":
@@ -102,44 +99,37 @@ class CalibrationResult:
 
 
 @torch.inference_mode()
-def calibrate(
-    model: CausalLM,
-    prompts: list[list[int]],
-    needs: Needs,
-    dtype: torch.dtype,
-    device: torch.device,
-    seed: int = 0,
-    progress: bool = True,
-) -> CalibrationResult:
-    """Run `prompts` (token ids) through `model` once, recording what `needs` asks for."""
-    generator = torch.Generator().manual_seed(seed)
-    rows_per_sequence = max(1, -(-SAMPLE_ROWS // max(len(prompts), 1)))
+def calibrate_layer(
+    runner: LayerRunner, index: int, inputs: list[torch.Tensor], needs: Needs, seed: int = 0
+) -> LayerCalibration:
+    """Run the residual streams `inputs` (one per calibration prompt) through layer `index` of runner's model (loaded
+    in float32), recording what `needs` asks for. The layer's outputs are not kept."""
+    model = runner.model
+    layer = model.layers[index]
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)  # the same rows whatever ran before
+    rows_per_sequence = max(1, -(-SAMPLE_ROWS // max(len(inputs), 1)))
     stats: dict[str, ProjectionStats] = {}
     originals = []
-    for i, layer in enumerate(model.layers):
-        for kind in model.projections:
-            name = f"layers.{i}.{kind}"
-            stats[name] = ProjectionStats(rows_per_sequence)
-            inner = getattr(layer, kind)
-            originals.append((layer, kind, inner))
-            setattr(layer, kind, _Recorder(inner, stats[name], needs, generator))
-    runner = SequenceRunner(model, dtype, device, max(len(p) for p in prompts))
+    for kind in model.projections:
+        name = f"layers.{index}.{kind}"
+        stats[name] = ProjectionStats(rows_per_sequence)
+        inner = getattr(layer, kind)
+        originals.append((kind, inner))
+        setattr(layer, kind, _Recorder(inner, stats[name], needs, generator))
     kv_amax = None
     kv_chunks: list[torch.Tensor] = []
-    kv_per_sequence = max(1, -(-KV_SAMPLE_TOKENS // len(prompts)))
-    tokens = 0
+    kv_per_sequence = max(1, -(-KV_SAMPLE_TOKENS // len(inputs)))
     try:
-        for ids in tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress):
-            runner.hidden(ids)
-            tokens += len(ids)
+        for x in inputs:
+            runner.forward(layer, x)
             if needs.kv:
-                amax = runner.kv_amax(len(ids))
+                kv = runner.kv_values(x.shape[0])  # [2, kvh, T, hd]
+                amax = kv.abs().float().amax(dim=(-1, -2))
                 kv_amax = amax if kv_amax is None else torch.maximum(kv_amax, amax)
-                flat = runner.kv_cache.data.flatten(3, 4)[:, :, :, : len(ids)]  # [L, 2, kvh, T, hd]
-                pick = torch.randperm(len(ids), generator=generator)[:kv_per_sequence]
-                kv_chunks.append(flat[:, :, :, pick.to(flat.device)].float().cpu().flatten(3))
+                pick = torch.randperm(x.shape[0], generator=generator)[:kv_per_sequence]
+                kv_chunks.append(kv[:, :, pick.to(kv.device)].float().cpu().flatten(2))
     finally:
-        for layer, kind, inner in originals:
+        for kind, inner in originals:
             setattr(layer, kind, inner)
     kv_samples = torch.cat(kv_chunks, dim=-1) if kv_chunks else None
-    return CalibrationResult(stats, kv_amax, kv_samples, len(prompts), tokens)
+    return LayerCalibration(stats, kv_amax, kv_samples)

@@ -1,11 +1,15 @@
 """Accuracy of a built model against the unquantized one on the held-out prompts.
 
 The reference (unquantized float32) model first answers each held-out prompt greedily; then both
-models read prompt + answer in one pass, and at every answer position we compare their next-token
-distributions:
+models read prompt + answer, and at every answer position we compare their next-token distributions:
 - mean KL(P_ref || P_test) in nats;
 - top-1 agreement: how often both models' most likely next token is the same;
 - perplexity of the reference's own answers under each model (the reference's is the floor).
+
+Both models run a layer at a time (engines/build/stream.py), so the float model is never held whole. Its greedy
+answers therefore take one pass over the checkpoint per answer token: each pass runs every unfinished prompt plus
+its answer so far (no KV cache across passes, which would hold every layer's), and the answers are cached by model
+and prompts (builder._reference_answers), so a model pays for them once.
 """
 
 from __future__ import annotations
@@ -17,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engines.base import GenerationRequest, SamplingParams
-from engines.torch.llm_engine import LLMEngine
-from engines.torch.sequence_runner import SequenceRunner
+from engines.build.stream import Checkpoint, float_outputs
+from engines.torch.models.protocol import CausalLM
 
 
 @dataclass
@@ -35,39 +38,51 @@ class Accuracy:
         return asdict(self)
 
 
-def greedy_answers(core: LLMEngine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The reference engine's greedy answers (stopping at EOS or max_new_tokens), all in one batch."""
-    answers: dict[str, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        core.add_request(
-            GenerationRequest(f"eval-{i}", ids, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
-        )
-        answers[f"eval-{i}"] = []
-    while core.has_work():
-        for out in core.step():
-            for choice in out.outputs:
-                answers[out.request_id].extend(choice.new_token_ids)
-    return [answers[f"eval-{i}"] for i in range(len(prompts))]
+@torch.inference_mode()
+def greedy_answers(
+    checkpoint: Checkpoint,
+    shell: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    progress: bool = True,
+) -> list[list[int]]:
+    """The float32 model's greedy answers (stopping after EOS or max_new_tokens). shell: its float32 shell."""
+    answers: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    for _ in tqdm(range(max_new_tokens), desc="reference answers", unit="token", disable=not progress):
+        sequences = [prompts[k] + answers[k] for k in active]
+        last = [slice(len(s) - 1, len(s)) for s in sequences]
+        for k, hidden in zip(active, float_outputs(checkpoint, shell, sequences, last)):
+            answers[k].append(int(shell.compute_logits(hidden).argmax(-1)))
+        active = [k for k in active if answers[k][-1] not in eos_token_ids]
+        if not active:
+            break
+    return answers
+
+
+def answer_rows(prompts: list[list[int]], answers: list[list[int]]) -> list[slice]:
+    """In each prompt + answer, the positions whose next token is an answer token."""
+    return [slice(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(prompts, answers)]
 
 
 @torch.inference_mode()
 def compare(
-    reference: SequenceRunner,
-    test: SequenceRunner,
-    prompts: list[list[int]],
+    reference: CausalLM,
+    reference_hidden: list[torch.Tensor],
+    test: CausalLM,
+    test_hidden: list[torch.Tensor],
     answers: list[list[int]],
-    progress: bool = True,
-    desc: str = "evaluate",
 ) -> Accuracy:
+    """Both models' final hidden states at each prompt's answer rows (answer_rows) -> the accuracy figures; each
+    model's compute_logits makes its next-token distributions."""
     kl_sum = nll_sum = ref_nll_sum = 0.0
     agree = positions = 0
-    for prompt, answer in tqdm(list(zip(prompts, answers)), desc=desc, unit="prompt", disable=not progress):
+    for ref_h, test_h, answer in zip(reference_hidden, test_hidden, answers):
         if not answer:
             continue
-        seq = prompt + answer
-        start, end = len(prompt) - 1, len(seq) - 1  # positions whose next token is an answer token
-        ref = F.log_softmax(reference.logits(seq, start, end), dim=-1)  # [A, vocab]
-        got = F.log_softmax(test.logits(seq, start, end).to(ref.device), dim=-1)
+        ref = F.log_softmax(reference.compute_logits(ref_h), dim=-1)  # [A, vocab]
+        got = F.log_softmax(test.compute_logits(test_h).to(ref.device), dim=-1)
         target = torch.tensor(answer, device=ref.device)[:, None]
         kl_sum += float((ref.exp() * (ref - got)).sum())
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
@@ -81,6 +96,6 @@ def compare(
         top1_agreement=agree / positions,
         perplexity=math.exp(nll_sum / positions),
         reference_perplexity=math.exp(ref_nll_sum / positions),
-        prompts=len(prompts),
+        prompts=len(reference_hidden),
         positions=positions,
     )

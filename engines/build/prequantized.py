@@ -16,6 +16,8 @@ scales and the evaluation.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -30,17 +32,19 @@ from engines.build.builder import (
     _Candidate,
     _check_same_vocabulary,
     _engine_dtype,
-    _kv_scales,
+    _loaded,
     _measure_speed,
-    _reference_answers,
     _write_engine,
 )
-from engines.build.calibrate import Needs, calibrate
-from engines.build.evaluate import compare
-from engines.build.quantize import QuantizedModel
+from engines.build.calibrate import Needs, calibrate_layer
+from engines.build.candidate import KV_CODE_MAX, BuiltCandidate
+from engines.build.evaluate import Accuracy, answer_rows, compare
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
+from engines.build.shards import Shards
+from engines.build.stream import FP32, LayerRunner, embed
 from engines.hardware import Hardware
 from engines.torch import prequantized
+from engines.torch.models.protocol import CausalLM
 from engines.torch.models.registry import architecture
 from engines.torch.prequantized.kv_scales import convert_kv_scales
 
@@ -67,11 +71,11 @@ def build_prequantized(
     options: BuildOptions, hardware: Hardware, folder: Path, hf_config, device: torch.device, target, started: float
 ) -> BuildResult:
     """builder.build for a folder whose config.json has a quantization_config (its checks on options and the output
-    directory already made)."""
+    directory already made). The stored weights are compact already, so the model is held whole; sequences still
+    run through it a layer at a time with the build's own tools (engines/build/stream.py), as a float build's do."""
     from transformers import AutoTokenizer
 
-    from engines.torch.loader import pick_dtype
-    from engines.torch.sequence_runner import SequenceRunner
+    from engines.torch.loader import eos_token_ids, pick_dtype
 
     arch = architecture(hf_config.model_type)
     stored = prequantized.read_prequantized(folder, hf_config, _stored_dtype(hf_config), device)
@@ -84,7 +88,7 @@ def build_prequantized(
     kv = options.kv_cache_dtype
     if kv == "auto":
         kv = stored.kv_dtype if stored.kv_scales is not None else _auto_kv(hardware)
-    cand = _Candidate(precision, kv, None, reference=REFERENCE)
+    cand = _Candidate(precision, kv, None, reference=REFERENCE, calibrated=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if target is not None:
         _check_same_vocabulary(tokenizer, target)
@@ -97,66 +101,128 @@ def build_prequantized(
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
 
-    fp32 = torch.float32
     args = stored.args
-    reference = arch.assemble(args, dict(stored.tensors), stored.formats, fp32, device)
-    calib, calib_seconds = None, 0.0
+    reference = arch.assemble(args, dict(stored.tensors), stored.formats, FP32, device)
+    calib_prompts = calibration.render_prompts(calib_requests, tokenizer, CALIB_MAX_TOKENS)
+    eval_prompts = calibration.render_prompts(eval_requests, tokenizer, CALIB_MAX_TOKENS)
     details: dict[str, object] = {"prequantized": stored.method}
-    if kv in ("int8", "fp8"):
+    kv_scales, calib_seconds = None, 0.0
+    if kv in KV_CODE_MAX:
         if stored.kv_scales is not None:
-            cand.kv_scales = convert_kv_scales(stored.kv_scales, stored.kv_dtype, kv)
+            kv_scales = convert_kv_scales(stored.kv_scales, stored.kv_dtype, kv)
             details["kv_scales"] = f"the checkpoint's ({stored.kv_dtype})"
         else:
             t0 = time.perf_counter()
-            prompts = calibration.render_prompts(calib_requests, tokenizer, CALIB_MAX_TOKENS)
-            calib = calibrate(reference, prompts, Needs(kv=True), fp32, device, progress=options.progress)
-            cand.kv_scales = _kv_scales(calib, options.calibrator, kv)
+            kv_scales = _calibrated_kv_scales(reference, calib_prompts, options.calibrator, kv, device)
             calib_seconds = time.perf_counter() - t0
+            cand.calibrated = True
             details["kv_scales"] = f"calibrated ({options.calibrator})"
-    cand.quantized = QuantizedModel(stored.tensors, stored.formats, details=details)
 
-    eval_prompts = calibration.render_prompts(eval_requests, tokenizer, CALIB_MAX_TOKENS)
-    answers = _reference_answers(reference, hf_config, tokenizer, folder, device, eval_prompts, options)
-    longest = max(len(p) + len(a) for p, a in zip(eval_prompts, answers))
+    eos = eos_token_ids(_loaded(reference, hf_config, tokenizer, folder, FP32, device))
+    answers = _greedy_answers(reference, eval_prompts, options.eval_tokens, eos, device)
+    sequences = [p + a for p, a in zip(eval_prompts, answers)]
+    rows = answer_rows(eval_prompts, answers)
     test_dtype = _engine_dtype(precision, pick_dtype("auto", device))
     model = arch.assemble(args, dict(stored.tensors), stored.formats, test_dtype, device)
-    runner = SequenceRunner(model, test_dtype, device, longest, kv_cache_dtype=kv, kv_cache_scales=cand.kv_scales)
-    cand.accuracy = compare(
-        SequenceRunner(reference, fp32, device, longest),
-        runner,
-        eval_prompts,
-        answers,
-        progress=options.progress,
-        desc=f"evaluate {precision} (stored)",
-    )
-    del runner, model, reference
-    if options.max_accuracy_loss is not None and cand.accuracy.kl_mean > options.max_accuracy_loss:
+    accuracy = _accuracy(reference, model, sequences, rows, answers, kv, kv_scales, test_dtype, device)
+    del model
+    if options.max_accuracy_loss is not None and accuracy.kl_mean > options.max_accuracy_loss:
         raise BuildError(
-            f"the checkpoint's stored weights with a {kv} KV cache measure mean KL {cand.accuracy.kl_mean:.4f} "
+            f"the checkpoint's stored weights with a {kv} KV cache measure mean KL {accuracy.kl_mean:.4f} "
             f"against their own float-KV answers, over --max-accuracy-loss {options.max_accuracy_loss}; raise the "
             "budget or pick another --kv-cache-dtype."
         )
-    speeds = []
-    if options.bench:
-        speeds = _measure_speed(args, cand, hf_config, tokenizer, folder, device, test_dtype)
-    manifest = _write_engine(
-        output,
-        folder,
-        options,
-        hardware,
-        args,
-        hf_config,
-        cand,
-        [cand],
-        build_hash,
-        calib,
-        calib_requests,
-        calib_seconds,
-        speeds,
-        started,
-        target,
-    )
+    parts = output.with_name(output.name + f".parts{os.getpid()}")
+    try:
+        shards = Shards(parts / precision)
+        shards.add(stored.tensors if kv_scales is None else {**stored.tensors, "kv_cache.scales": kv_scales})
+        cand.built = BuiltCandidate(shards, stored.formats, accuracy, kv_scales, {}, details, calib_seconds)
+        speeds = []
+        if options.bench:
+            speeds = _measure_speed(args, cand, hf_config, tokenizer, folder, device, test_dtype)
+        calib_tokens = sum(len(p) for p in calib_prompts)
+        manifest = _write_engine(
+            output,
+            folder,
+            options,
+            hardware,
+            args,
+            hf_config,
+            cand,
+            [cand],
+            build_hash,
+            calib_requests,
+            calib_tokens,
+            speeds,
+            started,
+            target,
+        )
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
+
+
+def _final_hidden(
+    model: CausalLM,
+    sequences: list[list[int]],
+    rows: list[slice],
+    dtype: torch.dtype,
+    device: torch.device,
+    kv: str = "model",
+    kv_scales: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """The model's final hidden states at rows[k] of sequence k, each sequence run through its layers one at a time
+    (a LayerRunner per layer's KV cache: the cache dtype and, quantized, that layer's scales)."""
+    runner = LayerRunner(model, dtype, device, max(len(s) for s in sequences))
+    outputs = []
+    for x, wanted in zip(embed(model, sequences, device), rows):
+        out = x
+        for i, layer in enumerate(model.layers):
+            runner.use_kv_cache(kv, None if kv_scales is None else kv_scales[i])
+            x, out = runner.forward(layer, x)
+        outputs.append(out[wanted])
+    return outputs
+
+
+@torch.inference_mode()
+def _greedy_answers(
+    model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos: list[int], device: torch.device
+) -> list[list[int]]:
+    """The checkpoint's greedy answers in float32 with a float KV cache (each token: the prompt and answer so far run
+    again, as the streamed float build does)."""
+    answers: list[list[int]] = []
+    for prompt in prompts:
+        answer: list[int] = []
+        while len(answer) < max_new_tokens and not (answer and answer[-1] in eos):
+            seq = prompt + answer
+            (hidden,) = _final_hidden(model, [seq], [slice(len(seq) - 1, len(seq))], FP32, device)
+            answer.append(int(model.compute_logits(hidden).argmax(-1)))
+        answers.append(answer)
+    return answers
+
+
+@torch.inference_mode()
+def _accuracy(
+    reference: CausalLM, model: CausalLM, sequences, rows, answers, kv: str, kv_scales, dtype, device
+) -> Accuracy:
+    ref = _final_hidden(reference, sequences, rows, FP32, device)
+    got = _final_hidden(model, sequences, rows, dtype, device, kv, kv_scales)
+    return compare(reference, ref, model, got, answers)
+
+
+def _calibrated_kv_scales(
+    model: CausalLM, prompts: list[list[int]], calibrator: str, kv: str, device: torch.device
+) -> torch.Tensor:
+    """[layers, 2, kv_heads]: each layer's KV range on the calibration prompts (float32, float KV cache) over the
+    quantized dtype's largest code, as a float build calibrates its KV cache."""
+    runner = LayerRunner(model, FP32, device, max(len(p) for p in prompts))
+    xs = embed(model, prompts, device)
+    scales = []
+    for i, layer in enumerate(model.layers):
+        calib = calibrate_layer(runner, i, xs, Needs(kv=True))
+        scales.append((calib.kv_range(calibrator).clamp(min=1e-6) / KV_CODE_MAX[kv]).float())
+        xs = [runner.forward(layer, x)[0] for x in xs]
+    return torch.stack(scales)
 
 
 def _stored_dtype(hf_config) -> torch.dtype:

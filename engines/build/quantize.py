@@ -17,6 +17,7 @@ and int8 per-channel costs it little accuracy (the build report measures it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from engines import schemes
-from engines.build.calibrate import CalibrationResult, Needs, ProjectionStats
-from engines.schemes import QuantizeContext
+from engines.build.calibrate import Needs, ProjectionStats
+from engines.schemes import QuantizeContext, Scheme
 from engines.torch.models.architecture import Architecture
 from engines.torch.models.protocol import ModelArgs
 from engines.torch.models.registry import architecture
@@ -140,49 +141,75 @@ def quantize_model(
     float_tensors: dict[str, torch.Tensor],
     args: ModelArgs,
     precision: str,
-    calib: CalibrationResult | None,
+    stats: Mapping[str, ProjectionStats] | None,
     group_size: int = 128,
     progress: bool = True,
 ) -> QuantizedModel:
     """Quantize every projection of `float_tensors` (float32, kiln names; not modified) of the model `args`
-    describe; scales fold along its architecture's topology."""
-    arch = architecture(args.model_type)
+    describe, with the calibration statistics of each projection by full name ("layers.3.down_proj"); scales fold
+    along its architecture's topology. (The build quantizes a layer at a time: quantize_layer, quantize_outer.)"""
     scheme = schemes.get(precision)
-    store = scheme.store_dtype()
-    projection_kinds = arch.layer_projections(args)
-    out: dict[str, torch.Tensor] = {}
-    t = float_tensors  # only read: the schemes fold scales into LayerWeights' copies
-    q = QuantizedModel(
-        out, {kind: scheme.projection_format for kind in projection_kinds} | {"lm_head": scheme.head_format}
-    )
-    consumed = {"lm_head.weight"}  # written below, quantized or not
+    q = QuantizedModel({}, model_formats(args, scheme))
 
-    def stats(name: str) -> ProjectionStats:
-        if calib is None:
+    def lookup(name: str) -> ProjectionStats:
+        if stats is None:
             raise RuntimeError(f"{precision} needs calibration statistics")
-        return calib.projections[name]
+        return stats[name]
 
-    ctx = QuantizeContext(stats, group_size, store)
+    ctx = QuantizeContext(lookup, group_size, scheme.store_dtype())
     for i in tqdm(range(args.num_layers), desc=f"quantize {precision}", unit="layer", disable=not progress):
-        layer = LayerWeights(t, i, args, arch)
-        projections = scheme.quantize_layer(layer, ctx)
-        for norm, weight in layer.norms.items():
-            out[layer.prefix + norm + ".weight"] = weight.to(store)
-        for kind in projection_kinds:
-            result = projections[kind]
-            out.update(result.tensors)
-            consumed.update((layer.name(kind) + ".weight", layer.name(kind) + ".bias"))
-            if result.group_size is not None:
-                q.group_sizes[kind] = result.group_size
+        layer = {name: t for name, t in float_tensors.items() if name.startswith(f"layers.{i}.")}
+        q.tensors.update(quantize_layer(layer, i, args, scheme, ctx, q.group_sizes))
+    outer = {name: t for name, t in float_tensors.items() if not name.startswith("layers.")}
+    q.tensors.update(quantize_outer(outer, scheme))
+    q.details.update(scheme.details(ctx))
+    return q
 
-    for name, tensor in t.items():  # embeddings, the final norm, whatever else the architecture keeps as is
+
+def model_formats(args: ModelArgs, scheme: Scheme) -> dict[str, str]:
+    """The stored format of each projection kind and of the LM head (the manifest's weight_formats)."""
+    arch = architecture(args.model_type)
+    return {kind: scheme.projection_format for kind in arch.layer_projections(args)} | {"lm_head": scheme.head_format}
+
+
+def quantize_layer(
+    float_tensors: dict[str, torch.Tensor],
+    index: int,
+    args: ModelArgs,
+    scheme: Scheme,
+    ctx: QuantizeContext,
+    group_sizes: dict[str, int],
+) -> dict[str, torch.Tensor]:
+    """Decoder layer `index`: its float32 tensors (kiln names; not modified) -> its stored tensors. ctx.stats
+    answers for this layer's projections; the int4 group size of each projection kind goes into group_sizes."""
+    arch = architecture(args.model_type)
+    layer = LayerWeights(float_tensors, index, args, arch)
+    projections = scheme.quantize_layer(layer, ctx)
+    out: dict[str, torch.Tensor] = {}
+    consumed = set()
+    for norm, weight in layer.norms.items():
+        out[layer.prefix + norm + ".weight"] = weight.to(ctx.store)
+    for kind in arch.layer_projections(args):
+        result = projections[kind]
+        out.update(result.tensors)
+        consumed.update((layer.name(kind) + ".weight", layer.name(kind) + ".bias"))
+        if result.group_size is not None:
+            group_sizes[kind] = result.group_size
+    for name, tensor in float_tensors.items():  # whatever else the architecture keeps in a layer, as is
         if name not in consumed and name not in out:
-            out[name] = tensor.to(store)
-    head = t.get("lm_head.weight", t["embed_tokens.weight"])  # tied: the embeddings
+            out[name] = tensor.to(ctx.store)
+    return out
+
+
+def quantize_outer(float_tensors: dict[str, torch.Tensor], scheme: Scheme) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, LM head) -> their stored tensors: the head
+    in the scheme's head format, the rest as is."""
+    store = scheme.store_dtype()
+    out = {name: t.to(store) for name, t in float_tensors.items() if name != "lm_head.weight"}
+    head = float_tensors.get("lm_head.weight", float_tensors["embed_tokens.weight"])  # tied: the embeddings
     encoded_head = scheme.encode_head(head, store)
     if encoded_head is not None:
         out.update(encoded_head)
-    elif "lm_head.weight" in t:
+    elif "lm_head.weight" in float_tensors:
         out["lm_head.weight"] = head.to(store)
-    q.details.update(scheme.details(ctx))
-    return q
+    return out

@@ -16,6 +16,22 @@ from engines.torch.model_runner import KVCache
 from engines.torch.models.protocol import CausalLM
 
 
+def prefill_metadata(t: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions and attention metadata of one whole sequence of `t` tokens prefilled into slots 0..t-1 (the torch
+    attention path)."""
+    positions = torch.arange(t, device=device)
+    table = torch.arange(-(-t // block_size), device=device)
+    meta = AttentionMetadata(
+        slot_mapping=positions,
+        num_decode_tokens=0,
+        decode_block_tables=None,
+        decode_context_lens=None,
+        decode_max_context=0,
+        prefills=[PrefillSpan(0, t, t, table)],
+    )
+    return positions, meta
+
+
 class SequenceRunner:
     def __init__(
         self,
@@ -41,16 +57,7 @@ class SequenceRunner:
         t = len(token_ids)
         if not 0 < t <= self.max_tokens:
             raise ValueError(f"sequence of {t} tokens; this runner holds 1..{self.max_tokens}")
-        positions = torch.arange(t, device=self.device)
-        table = torch.arange(-(-t // self.block_size), device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=positions,
-            num_decode_tokens=0,
-            decode_block_tables=None,
-            decode_context_lens=None,
-            decode_max_context=0,
-            prefills=[PrefillSpan(0, t, t, table)],
-        )
+        positions, meta = prefill_metadata(t, self.block_size, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.model(ids, positions, meta, self.kv_cache.layers)
 

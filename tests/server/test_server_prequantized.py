@@ -11,8 +11,8 @@ from engines.config import EngineConfig
 from engines.torch.loader import build_core, load_model
 from tests import prequant_writers as writers
 from tests.conftest import greedy, run_to_completion
-from tests.server.conftest import start_server
 from tests.prequant_folders import PROMPTS, write_pair
+from tests.server.conftest import start_server
 
 MAX_TOKENS = 16
 

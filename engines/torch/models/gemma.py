@@ -31,6 +31,7 @@ from torch import nn
 
 from engines.torch.attention import AttentionMetadata, paged_attention
 from engines.torch.models import llama
+from engines.torch.models.architecture import CheckpointPart
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM, rope_tables
 from engines.torch.models.olmo2 import olmo2_rms_norm
 from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
@@ -153,8 +154,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
         # transformers multiplies by sqrt(hidden) as a float32 tensor cast to the model dtype
         return x * torch.tensor(self.args.hidden_size**0.5).to(x.dtype)
 
-    def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm(x, self.layers[0].input_norm, self.args.rms_norm_eps)
+    def layer_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _norm(x, layer.input_norm, self.args.rms_norm_eps)
 
     def qkv(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         qkv = layer.qkv_proj(h)
@@ -215,20 +216,25 @@ HEAD_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 def read_hf_checkpoint(
-    folder: Path, args: GemmaArgs, dtype: torch.dtype, device: torch.device, linear: llama.LinearReader | None = None
+    folder: Path,
+    args: GemmaArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    linear: llama.LinearReader | None = None,
+    part: CheckpointPart | None = None,
 ) -> dict[str, torch.Tensor]:
     """Llama's reader with Gemma's norm names; every norm weight w becomes 1 + w (see the module docstring).
-    linear: as llama.read_hf_checkpoint's (a pre-quantized checkpoint's projections)."""
+    linear, part: as llama.read_hf_checkpoint's (a pre-quantized checkpoint's projections; one part of it)."""
     norms = GEMMA_NORMS | (HEAD_NORMS if args.head_norms else {})
-    tensors = llama.read_hf_checkpoint(folder, args, dtype, device, norms=norms, linear=linear)
+    tensors = llama.read_hf_checkpoint(folder, args, dtype, device, norms=norms, linear=linear, part=part)
     names = ["norm.weight"] + [f"layers.{i}.{n}.weight" for i in range(args.num_layers) for n in norms]
-    for name in names:
+    for name in (n for n in names if n in tensors):  # those of `part`
         tensors[name] = (tensors[name].float() + 1.0).to(dtype)
     return tensors
 
 
-def assemble(args: GemmaArgs, tensors, formats, dtype, device) -> GemmaForCausalLM:
-    return llama.assemble(args, tensors, formats, dtype, device, model_class=GemmaForCausalLM)
+def assemble(args: GemmaArgs, tensors, formats, dtype, device, layers: bool = True) -> LlamaForCausalLM:
+    return llama.assemble(args, tensors, formats, dtype, device, model_class=GemmaForCausalLM, layers=layers)
 
 
 def param_count(args: GemmaArgs) -> int:

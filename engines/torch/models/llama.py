@@ -1,6 +1,6 @@
 """Llama-family decoder in plain PyTorch: Llama 2/3 (llama3 rope scaling), Mistral, Qwen2 (qkv bias),
 SmolLM2 (tied embeddings). Close families subclass LlamaForCausalLM and override only its hooks (embed, qkv,
-first_layer_input, attention, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2
+layer_input, attention, after_attention, after_mlp, mlp) and layer_norms: Qwen3 (qwen3.py), OLMo 2
 (olmo2.py), Gemma 2 and Gemma 3 (gemma.py), Phi-3 (phi3.py).
 
 Tokens of a step arrive flattened ([T]) with their positions; q/k/v and gate/up projections are
@@ -23,7 +23,7 @@ from engines.torch.checkpoint_tensors import CheckpointTensors
 from engines.torch.kernels.rms_norm import add_rms_norm, rms_norm
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
-from engines.torch.models.architecture import Architecture
+from engines.torch.models.architecture import Architecture, CheckpointPart
 from engines.torch.models.params import decoder_param_count
 from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
 
@@ -173,26 +173,37 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],  # per layer [2, blocks, block_size, kv_heads, head_dim]
     ) -> torch.Tensor:  # [T, hidden]
-        t = input_ids.shape[0]
-        heads, kv_heads = self.args.num_heads, self.args.num_kv_heads
-        if not meta.fused:
-            cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
-            sin = self.sin[positions].unsqueeze(1)
+        # this step's rows of the RoPE tables ([T, 1, hd]) for the torch path
+        rope = None if meta.fused else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         x = self.embed(input_ids)  # the residual stream
-        h = self.first_layer_input(x)  # what the next sublayer reads
+        h = self.layer_input(self.layers[0], x)  # what the next sublayer reads
         layers = list(self.layers)  # (slicing the ModuleList would build a new one, module by module, every step)
         next_layers: list[nn.Module | None] = [*layers[1:], None]
         for layer, kv_cache, next_layer in zip(layers, kv_caches, next_layers):
-            qkv = self.qkv(layer, h)
-            if meta.fused:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
-                attn = fused_attention(
-                    qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads, layer.window
-                )
-            else:
-                attn = self.attention(layer, qkv, positions, cos, sin, kv_cache, meta)
-            x, h = self.after_attention(layer, x, layer.o_proj(attn.reshape(t, layer.q_size)))
-            x, h = self.after_mlp(layer, x, self.mlp(layer, h), next_layer)
+            x, h = self.decoder_layer(layer, x, h, positions, rope, kv_cache, meta, next_layer)
         return h
+
+    def decoder_layer(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,  # the residual stream [T, hidden]
+        h: torch.Tensor,  # the layer's input (layer_input of x)
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # this step's cos and sin rows; None on the fused path
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        next_layer: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual, next layer's input or, after the last, the output)
+        """One decoder layer. The build runs the layers of a model one at a time through this (engines/build/
+        stream.py), with next_layer None: the residual it returns does not depend on the next layer."""
+        heads, kv_heads = self.args.num_heads, self.args.num_kv_heads
+        qkv = self.qkv(layer, h)
+        if rope is None:  # RoPE and the cache write in one C++ op (and a decode-only step's attention in one more)
+            attn = fused_attention(qkv, self.cos, self.sin, kv_cache, meta, self.scale, heads, kv_heads, layer.window)
+        else:
+            attn = self.attention(layer, qkv, positions, *rope, kv_cache, meta)
+        x, h = self.after_attention(layer, x, layer.o_proj(attn.reshape(x.shape[0], layer.q_size)))
+        return self.after_mlp(layer, x, self.mlp(layer, h), next_layer)
 
     # The hooks a variant overrides (engines/torch/models/qwen3.py, olmo2.py, gemma.py, phi3.py); everything else
     # is shared.
@@ -200,8 +211,10 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> the residual stream [T, hidden]
         return self.embed_tokens(input_ids)
 
-    def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:  # embeddings [T, hidden] -> first layer's input
-        return _rms_norm(x, self.layers[0].input_norm, self.args.rms_norm_eps)
+    def layer_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:  # residual [T, hidden] -> its input
+        """What `layer` reads from the residual stream before it: the embeddings for the first layer (forward);
+        for the others after_mlp computes the same, fused with the residual add."""
+        return _rms_norm(x, layer.input_norm, self.args.rms_norm_eps)
 
     def qkv(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, q_size + 2 * kv_size]
         """q, k and v as RoPE and attention read them (the fused path reads them from this one tensor, which
@@ -248,6 +261,36 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         return self.lm_head(hidden).float()
+
+    def load_layer(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        formats: Mapping[str, str],
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Put layer `index`'s weights in place: its tensors (kiln names, consumed from `tensors`), each projection
+        in its stored format (engines/torch/layers/formats.py; missing kinds are dense)."""
+        from engines.torch.layers.formats import make_linear
+
+        layer, p = self.layers[index], f"layers.{index}."
+        for name in self.layer_norms(self.args):
+            if p + name + ".weight" not in tensors:
+                raise KeyError(f"Weights lack tensor {p + name + '.weight'!r}.")
+            weight = tensors.pop(p + name + ".weight").to(device=device, dtype=dtype)
+            setattr(layer, name, nn.Parameter(weight, requires_grad=False))
+        for kind in self.projections:
+            setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
+
+    def unload_layer(self, index: int) -> None:
+        """Free layer `index`'s weights (back on the meta device): the build holds one layer at a time."""
+        layer = self.layers[index]
+        for name, size in self.layer_norms(self.args).items():
+            setattr(layer, name, nn.Parameter(torch.empty(size, device="meta"), requires_grad=False))
+        for kind in self.projections:
+            setattr(layer, kind, None)
 
 
 def rope_tables(
@@ -304,12 +347,14 @@ def read_hf_checkpoint(
     norms: Mapping[str, str] = LLAMA_NORMS,
     linear: LinearReader | None = None,
     projections: Mapping[str, Sequence[str]] = LLAMA_PROJECTIONS,
+    part: CheckpointPart | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kiln's names (see assemble), cast to `dtype` as they are read,
     with q/k/v and gate/up concatenated layer by layer so each weight exists in memory once. norms: the
     layer norms of the model class (its layer_norms), kiln name -> checkpoint name. linear: how projection
     weights are read (float weights in `dtype` when None). projections: which checkpoint modules each kiln
-    projection fuses (a checkpoint with fused ones of its own, Phi-3's, names those)."""
+    projection fuses (a checkpoint with fused ones of its own, Phi-3's, names those). part: only those layers
+    (and the embeddings, final norm and head with part.outer); None reads all and refuses unused tensors."""
 
     def dense(ckpt: CheckpointTensors, modules: Sequence[str], prefix: str) -> dict[str, torch.Tensor]:
         return {prefix + ".weight": torch.cat([ckpt.take(m + ".weight", dtype, device) for m in modules])}
@@ -320,11 +365,13 @@ def read_hf_checkpoint(
         def take(name: str) -> torch.Tensor:
             return ckpt.take(name, dtype, device)
 
-        out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-        if not args.tie_word_embeddings:
-            out.update(read_linear(ckpt, ["lm_head"], "lm_head"))
-        ckpt.take_optional("lm_head.weight")  # some tied checkpoints still carry a copy
-        for i in range(args.num_layers):
+        out: dict[str, torch.Tensor] = {}
+        if part is None or part.outer:
+            out |= {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+            if not args.tie_word_embeddings:
+                out.update(read_linear(ckpt, ["lm_head"], "lm_head"))
+            ckpt.take_optional("lm_head.weight")  # some tied checkpoints still carry a copy
+        for i in range(args.num_layers) if part is None else part.layers:
             p, k = f"model.layers.{i}.", f"layers.{i}."
             for name, hf_name in norms.items():
                 out[k + name + ".weight"] = take(p + hf_name + ".weight")
@@ -335,7 +382,7 @@ def read_hf_checkpoint(
             if args.o_bias:
                 out[k + "o_proj.bias"] = take(p + "self_attn.o_proj.bias")
         leftovers = [n for n in ckpt.names() if "rotary_emb" not in n]
-    if leftovers:
+    if leftovers and part is None:
         raise ValueError(f"Checkpoint has tensors kiln does not know how to use: {leftovers[:5]}")
     return out
 
@@ -350,12 +397,15 @@ def assemble(
     dtype: torch.dtype,
     device: torch.device,
     model_class: type[LlamaForCausalLM] = LlamaForCausalLM,
+    layers: bool = True,
 ) -> LlamaForCausalLM:
     """Build the model on the meta device and move `tensors` (kiln names, consumed) into place.
 
     formats maps each projection kind (model_class.projections and "lm_head") to its stored weight
     format (engines/torch/layers/formats.py); missing kinds are dense. A tied LM head in dense format
     shares the embedding tensor. model_class: a variant of LlamaForCausalLM (another projection layout).
+    layers=False: the embeddings, final norm and LM head only; the decoder layers stay on the meta device until
+    load_layer puts each in place (the build's layer-by-layer pass, engines/build/stream.py).
     """
     from engines.torch.layers.formats import make_linear
 
@@ -373,12 +423,8 @@ def assemble(
 
     model.embed_tokens.weight = param(take("embed_tokens.weight"))
     model.norm = param(take("norm.weight"))
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}."
-        for name in model_class.layer_norms(args):
-            setattr(layer, name, param(take(p + name + ".weight")))
-        for kind in model.projections:  # the instance's: a mixture of experts has a pair per expert
-            setattr(layer, kind, make_linear(formats.get(kind, "dense"), tensors, p + kind, dispatch, dtype, device))
+    for i in range(args.num_layers if layers else 0):
+        model.load_layer(i, tensors, formats, dispatch, dtype, device)
     head_format = formats.get("lm_head", "dense")
     if args.tie_word_embeddings and head_format == "dense":
         model.lm_head = DenseLinear(model.embed_tokens.weight, None, dispatch)

@@ -28,7 +28,7 @@ from torch import nn
 
 from engines.torch.kernels.silu_mul import silu_mul
 from engines.torch.models import llama, qwen3
-from engines.torch.models.architecture import Architecture
+from engines.torch.models.architecture import Architecture, CheckpointPart
 from engines.torch.models.llama import LlamaArgs, LlamaForCausalLM
 from engines.torch.models.qwen3 import Qwen3ForCausalLM
 from engines.torch.models.topology import NormGroup, QuantTopology, RowFold
@@ -87,6 +87,22 @@ class SparseMoeForCausalLM(LlamaForCausalLM):
         for layer in self.layers:
             # the router stays in float (never quantized): it is small, and a rounded logit can flip a routing choice
             layer.router = nn.Parameter(torch.empty(args.num_experts, args.hidden_size), requires_grad=False)
+
+    def load_layer(self, index: int, tensors, formats, dispatch, dtype, device) -> None:
+        """Llama's, plus the layer's router (kept in float: the reader returns it as the `router` tensor)."""
+        name = f"layers.{index}.router.weight"
+        if name not in tensors:
+            raise KeyError(f"Weights lack tensor {name!r}.")
+        router = tensors.pop(name)
+        super().load_layer(index, tensors, formats, dispatch, dtype, device)
+        self.layers[index].router = nn.Parameter(router.to(device=device, dtype=dtype), requires_grad=False)
+
+    def unload_layer(self, index: int) -> None:
+        super().unload_layer(index)
+        args = self.args
+        self.layers[index].router = nn.Parameter(
+            torch.empty(args.num_experts, args.hidden_size, device="meta"), requires_grad=False
+        )
 
     def mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return moe_mlp(h, layer, self.experts, self.args)
@@ -154,9 +170,11 @@ def read_checkpoint(
     names: tuple[str, str, str],
     norms: dict[str, str],
     linear: llama.LinearReader | None = None,
+    part: CheckpointPart | None = None,
 ) -> dict[str, torch.Tensor]:
     """Llama's reader with one projection pair per expert; the router is read as the layer's `router` tensor, in
-    float whatever `linear` (a pre-quantized checkpoint's reader, as llama.read_hf_checkpoint's) does."""
+    float whatever `linear` (a pre-quantized checkpoint's reader, as llama.read_hf_checkpoint's) does. part: as
+    llama.read_hf_checkpoint's."""
     return llama.read_hf_checkpoint(
         folder,
         args,
@@ -165,6 +183,7 @@ def read_checkpoint(
         norms=norms | {"router": f"{block}.gate"},
         linear=linear,
         projections=checkpoint_projections(args, block, *names),
+        part=part,
     )
 
 
@@ -175,12 +194,10 @@ def assemble(
     dtype: torch.dtype,
     device: torch.device,
     model_class: type[SparseMoeForCausalLM] = SparseMoeForCausalLM,
+    layers: bool = True,
 ) -> SparseMoeForCausalLM:
-    routers = [tensors.pop(f"layers.{i}.router.weight") for i in range(args.num_layers)]
-    model = llama.assemble(args, tensors, formats, dtype, device, model_class=model_class)
-    for layer, router in zip(model.layers, routers):
-        layer.router = nn.Parameter(router.to(device=device, dtype=dtype), requires_grad=False)
-    return model  # type: ignore[return-value]
+    """llama.assemble with this family's model class (its load_layer places each layer's router)."""
+    return llama.assemble(args, tensors, formats, dtype, device, model_class=model_class, layers=layers)  # type: ignore[return-value]
 
 
 def param_count(args: MoeArgs) -> int:

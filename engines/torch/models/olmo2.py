@@ -39,7 +39,7 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
             "k_norm": args.num_kv_heads * args.head_dim,
         }
 
-    def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:
+    def layer_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def qkv(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,8 @@ PHI3_PROJECTIONS = {
 }
 
 
-def assemble(args: LlamaArgs, tensors, formats, dtype, device) -> Phi3ForCausalLM:
-    return llama.assemble(args, tensors, formats, dtype, device, model_class=Phi3ForCausalLM)
+def assemble(args: LlamaArgs, tensors, formats, dtype, device, layers: bool = True) -> LlamaForCausalLM:
+    return llama.assemble(args, tensors, formats, dtype, device, model_class=Phi3ForCausalLM, layers=layers)
 
 
 # Llama's norms, projections and layouts: its topology and parameter count hold unchanged.

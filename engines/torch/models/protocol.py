@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
     from engines.torch.attention import AttentionMetadata
+    from engines.torch.layers.linear import LinearDispatch
 
 
 class ModelArgs(Protocol):
@@ -56,3 +59,30 @@ class CausalLM(Protocol):
     ) -> torch.Tensor: ...  # -> hidden states [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, hidden] -> [N, vocab] float32
+
+    # One layer at a time, as the build runs a model it never holds whole (engines/build/stream.py): the residual
+    # stream from the tokens, a layer's input from the residual stream, one layer forward, and a layer's weights
+    # loaded into (and freed from) a model assembled with layers=False.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [T] -> residual stream [T, hidden]
+    def layer_input(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+    def decoder_layer(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        next_layer: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...  # (residual, next layer's input; after the last: the output)
+    def load_layer(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        formats: Mapping[str, str],
+        dispatch: LinearDispatch,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None: ...
+    def unload_layer(self, index: int) -> None: ...
