@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from engines.base import GenerationRequest
 from engines.config import EngineConfig
@@ -43,3 +44,48 @@ def test_quantized_moe_engine_stays_within_budget_loads_and_generates(built, mod
     requests = [GenerationRequest(str(i), p, greedy(12, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     tokens = run_to_completion(core, requests)
     assert all(len(t[0]) == 12 for t in tokens.values())
+
+
+@pytest.mark.parametrize("precision", ["int8-sq", "int4-awq", "int4-gptq"])
+def test_an_expert_no_calibration_token_reached_is_quantized_without_statistics(precision, tmp_path):
+    """A router that never picks expert 0 (its row is zero, and experts 1 and 2 have rows v and -v, so one of them
+    scores |h . v| >= 0 for every token, top-1): expert 0 sees no calibration token and has no statistics. It is
+    quantized without them (no smoothing, round-to-nearest) and the report counts it; the engine loads and
+    generates (before, the build stopped in torch.cat of no samples)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from engines.build.builder import build
+    from tests.build_fixtures import build_options
+    from tests.test_qwen3_olmo2_build import copy_default_tokenizer
+
+    config = MixtralConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    MixtralForCausalLM(config).eval().save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    for i in range(config.num_hidden_layers):
+        router = weights[f"model.layers.{i}.block_sparse_moe.gate.weight"]
+        router[0] = 0.0
+        router[2] = -router[1]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    copy_default_tokenizer(folder)
+    out = tmp_path / "engine"
+    result = build(build_options(folder, out, precision=precision, calib_samples=16, eval_samples=2))
+    assert result.report["details"]["uncalibrated_projections"] == 2 * (1 if precision == "int8-sq" else 2)
+    loaded = load_engine_dir(EngineConfig(engine_dir=str(out)))
+    core = build_core(EngineConfig(kv_cache_memory=16 << 20), loaded)
+    tokens = run_to_completion(core, [GenerationRequest("0", PROMPTS[0], greedy(4, ignore_eos=True))])
+    assert len(tokens["0"][0]) == 4

@@ -87,6 +87,10 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
     model = model_cls(config).eval()
     randomize_init_constants(model)
     model.save_pretrained(folder)
+    copy_default_tokenizer(folder)
+
+
+def copy_default_tokenizer(folder: Path) -> None:
     default = resolve_model(None)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (default / name).is_file():

@@ -62,6 +62,19 @@ class QuantizeContext:
     def collect(self, key: str, value: float) -> None:
         self.collected.setdefault(key, []).append(value)
 
+    def calibrated(self, name: str) -> bool:
+        """Whether any calibration token reached projection `name`. One that none reached (a mixture-of-experts
+        expert the router never chose for the calibration prompts) has no statistics: schemes quantize it without
+        them (no smoothing, round-to-nearest), and the build report counts it."""
+        if self.stats(name).tokens > 0:
+            return True
+        self.collect("uncalibrated", 1.0)
+        return False
+
+    def uncalibrated_details(self) -> dict[str, object]:
+        count = len(self.collected.get("uncalibrated", []))
+        return {"uncalibrated_projections": count} if count else {}
+
 
 class Scheme:
     """Base of every scheme; subclasses set the class attributes and, when kiln's torch engine builds

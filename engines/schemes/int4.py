@@ -88,6 +88,9 @@ class Int4Awq(_Int4):
         for inp in layer.inputs:  # consumers before producers: a fold changes its producer's weight
             ws = [layer.weights[kind] for kind in inp.consumers]
             g = effective_group_size(ws[0].shape[1], ctx.group_size)
+            if not ctx.calibrated(layer.name(inp.consumers[0])):
+                qws.update((kind, quantize_rtn(w, 4, g, False)) for kind, w in zip(inp.consumers, ws))
+                continue
             x = ctx.stats(layer.name(inp.consumers[0])).sample_matrix()  # every consumer reads the same x
             if not inp.foldable:
                 for kind, w in zip(inp.consumers, ws):
@@ -101,7 +104,7 @@ class Int4Awq(_Int4):
 
     def details(self, ctx: QuantizeContext) -> dict[str, object]:
         alphas = ctx.collected.get("awq_alpha")
-        return {"awq_alpha_mean": round(sum(alphas) / len(alphas), 3)} if alphas else {}
+        return ({"awq_alpha_mean": round(sum(alphas) / len(alphas), 3)} if alphas else {}) | ctx.uncalibrated_details()
 
 
 class Int4Gptq(_Int4):
@@ -113,14 +116,18 @@ class Int4Gptq(_Int4):
 
     def quantize_weights(self, layer: LayerWeights, ctx: QuantizeContext) -> dict[str, QuantizedWeight]:
         from engines.quant.gptq import gptq_quantize
+        from engines.quant.rtn import quantize_rtn
 
-        return {
-            kind: gptq_quantize(
-                w,
-                h=ctx.stats(layer.name(kind)).hessian_mean(),
-                bits=4,
-                group_size=effective_group_size(w.shape[1], ctx.group_size),
-                symmetric=False,
-            )
-            for kind, w in layer.weights.items()
-        }
+        out: dict[str, QuantizedWeight] = {}
+        for kind, w in layer.weights.items():
+            g = effective_group_size(w.shape[1], ctx.group_size)
+            if ctx.calibrated(layer.name(kind)):
+                out[kind] = gptq_quantize(
+                    w, h=ctx.stats(layer.name(kind)).hessian_mean(), bits=4, group_size=g, symmetric=False
+                )
+            else:
+                out[kind] = quantize_rtn(w, 4, g, False)
+        return out
+
+    def details(self, ctx: QuantizeContext) -> dict[str, object]:
+        return ctx.uncalibrated_details()

@@ -41,6 +41,8 @@ class Int8SmoothQuant(Scheme):
         # layer.inputs lists consumers before producers, so a scale folded into a projection's rows is in place
         # before that projection is smoothed itself; the architecture's topology says which inputs are smoothed
         for inp in (inp for inp in layer.inputs if inp.smooth):
+            if not ctx.calibrated(layer.name(inp.consumers[0])):
+                continue  # left unsmoothed: no activation statistics to balance against
             ws = [layer.weights[kind] for kind in inp.consumers]
             layer.scale_input(inp, smooth_scales(_channel_amax(ctx, layer.name(inp.consumers[0])), ws, ALPHA))
         out: dict[str, LayerResult] = {}
@@ -51,7 +53,7 @@ class Int8SmoothQuant(Scheme):
         return out
 
     def details(self, ctx: QuantizeContext) -> dict[str, object]:
-        return {"smoothquant_alpha": ALPHA}
+        return {"smoothquant_alpha": ALPHA} | ctx.uncalibrated_details()
 
 
 def _channel_amax(ctx: QuantizeContext, name: str) -> torch.Tensor:
