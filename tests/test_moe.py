@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from engines.build.calibrate import Needs, calibrate
+from engines.build.calibrate import Needs, calibrate_layer
 from engines.build.quantize import LayerWeights
+from engines.build.stream import LayerRunner, embed
 from engines.torch.layers.linear import DenseLinear, LinearDispatch
 from engines.torch.models import moe
 from engines.torch.models.registry import ARCHITECTURES, architecture
@@ -119,7 +120,8 @@ def test_each_expert_calibrates_on_its_routed_tokens_only(name, tiny_models):
     model = tiny_models(name)[0].model
     args = model.args
     ids = prompts()[3]
-    calib = calibrate(model, [ids], Needs(samples=True), torch.float32, CPU, progress=False)
+    runner = LayerRunner(model, torch.float32, CPU, len(ids))
+    calib = calibrate_layer(runner, 0, embed(model, [ids], CPU), Needs(samples=True))
     assert calib.projections["layers.0.qkv_proj"].tokens == len(ids)  # every token reaches the attention
     counts = [calib.projections[f"layers.0.expert{e}_gate_up_proj"].tokens for e in range(args.num_experts)]
     assert sum(counts) == args.experts_per_token * len(ids) and all(0 < n < len(ids) for n in counts)
