@@ -105,3 +105,23 @@ def test_a_built_kernel_is_reused_from_another_install_path_and_another_extensio
     pod = tmp_path / "pod-extensions"
     shutil.copytree(image, pod, copy_function=shutil.copy2)  # cp -a keeps times
     assert load("install-c", pod) == built
+
+
+def test_loading_an_extension_again_after_a_reset_is_no_new_build():
+    """Tests switch KILN_CPU_ISA and reset() many times in one process: each later load of a kernel must find the
+    build it made, not a new version to compile (torch appended its libraries to the flags kiln passed, which made
+    torch's versioner see new build arguments every time)."""
+    from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+    from engines.torch.kernels import rms_norm
+
+    if not rms_norm.available():
+        pytest.skip("no compiler or CPU for kiln's rms_norm kernel here")
+    loaded = [e for e in extension.EXTENSIONS if e.module is not None and e.owner.endswith(".rms_norm")]
+    flags = {e.name: (list(e.cflags), list(e.ldflags)) for e in loaded}
+    versions = {e.name: JIT_EXTENSION_VERSIONER.get_version(e.name) for e in loaded}
+    for _ in range(2):
+        extension.reset()
+        assert rms_norm.available()
+    assert {e.name: (e.cflags, e.ldflags) for e in loaded} == flags
+    assert {e.name: JIT_EXTENSION_VERSIONER.get_version(e.name) for e in loaded} == versions

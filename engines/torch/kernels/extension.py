@@ -139,8 +139,12 @@ class LazyExtension:
                     self.module = load(
                         name=self.name,
                         sources=[str(staged)],
-                        extra_cflags=self.cflags,
-                        extra_ldflags=self.ldflags,
+                        # copies: torch.utils.cpp_extension._prepare_ldflags appends torch's libraries to the list
+                        # it is given, and JIT_EXTENSION_VERSIONER.bump_version_if_changed hashes these arguments,
+                        # so passing ours made every later load of this extension (after reset(), e.g. under
+                        # another KILN_CPU_ISA in the tests) a new version, compiled again (~15 s each)
+                        extra_cflags=list(self.cflags),
+                        extra_ldflags=list(self.ldflags),
                         # the shared headers: staged beside the source, or this folder when not staged
                         extra_include_paths=[str(staged.parent if staged != self.source else HEADERS_DIR)],
                         verbose=False,
