@@ -58,17 +58,18 @@ def test_the_checkpoints_kv_scales_serve_an_fp8_and_an_int8_kv_cache(fp8_static)
 def test_a_quantized_kv_cache_with_the_checkpoints_scales_stays_close_to_the_float_one(fp8_static, kv_cache_dtype):
     """The float-KV model's own greedy answers, read by both: the next-token distributions stay close (a scale
     convention read the wrong way round, amax * 448 instead of amax / 448, clips every key to nothing)."""
-    from engines.build.evaluate import compare
-    from engines.torch.sequence_runner import SequenceRunner
+    from engines.build.evaluate import answer_rows
+    from engines.build.prequantized import _accuracy
 
     quantized, _, _ = fp8_static
     _, float_kv = answers(EngineConfig(model=str(quantized), dtype="float32"), max_tokens=8)
     loaded = load_model(EngineConfig(model=str(quantized), dtype="float32"))
     scales = _kv_cache_scales(quantized, kv_cache_dtype)
     cpu = torch.device("cpu")
-    reference = SequenceRunner(loaded.model, torch.float32, cpu, 32)
-    test = SequenceRunner(loaded.model, torch.float32, cpu, 32, kv_cache_dtype=kv_cache_dtype, kv_cache_scales=scales)
-    got = compare(reference, test, PROMPTS, [[s.token_id for s in float_kv[f"r{i}"]] for i in range(2)], False)
+    replies = [[s.token_id for s in float_kv[f"r{i}"]] for i in range(2)]
+    sequences = [p + a for p, a in zip(PROMPTS, replies)]
+    rows = answer_rows(PROMPTS, replies)
+    got = _accuracy(loaded.model, loaded.model, sequences, rows, replies, kv_cache_dtype, scales, torch.float32, cpu)
     assert got.kl_mean < 0.01 and got.top1_agreement >= 0.9, got
 
 
