@@ -21,50 +21,43 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from engines import calibration, schemes
 from engines.build import manifest as mf
-from engines.build.candidate import BuiltCandidate, HeldOut, build_candidate
+from engines.build.candidate import HeldOut, build_candidate
+from engines.build.engine_dir import (
+    CALIB_MAX_TOKENS,
+    Candidate,
+    DraftTarget,
+    auto_kv,
+    check_same_vocabulary,
+    compute_build_hash,
+    engine_dtype,
+    loaded_model,
+    measure_speed,
+    write_engine,
+)
 from engines.build.evaluate import answer_rows, greedy_answers
 from engines.build.fingerprint import model_fingerprint
-from engines.build.quantize import needs_for
-from engines.build.report import write_report
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.shards import Shards
-from engines.build.speed import decode_speed
 from engines.build.stream import Checkpoint, float_outputs
 from engines.hardware import Hardware, detect
-from engines.model_source import cache_dir, model_display_name, resolve_model
+from engines.model_source import cache_dir, resolve_model
 from engines.parallel import TORCH_REFUSAL, GpuSplit, SplitError
 from engines.profiles import DEFAULT_GROUP_SIZE, Profile, load_profiles, pick, supported_on
 from engines.torch import prequantized
 from engines.torch.models.registry import architecture
 from engines.trtllm.build import build_trtllm
-from engines.version import __version__
 
 log = logging.getLogger("kiln.build")
 
 CALIBRATORS = ("minmax", "percentile", "entropy")
 KV_CHOICES = ("auto", "model", "int8", "fp8")
-CALIB_MAX_TOKENS = 512  # calibration prompts are cut here: statistics, not long-context behaviour
 DRAFT_PRECISION = "int4-awq"  # what `--draft-of` builds unless --precision says otherwise
-FLOAT_REFERENCE = "the unquantized float32 model"
-KV_REPORT_POOL = 1 << 30  # the report states KV capacity for the CPU default pool of 1 GiB
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
 
 
 @dataclass(frozen=True)  # what --draft-of resolves comes back as a new BuildOptions (_resolve_draft_of)
@@ -139,16 +132,6 @@ class BuildOptions:
             raise BuildError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
 
 
-@dataclass
-class _Candidate:
-    precision: str
-    kv_cache_dtype: str
-    profile: str | None
-    built: BuiltCandidate | None = None
-    reference: str = FLOAT_REFERENCE  # what the accuracy is measured against (build-report's "reference")
-    calibrated: bool | None = None  # whether calibration ran; None: whenever the precision or the KV cache needs it
-
-
 def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResult:
     options.validate()
     target = None
@@ -179,14 +162,14 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     args = arch.args_from_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if target is not None:
-        _check_same_vocabulary(tokenizer, target)
+        check_same_vocabulary(tokenizer, target)
 
     candidates = _candidates(options, hardware, args, hf_config)
     calib_requests = calibration.select_samples(
         calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples
     )
     eval_requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
-    build_hash = _build_hash(options, folder, candidates, hardware, calib_requests, eval_requests)
+    build_hash = compute_build_hash(options, folder, candidates, hardware, calib_requests, eval_requests)
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
 
@@ -213,7 +196,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
                 cand.kv_cache_dtype,
                 options.calibrator,
                 options.group_size,
-                _engine_dtype(cand.precision, runtime_dtype),
+                engine_dtype(cand.precision, runtime_dtype),
                 calib_prompts,
                 held_out,
                 Shards(parts / cand.precision),
@@ -243,11 +226,11 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
 
         speeds = []
         if options.bench:
-            speeds = _measure_speed(
-                args, chosen, hf_config, tokenizer, folder, device, _engine_dtype(chosen.precision, runtime_dtype)
+            speeds = measure_speed(
+                args, chosen, hf_config, tokenizer, folder, device, engine_dtype(chosen.precision, runtime_dtype)
             )
 
-        manifest = _write_engine(
+        manifest = write_engine(
             output,
             folder,
             options,
@@ -268,15 +251,7 @@ def build(options: BuildOptions, hardware: Hardware | None = None) -> BuildResul
     return BuildResult(output, False, manifest, json.loads((output / "build-report.json").read_text()))
 
 
-@dataclass
-class _DraftTarget:
-    """The engine a `--draft-of` build drafts for."""
-
-    path: str  # resolved
-    manifest: mf.Manifest
-
-
-def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, _DraftTarget]:
+def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, DraftTarget]:
     """--draft-of ENGINE: the draft is, unless --model says otherwise, the target's own model, and unless
     --precision says otherwise its INT4 (AWQ) build: the smallest weights that still agree often. Returns
     the options with those filled in, and the target's manifest."""
@@ -291,21 +266,10 @@ def _resolve_draft_of(options: BuildOptions) -> tuple[BuildOptions, _DraftTarget
         options = replace(options, model=None if source.startswith("embedded:") else source)
     if options.precision == "auto":
         options = replace(options, precision=DRAFT_PRECISION)
-    return options, _DraftTarget(str(Path(options.draft_of).expanduser().resolve()), target)
+    return options, DraftTarget(str(Path(options.draft_of).expanduser().resolve()), target)
 
 
-def _check_same_vocabulary(tokenizer, target: _DraftTarget) -> None:
-    from transformers import AutoTokenizer
-
-    theirs = AutoTokenizer.from_pretrained(target.path)
-    if tokenizer.get_vocab() != theirs.get_vocab():
-        raise BuildError(
-            f"the draft model does not share the tokenizer of the engine in {target.path}; a draft "
-            "must use the target's vocabulary."
-        )
-
-
-def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[_Candidate]:
+def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> list[Candidate]:
     """What to try, most aggressive first when --max-accuracy-loss chooses among several."""
     params = architecture(args.model_type).param_count(args)
     if options.precision != "auto":
@@ -316,8 +280,8 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
             raise BuildError(
                 f"--precision {options.precision} is not supported on this machine: {_sm_reason(req, hardware)}."
             ) from exc
-        kv = _auto_kv(hardware) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
-        return [_Candidate(options.precision, kv, None)]
+        kv = auto_kv(hardware) if options.kv_cache_dtype == "auto" else options.kv_cache_dtype
+        return [Candidate(options.precision, kv, None)]
     profiles = [p for p in load_profiles() if supported_on(p, hardware)[0] and "torch" in p.backend]
     if not profiles:
         raise BuildError(f"No build profile supports this machine ({hardware.describe()}).")
@@ -327,9 +291,7 @@ def _candidates(options: BuildOptions, hardware: Hardware, args, hf_config) -> l
     else:  # smallest weights first; among equals, the higher-priority profile
         chosen = sorted(profiles, key=lambda p: (p.weight_bytes(params * 2), -p.priority))
     return [
-        _Candidate(
-            p.precision, p.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype, p.name
-        )
+        Candidate(p.precision, p.kv_cache_dtype if options.kv_cache_dtype == "auto" else options.kv_cache_dtype, p.name)
         for p in chosen
     ]
 
@@ -338,45 +300,6 @@ def _sm_reason(req: mf.Requirements, hardware: Hardware) -> str:
     if req.device == "cuda" and req.min_sm:
         return f"it needs a GPU with SM >= {req.min_sm} and {hardware.name} is SM {hardware.sm}"
     return f"it needs {req.device}"
-
-
-def _auto_kv(hardware: Hardware) -> str:
-    if hardware.device == "cuda":
-        return "fp8" if (hardware.sm or 0) >= 89 else "int8" if (hardware.sm or 0) >= 80 else "model"
-    return "int8"
-
-
-def _engine_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
-    """The dtype an engine of `precision` runs in: its scheme's (fp32: float32), else the device's `auto`."""
-    runtime = schemes.get(precision).runtime_dtype
-    return auto if runtime == "auto" else getattr(torch, runtime)
-
-
-def _build_hash(
-    options: BuildOptions, folder: Path, candidates: list[_Candidate], hardware: Hardware, calib_requests, eval_requests
-) -> str:
-    key = {
-        "schema": mf.SCHEMA_VERSION,
-        "kiln": __version__,
-        "model": model_fingerprint(folder),
-        "candidates": [(c.precision, c.kv_cache_dtype, c.profile) for c in candidates],
-        "group_size": options.group_size,
-        "calibrator": options.calibrator,
-        "backend": options.backend,
-        "max_accuracy_loss": options.max_accuracy_loss,
-        "eval": [options.eval_samples, options.eval_tokens],
-        "bench": options.bench,
-        "calib": calibration.fingerprint(calib_requests),
-        "eval_set": calibration.fingerprint(eval_requests),
-        "target": [hardware.device, hardware.sm, sorted(hardware.cpu_flags)],
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def _loaded(model, hf_config, tokenizer, folder: Path, dtype, device):
-    from engines.torch.loader import LoadedModel
-
-    return LoadedModel(model, hf_config, tokenizer, model_display_name(str(folder)), folder, dtype, device)
 
 
 def _reference_answers(
@@ -396,151 +319,10 @@ def _reference_answers(
         len(prompts),
         options.eval_tokens,
     )
-    eos = eos_token_ids(_loaded(float_shell, hf_config, tokenizer, folder, torch.float32, checkpoint.device))
+    eos = eos_token_ids(loaded_model(float_shell, hf_config, tokenizer, folder, torch.float32, checkpoint.device))
     answers = greedy_answers(checkpoint, float_shell, prompts, options.eval_tokens, eos, options.progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(answers))
     tmp.rename(path)
     return answers
-
-
-def _measure_speed(args, cand: _Candidate, hf_config, tokenizer, folder, device, dtype) -> list[dict]:
-    """Decode speed of the chosen engine, the whole quantized model loaded (it is the engine that will be served)."""
-    from engines.config import EngineConfig
-    from engines.torch.loader import build_core
-
-    arch = architecture(args.model_type)
-    tensors = cand.built.shards.load_all(device)
-    tensors.pop("kv_cache.scales", None)
-    model = arch.assemble(args, tensors, cand.built.formats, dtype, device)
-    results = []
-    for concurrency in (1, 32):
-        config = EngineConfig(
-            max_num_seqs=64,
-            enable_prefix_caching=False,
-            kv_cache_dtype=cand.kv_cache_dtype,
-            kv_cache_scales=cand.built.kv_scales,
-        )
-        core = build_core(config, _loaded(model, hf_config, tokenizer, folder, dtype, device))
-        decode_speed(core, 1, args.vocab_size, new_tokens=8)  # warm-up: kernels, allocator
-        results.append(decode_speed(core, concurrency, args.vocab_size))
-        log.info("decode at concurrency %d: %s tok/s", concurrency, results[-1]["decode_tok_s"])
-    return results
-
-
-def _write_engine(
-    output: Path,
-    folder: Path,
-    options: BuildOptions,
-    hardware: Hardware,
-    args,
-    hf_config,
-    chosen: _Candidate,
-    candidates: list[_Candidate],
-    build_hash: str,
-    calib_requests,
-    calib_tokens: int,
-    speeds: list[dict],
-    started: float,
-    target: _DraftTarget | None,
-) -> mf.Manifest:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    built = chosen.built
-    built.shards.join(tmp / mf.WEIGHTS, metadata={"format": "pt", "producer": f"kiln {__version__}"})
-    copied = ["config.json"] + [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    for name in copied:
-        shutil.copy2(folder / name, tmp / name)
-
-    weight_bytes = (tmp / mf.WEIGHTS).stat().st_size
-    scheme = schemes.get(chosen.precision)
-    bf16_bytes = architecture(args.model_type).param_count(args) * 2
-    kv_elem = {"model": scheme.store_dtype().itemsize, "int8": 1, "fp8": 1}[chosen.kv_cache_dtype]
-    kv_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * kv_elem
-    report = {
-        "model": model_display_name(options.model) if options.model else "SmolLM2-135M-Instruct",
-        "precision": chosen.precision,
-        "kv_cache_dtype": chosen.kv_cache_dtype,
-        "profile": chosen.profile,
-        "weight_bytes": weight_bytes,
-        "weight_ratio_to_bf16": round(weight_bytes / bf16_bytes, 3),
-        "kv_bytes_per_token": kv_per_token,
-        "kv_tokens_per_gib": KV_REPORT_POOL // kv_per_token,
-        "build_seconds": round(time.perf_counter() - started, 1),
-        "calibration_seconds": round(built.calibration_seconds, 1),
-        "quantize_seconds": round(built.quantize_seconds, 1),
-        "accuracy": built.accuracy.to_dict(),
-        "reference": chosen.reference,
-        "speed": speeds,
-        "candidates": [
-            {
-                "precision": c.precision,
-                "kv_cache_dtype": c.kv_cache_dtype,
-                "profile": c.profile,
-                "kl_mean": c.built.accuracy.kl_mean if c.built else None,
-            }
-            for c in candidates
-        ],
-        "hardware": hardware.describe(),
-        "details": built.details,
-    }
-    (tmp / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_report(tmp / "build-report.md", report, options.max_accuracy_loss)
-    files = [mf.WEIGHTS, "build-report.json", "build-report.md"] + copied
-    manifest = mf.Manifest(
-        schema_version=mf.SCHEMA_VERSION,
-        kiln_version=__version__,
-        build_hash=build_hash,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        backend="torch",
-        model=mf.ModelSource(
-            source=options.model or "embedded:SmolLM2-135M-Instruct",
-            architecture=hf_config.architectures[0] if getattr(hf_config, "architectures", None) else None,
-            model_type=hf_config.model_type,
-            fingerprint=model_fingerprint(folder),
-        ),
-        precision=chosen.precision,
-        profile=chosen.profile,
-        weight_formats=built.formats,
-        group_sizes=built.group_sizes,
-        kv_cache_dtype=chosen.kv_cache_dtype,
-        dtype=scheme.runtime_dtype,
-        target=mf.Target(
-            device=hardware.device,
-            description=hardware.describe(),
-            sm=hardware.sm,
-            cpu_flags=sorted(hardware.cpu_flags),
-            requires=mf.requirements(chosen.precision, hardware.device),
-        ),
-        calibration=None
-        if not (
-            chosen.calibrated
-            if chosen.calibrated is not None
-            else needs_for(chosen.precision, chosen.kv_cache_dtype).anything
-        )
-        else mf.Calibration(
-            source=options.calib or "kiln:build/calibration/calib.jsonl",
-            samples=len(calib_requests),
-            tokens=calib_tokens,
-            calibrator=options.calibrator,
-            fingerprint=calibration.fingerprint(calib_requests),
-        ),
-        files=mf.checksums(tmp, files),
-        **(
-            {}
-            if target is None
-            else {
-                "draft_of": mf.DraftOf(
-                    engine=target.path, build_hash=target.manifest.build_hash, model=target.manifest.model.source
-                )
-            }
-        ),
-    )
-    mf.write_manifest(tmp, manifest)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    return manifest

@@ -20,24 +20,24 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engines import calibration
-from engines.build.builder import (
-    CALIB_MAX_TOKENS,
-    BuildOptions,
-    _auto_kv,
-    _build_hash,
-    _Candidate,
-    _check_same_vocabulary,
-    _engine_dtype,
-    _loaded,
-    _measure_speed,
-    _write_engine,
-)
 from engines.build.calibrate import Needs, calibrate_layer
 from engines.build.candidate import KV_CODE_MAX, BuiltCandidate
+from engines.build.engine_dir import (
+    CALIB_MAX_TOKENS,
+    Candidate,
+    auto_kv,
+    check_same_vocabulary,
+    compute_build_hash,
+    engine_dtype,
+    loaded_model,
+    measure_speed,
+    write_engine,
+)
 from engines.build.evaluate import Accuracy, answer_rows, compare
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.shards import Shards
@@ -47,6 +47,9 @@ from engines.torch import prequantized
 from engines.torch.models.protocol import CausalLM
 from engines.torch.models.registry import architecture
 from engines.torch.prequantized.kv_scales import convert_kv_scales
+
+if TYPE_CHECKING:
+    from engines.build.builder import BuildOptions
 
 REFERENCE = (
     "the pre-quantized checkpoint itself, served with its stored weights in float32 and a float KV cache (it has no "
@@ -87,17 +90,17 @@ def build_prequantized(
         )
     kv = options.kv_cache_dtype
     if kv == "auto":
-        kv = stored.kv_dtype if stored.kv_scales is not None else _auto_kv(hardware)
-    cand = _Candidate(precision, kv, None, reference=REFERENCE, calibrated=False)
+        kv = stored.kv_dtype if stored.kv_scales is not None else auto_kv(hardware)
+    cand = Candidate(precision, kv, None, reference=REFERENCE, calibrated=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if target is not None:
-        _check_same_vocabulary(tokenizer, target)
+        check_same_vocabulary(tokenizer, target)
     calib_requests = calibration.select_samples(
         calibration.load_chat_requests(options.calib or calibration.default_calibration_path()), options.calib_samples
     )
     eval_requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
     output = Path(options.output).expanduser()
-    build_hash = _build_hash(options, folder, [cand], hardware, calib_requests, eval_requests)
+    build_hash = compute_build_hash(options, folder, [cand], hardware, calib_requests, eval_requests)
     if (existing := up_to_date_engine(output, build_hash, options.force)) is not None:
         return BuildResult(output, True, existing)
 
@@ -118,11 +121,11 @@ def build_prequantized(
             cand.calibrated = True
             details["kv_scales"] = f"calibrated ({options.calibrator})"
 
-    eos = eos_token_ids(_loaded(reference, hf_config, tokenizer, folder, FP32, device))
+    eos = eos_token_ids(loaded_model(reference, hf_config, tokenizer, folder, FP32, device))
     answers = _greedy_answers(reference, eval_prompts, options.eval_tokens, eos, device)
     sequences = [p + a for p, a in zip(eval_prompts, answers)]
     rows = answer_rows(eval_prompts, answers)
-    test_dtype = _engine_dtype(precision, pick_dtype("auto", device))
+    test_dtype = engine_dtype(precision, pick_dtype("auto", device))
     model = arch.assemble(args, dict(stored.tensors), stored.formats, test_dtype, device)
     accuracy = _accuracy(reference, model, sequences, rows, answers, kv, kv_scales, test_dtype, device)
     del model
@@ -139,9 +142,9 @@ def build_prequantized(
         cand.built = BuiltCandidate(shards, stored.formats, accuracy, kv_scales, {}, details, calib_seconds)
         speeds = []
         if options.bench:
-            speeds = _measure_speed(args, cand, hf_config, tokenizer, folder, device, test_dtype)
+            speeds = measure_speed(args, cand, hf_config, tokenizer, folder, device, test_dtype)
         calib_tokens = sum(len(p) for p in calib_prompts)
-        manifest = _write_engine(
+        manifest = write_engine(
             output,
             folder,
             options,
