@@ -37,6 +37,8 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
         Gemma2ForCausalLM,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
         MixtralConfig,
         MixtralForCausalLM,
         Olmo2Config,
@@ -59,6 +61,7 @@ def save_tiny_chat_model(model_type: str, folder: Path) -> None:
     config_cls, model_cls, extra = {
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),
         "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 8}),  # windowed past the prompts' length
         "gemma2": (Gemma2Config, Gemma2ForCausalLM, gemma),
         "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, gemma | {"layer_types": layer_types}),
         "phi3": (Phi3Config, Phi3ForCausalLM, {"rope_parameters": rope, "original_max_position_embeddings": 512}),
@@ -117,7 +120,7 @@ def built(tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision", list(BUDGETS))
-@pytest.mark.parametrize("model_type", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "mistral"])
 def test_quantized_engine_stays_within_budget_loads_and_generates(built, model_type, precision):
     baseline, factor = BUDGETS[precision]
     baseline_kl = built(model_type, baseline)[1].report["accuracy"]["kl_mean"]
@@ -131,7 +134,10 @@ def test_quantized_engine_stays_within_budget_loads_and_generates(built, model_t
     loaded = load_engine_dir(EngineConfig(engine_dir=str(out)))
     layer = loaded.model.layers[0]
     assert type(layer.qkv_proj).__name__ == type(layer.down_proj).__name__ == EXPECTED_LAYER[precision]
-    assert layer.q_norm.shape == ((32,) if model_type == "qwen3" else (4 * 16,))
+    if model_type == "mistral":
+        assert layer.window == 8  # the engine serves the window past itself (max_model_len is not capped at it)
+    else:
+        assert layer.q_norm.shape == ((32,) if model_type == "qwen3" else (4 * 16,))
     core = build_core(EngineConfig(kv_cache_memory=16 << 20), loaded)
     requests = [GenerationRequest(str(i), p, greedy(12, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     tokens = run_to_completion(core, requests)
