@@ -87,3 +87,27 @@ def test_joined_shards_hold_every_tensor_as_saved(tmp_path):
         assert torch.equal(joined[name].view(torch.uint8), tensor.view(torch.uint8)), name
     shards.discard()
     assert not (tmp_path / "parts").exists()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_kv_calibration_alone_records_what_the_full_layer_does(checkpoint_of, model_type):
+    """Calibrating only the KV cache stops each layer at its output projection; the keys and values it records are
+    those a full run of the layer writes."""
+    from engines.build.calibrate import Needs, calibrate_layer
+    from engines.build.stream import LayerRunner, embed
+
+    c = checkpoint_of(model_type)
+    shell = c.shell(c.outer(), {}, torch.float32)
+    sequences = [[1, 500, 600, 700, 800, 900, 17, 23, 5, 9], [1, 42, 4242, 31337, 7, 7, 7, 9000, 12, 13, 14, 15]]
+    runner = LayerRunner(shell, torch.float32, CPU, 16)
+    xs = embed(shell, sequences, CPU)
+    for i in range(c.args.num_layers):
+        layer = runner.load(i, c.layer(i), {})
+        alone = calibrate_layer(runner, i, xs, Needs(kv=True))
+        full = calibrate_layer(runner, i, xs, Needs(kv=True, channel_amax=True))
+        assert torch.equal(alone.kv_amax, full.kv_amax) and torch.equal(alone.kv_samples, full.kv_samples)
+        assert full.projections[f"layers.{i}.down_proj"].tokens == 22  # the full run reached the MLP
+        assert alone.projections[f"layers.{i}.down_proj"].tokens == 0
+        assert layer.o_proj is not None and not type(layer.o_proj).__name__.startswith("_")  # put back
+        xs = [runner.forward(layer, x)[0] for x in xs]
+        shell.unload_layer(i)

@@ -63,7 +63,8 @@ def test_an_int8_kv_cache_is_calibrated_and_costs_what_the_report_says(gptq_fold
     from engines import calibration
     from engines.build.builder import CALIB_MAX_TOKENS
     from engines.build.evaluate import answer_rows
-    from engines.build.prequantized import _accuracy, _greedy_answers
+    from engines.build.greedy import greedy_answers
+    from engines.build.prequantized import _accuracy
     from engines.torch.loader import eos_token_ids
 
     options = build_options(gptq_folder, tmp_path / "engine", kv_cache_dtype="int8")
@@ -76,7 +77,9 @@ def test_an_int8_kv_cache_is_calibrated_and_costs_what_the_report_says(gptq_fold
     requests = calibration.load_chat_requests(calibration.default_eval_path())[: options.eval_samples]
     prompts = calibration.render_prompts(requests, reference.tokenizer, CALIB_MAX_TOKENS)
     cpu = torch.device("cpu")
-    answers = _greedy_answers(reference.model, prompts, options.eval_tokens, eos_token_ids(reference), cpu)
+    answers = greedy_answers(
+        reference.model, prompts, options.eval_tokens, eos_token_ids(reference), cpu, progress=False
+    )
     sequences = [p + a for p, a in zip(prompts, answers)]
     measured = _accuracy(
         reference.model,

@@ -40,8 +40,9 @@ from engines.build.engine_dir import (
     measure_speed,
     write_engine,
 )
-from engines.build.evaluate import answer_rows, greedy_answers
+from engines.build.evaluate import answer_rows
 from engines.build.fingerprint import model_fingerprint
+from engines.build.greedy import streamed_greedy_answers
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.shards import Shards
 from engines.build.stream import Checkpoint, float_outputs
@@ -320,7 +321,7 @@ def _reference_answers(
         options.eval_tokens,
     )
     eos = eos_token_ids(loaded_model(float_shell, hf_config, tokenizer, folder, torch.float32, checkpoint.device))
-    answers = greedy_answers(checkpoint, float_shell, prompts, options.eval_tokens, eos, options.progress)
+    answers = streamed_greedy_answers(checkpoint, float_shell, prompts, options.eval_tokens, eos, options.progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(answers))

@@ -79,6 +79,19 @@ class _Recorder(nn.Module):
         return self.inner(x)
 
 
+class _KVWritten(Exception):
+    """Raised by _StopAtOutput: the layer has written its keys and values, and nothing after is recorded."""
+
+
+class _StopAtOutput(nn.Module):
+    """Stands in for the attention's output projection when only the KV cache is calibrated: every architecture
+    writes its KV cache in attention, before this projection, and the layer's outputs are not kept, so the MLP
+    (most of a layer's work) need not run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise _KVWritten
+
+
 @dataclass
 class LayerCalibration:
     projections: dict[str, ProjectionStats]  # "layers.3.qkv_proj" -> stats
@@ -116,12 +129,18 @@ def calibrate_layer(
         inner = getattr(layer, kind)
         originals.append((kind, inner))
         setattr(layer, kind, _Recorder(inner, stats[name], needs, generator))
+    if needs == Needs(kv=True):
+        originals.append(("o_proj", layer.o_proj))
+        layer.o_proj = _StopAtOutput()
     kv_amax = None
     kv_chunks: list[torch.Tensor] = []
     kv_per_sequence = max(1, -(-KV_SAMPLE_TOKENS // len(inputs)))
     try:
         for x in inputs:
-            runner.forward(layer, x)
+            try:
+                runner.forward(layer, x)
+            except _KVWritten:
+                pass
             if needs.kv:
                 kv = runner.kv_values(x.shape[0])  # [2, kvh, T, hd]
                 amax = kv.abs().float().amax(dim=(-1, -2))
@@ -129,7 +148,7 @@ def calibrate_layer(
                 pick = torch.randperm(x.shape[0], generator=generator)[:kv_per_sequence]
                 kv_chunks.append(kv[:, :, pick.to(kv.device)].float().cpu().flatten(2))
     finally:
-        for kind, inner in originals:
+        for kind, inner in reversed(originals):  # o_proj: first its _StopAtOutput, then its _Recorder
             setattr(layer, kind, inner)
     kv_samples = torch.cat(kv_chunks, dim=-1) if kv_chunks else None
     return LayerCalibration(stats, kv_amax, kv_samples)

@@ -7,9 +7,8 @@ models read prompt + answer, and at every answer position we compare their next-
 - perplexity of the reference's own answers under each model (the reference's is the floor).
 
 Both models run a layer at a time (engines/build/stream.py), so the float model is never held whole. Its greedy
-answers therefore take one pass over the checkpoint per answer token: each pass runs every unfinished prompt plus
-its answer so far (no KV cache across passes, which would hold every layer's), and the answers are cached by model
-and prompts (builder._reference_answers), so a model pays for them once.
+answers (engines/build/greedy.py) are cached by model and prompts (builder._reference_answers), so a model pays for
+them once.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from engines.build.stream import Checkpoint, float_outputs
 from engines.torch.models.protocol import CausalLM
 
 
@@ -36,29 +33,6 @@ class Accuracy:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@torch.inference_mode()
-def greedy_answers(
-    checkpoint: Checkpoint,
-    shell: CausalLM,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    progress: bool = True,
-) -> list[list[int]]:
-    """The float32 model's greedy answers (stopping after EOS or max_new_tokens). shell: its float32 shell."""
-    answers: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    for _ in tqdm(range(max_new_tokens), desc="reference answers", unit="token", disable=not progress):
-        sequences = [prompts[k] + answers[k] for k in active]
-        last = [slice(len(s) - 1, len(s)) for s in sequences]
-        for k, hidden in zip(active, float_outputs(checkpoint, shell, sequences, last)):
-            answers[k].append(int(shell.compute_logits(hidden).argmax(-1)))
-        active = [k for k in active if answers[k][-1] not in eos_token_ids]
-        if not active:
-            break
-    return answers
 
 
 def answer_rows(prompts: list[list[int]], answers: list[list[int]]) -> list[slice]:

@@ -39,6 +39,7 @@ from engines.build.engine_dir import (
     write_engine,
 )
 from engines.build.evaluate import Accuracy, answer_rows, compare
+from engines.build.greedy import greedy_answers
 from engines.build.result import BuildError, BuildResult, up_to_date_engine
 from engines.build.shards import Shards
 from engines.build.stream import FP32, LayerRunner, embed
@@ -122,7 +123,7 @@ def build_prequantized(
             details["kv_scales"] = f"calibrated ({options.calibrator})"
 
     eos = eos_token_ids(loaded_model(reference, hf_config, tokenizer, folder, FP32, device))
-    answers = _greedy_answers(reference, eval_prompts, options.eval_tokens, eos, device)
+    answers = greedy_answers(reference, eval_prompts, options.eval_tokens, eos, device, progress=options.progress)
     sequences = [p + a for p, a in zip(eval_prompts, answers)]
     rows = answer_rows(eval_prompts, answers)
     test_dtype = engine_dtype(precision, pick_dtype("auto", device))
@@ -185,23 +186,6 @@ def _final_hidden(
             x, out = runner.forward(layer, x)
         outputs.append(out[wanted])
     return outputs
-
-
-@torch.inference_mode()
-def _greedy_answers(
-    model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos: list[int], device: torch.device
-) -> list[list[int]]:
-    """The checkpoint's greedy answers in float32 with a float KV cache (each token: the prompt and answer so far run
-    again, as the streamed float build does)."""
-    answers: list[list[int]] = []
-    for prompt in prompts:
-        answer: list[int] = []
-        while len(answer) < max_new_tokens and not (answer and answer[-1] in eos):
-            seq = prompt + answer
-            (hidden,) = _final_hidden(model, [seq], [slice(len(seq) - 1, len(seq))], FP32, device)
-            answer.append(int(model.compute_logits(hidden).argmax(-1)))
-        answers.append(answer)
-    return answers
 
 
 @torch.inference_mode()

@@ -77,9 +77,7 @@ class LayerRunner:
 
     def load(self, index: int, tensors: dict[str, torch.Tensor], formats: dict[str, str]) -> nn.Module:
         """Layer `index` of the model from its stored tensors (consumed); returns the layer."""
-        self.model.load_layer(index, tensors, formats, LinearDispatch(self.dtype, self.device), self.dtype, self.device)
-        if tensors:
-            raise ValueError(f"Layer {index} has tensors kiln does not know how to use: {sorted(tensors)[:5]}")
+        load_layer(self.model, index, tensors, formats, self.dtype, self.device)
         return self.model.layers[index]
 
     @torch.inference_mode()
@@ -95,6 +93,20 @@ class LayerRunner:
     def kv_values(self, num_tokens: int) -> torch.Tensor:
         """The last sequence's keys and values in the (unquantized) cache: [2, kv_heads, num_tokens, head_dim]."""
         return self.kv_cache.data[0].flatten(2, 3)[:, :, :num_tokens]
+
+
+def load_layer(
+    model: CausalLM,
+    index: int,
+    tensors: dict[str, torch.Tensor],
+    formats: dict[str, str],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Layer `index` of a model assembled without its layers, from its stored tensors (consumed, all of them)."""
+    model.load_layer(index, tensors, formats, LinearDispatch(dtype, device), dtype, device)
+    if tensors:
+        raise ValueError(f"Layer {index} has tensors kiln does not know how to use: {sorted(tensors)[:5]}")
 
 
 def embed(model: CausalLM, sequences: list[list[int]], device: torch.device) -> list[torch.Tensor]:
