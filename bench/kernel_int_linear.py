@@ -74,6 +74,7 @@ def make_stacks(layers: int, group: int, symmetric: bool):
         stacks["int4 affine kernel"].append(((ka, dm, 32), k, ka.numel() + dm.numel() * 2))
         stacks["int8 dequant+F.linear"].append(stacks["int8 kernel"][-1])
         stacks["int4 dequant+F.linear"].append(stacks["int4 kernel"][-1])
+        stacks["int4 affine dequant+F.linear"].append(stacks["int4 affine kernel"][-1])
         del w
     return stacks
 
@@ -90,6 +91,10 @@ VARIANTS = {
     # the large-M path: dequantize the layer once per call (bf16), then one F.linear
     "int8 dequant+F.linear": lambda x, a: F.linear(x, kernel.int8_dequantize(*a, dtype=x.dtype)),
     "int4 dequant+F.linear": lambda x, a: F.linear(x, kernel.int4_dequantize(*a, k=x.shape[-1], dtype=x.dtype)),
+    # what AffineInt4Linear runs past its kernel's rows (int_linear.SMALL_M_MAX_AFFINE_BF16_DOT for bf16 x)
+    "int4 affine dequant+F.linear": lambda x, a: F.linear(
+        x, kernel.int4_affine_dequantize(*a, k=x.shape[-1], dtype=x.dtype)
+    ),
 }
 
 

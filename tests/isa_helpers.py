@@ -31,3 +31,17 @@ def isa_level_fixture(variants: IsaVariants):
         return request.param
 
     return isa_level
+
+
+@pytest.fixture(params=["bf16 dot", "fp32"])
+def dot_path(request, monkeypatch):
+    """Each test with int_gemv.cpp's AVX512-BF16 paths (dot tiles, dequantizer) on, where this CPU and level have
+    them, and off."""
+    from engines.torch.kernels.int_linear import BF16_DOT_FLAG
+
+    flags = extension.cpu_flags()
+    if request.param == "bf16 dot" and BF16_DOT_FLAG not in flags:
+        pytest.skip("this CPU has no AVX512-BF16")
+    if request.param == "fp32":
+        monkeypatch.setattr(extension, "cpu_flags", lambda: flags - {BF16_DOT_FLAG})
+    return request.param

@@ -12,7 +12,7 @@ from engines.torch.kernels import extension
 from engines.torch.kernels import int_linear as kmod
 from engines.torch.kernels.int_linear import int4_affine_dequantize, int4_affine_linear, pack_int4
 from engines.torch.layers.affine_int4 import AffineInt4Linear
-from tests.isa_helpers import isa_level_fixture
+from tests.isa_helpers import dot_path, isa_level_fixture  # noqa: F401 (dot_path: a fixture)
 
 G = 32
 SHAPES = [(960, 576), (576, 1536), (33, 96), (100, 160), (17, 32)]  # K % 64 == 32: a padded half chunk
@@ -24,17 +24,6 @@ isa_level = isa_level_fixture(kmod._EXT)
 def kernel():
     if not kmod.available():
         pytest.skip("int_linear kernels unavailable (neither AVX-512 F/BW/VL nor AVX2, or no compiler or ninja)")
-
-
-@pytest.fixture(params=["bf16 dot", "fp32"])
-def dot_path(request, monkeypatch):
-    """Each test with the AVX512-BF16 dot products on (where this CPU and level have them) and off."""
-    flags = extension.cpu_flags()
-    if request.param == "bf16 dot" and kmod.BF16_DOT_FLAG not in flags:
-        pytest.skip("this CPU has no AVX512-BF16")
-    if request.param == "fp32":
-        monkeypatch.setattr(extension, "cpu_flags", lambda: flags - {kmod.BF16_DOT_FLAG})
-    return request.param
 
 
 def codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,7 +44,7 @@ def ggml_values(u: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_dequantize_gives_ggml_values(n, k, dtype):
+def test_dequantize_gives_ggml_values(n, k, dtype, dot_path):
     packed, dm, u = codes(n, k, seed=n + k)
     assert torch.equal(int4_affine_dequantize(packed, dm, G, k, dtype), ggml_values(u, dm).to(dtype))
 
@@ -116,3 +105,22 @@ def test_kernel_refuses_bad_pairs():
         int4_affine_linear(torch.randn(1, 64), packed, dm.float(), G)
     with pytest.raises(RuntimeError, match="dm must be contiguous float16"):
         int4_affine_linear(torch.randn(1, 64), packed, dm[:, :1].contiguous(), G)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_runs_the_kernel_up_to_its_rows_then_dequantizes(dtype, dot_path, monkeypatch):
+    """bf16 x with the AVX512-BF16 tiles: the kernel up to SMALL_M_MAX_AFFINE_BF16_DOT rows, past them a dequantized
+    GEMM (faster there); otherwise the kernel up to SMALL_M_MAX_INT4 rows."""
+    n, k = 96, 576
+    packed, dm, _ = codes(n, k, seed=5)
+    layer = AffineInt4Linear(packed, dm, G)
+    calls = []
+    kernel = kmod.int4_affine_linear
+    monkeypatch.setattr(kmod, "int4_affine_linear", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
+    dot = dtype == torch.bfloat16 and dot_path == "bf16 dot"
+    limit = kmod.SMALL_M_MAX_AFFINE_BF16_DOT if dot else kmod.SMALL_M_MAX_INT4
+    for rows in (limit, limit + 1):
+        x = torch.zeros(rows, k, dtype=dtype)
+        x[torch.arange(rows), torch.arange(rows) * 7] = 1
+        assert torch.equal(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(rows)]))
+    assert calls == [limit] + [1] * limit + [1] * (limit + 1)

@@ -30,7 +30,7 @@ from engines.torch.kernels.int_linear import (
 )
 from engines.torch.layers.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from tests.gil_helpers import assert_releases_gil
-from tests.isa_helpers import isa_level_fixture
+from tests.isa_helpers import dot_path, isa_level_fixture  # noqa: F401 (dot_path: a fixture)
 
 MS = list(range(1, 9)) + [9, 16, 21, 33]  # decode sizes, then the multi-pass path (still exact)
 INT8_SHAPES = [(960, 576), (576, 1536), (100, 100), (33, 77), (17, 1), (48, 31), (40, 33), (1000, 63), (5, 200)]
@@ -151,7 +151,7 @@ def test_pack_layout_and_round_trip():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_equals_rtn(dtype):
+def test_dequantize_equals_rtn(dtype, dot_path):
     for n, k, g in INT4_SHAPES:
         for sym in (True, False):
             qw = quantize_rtn(_w(n, k, seed=k), 4, group_size=g, symmetric=sym)

@@ -805,18 +805,47 @@ static void i4_dequant_row(const I4Params& P, int64_t n, int64_t K, void* o, boo
   }
 }
 
+// bf16 out with AVX512-BF16 and groups of a multiple of 32: the dot tiles' decoding (i4_dot_tile), 32 weights per
+// vpermw from a group's table rounded by vcvtneps2bf16. The same bf16 values as i4_dequant_row's (both round the
+// fp32 table to nearest even, and a finite table has no NaN), at about a third of the instructions: a prefill step
+// dequantizes every layer, and so does a decode step past SMALL_M_MAX_INT4 rows.
+template <int MODE>
+KILN_AVX512_BF16 static void i4_dequant_row_bf16(const I4Params& P, int64_t n, int64_t K, uint16_t* o) {
+  const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(8));
+  const uint8_t* w = P.w + n * P.ldw;
+  for (int64_t c = 0; c < P.chunks; ++c) {
+    const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + c * 32)));
+    KILN_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = c * kChunk + 32 * h;
+      if (k >= K) break;
+      const __m512i wv = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, h ? shift1 : shift0),
+                                                  i4_table_bf16<MODE>(P, n, k / P.gsize));
+      const __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+      _mm512_mask_storeu_epi16(o + n * K + k, mask, wv);
+    }
+  }
+}
+
 static at::Tensor run_int4_dequantize(const I4Params& P, int64_t N, int64_t K, at::ScalarType dtype,
                                       const at::Tensor& packed, const c10::optional<at::Tensor>& out_in,
-                                      const char* name) {
+                                      const char* name, bool bf16_dot) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, name, ": dtype must be float32 or bfloat16");
   at::Tensor out = dequant_out(out_in, N, K, dtype, packed.options(), name);
   void* o = out.data_ptr();
   const bool bf16 = dtype == at::kBFloat16;
+  const bool dot = bf16_dot && bf16 && P.gsize % 32 == 0;
+  uint16_t* ob = static_cast<uint16_t*>(o);
   const int mode = P.dm ? kAffine : P.zp ? kAsym : kSym;
   const int nt = pick_threads(N, N * P.ldw);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    if (mode == kAffine) i4_dequant_row<kAffine>(P, n, K, o, bf16);
+    if (dot) {
+      if (mode == kAffine) i4_dequant_row_bf16<kAffine>(P, n, K, ob);
+      else if (mode == kAsym) i4_dequant_row_bf16<kAsym>(P, n, K, ob);
+      else i4_dequant_row_bf16<kSym>(P, n, K, ob);
+    } else if (mode == kAffine) i4_dequant_row<kAffine>(P, n, K, o, bf16);
     else if (mode == kAsym) i4_dequant_row<kAsym>(P, n, K, o, bf16);
     else i4_dequant_row<kSym>(P, n, K, o, bf16);
   }
@@ -825,18 +854,18 @@ static at::Tensor run_int4_dequantize(const I4Params& P, int64_t N, int64_t K, a
 
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                            int64_t group_size, int64_t K, at::ScalarType dtype,
-                           const c10::optional<at::Tensor>& out_in) {
+                           const c10::optional<at::Tensor>& out_in, bool bf16_dot) {
   at::Tensor skeep, zkeep;
   const I4Params P = check_i4(packed, scales, zeros, group_size, K, "int4_dequantize", skeep, zkeep);  // unrounded:
   // store16 rounds to a bf16 out once
-  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize");
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize", bf16_dot);
 }
 
 // d * u + m as [N, K]; rounded to bf16 when dtype is bf16 (as int4_affine_linear decodes for bf16 x).
 at::Tensor int4_affine_dequantize(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
-                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in, bool bf16_dot) {
   const I4Params P = check_affine(packed, dm, group_size, K, dtype == at::kBFloat16, "int4_affine_dequantize");
-  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_affine_dequantize");
+  return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_affine_dequantize", bf16_dot);
 }
 
 }  // namespace
@@ -851,11 +880,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"), py::arg("dtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("K"), py::arg("dtype"),
-        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("out") = py::none(), py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_affine_linear", &int4_affine_linear, "y = x @ (d * u + m)^T (+ bias): affine int4 codes (GGUF Q4_1)",
         py::arg("x"), py::arg("packed"), py::arg("dm"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_affine_dequantize", &int4_affine_dequantize, "d * u + m as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("dm"), py::arg("group_size"), py::arg("K"), py::arg("dtype"), py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
 }

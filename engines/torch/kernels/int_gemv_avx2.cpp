@@ -354,14 +354,15 @@ at::Tensor run_int4_dequantize(const I4& P, int64_t N, int64_t K, at::ScalarType
 
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales_in,
                            const c10::optional<at::Tensor>& zeros, int64_t group_size, int64_t K,
-                           at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+                           at::ScalarType dtype, const c10::optional<at::Tensor>& out_in, bool /*bf16_dot*/) {
   at::Tensor skeep, zkeep;
   const I4 P = check_i4(packed, scales_in, zeros, group_size, K, "int4_dequantize", skeep, zkeep);
   return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_dequantize");
 }
 
 at::Tensor int4_affine_dequantize(const at::Tensor& packed, const at::Tensor& dm, int64_t group_size, int64_t K,
-                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in) {
+                                  at::ScalarType dtype, const c10::optional<at::Tensor>& out_in,
+                                  bool /*bf16_dot*/) {
   const I4 P = check_affine(packed, dm, group_size, K, dtype == at::kBFloat16, "int4_affine_dequantize");
   return run_int4_dequantize(P, packed.size(0), K, dtype, packed, out_in, "int4_affine_dequantize");
 }
@@ -378,11 +379,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"), py::arg("dtype"), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("int4_dequantize", &int4_dequantize, "(q - z) * s as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("K"), py::arg("dtype"),
-        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("out") = py::none(), py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_affine_linear", &int4_affine_linear, "y = x @ (d * u + m)^T (+ bias): affine int4 codes (GGUF Q4_1)",
         py::arg("x"), py::arg("packed"), py::arg("dm"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_affine_dequantize", &int4_affine_dequantize, "d * u + m as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("dm"), py::arg("group_size"), py::arg("K"), py::arg("dtype"), py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
 }

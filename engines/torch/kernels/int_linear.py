@@ -42,6 +42,10 @@ from engines.torch.kernels.isa_variants import IsaVariants
 # their large-M path above these.
 SMALL_M_MAX_INT8 = 32
 SMALL_M_MAX_INT4 = 32
+# Affine int4 (GGUF Q4_1) against bf16 x with AVX512-BF16: past this many rows, dequantizing the layer to bf16
+# (int_gemv.cpp's vpermw dequantizer) and one oneDNN GEMM beat the dot tiles, whose time grows with every row
+# (bench/kernel_int_linear.py, "int4 affine kernel" against "int4 affine dequant+F.linear"; docs/performance.md).
+SMALL_M_MAX_AFFINE_BF16_DOT = 20
 
 INT4_CHUNK = 64  # int4 rows are padded to a multiple of this many columns (32 bytes)
 BF16_DOT_FLAG = "avx512_bf16"  # the CPU flag of the affine int4 kernel's bf16 x bf16 dot products (vdpbf16ps)
@@ -60,6 +64,11 @@ _EXT = IsaVariants(
     fallback="torch code",
     sources={"avx2": Path(__file__).with_name("int_gemv_avx2.cpp")},
 )
+
+
+def bf16_dot() -> bool:
+    """The CPU (after KILN_CPU_ISA) has AVX512-BF16: int_gemv.cpp's bf16 tiles and dequantizer may run."""
+    return BF16_DOT_FLAG in extension.cpu_flags()
 
 
 def available() -> bool:
@@ -158,7 +167,7 @@ def int4_dequantize(
         and dtype in (torch.float32, torch.bfloat16)
         and int4_group_ok(group_size, k)
     ):
-        return ext.int4_dequantize(packed, scales, zeros, group_size, k, dtype, out)
+        return ext.int4_dequantize(packed, scales, zeros, group_size, k, dtype, out, bf16_dot())
     n = packed.shape[0]
     q = unpack_int4(packed, k).float().view(n, k // group_size, group_size)
     if zeros is not None:
@@ -188,7 +197,7 @@ def int4_linear(
         w = int4_dequantize(packed, scales, zeros, group_size, x.shape[-1], wdtype).float()
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     # bf16 x: the kernel rounds each weight to bf16, the value int4_dequantize(..., bfloat16) gives a large step
-    return ext.int4_linear(x, packed, scales, zeros, group_size, bias, BF16_DOT_FLAG in extension.cpu_flags())
+    return ext.int4_linear(x, packed, scales, zeros, group_size, bias, bf16_dot())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -211,7 +220,7 @@ def int4_affine_dequantize(
     (d, m) of each group. `out`: as int8_dequantize."""
     ext = _EXT.get()
     if ext is not None and packed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        return ext.int4_affine_dequantize(packed, dm, group_size, k, dtype, out)
+        return ext.int4_affine_dequantize(packed, dm, group_size, k, dtype, out, bf16_dot())
     n = packed.shape[0]
     u = (unpack_int4(packed, k).float() + 8).view(n, k // group_size, group_size)
     d, m = dm.float().unbind(-1)
@@ -230,4 +239,4 @@ def int4_affine_linear(
         w = int4_affine_dequantize(packed, dm, group_size, x.shape[-1], x.dtype).float()
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     # AVX512-BF16 dot products for bf16 x where the CPU (after KILN_CPU_ISA) has them: int_gemv.cpp
-    return ext.int4_affine_linear(x, packed, dm, group_size, bias, BF16_DOT_FLAG in extension.cpu_flags())
+    return ext.int4_affine_linear(x, packed, dm, group_size, bias, bf16_dot())

@@ -5,10 +5,10 @@ Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a 
 instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
 from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
 
-Decode-sized steps (at most int_linear.SMALL_M_MAX_INT4 rows) run kiln's int4 kernel, which decodes each group's
-16 values d * u + m into a table (int_gemv.cpp); larger steps dequantize the layer once per call (bf16 for bf16 x)
-and run one F.linear, so both paths multiply by the same weights: a prompt served from the prefix cache or in
-chunks answers as it would whole.
+Decode-sized steps (at most int_linear.SMALL_M_MAX_INT4 rows; SMALL_M_MAX_AFFINE_BF16_DOT for bf16 x on a CPU with
+AVX512-BF16) run kiln's int4 kernel, which decodes each group's 16 values d * u + m into a table (int_gemv.cpp);
+larger steps dequantize the layer once per call (bf16 for bf16 x) and run one F.linear, so both paths multiply by
+the same weights: a prompt served from the prefix cache or in chunks answers as it would whole.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class AffineInt4Linear(nn.Module):
             and int_linear.int4_group_ok(group_size, self.in_features)
             else 0
         )
+        self.small_m_max_bf16 = (
+            min(self.small_m_max, int_linear.SMALL_M_MAX_AFFINE_BF16_DOT)
+            if self.small_m_max and int_linear.bf16_dot()
+            else self.small_m_max
+        )
 
     @property
     def weight_bytes(self) -> int:
@@ -61,12 +66,8 @@ class AffineInt4Linear(nn.Module):
         return int_linear.int4_affine_dequantize(self.packed, self.dm, self.group_size, self.in_features, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.small_m_max
-            and x.is_cpu
-            and 0 < x.numel() <= self.small_m_max * self.in_features
-            and x.dtype in _KERNEL_DTYPES
-        ):
+        small_m_max = self.small_m_max_bf16 if x.dtype == torch.bfloat16 else self.small_m_max
+        if small_m_max and x.is_cpu and 0 < x.numel() <= small_m_max * self.in_features and x.dtype in _KERNEL_DTYPES:
             return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
         dtype = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
         w = self.dequantized_weight(dtype)
