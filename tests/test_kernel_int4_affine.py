@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.kernels import extension
 from engines.torch.kernels import int_linear as kmod
 from engines.torch.kernels.int_linear import int4_affine_dequantize, int4_affine_linear, pack_int4
 from engines.torch.layers.affine_int4 import AffineInt4Linear
