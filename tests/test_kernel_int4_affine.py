@@ -107,19 +107,38 @@ def test_kernel_refuses_bad_pairs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_runs_the_kernel_up_to_its_rows_then_dequantizes(dtype, dot_path, monkeypatch):
-    """bf16 x with the AVX512-BF16 tiles: the kernel up to SMALL_M_MAX_AFFINE_BF16_DOT rows, past them a dequantized
-    GEMM (faster there); otherwise the kernel up to SMALL_M_MAX_INT4 rows."""
+def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype, dot_path, monkeypatch):
+    """Inside a step (engines/torch/step_rows.py) the kernel gets exactly the decode rows, however few prompt rows
+    share the step, and a prompt row gets the dequantized GEMM however few there are. In bf16 each row's result is
+    what it gets in a step of its own kind (oneDNN's bf16 GEMM rows do not depend on one another, the kernel is
+    batch-invariant); float32 GEMMs may pick another kernel for another row count, so there only within rounding.
+    Outside a step the row count decides, as before."""
+    from engines.torch import step_rows
+
     n, k = 96, 576
     packed, dm, _ = codes(n, k, seed=5)
     layer = AffineInt4Linear(packed, dm, G)
     calls = []
     kernel = kmod.int4_affine_linear
     monkeypatch.setattr(kmod, "int4_affine_linear", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
-    dot = dtype == torch.bfloat16 and dot_path == "bf16 dot"
-    limit = kmod.SMALL_M_MAX_AFFINE_BF16_DOT if dot else kmod.SMALL_M_MAX_INT4
-    for rows in (limit, limit + 1):
-        x = torch.zeros(rows, k, dtype=dtype)
-        x[torch.arange(rows), torch.arange(rows) * 7] = 1
-        assert torch.equal(layer(x), torch.cat([layer(x[i : i + 1]) for i in range(rows)]))
-    assert calls == [limit] + [1] * limit + [1] * (limit + 1)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with step_rows.step(7, 3):
+        mixed = layer(x)
+    assert calls == [3]
+    with step_rows.step(3, 3):
+        decode = layer(x[:3])
+    with step_rows.step(2, 0):
+        prompt = [layer(x[3:5])]
+    with step_rows.step(2, 0):
+        prompt.append(layer(x[5:]))
+    assert calls == [3, 3]
+    alone = torch.cat([decode, *prompt])
+    assert torch.equal(mixed[:3], decode)
+    if dtype == torch.bfloat16:
+        assert torch.equal(mixed, alone)
+    else:
+        torch.testing.assert_close(mixed, alone, rtol=1e-6, atol=1e-6)
+    calls.clear()
+    layer(x[:1])
+    layer(torch.zeros(kmod.SMALL_M_MAX_INT4 + 1, k, dtype=dtype))
+    assert calls == [1]

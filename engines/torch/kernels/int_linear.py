@@ -42,10 +42,6 @@ from engines.torch.kernels.isa_variants import IsaVariants
 # their large-M path above these.
 SMALL_M_MAX_INT8 = 32
 SMALL_M_MAX_INT4 = 32
-# Affine int4 (GGUF Q4_1) against bf16 x with AVX512-BF16: past this many rows, dequantizing the layer to bf16
-# (int_gemv.cpp's vpermw dequantizer) and one oneDNN GEMM beat the dot tiles, whose time grows with every row
-# (bench/kernel_int_linear.py, "int4 affine kernel" against "int4 affine dequant+F.linear"; docs/performance.md).
-SMALL_M_MAX_AFFINE_BF16_DOT = 20
 
 INT4_CHUNK = 64  # int4 rows are padded to a multiple of this many columns (32 bytes)
 BF16_DOT_FLAG = "avx512_bf16"  # the CPU flag of the affine int4 kernel's bf16 x bf16 dot products (vdpbf16ps)

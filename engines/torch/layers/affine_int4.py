@@ -5,10 +5,13 @@ Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a 
 instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
 from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
 
-Decode-sized steps (at most int_linear.SMALL_M_MAX_INT4 rows; SMALL_M_MAX_AFFINE_BF16_DOT for bf16 x on a CPU with
-AVX512-BF16) run kiln's int4 kernel, which decodes each group's 16 values d * u + m into a table (int_gemv.cpp);
-larger steps dequantize the layer once per call (bf16 for bf16 x) and run one F.linear, so both paths multiply by
-the same weights: a prompt served from the prefix cache or in chunks answers as it would whole.
+Decode rows (at most int_linear.SMALL_M_MAX_INT4 of them) run kiln's int4 kernel, which decodes each group's 16
+values d * u + m into a table (int_gemv.cpp); prompt rows, and decode rows past that many, dequantize the layer once
+per call (bf16 for bf16 x) and run one F.linear. Both paths multiply by the same weights but sum in different
+orders, so which rows are which comes from the step (engines/torch/step_rows.py), not from how many there are: a
+prompt's tokens are computed the same way whether it ran whole, in chunks or after a prefix-cache hit, and a
+generated token the same way whatever its batch. Where the rows are not a step's (the build's layer runs), the
+row count decides.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch import step_rows
 from engines.torch.kernels import int_linear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -51,11 +55,6 @@ class AffineInt4Linear(nn.Module):
             and int_linear.int4_group_ok(group_size, self.in_features)
             else 0
         )
-        self.small_m_max_bf16 = (
-            min(self.small_m_max, int_linear.SMALL_M_MAX_AFFINE_BF16_DOT)
-            if self.small_m_max and int_linear.bf16_dot()
-            else self.small_m_max
-        )
 
     @property
     def weight_bytes(self) -> int:
@@ -66,9 +65,26 @@ class AffineInt4Linear(nn.Module):
         return int_linear.int4_affine_dequantize(self.packed, self.dm, self.group_size, self.in_features, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        small_m_max = self.small_m_max_bf16 if x.dtype == torch.bfloat16 else self.small_m_max
-        if small_m_max and x.is_cpu and 0 < x.numel() <= small_m_max * self.in_features and x.dtype in _KERNEL_DTYPES:
+        if not (self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel()):
+            return self._dequantized_linear(x)
+        rows = x.numel() // self.in_features
+        decode = step_rows.decode_rows(rows)
+        if decode is None:  # not a step's flat batch: by size
+            decode = rows if rows <= self.small_m_max else 0
+        if decode == 0 or decode > self.small_m_max:
+            return self._dequantized_linear(x)
+        if decode == rows:
             return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
+        x2 = x.reshape(rows, self.in_features)
+        y = torch.cat(
+            [
+                int_linear.int4_affine_linear(x2[:decode], self.packed, self.dm, self.group_size, self.bias),
+                self._dequantized_linear(x2[decode:]),
+            ]
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
         w = self.dequantized_weight(dtype)
         y = F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))

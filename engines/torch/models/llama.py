@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engines.torch import step_rows
 from engines.torch.attention import AttentionMetadata, fused_attention, paged_attention
 from engines.torch.checkpoint_tensors import CheckpointTensors
 from engines.torch.kernels.rms_norm import add_rms_norm, rms_norm
@@ -179,8 +180,9 @@ class LlamaForCausalLM(nn.Module):
         h = self.layer_input(self.layers[0], x)  # what the next sublayer reads
         layers = list(self.layers)  # (slicing the ModuleList would build a new one, module by module, every step)
         next_layers: list[nn.Module | None] = [*layers[1:], None]
-        for layer, kv_cache, next_layer in zip(layers, kv_caches, next_layers):
-            x, h = self.decoder_layer(layer, x, h, positions, rope, kv_cache, meta, next_layer)
+        with step_rows.step(input_ids.shape[0], meta.num_decode_tokens):
+            for layer, kv_cache, next_layer in zip(layers, kv_caches, next_layers):
+                x, h = self.decoder_layer(layer, x, h, positions, rope, kv_cache, meta, next_layer)
         return h
 
     def decoder_layer(
