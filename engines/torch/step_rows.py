@@ -13,8 +13,10 @@ model's forward says, while it runs, how many rows the step has and how many of 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+import torch
 
 _state = threading.local()  # each engine thread runs its own steps
 
@@ -37,3 +39,26 @@ def decode_rows(rows: int) -> int | None:
     if current is None or current[0] != rows:
         return None
     return current[1]
+
+
+def route(
+    x: torch.Tensor,
+    in_features: int,
+    kernel_rows: int,
+    kernel: Callable[[torch.Tensor], torch.Tensor],
+    gemm: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """x [..., in_features] through `kernel` (decode rows, when at most kernel_rows of them) and `gemm` (prompt rows,
+    and decode rows past kernel_rows), each a function of [M, in_features] rows to [M, out] rows. Outside a step's
+    flat batch, all of x through kernel when it has at most kernel_rows rows, else through gemm."""
+    rows = x.numel() // in_features
+    decode = decode_rows(rows)
+    if decode is None:
+        decode = rows if rows <= kernel_rows else 0
+    if decode == 0 or decode > kernel_rows:
+        return gemm(x)
+    if decode == rows:
+        return kernel(x)
+    x2 = x.reshape(rows, in_features)
+    y = torch.cat([kernel(x2[:decode]), gemm(x2[decode:])])
+    return y.reshape(*x.shape[:-1], y.shape[-1])

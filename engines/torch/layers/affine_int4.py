@@ -65,24 +65,12 @@ class AffineInt4Linear(nn.Module):
         return int_linear.int4_affine_dequantize(self.packed, self.dm, self.group_size, self.in_features, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel()):
-            return self._dequantized_linear(x)
-        rows = x.numel() // self.in_features
-        decode = step_rows.decode_rows(rows)
-        if decode is None:  # not a step's flat batch: by size
-            decode = rows if rows <= self.small_m_max else 0
-        if decode == 0 or decode > self.small_m_max:
-            return self._dequantized_linear(x)
-        if decode == rows:
-            return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
-        x2 = x.reshape(rows, self.in_features)
-        y = torch.cat(
-            [
-                int_linear.int4_affine_linear(x2[:decode], self.packed, self.dm, self.group_size, self.bias),
-                self._dequantized_linear(x2[decode:]),
-            ]
-        )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel():
+            return step_rows.route(x, self.in_features, self.small_m_max, self._kernel, self._dequantized_linear)
+        return self._dequantized_linear(x)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32

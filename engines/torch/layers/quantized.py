@@ -25,6 +25,7 @@ from engines.quant.fp8 import FP8_DTYPE, FP8_MAX
 from engines.quant.rtn import dequantize, qrange
 from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
+from engines.torch import step_rows
 from engines.torch.kernels import amx_linear, int_linear
 
 # Rows from which the AMX int8 and int4 kernels beat kiln's AVX-512 ones (bench/kernel_int_linear.py)
@@ -135,26 +136,27 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_packed is not None and _amx_step(x, self.in_features):
             return amx_linear.amx_int8_linear(x, self.amx_packed, self.scales, self.bias)
-        # decode-sized steps first, with the cheapest checks (this runs ~120 times per decode step):
-        # numel <= small_m_max * K is M <= small_m_max
-        if (
-            x.is_cpu
-            and 0 < x.numel() <= self.small_m_max * self.in_features
-            and x.dtype in _INT_KERNEL_DTYPES
-            and self.use_kernel
-        ):
-            return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
+        # decode rows (at most small_m_max) through the kernel, prompt rows through the GEMM below: which rows are
+        # which is the step's (engines/torch/step_rows.py), so a prompt computes the same after a prefix-cache hit
+        if self.small_m_max and x.is_cpu and x.dtype in _INT_KERNEL_DTYPES and x.numel():
+            return step_rows.route(x, self.in_features, self.small_m_max, self._kernel, self._gemm)
+        return self._gemm(x)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # x2: [M, K]
         if self.small_m_max and x2.is_cpu and x2.dtype == torch.bfloat16:
-            # prefill-sized bf16: one bf16 GEMM on the int8 codes (exact in bf16), then the scale in fp32. The
-            # kernel above rounds its dot products the same way before scaling, so decode-sized and prefill-sized
-            # steps agree (q * s itself rounded to bf16 would not: a prefix-cached prompt answered differently).
+            # bf16: one bf16 GEMM on the int8 codes (exact in bf16), then the scale in fp32. The kernel rounds its
+            # dot products the same way before scaling, so decode and prompt rows multiply by the same weights
+            # (q * s itself rounded to bf16 would not: a prefix-cached prompt answered differently).
             y = F.linear(x2, self.qweight.to(torch.bfloat16)).float().mul_(self.scales)  # [M, N]
             if self.bias is not None:
                 y += self.bias.float()
             y = y.to(torch.bfloat16)
         elif self.small_m_max and x2.is_cpu and x2.dtype in _INT_KERNEL_DTYPES:
-            # prefill-sized fp32: dequantize once, one GEMM (~2.4x torch._weight_int8pack_mm at M = 64)
+            # fp32: dequantize once, one GEMM (~2.4x torch._weight_int8pack_mm at M = 64)
             w = self.dequantized_weight(x2.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(w.dtype))  # [M, N]
         elif self.use_kernel and self._int8pack_mm and x2.device.type == "cpu" and x2.dtype in _KERNEL_DTYPES:
