@@ -807,8 +807,8 @@ static void i4_dequant_row(const I4Params& P, int64_t n, int64_t K, void* o, boo
 
 // bf16 out with AVX512-BF16 and groups of a multiple of 32: the dot tiles' decoding (i4_dot_tile), 32 weights per
 // vpermw from a group's table rounded by vcvtneps2bf16. The same bf16 values as i4_dequant_row's (both round the
-// fp32 table to nearest even, and a finite table has no NaN), at about a third of the instructions: a prefill step
-// dequantizes every layer, and so does a decode step past SMALL_M_MAX_INT4 rows.
+// fp32 table to nearest even, and a finite table has no NaN), at about a third of the instructions: a step with
+// prompt rows dequantizes every layer, and so does one of more than SMALL_M_MAX_INT4 decode rows.
 template <int MODE>
 KILN_AVX512_BF16 static void i4_dequant_row_bf16(const I4Params& P, int64_t n, int64_t K, uint16_t* o) {
   const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
