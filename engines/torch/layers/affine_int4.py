@@ -9,9 +9,14 @@ Decode rows (at most int_linear.SMALL_M_MAX_INT4 of them) run kiln's int4 kernel
 values d * u + m into a table (int_gemv.cpp); prompt rows, and decode rows past that many, dequantize the layer once
 per call (bf16 for bf16 x) and run one F.linear. Both paths multiply by the same weights but sum in different
 orders, so which rows are which comes from the step (engines/torch/step_rows.py), not from how many there are: a
-prompt's tokens are computed the same way whether it ran whole, in chunks or after a prefix-cache hit, and a
-generated token the same way whatever its batch. Where the rows are not a step's (the build's layer runs), the
-row count decides.
+prompt's tokens are computed the same way whether it ran whole, in chunks or after a prefix-cache hit. Where the rows
+are not a step's (the build's layer runs), the row count decides.
+
+With bf16 x on a CPU with AVX512-BF16, decode steps of at most int_linear.EXACT_ROWS_INT4_AFFINE rows (single-stream
+decode) take int4_affine_linear_exact instead: the unrounded weights, twice as fast at one row. So a generated token
+is computed with the exact weights in a step of up to that many decode rows and with the bf16-rounded ones in a
+larger step (as the dense bf16 layers switch from kiln's GEMV to oneDNN at 8 rows): within bf16 rounding, not bit for
+bit, across batch sizes.
 """
 
 from __future__ import annotations
@@ -55,10 +60,18 @@ class AffineInt4Linear(nn.Module):
             and int_linear.int4_group_ok(group_size, self.in_features)
             else 0
         )
+        # decode rows of a bf16 step up to this many take the exact kernel, which broadcasts each group's d from
+        # float32 (derived: not part of the state dict)
+        self.exact_rows = (
+            int_linear.EXACT_ROWS_INT4_AFFINE
+            if self.small_m_max and int_linear.exact_affine_available(group_size)
+            else 0
+        )
+        self.register_buffer("d", dm[..., 0].float().contiguous() if self.exact_rows else None, persistent=False)
 
     @property
     def weight_bytes(self) -> int:
-        return self.packed.numel() + self.dm.numel() * 2
+        return self.packed.numel() + self.dm.numel() * 2 + (0 if self.d is None else self.d.numel() * 4)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, K] weight d * u + m in `dtype` (float32: the values transformers reads from the GGUF file)."""
@@ -70,6 +83,8 @@ class AffineInt4Linear(nn.Module):
         return self._dequantized_linear(x)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() <= self.exact_rows * self.in_features:
+            return int_linear.int4_affine_linear_exact(x, self.packed, self.dm, self.d, self.group_size, self.bias)
         return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
