@@ -125,3 +125,20 @@ def test_loading_an_extension_again_after_a_reset_is_no_new_build():
         assert rms_norm.available()
     assert {e.name: (e.cflags, e.ldflags) for e in loaded} == flags
     assert {e.name: JIT_EXTENSION_VERSIONER.get_version(e.name) for e in loaded} == versions
+
+
+def test_a_lock_left_by_a_build_that_died_does_not_stop_the_next_load(tmp_path):
+    """torch's build lock file (FileBaton) outlives a process killed while it compiled; torch alone then waits for it
+    forever in every later process. kiln's flock says no build is running, so the file goes and the kernel builds."""
+    temp, extensions = tmp_path / "tmp", tmp_path / "extensions"
+    temp.mkdir()
+    (extensions / "kiln_test_staging_probe").mkdir(parents=True)
+    (extensions / "kiln_test_staging_probe" / "lock").write_text("")  # what a killed build leaves
+    source = write_probe(tmp_path / "install")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "TMPDIR": str(temp)}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD, str(source)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "left by a build that did not finish" in result.stderr
+    assert not (extensions / "kiln_test_staging_probe" / "lock").exists()

@@ -22,6 +22,13 @@ kiln is installed (a repository, a wheel in another venv, an image) and wherever
 copied (the Helm chart seeds a pod's TORCH_EXTENSIONS_DIR from the image's), so a kernel built from identical
 sources is loaded, not rebuilt because a path in its command changed. A changed source or header is a new
 folder and a rebuild. A source compiled from elsewhere (a test's probe) gets the shared headers the same way.
+
+torch serializes builds of one extension with a lock file in its build folder (torch.utils.file_baton.FileBaton,
+taken in cpp_extension._jit_compile): a process killed while it compiled leaves that file behind, and every later
+load of the extension, compiled or not, waited for it forever (a `kiln serve` stopped during its first start never
+started again, without a word at the default log level). kiln's builds therefore also hold an flock on the folder,
+which the kernel releases when its holder dies: whoever holds it knows that a lock file there is a dead build's and
+removes it (`exclusive_build`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engines import cpu_isa
@@ -46,6 +54,31 @@ HEADERS_DIR = Path(__file__).parent  # kiln_bf16.h and any other header the kern
 # Staged files carry this time (2000-01-01) rather than their copy's: their content is fixed by the folder's
 # name, so nothing built from them can be older than what they hold.
 STAGED_MTIME = 946684800
+
+
+@contextmanager
+def exclusive_build(name: str) -> Iterator[None]:
+    """While torch loads (or compiles) extension `name`: no other kiln process does, and a lock file left in its build
+    folder by a build that died is gone (see the module's docstring)."""
+    import fcntl
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    try:
+        fd = os.open(folder / "kiln.flock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:  # a folder kiln may not write: torch's own lock decides, as before
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("%s: removing %s, left by a build that did not finish", name, stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def staging_root() -> Path:
@@ -136,19 +169,20 @@ class LazyExtension:
                     from torch.utils.cpp_extension import load
 
                     staged = stage_sources(self.source)
-                    self.module = load(
-                        name=self.name,
-                        sources=[str(staged)],
-                        # copies: torch.utils.cpp_extension._prepare_ldflags appends torch's libraries to the list
-                        # it is given, and JIT_EXTENSION_VERSIONER.bump_version_if_changed hashes these arguments,
-                        # so passing ours made every later load of this extension (after reset(), e.g. under
-                        # another KILN_CPU_ISA in the tests) a new version, compiled again (~15 s each)
-                        extra_cflags=list(self.cflags),
-                        extra_ldflags=list(self.ldflags),
-                        # the shared headers: staged beside the source, or this folder when not staged
-                        extra_include_paths=[str(staged.parent if staged != self.source else HEADERS_DIR)],
-                        verbose=False,
-                    )
+                    with exclusive_build(self.name):
+                        self.module = load(
+                            name=self.name,
+                            sources=[str(staged)],
+                            # copies: torch.utils.cpp_extension._prepare_ldflags appends torch's libraries to the list
+                            # it is given, and JIT_EXTENSION_VERSIONER.bump_version_if_changed hashes these arguments,
+                            # so passing ours made every later load of this extension (after reset(), e.g. under
+                            # another KILN_CPU_ISA in the tests) a new version, compiled again (~15 s each)
+                            extra_cflags=list(self.cflags),
+                            extra_ldflags=list(self.ldflags),
+                            # the shared headers: staged beside the source, or this folder when not staged
+                            extra_include_paths=[str(staged.parent if staged != self.source else HEADERS_DIR)],
+                            verbose=False,
+                        )
                     if self.ready is not None and not self.ready(self.module):
                         raise RuntimeError("it refused to start on this machine")
                 except Exception as e:  # no compiler, no ninja, unsupported CPU...
