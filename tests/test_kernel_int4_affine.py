@@ -153,7 +153,7 @@ def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype,
 
 
 @pytest.fixture
-def exact_here(dot_path):
+def exact_here():
     if not exact_affine_available(G):
         pytest.skip("the exact kernel needs the AVX-512 build (this level) and AVX512-BF16")
 
