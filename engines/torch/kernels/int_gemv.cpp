@@ -883,7 +883,7 @@ at::Tensor int4_affine_linear(const at::Tensor& x_in, const at::Tensor& packed, 
 }
 
 // bf16 x against the exact weights d * u + m (i4_exact_tile; d32: the groups' d as float32 [N, G], which the tiles
-// broadcast from memory). Needs AVX512-BF16 (the caller checks extension.cpu_flags()) and groups of a multiple of 32.
+// broadcast from memory). Needs AVX512-BF16 (the caller checks extension.cpu_flags()) and groups of 32 (GGUF Q4_1).
 at::Tensor int4_affine_linear_exact(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm,
                                     const at::Tensor& d32_in, int64_t group_size,
                                     const c10::optional<at::Tensor>& bias_in) {
