@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from engines.torch.kernels import int_linear as kmod
-from engines.torch.kernels.int_linear import (
-    exact_affine_available,
-    int4_affine_dequantize,
-    int4_affine_linear,
-    int4_affine_linear_exact,
-    pack_int4,
-)
+from engines.torch.kernels import q4_panels
+from engines.torch.kernels.int_linear import int4_affine_dequantize, int4_affine_linear, pack_int4
 from engines.torch.layers.affine_int4 import AffineInt4Linear
 from tests.isa_helpers import dot_path, isa_level_fixture  # noqa: F401 (dot_path: a fixture)
 
@@ -29,6 +24,13 @@ isa_level = isa_level_fixture(kmod._EXT)
 def kernel():
     if not kmod.available():
         pytest.skip("int_linear kernels unavailable (neither AVX-512 F/BW/VL nor AVX2, or no compiler or ninja)")
+
+
+@pytest.fixture
+def no_panels(monkeypatch):
+    """Layers built here route as on a CPU without q4_panels (bf16 x there takes int_gemv's kernel and the GEMM;
+    tests/test_kernel_q4_panels.py covers the layers that have it)."""
+    monkeypatch.setattr(q4_panels, "available", lambda: False)
 
 
 def codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +93,7 @@ def test_sums_are_within_fp32_rounding_of_float64(n, k, m, dtype, dot_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_large_steps_use_the_same_weights_as_decode(dtype, dot_path):
+def test_layer_large_steps_use_the_same_weights_as_decode(dtype, dot_path, no_panels):
     """Prefill-sized steps dequantize once and run F.linear: with one-hot rows, the same columns as the kernel."""
     n, k = 96, 576
     packed, dm, _ = codes(n, k, seed=3)
@@ -100,7 +102,6 @@ def test_layer_large_steps_use_the_same_weights_as_decode(dtype, dot_path):
     x = torch.zeros(rows, k, dtype=dtype)
     x[torch.arange(rows), torch.arange(rows) * 7] = 1
     large = layer(x)
-    # steps of 8 rows: past EXACT_ROWS_INT4_AFFINE, so the table kernel (the exact one's weights are unrounded)
     decode = torch.cat([layer(x[i : i + 8]) for i in range(0, rows, 8)])
     assert torch.equal(large, decode)
 
@@ -114,7 +115,7 @@ def test_kernel_refuses_bad_pairs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype, dot_path, monkeypatch):
+def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype, dot_path, no_panels, monkeypatch):
     """Inside a step (engines/torch/step_rows.py) the kernel gets exactly the decode rows, however few prompt rows
     share the step, and a prompt row gets the dequantized GEMM however few there are. In bf16 each row's result is
     what it gets in a step of its own kind (oneDNN's bf16 GEMM rows do not depend on one another, the kernel is
@@ -126,9 +127,8 @@ def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype,
     packed, dm, _ = codes(n, k, seed=5)
     layer = AffineInt4Linear(packed, dm, G)
     calls = []
-    for name in ("int4_affine_linear", "int4_affine_linear_exact"):
-        kernel = getattr(kmod, name)
-        monkeypatch.setattr(kmod, name, lambda x, *a, kernel=kernel: calls.append(x.shape[0]) or kernel(x, *a))
+    kernel = kmod.int4_affine_linear
+    monkeypatch.setattr(kmod, "int4_affine_linear", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
     x = torch.randn(7, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     with step_rows.step(7, 3):
         mixed = layer(x)
@@ -150,63 +150,3 @@ def test_a_steps_decode_rows_take_the_kernel_and_its_prompt_rows_the_gemm(dtype,
     layer(x[:1])
     layer(torch.zeros(kmod.SMALL_M_MAX_INT4 + 1, k, dtype=dtype))
     assert calls == [1]
-
-
-@pytest.fixture
-def exact_here():
-    if not exact_affine_available(G):
-        pytest.skip("the exact kernel needs the AVX-512 build (this level) and AVX512-BF16")
-
-
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 9])
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_exact_kernel_sums_the_unrounded_weights_within_fp32_rounding(n, k, m, exact_here):
-    """sum_g d_g (u_g . x_g) + m_g sum(x_g) against float64 on the file's float32 weights d * u + m: within the fp32
-    roundings of those terms and one bf16 rounding of the output; batch-invariant."""
-    packed, dm, u = codes(n, k, seed=3 * n + k + m)
-    d = dm[..., 0].float().contiguous()
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.1
-    y = int4_affine_linear_exact(x, packed, dm, d, G, bias)
-    w = ggml_values(u, dm).double()
-    ref = x.double() @ w.T + bias.double()
-    # the terms summed: d_g |u_g . x_g| and |m_g sum(x_g)|, bounded by d |u| |x| + |m| |x| per weight
-    dd, mm = (dm[..., i].double().repeat_interleave(G, dim=1) for i in (0, 1))
-    terms = x.double().abs() @ (dd * u.double() + mm.abs()).T + bias.double().abs()
-    bound = (k / 16 + 16) * 2.0**-24 * terms + 2.0**-8 * ref.abs()
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    excess = ((y.double() - ref).abs() - bound).max().item()
-    assert excess <= 0, f"error exceeds the bound by {excess}"
-    alone = torch.cat([int4_affine_linear_exact(x[i : i + 1], packed, dm, d, G, bias) for i in range(m)])
-    assert torch.equal(alone, y)
-
-
-def test_exact_kernel_is_closer_to_the_file_than_the_rounded_weights(exact_here):
-    """The point of the unrounded weights: over many outputs the exact kernel's error against the float32 model is
-    smaller than the bf16-rounded weights' (int4_affine_linear with bf16 x)."""
-    n, k = 576, 1536
-    packed, dm, u = codes(n, k, seed=9)
-    x = torch.randn(2, k, generator=torch.Generator().manual_seed(4)).bfloat16()
-    ref = x.double() @ ggml_values(u, dm).double().T
-    exact = int4_affine_linear_exact(x, packed, dm, dm[..., 0].float().contiguous(), G)
-    rounded = int4_affine_linear(x, packed, dm, G)
-    assert (exact.double() - ref).abs().mean() < (rounded.double() - ref).abs().mean()
-
-
-@pytest.mark.parametrize("rows,kernel", [(1, "exact"), (kmod.EXACT_ROWS_INT4_AFFINE, "exact"), (8, "table")])
-def test_a_bf16_steps_few_decode_rows_take_the_exact_kernel(rows, kernel, exact_here, monkeypatch):
-    from engines.torch import step_rows
-
-    packed, dm, _ = codes(96, 576, seed=6)
-    layer = AffineInt4Linear(packed, dm, G)
-    calls = []
-    for name in ("int4_affine_linear", "int4_affine_linear_exact"):
-        fn = getattr(kmod, name)
-        monkeypatch.setattr(kmod, name, lambda x, *a, fn=fn, name=name: calls.append(name) or fn(x, *a))
-    x = torch.randn(rows + 3, 576).bfloat16()
-    with step_rows.step(rows + 3, rows):
-        layer(x)
-    assert calls == ["int4_affine_linear_exact" if kernel == "exact" else "int4_affine_linear"]
-    calls.clear()
-    layer(x[:rows].float())  # float32 x: the table kernel, exact weights already
-    assert calls == ["int4_affine_linear"]

@@ -545,109 +545,6 @@ KILN_AVX512_BF16 static void i4_dot_rows_mb(int mb, const I4Params& P, const uin
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Affine int4 (GGUF Q4_1) against bf16 x with the weights unrounded: w . x = sum_g d_g (u_g . x_g) + m_g X_g, where
-// X_g is the sum of x over group g. u . x runs as bf16 dot products (the codes 0..15 are exact in bf16, so every
-// product is exact), one per 32 weights and row of x, against codes looked up through one fixed table; each group's
-// partial sum is then scaled by d_g (one FMA). The table i4_dot_tile builds per group and row (d * u + m, rounded to
-// bf16: eight instructions per 32 weights) is what bounds the decode at a few rows, and it is gone here. The m_g X_g
-// terms come from the file's (d, m) pairs against [0, X_g] pairs of x, in the same accumulators. Every output is one
-// fixed-order sum per row of x (groups ascending, then the m terms, then hsum16): deterministic and batch-invariant.
-// ------------------------------------------------------------------------------------------------
-
-// x's group sums for the m terms: for each row, [0, X_0, 0, X_1, ...] padded with zeros to Gp pairs (Gp a multiple
-// of 8: whole vectors of 8 (d, m) pairs), X_g = the fp32 sum of the group's bf16 values in ascending order.
-static const float* x_group_sums(const at::Tensor& x, int64_t M, int64_t K, int64_t gsize, int64_t Gp,
-                                 at::Tensor& buf) {
-  buf = at::zeros({M * 2 * Gp + 16}, x.options().dtype(at::kFloat));
-  float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data_ptr<float>()) + 63) & ~uintptr_t(63));
-  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g * gsize < K; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) s += float(xb[m * K + k]);
-      out[m * 2 * Gp + 2 * g + 1] = s;
-    }
-  return out;
-}
-
-// One weight row at a time (its codes and d's streamed in address order, pointers stepped rather than recomputed per
-// row and chunk), with two accumulator chains per row of x (even and odd groups, added at the end) so that the FMA
-// latency does not bound a single-row step. Groups of 32 columns: chunk c holds groups 2c and 2c + 1.
-template <int MB, int R>
-KILN_AVX512_BF16 static inline void i4_exact_tile(const I4Params& P, const float* __restrict d32, int64_t n,
-                                                  const uint16_t* __restrict x, const float* __restrict xs, int64_t Gp,
-                                                  int64_t K, const char* pf_end, const float* __restrict bias,
-                                                  const Out& y) {
-  static_assert(MB * R <= 16, "one hsum16 per tile");
-  __m512 acc[16];
-  const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(8));
-  // bf16 0..15 in both 256-bit halves (vpermw ignores index bit 4 then)
-  const __m512i utab = _mm512_set_epi16(
-      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
-      0x3f80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080,
-      0x4040, 0x4000, 0x3f80, 0x0000);
-  const int64_t full = K / kChunk;  // whole chunks; K % 64 == 32 leaves a last half chunk (one group)
-  KILN_UNROLL
-  for (int r = 0; r < R; ++r) {
-    const uint8_t* wp = P.w + (n + r) * P.ldw;
-    const float* dp = d32 + (n + r) * P.G;
-    __m512 even[MB], odd[MB];
-    KILN_UNROLL
-    for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
-    const uint16_t* xc = x;
-    for (int64_t c = 0; c < full; ++c, wp += 32, dp += 2, xc += kChunk * MB) {
-      if ((c & 1) == 0 && (const char*)wp + kPrefetch < pf_end) _mm_prefetch((const char*)wp + kPrefetch, _MM_HINT_T0);
-      const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)wp));
-      const __m512i u0 = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, shift0), utab);
-      const __m512i u1 = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, shift1), utab);
-      const __m512 d0 = _mm512_set1_ps(dp[0]), d1 = _mm512_set1_ps(dp[1]);
-      KILN_UNROLL
-      for (int m = 0; m < MB; ++m) {
-        const __m512i x0 = _mm512_load_si512((const void*)(xc + 32 * m));
-        const __m512i x1 = _mm512_load_si512((const void*)(xc + 32 * MB + 32 * m));
-        even[m] = _mm512_fmadd_ps(d0, _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u0, (__m512bh)x0), even[m]);
-        odd[m] = _mm512_fmadd_ps(d1, _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u1, (__m512bh)x1), odd[m]);
-      }
-    }
-    if (full * kChunk < K) {  // the half chunk: its group goes to the even chain
-      const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)wp));
-      const __m512i u0 = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, shift0), utab);
-      const __m512 d0 = _mm512_set1_ps(dp[0]);
-      KILN_UNROLL
-      for (int m = 0; m < MB; ++m) {
-        const __m512i x0 = _mm512_load_si512((const void*)(xc + 32 * m));
-        even[m] = _mm512_fmadd_ps(d0, _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)u0, (__m512bh)x0), even[m]);
-      }
-    }
-    // m terms: (d, m) pairs as fp32 against [0, X_g] pairs (d's lanes meet zeros), 8 groups at a time
-    const uint16_t* dmp = P.dm + 2 * (n + r) * P.G;
-    for (int64_t g = 0; g < Gp; g += 8) {
-      const __mmask16 mask = P.G - g >= 8 ? (__mmask16)0xFFFF : (__mmask16)((1u << (2 * (P.G - g))) - 1);
-      const __m512 dm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dmp + 2 * g));
-      KILN_UNROLL
-      for (int m = 0; m < MB; ++m) even[m] = _mm512_fmadd_ps(dm, _mm512_load_ps(xs + m * 2 * Gp + 2 * g), even[m]);
-    }
-    KILN_UNROLL
-    for (int m = 0; m < MB; ++m) acc[m * R + r] = _mm512_add_ps(even[m], odd[m]);
-  }
-  KILN_UNROLL
-  for (int i = MB * R; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  epilogue<MB, R>(hsum16(acc), nullptr, bias, y);
-}
-
-template <int MB>
-KILN_AVX512_BF16 static void i4_exact_rows(const I4Params& P, const float* d32, const uint16_t* x, const float* xs,
-                                           int64_t Gp, int64_t K, int64_t n0, int64_t n1, const char* pf_end,
-                                           const float* bias, const Out& y) {
-  constexpr int R = 16 / MB;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    i4_exact_tile<MB, R>(P, d32, n, x, xs, Gp, K, pf_end, bias ? bias + n : nullptr, y.at(0, n));
-  for (; n < n1; ++n) i4_exact_tile<MB, 1>(P, d32, n, x, xs, Gp, K, pf_end, bias ? bias + n : nullptr, y.at(0, n));
-}
-
 template <int MODE>
 static void i4_rows_vpg(int vpg, int mb, const I4Params& P, const float* x, int64_t n0, int64_t n1,
                         const char* pf_end, const float* bias, const Out& y) {
@@ -882,55 +779,6 @@ at::Tensor int4_affine_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   return run_int4_linear(P, x_in, bias_in, packed.size(0), "int4_affine_linear", bf16_dot && bf16 && group_size % 32 == 0);
 }
 
-// bf16 x against the exact weights d * u + m (i4_exact_tile; d32: the groups' d as float32 [N, G], which the tiles
-// broadcast from memory). Needs AVX512-BF16 (the caller checks extension.cpu_flags()) and groups of 32 (GGUF Q4_1).
-at::Tensor int4_affine_linear_exact(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm,
-                                    const at::Tensor& d32_in, int64_t group_size,
-                                    const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kBFloat16, "int4_affine_linear_exact: x must be bf16 [..., K]");
-  const I4Params P = check_affine(packed, dm, group_size, x_in.size(-1), true, "int4_affine_linear_exact");
-  TORCH_CHECK(group_size == 32, "int4_affine_linear_exact: group_size must be 32");
-  const int64_t N = packed.size(0), K = x_in.size(-1), Kp = P.chunks * kChunk;
-  TORCH_CHECK(d32_in.device().is_cpu() && d32_in.scalar_type() == at::kFloat && d32_in.is_contiguous() &&
-                  d32_in.numel() == N * P.G,
-              "int4_affine_linear_exact: d must be contiguous float32 [N, K / group_size]");
-  Prep p = prep_x(x_in, K, "int4_affine_linear_exact");
-  const at::Tensor bias = bias_f32(bias_in, N, "int4_affine_linear_exact");
-  const int64_t M = p.M;
-  at::Tensor y = at::empty({M, N}, p.x.options());
-  if (M > 0 && N > 0) {
-    at::Tensor xbuf, sbuf;
-    const uint16_t* x = x_to_bf16_blocks(p.x, M, K, Kp, xbuf);
-    const int64_t Gp = (P.G + 7) / 8 * 8;
-    const float* xs = x_group_sums(p.x, M, K, group_size, Gp, sbuf);
-    const float* d32 = d32_in.data_ptr<float>();
-    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    const Out out{y.data_ptr(), true, N};
-    const int nt = pick_threads(N, N * P.ldw);
-    KILN_PARALLEL_ROWS(N, nt, {
-      const char* pf_end = (const char*)(P.w + n1 * P.ldw);
-      rows_any_m(
-          [&](int mb, int64_t m0, int64_t b0, int64_t b1) {
-            const uint16_t* xm = x + m0 * Kp;
-            const float* xsm = xs + m0 * 2 * Gp;
-            const Out ym = out.at(m0, 0);
-            switch (mb) {
-              case 1: i4_exact_rows<1>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 2: i4_exact_rows<2>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 3: i4_exact_rows<3>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 4: i4_exact_rows<4>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 5: i4_exact_rows<5>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 6: i4_exact_rows<6>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              case 7: i4_exact_rows<7>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-              default: i4_exact_rows<8>(P, d32, xm, xsm, Gp, K, b0, b1, pf_end, bp, ym); break;
-            }
-          },
-          M, P.ldw, n0, n1);
-    });
-  }
-  return finish(y, x_in, p.flat, N);
-}
-
 // ------------------------------------------------------------------------------------------------
 // Dequantization to [N, K] fp32 / bf16 (large-M prefill: dequantize once, then F.linear).
 // ------------------------------------------------------------------------------------------------
@@ -1074,10 +922,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_affine_linear", &int4_affine_linear, "y = x @ (d * u + m)^T (+ bias): affine int4 codes (GGUF Q4_1)",
         py::arg("x"), py::arg("packed"), py::arg("dm"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("int4_affine_linear_exact", &int4_affine_linear_exact,
-        "y = x @ (d * u + m)^T (+ bias) for bf16 x, the weights unrounded (AVX512-BF16)", py::arg("x"),
-        py::arg("packed"), py::arg("dm"), py::arg("d"), py::arg("group_size"), py::arg("bias") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
   m.def("int4_affine_dequantize", &int4_affine_dequantize, "d * u + m as [N, K] float32/bfloat16", py::arg("packed"),
         py::arg("dm"), py::arg("group_size"), py::arg("K"), py::arg("dtype"), py::arg("out") = py::none(),
         py::arg("bf16_dot") = false, py::call_guard<py::gil_scoped_release>());

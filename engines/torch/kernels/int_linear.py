@@ -236,31 +236,3 @@ def int4_affine_linear(
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     # AVX512-BF16 dot products for bf16 x where the CPU (after KILN_CPU_ISA) has them: int_gemv.cpp
     return ext.int4_affine_linear(x, packed, dm, group_size, bias, bf16_dot())
-
-
-# Decode steps of at most this many rows take int4_affine_linear_exact on AVX512-BF16 CPUs: it decodes a weight in
-# a third of the instructions of the bf16 tiles (int_gemv.cpp, i4_exact_tile) and ran 2.1x as fast at one row, 1.5x
-# at two, about even at four; from eight rows on its extra FMA per group and row made it slower
-# (docs/performance.md).
-EXACT_ROWS_INT4_AFFINE = 4
-
-
-def exact_affine_available(group_size: int) -> bool:
-    """int4_affine_linear_exact runs here: the AVX-512 build (after KILN_CPU_ISA) with AVX512-BF16, groups of
-    32 (GGUF Q4_1)."""
-    ext = _EXT.get()
-    return ext is not None and group_size == 32 and bf16_dot() and hasattr(ext, "int4_affine_linear_exact")
-
-
-def int4_affine_linear_exact(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    dm: torch.Tensor,
-    d: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """bf16 x [..., K] @ W^T (+ bias) -> bf16 [..., N] with W the unrounded float32 d * u + m (the values transformers
-    reads from the GGUF file), as sum_g d_g (u_g . x_g) + m_g sum(x_g): bf16 dot products on the codes, fp32 sums.
-    d: dm's d as float32 [N, K / g] (the layer keeps it). Only where exact_affine_available(group_size)."""
-    return _EXT.get().int4_affine_linear_exact(x, packed, dm, d, group_size, bias)

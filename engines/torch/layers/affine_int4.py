@@ -5,18 +5,19 @@ Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a 
 instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
 from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
 
-Decode rows (at most int_linear.SMALL_M_MAX_INT4 of them) run kiln's int4 kernel, which decodes each group's 16
-values d * u + m into a table (int_gemv.cpp); prompt rows, and decode rows past that many, dequantize the layer once
-per call (bf16 for bf16 x) and run one F.linear. Both paths multiply by the same weights but sum in different
-orders, so which rows are which comes from the step (engines/torch/step_rows.py), not from how many there are: a
-prompt's tokens are computed the same way whether it ran whole, in chunks or after a prefix-cache hit. Where the rows
-are not a step's (the build's layer runs), the row count decides.
+With bf16 x on a CPU with AVX512-BF16 every row, decode or prompt, goes through kernels/q4_panels.py: the codes in
+a second layout of 16-row panels (derived at load, 5 bits per weight again), multiplied as they are, the weights
+unrounded (the float32 values transformers reads from the file), faster than both alternatives below from one row to
+hundreds (docs/performance.md). It is batch-invariant, so a token is computed bit for bit the same whatever its step
+holds: prompt whole or chunked or after a prefix-cache hit, decode alone or among 32.
 
-With bf16 x on a CPU with AVX512-BF16, decode steps of at most int_linear.EXACT_ROWS_INT4_AFFINE rows (single-stream
-decode) take int4_affine_linear_exact instead: the unrounded weights, twice as fast at one row. So a generated token
-is computed with the exact weights in a step of up to that many decode rows and with the bf16-rounded ones in a
-larger step (as the dense bf16 layers switch from kiln's GEMV to oneDNN at 8 rows): within bf16 rounding, not bit for
-bit, across batch sizes.
+Elsewhere (float32 x; CPUs without AVX512-BF16, as KILN_CPU_ISA's lower levels) decode rows (at most
+int_linear.SMALL_M_MAX_INT4 of them) run kiln's int4 kernel, which decodes each group's 16 values d * u + m into a
+table (int_gemv.cpp); prompt rows, and decode rows past that many, dequantize the layer once per call and run one
+F.linear. Both paths multiply by the same weights but sum in different orders, so which rows are which comes from the
+step (engines/torch/step_rows.py), not from how many there are: a prompt's tokens are computed the same way whether it
+ran whole, in chunks or after a prefix-cache hit. Where the rows are not a step's (the build's layer runs), the row
+count decides.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch import step_rows
-from engines.torch.kernels import int_linear
+from engines.torch.kernels import int_linear, q4_panels
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -60,31 +61,32 @@ class AffineInt4Linear(nn.Module):
             and int_linear.int4_group_ok(group_size, self.in_features)
             else 0
         )
-        # decode rows of a bf16 step up to this many take the exact kernel, which broadcasts each group's d from
-        # float32 (derived: not part of the state dict)
-        self.exact_rows = (
-            int_linear.EXACT_ROWS_INT4_AFFINE
-            if self.small_m_max and int_linear.exact_affine_available(group_size)
-            else 0
+        # bf16 x on an AVX512-BF16 CPU: every row through q4_panels (its own layout of the codes, derived)
+        panels = (
+            q4_panels.pack(int_linear.unpack_int4(packed, self.in_features).add(8).to(torch.uint8), dm)
+            if packed.device.type == "cpu" and q4_panels.fits(n, self.in_features, group_size) and q4_panels.available()
+            else (None, None)
         )
-        self.register_buffer("d", dm[..., 0].float().contiguous() if self.exact_rows else None, persistent=False)
+        self.register_buffer("panel_codes", panels[0], persistent=False)
+        self.register_buffer("panel_dm", panels[1], persistent=False)
 
     @property
     def weight_bytes(self) -> int:
-        return self.packed.numel() + self.dm.numel() * 2 + (0 if self.d is None else self.d.numel() * 4)
+        panels = 0 if self.panel_codes is None else self.panel_codes.numel() + self.panel_dm.numel() * 2
+        return self.packed.numel() + self.dm.numel() * 2 + panels
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, K] weight d * u + m in `dtype` (float32: the values transformers reads from the GGUF file)."""
         return int_linear.int4_affine_dequantize(self.packed, self.dm, self.group_size, self.in_features, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panel_codes is not None and x.dtype == torch.bfloat16 and x.is_cpu and x.numel():
+            return q4_panels.linear(x, self.panel_codes, self.panel_dm, self.bias)
         if self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel():
             return step_rows.route(x, self.in_features, self.small_m_max, self._kernel, self._dequantized_linear)
         return self._dequantized_linear(x)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() <= self.exact_rows * self.in_features:
-            return int_linear.int4_affine_linear_exact(x, self.packed, self.dm, self.d, self.group_size, self.bias)
         return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
