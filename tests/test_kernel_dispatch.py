@@ -85,8 +85,8 @@ def test_registry_kernels_that_need_native_bf16_or_amx_run_only_there():
         report = dispatch.report(flags)
         assert (report["amx_linear"] == "amx") == (level == "amx"), name
         assert (report["bf16_linear"] != "torch") == cpu_isa.native_bf16(flags), name
-        # GGUF Q4_1 at bf16: the panels on AVX512-BF16 (Zen 4, AMX CPUs), int_gemv's kernels below it
-        assert report["q4_panels"] == ("avx512bf16" if "avx512_bf16" in flags else "torch"), name
+        # Q4_1 and int8 steps of many bf16 rows: the panels on AVX512-BF16 (Zen 4, AMX CPUs), int_gemv's kernels below it
+        assert report["panel_linear"] == ("avx512bf16" if "avx512_bf16" in flags else "torch"), name
 
 
 def test_every_registered_extension_has_a_variant_in_the_report():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engines.torch.kernels import int_linear as kmod
-from engines.torch.kernels import q4_panels
+from engines.torch.kernels import panel_linear
 from engines.torch.kernels.int_linear import int4_affine_dequantize, int4_affine_linear, pack_int4
 from engines.torch.layers.affine_int4 import AffineInt4Linear
 from tests.isa_helpers import dot_path, isa_level_fixture  # noqa: F401 (dot_path: a fixture)
@@ -28,9 +28,9 @@ def kernel():
 
 @pytest.fixture
 def no_panels(monkeypatch):
-    """Layers built here route as on a CPU without q4_panels (bf16 x there takes int_gemv's kernel and the GEMM;
-    tests/test_kernel_q4_panels.py covers the layers that have it)."""
-    monkeypatch.setattr(q4_panels, "available", lambda: False)
+    """Layers built here route as on a CPU without panel_linear (bf16 x there takes int_gemv's kernel and the GEMM;
+    tests/test_kernel_panel_linear.py covers the layers that have it)."""
+    monkeypatch.setattr(panel_linear, "available", lambda: False)
 
 
 def codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

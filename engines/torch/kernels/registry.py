@@ -9,7 +9,7 @@ from engines.torch.kernels import (
     bf16_linear,
     int_linear,
     paged_attention,
-    q4_panels,
+    panel_linear,
     rms_norm,
     rope_kv,
     silu_mul,
@@ -21,7 +21,7 @@ KERNELS = {
     "kiln_bf16_gemv": bf16_linear,
     "kiln_amx_linear": amx_linear,  # Intel AMX CPUs only
     "kiln_int_gemv": int_linear,
-    "kiln_q4_panels": q4_panels,  # AVX512-BF16 CPUs only
+    "kiln_panel_linear": panel_linear,  # AVX512-BF16 CPUs only
     "kiln_paged_attention": paged_attention,
     "kiln_rope_kv": rope_kv,
     "kiln_silu_mul": silu_mul,

@@ -5,7 +5,7 @@ Serving the codes themselves reads 5 bits per weight a step (4-bit codes plus a 
 instead of 8 (int8) or 16 (bf16), and loses nothing: the layer computes with exactly the weights transformers reads
 from the file (float32), or with those rounded to bf16 (a bf16 layer, the same rounding the dense bf16 model makes).
 
-With bf16 x on a CPU with AVX512-BF16 every row, decode or prompt, goes through kernels/q4_panels.py: the codes in
+With bf16 x on a CPU with AVX512-BF16 every row, decode or prompt, goes through kernels/panel_linear.py: the codes in
 a second layout of 16-row panels (derived at load, 5 bits per weight again), multiplied as they are, the weights
 unrounded (the float32 values transformers reads from the file), faster than both alternatives below from one row to
 hundreds (docs/performance.md). It is batch-invariant, so a token is computed bit for bit the same whatever its step
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch import step_rows
-from engines.torch.kernels import int_linear, q4_panels
+from engines.torch.kernels import int_linear, panel_linear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -61,10 +61,12 @@ class AffineInt4Linear(nn.Module):
             and int_linear.int4_group_ok(group_size, self.in_features)
             else 0
         )
-        # bf16 x on an AVX512-BF16 CPU: every row through q4_panels (its own layout of the codes, derived)
+        # bf16 x on an AVX512-BF16 CPU: every row through panel_linear (its own layout of the codes, derived)
         panels = (
-            q4_panels.pack(int_linear.unpack_int4(packed, self.in_features).add(8).to(torch.uint8), dm)
-            if packed.device.type == "cpu" and q4_panels.fits(n, self.in_features, group_size) and q4_panels.available()
+            panel_linear.pack_q4_1(int_linear.unpack_int4(packed, self.in_features).add(8).to(torch.uint8), dm)
+            if packed.device.type == "cpu"
+            and panel_linear.fits_q4_1(n, self.in_features, group_size)
+            and panel_linear.available()
             else (None, None)
         )
         self.register_buffer("panel_codes", panels[0], persistent=False)
@@ -81,7 +83,7 @@ class AffineInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.panel_codes is not None and x.dtype == torch.bfloat16 and x.is_cpu and x.numel():
-            return q4_panels.linear(x, self.panel_codes, self.panel_dm, self.bias)
+            return panel_linear.q4_1_linear(x, self.panel_codes, self.panel_dm, self.bias)
         if self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel():
             return step_rows.route(x, self.in_features, self.small_m_max, self._kernel, self._dequantized_linear)
         return self._dequantized_linear(x)

@@ -26,7 +26,7 @@ from engines.quant.rtn import dequantize, qrange
 from engines.quant.smoothquant import dynamic_quantize_per_token
 from engines.quant.types import QuantizedWeight
 from engines.torch import step_rows
-from engines.torch.kernels import amx_linear, int_linear
+from engines.torch.kernels import amx_linear, int_linear, panel_linear
 
 # Rows from which the AMX int8 and int4 kernels beat kiln's AVX-512 ones (bench/kernel_int_linear.py)
 AMX_INT8_MIN_ROWS = 8
@@ -89,7 +89,9 @@ class Int8WeightOnlyLinear(nn.Module):
     kept (negligible bytes). Other devices fall back to int8_weight_only_fallback. On a CPU with Intel
     AMX, bf16 steps of AMX_INT8_MIN_ROWS..amx_linear.MAX_ROWS rows run amx_linear.amx_int8_linear on a
     second copy of the codes in tile order (same values up to fp32 summation order; ~3x the AVX-512
-    kernel at 32 rows, bench/kernel_int_linear.py).
+    kernel at 32 rows, bench/kernel_int_linear.py). On a CPU with AVX512-BF16 and no AMX, bf16 decode steps
+    of panel_linear.INT8_MIN_ROWS rows or more, and prompt rows, run panel_linear.int8_linear on the same codes
+    (1.6x the AVX-512 kernel at 32 rows, docs/performance.md).
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
@@ -114,6 +116,13 @@ class Int8WeightOnlyLinear(nn.Module):
         self.use_kernel = self._int8pack_mm or self.small_m_max > 0  # False: always the fallback
         # Intel AMX: the codes once more, in tile order, for bf16 steps of AMX_INT8_MIN_ROWS..MAX_ROWS rows
         self.amx_packed = _amx_codes(self.qweight)
+        # AVX512-BF16 without AMX: bf16 steps past a few rows through panel_linear, on these very codes
+        self.panels = (
+            self.amx_packed is None
+            and self.small_m_max > 0
+            and panel_linear.fits_int8(n, self.in_features)
+            and panel_linear.available()
+        )
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> Int8WeightOnlyLinear:
@@ -136,6 +145,10 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_packed is not None and _amx_step(x, self.in_features):
             return amx_linear.amx_int8_linear(x, self.amx_packed, self.scales, self.bias)
+        if self.panels and x.is_cpu and x.dtype == torch.bfloat16 and x.numel():
+            # decode steps of a few rows through int_gemv's kernel (bound by reading the codes, which it streams
+            # once), every other row through the panels (prompt rows included: batch-invariant, the same epilogue)
+            return step_rows.route(x, self.in_features, panel_linear.INT8_MIN_ROWS - 1, self._kernel, self._panels)
         # decode rows (at most small_m_max) through the kernel, prompt rows through the GEMM below: which rows are
         # which is the step's (engines/torch/step_rows.py), so a prompt computes the same after a prefix-cache hit
         if self.small_m_max and x.is_cpu and x.dtype in _INT_KERNEL_DTYPES and x.numel():
@@ -144,6 +157,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return int_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
+
+    def _panels(self, x: torch.Tensor) -> torch.Tensor:
+        return panel_linear.int8_linear(x, self.qweight, self.scales, self.bias)  # [..., N], leading dims kept
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x)  # x2: [M, K]
