@@ -13,7 +13,7 @@ of ms per stack and effective GB/s = bytes of weight (codes + scales + zero poin
     .venv/bin/python -m bench.kernel_int_linear --only "int4 kernel" "int4 torch" --asym
 
 "int8 amx" / "int4 amx" (Intel AMX CPUs only) are engines/torch/kernels/amx_linear's W8A16 / W4A16 paths
-on the same codes.
+on the same codes; "int4 affine panels" / "int8 panels" (AVX512-BF16 only) engines/torch/kernels/panel_linear's.
 "dequant+F.linear" rows are the layers' large-M path (dequantize once per call, then F.linear); their
 GB/s counts the quantized bytes like the kernel rows.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.quant.rtn import quantize_rtn
-from engines.torch.kernels import amx_linear
+from engines.torch.kernels import amx_linear, panel_linear
 from engines.torch.kernels import bf16_linear as bf16k
 from engines.torch.kernels import int_linear as kernel
 from engines.torch.layers.quantized import int4_to_torch_cpu_format
@@ -72,6 +72,11 @@ def make_stacks(layers: int, group: int, symmetric: bool):
         dm = torch.stack([qa.scales, -(qa.zeros.float() + 8) * qa.scales], dim=-1).half().contiguous()
         ka = kernel.pack_int4(qa.qweight)
         stacks["int4 affine kernel"].append(((ka, dm, 32), k, ka.numel() + dm.numel() * 2))
+        if panel_linear.available() and panel_linear.fits_q4_1(n, k, 32):
+            codes, dmp = panel_linear.pack_q4_1(kernel.unpack_int4(ka, k).add(8).to(torch.uint8), dm)
+            stacks["int4 affine panels"].append(((codes, dmp), k, codes.numel() + dmp.numel() * 2))
+        if panel_linear.available() and panel_linear.fits_int8(n, k):
+            stacks["int8 panels"].append(stacks["int8 kernel"][-1])
         stacks["int8 dequant+F.linear"].append(stacks["int8 kernel"][-1])
         stacks["int4 dequant+F.linear"].append(stacks["int4 kernel"][-1])
         stacks["int4 affine dequant+F.linear"].append(stacks["int4 affine kernel"][-1])
@@ -88,10 +93,14 @@ VARIANTS = {
     "int4 kernel": lambda x, a: kernel.int4_linear(x, *a),
     "int4 amx": lambda x, a: amx_linear.amx_int4_linear(x, *a),  # Intel AMX only
     "int4 affine kernel": lambda x, a: kernel.int4_affine_linear(x, *a),
+    # AVX512-BF16 only: 16 weight rows per vector (what AffineInt4Linear runs for every bf16 row there, and
+    # Int8WeightOnlyLinear from panel_linear.INT8_MIN_ROWS rows)
+    "int4 affine panels": lambda x, a: panel_linear.q4_1_linear(x, *a),
+    "int8 panels": lambda x, a: panel_linear.int8_linear(x, *a),
     # the large-M path: dequantize the layer once per call (bf16), then one F.linear
     "int8 dequant+F.linear": lambda x, a: F.linear(x, kernel.int8_dequantize(*a, dtype=x.dtype)),
     "int4 dequant+F.linear": lambda x, a: F.linear(x, kernel.int4_dequantize(*a, k=x.shape[-1], dtype=x.dtype)),
-    # what AffineInt4Linear runs past its kernel's rows (int_linear.SMALL_M_MAX_AFFINE_BF16_DOT for bf16 x)
+    # what AffineInt4Linear runs for prompt rows where it has no panels
     "int4 affine dequant+F.linear": lambda x, a: F.linear(
         x, kernel.int4_affine_dequantize(*a, k=x.shape[-1], dtype=x.dtype)
     ),
@@ -151,7 +160,7 @@ def main() -> None:
         file=sys.stderr,
     )
     stacks = make_stacks(args.layers, args.group, not args.asym)
-    names = [name for name in args.only or VARIANTS if stacks[name]]  # "int8 amx" needs AMX
+    names = [name for name in args.only or VARIANTS if stacks[name]]  # "int8 amx" needs AMX, the panels AVX512-BF16
     nbytes = {name: sum(b for *_, b in stacks[name]) for name in names}
 
     rows = []
