@@ -255,3 +255,23 @@ def test_the_int8_layer_sends_a_few_decode_rows_to_int_gemv_and_the_rest_to_the_
     calls.clear()
     layer(x.float())
     assert ("panels", few + 20) not in calls
+
+
+def test_on_an_amx_cpu_q4_1_prompt_rows_keep_the_gemm(monkeypatch):
+    """Where oneDNN runs bf16 GEMMs on AMX tiles, a prompt outruns the panels there: the layer then sends a step's
+    decode rows to the panels and its prompt rows to the dequantized GEMM (bf16-rounded weights), by the step."""
+    from engines.torch.kernels import amx_linear
+
+    monkeypatch.setattr(amx_linear, "available", lambda: True)
+    u, dm = blocks(96, 576, seed=8)
+    layer = AffineInt4Linear(int_linear.pack_int4(u.to(torch.int8) - 8), dm, G)
+    assert layer.prompts_on_amx
+    calls = []
+    linear = panel_linear.q4_1_linear
+    monkeypatch.setattr(panel_linear, "q4_1_linear", lambda x, *a: calls.append(x.shape[0]) or linear(x, *a))
+    x = torch.randn(10, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with step_rows.step(10, 4):
+        mixed = layer(x)
+    assert calls == [4]
+    rounded = int_linear.int4_affine_dequantize(layer.packed, dm, G, 576, torch.bfloat16)
+    assert torch.equal(mixed[4:], torch.nn.functional.linear(x[4:], rounded))

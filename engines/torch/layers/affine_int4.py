@@ -9,7 +9,8 @@ With bf16 x on a CPU with AVX512-BF16 every row, decode or prompt, goes through 
 a second layout of 16-row panels (derived at load, 5 bits per weight again), multiplied as they are, the weights
 unrounded (the float32 values transformers reads from the file), faster than both alternatives below from one row to
 hundreds (docs/performance.md). It is batch-invariant, so a token is computed bit for bit the same whatever its step
-holds: prompt whole or chunked or after a prefix-cache hit, decode alone or among 32.
+holds: prompt whole or chunked or after a prefix-cache hit, decode alone or among 32. On a CPU with AMX the prompt rows
+instead keep the dequantized GEMM (oneDNN on AMX tiles), and the step routes rows as below.
 
 Elsewhere (float32 x; CPUs without AVX512-BF16, as KILN_CPU_ISA's lower levels) decode rows (at most
 int_linear.SMALL_M_MAX_INT4 of them) run kiln's int4 kernel, which decodes each group's 16 values d * u + m into a
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch import step_rows
-from engines.torch.kernels import int_linear, panel_linear
+from engines.torch.kernels import amx_linear, int_linear, panel_linear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -71,6 +72,9 @@ class AffineInt4Linear(nn.Module):
         )
         self.register_buffer("panel_codes", panels[0], persistent=False)
         self.register_buffer("panel_dm", panels[1], persistent=False)
+        # on an AMX CPU oneDNN runs a prompt's bf16 GEMM on AMX tiles, which the panels (AVX512-BF16) do not match:
+        # there prompt rows keep the dequantized GEMM and only decode rows take the panels, routed by the step
+        self.prompts_on_amx = self.panel_codes is not None and amx_linear.available()
 
     @property
     def weight_bytes(self) -> int:
@@ -83,10 +87,15 @@ class AffineInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.panel_codes is not None and x.dtype == torch.bfloat16 and x.is_cpu and x.numel():
-            return panel_linear.q4_1_linear(x, self.panel_codes, self.panel_dm, self.bias)
+            if self.prompts_on_amx:
+                return step_rows.route(x, self.in_features, self.small_m_max, self._panels, self._dequantized_linear)
+            return self._panels(x)
         if self.small_m_max and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel():
             return step_rows.route(x, self.in_features, self.small_m_max, self._kernel, self._dequantized_linear)
         return self._dequantized_linear(x)
+
+    def _panels(self, x: torch.Tensor) -> torch.Tensor:
+        return panel_linear.q4_1_linear(x, self.panel_codes, self.panel_dm, self.bias)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return int_linear.int4_affine_linear(x, self.packed, self.dm, self.group_size, self.bias)
