@@ -4,7 +4,8 @@ next to Hugging Face transformers float32 on the same model.
 
     .venv/bin/python -m bench.lm_eval_accuracy
 
-Backends: `hf` (transformers, float32, CPU), `kiln serve --dtype float32|bfloat16`, and kiln engines built
+Backends: `hf` (transformers, float32, CPU), `kiln serve --dtype float32|bfloat16` (dense weights), `kiln serve`
+with no flags (what this CPU gets by default: for the embedded GGUF the file's Q4_1 blocks), and kiln engines built
 at the --engines precisions (default int8-wo and int4-rtn: no calibration search, about a minute each on 2
 cores; built into bench/results/engines/ and reused) over HTTP (local-completions for kiln_mc,
 local-chat-completions for kiln_gen). Prints a Markdown table and writes JSON and PNG to bench/results/.
@@ -162,6 +163,7 @@ def main() -> int:
     hf_args = dict(pretrained=str(folder), dtype="float32", device="cpu", batch_size=8)
     rows = [run_backend("transformers float32", ("hf", hf_args), ("hf", hf_args))]
     rows += [kiln(dtype, {"KILN_DTYPE": dtype}, folder, stamp) for dtype in ("float32", "bfloat16")]
+    rows.append(kiln("default", {}, folder, stamp))  # no flags: --dtype and --quantization auto for this CPU
     rows += [
         kiln(f"{p} engine", {"KILN_ENGINE_DIR": str(build_engine(p))}, folder, stamp)
         for p in filter(None, args.engines.split(","))
